@@ -1,0 +1,301 @@
+//! The boot sequence of PID 1: early mounts, configuration, modules, hand-off — and the one
+//! place that turns a failed step into a report and the configured failure policy.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::{self, ConfigError, FailurePolicy, HandoffMode, InitConfig};
+use crate::kmod::{KmodError, ModuleIndex, Resolved};
+use crate::mounts::{self, MountError};
+use crate::supervise::{self, AppEnd};
+use crate::{logger, report, sys};
+
+/// The init's version, printed at start.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Default PATH given to the hand-off.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A failed boot step. The message names the step; the source says why.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// An early mount failed.
+    #[error("early mounts")]
+    Mount(#[source] MountError),
+    /// The kernel command line could not be read.
+    #[error("config: cannot read /proc/cmdline")]
+    Cmdline(#[source] io::Error),
+    /// The configuration was refused.
+    #[error("config")]
+    Config(#[source] ConfigError),
+    /// Module resolution failed.
+    #[error("modules")]
+    Modules(#[source] KmodError),
+    /// A module could not be loaded.
+    #[error("modules: load {name} from {}", path.display())]
+    ModuleLoad {
+        /// The module.
+        name: String,
+        /// Its file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The hand-off command could not be executed.
+    #[error("hand-off: cannot execute {}", path.display())]
+    Exec {
+        /// The program.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Supervising the application failed.
+    #[error("supervise")]
+    Supervise(#[source] io::Error),
+}
+
+impl BootError {
+    /// The status reported when this error ends the boot.
+    pub fn status(&self) -> u8 {
+        match self {
+            BootError::Cmdline(_) | BootError::Config(_) => report::STATUS_CONFIG,
+            BootError::Exec { source, .. } => supervise::spawn_error_status(source),
+            BootError::Mount(_)
+            | BootError::Modules(_)
+            | BootError::ModuleLoad { .. }
+            | BootError::Supervise(_) => report::STATUS_BOOT_STEP,
+        }
+    }
+}
+
+/// An error and its sources on one line: `modules: load x from y: No such file or directory`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+/// CLOCK_BOOTTIME stamps of the boot's milestones.
+#[derive(Debug, Default, Clone)]
+pub struct Timeline {
+    stamps: Vec<(&'static str, Duration)>,
+}
+
+impl Timeline {
+    /// Records a milestone now.
+    pub fn mark(&mut self, what: &'static str) {
+        self.stamps.push((what, sys::boottime()));
+    }
+
+    /// `entry=0.912s config=0.915s … handoff=0.950s`.
+    pub fn render(&self) -> String {
+        self.stamps
+            .iter()
+            .map(|(w, t)| format!("{w}={}.{:03}s", t.as_secs(), t.subsec_millis()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Prints the power-off line and powers off.
+pub fn finish(status: u8, summary: &str) -> ! {
+    logger::line(&report::line(status, summary));
+    sys::power_off()
+}
+
+/// Installs the panic hook of PID 1: report, then power off. A panic must never unwind out of
+/// PID 1 (the kernel would panic with "Attempted to kill init").
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        logger::line(&format!("error: bootlace-init panicked: {info}"));
+        finish(report::STATUS_INTERNAL, "bootlace-init panicked")
+    }));
+}
+
+/// Reports a failed step and applies the failure policy. Returns only under `continue`.
+fn fail(e: &BootError, config: &InitConfig, timeline: &Timeline) {
+    log::error!("{}", chain(e));
+    match config.on_failure {
+        FailurePolicy::Continue => log::warn!("failure policy is continue: going on"),
+        FailurePolicy::Poweroff => finish(e.status(), &chain(e)),
+        FailurePolicy::Shell => {
+            log::warn!("failure policy is shell: starting /bin/sh on the console");
+            if let Ok(shell) = config::Command::try_from(vec!["/bin/sh".to_owned()]) {
+                let grace = Duration::from_millis(config.handoff.shutdown_grace_ms);
+                if let Err(e) = supervise::run(&shell, &handoff_env(config), grace) {
+                    log::error!("shell: {e}");
+                }
+            }
+            log::info!("timeline: {}", timeline.render());
+            finish(e.status(), &chain(e))
+        }
+    }
+}
+
+/// The environment of the hand-off: PATH, HOME, TERM (the kernel's, else `linux`), then the
+/// configured variables, which may override those three.
+pub fn handoff_env(config: &InitConfig) -> Vec<(String, String)> {
+    let term = std::env::var("TERM").unwrap_or_else(|_| "linux".to_owned());
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".to_owned(), DEFAULT_PATH.to_owned()),
+        ("HOME".to_owned(), "/".to_owned()),
+        ("TERM".to_owned(), term),
+    ];
+    for (k, v) in &config.handoff.env {
+        env.retain(|(name, _)| name != k.as_str());
+        env.push((k.as_str().to_owned(), v.as_str().to_owned()));
+    }
+    env
+}
+
+/// Loads the configured modules (and their dependencies) from `/lib/modules/$(uname -r)`.
+fn load_modules(config: &InitConfig) -> Result<(), BootError> {
+    if config.modules.is_empty() {
+        return Ok(());
+    }
+    let release = rustix::system::uname().release().to_string_lossy().into_owned();
+    let dir = Path::new("/lib/modules").join(&release);
+    let index = ModuleIndex::read(&dir).map_err(BootError::Modules)?;
+    let plan = index
+        .resolve(config.modules.iter().map(|m| m.as_str()))
+        .map_err(BootError::Modules)?;
+    let mut loaded = Vec::new();
+    for step in plan {
+        let module = match step {
+            Resolved::Builtin(name) => {
+                log::debug!("module {name} is built in");
+                continue;
+            }
+            Resolved::Load(m) => m,
+        };
+        if Path::new("/sys/module").join(&module.name).exists() {
+            log::debug!("module {} already loaded", module.name);
+            continue;
+        }
+        let path = dir.join(&module.path);
+        let err = |source| BootError::ModuleLoad {
+            name: module.name.clone(),
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(err)?;
+        match sys::finit_module(&file, module.is_compressed()) {
+            Ok(()) => loaded.push(module.name),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    log::info!("loaded {} modules: {}", loaded.len(), loaded.join(" "));
+    Ok(())
+}
+
+/// The whole boot of PID 1. Never returns.
+pub fn pid1() -> ! {
+    let mut timeline = Timeline::default();
+    timeline.mark("entry");
+    logger::install();
+    install_panic_hook();
+
+    let early = mounts::early_mounts();
+    if let Err(e) = sys::ensure_stdio(Path::new("/dev/console")) {
+        log::warn!("cannot open /dev/console for stdio: {e}");
+    }
+    log::info!("bootlace-init {VERSION} started as PID 1");
+    match &early {
+        Ok(m) if m.is_empty() => log::info!("early mounts already in place"),
+        Ok(m) => log::info!("mounted {}", m.join(" ")),
+        Err(_) => {}
+    }
+    if let Err(e) = sys::disable_ctrl_alt_del() {
+        log::warn!("cannot route ctrl-alt-del to PID 1: {e}");
+    }
+
+    let cmdline = std::fs::read_to_string("/proc/cmdline");
+    let loaded = config::load(
+        Path::new(config::CONFIG_PATH),
+        cmdline.as_deref().unwrap_or(""),
+    );
+    let config = loaded.config;
+    log::set_max_level(config.log.filter());
+    timeline.mark("config");
+    // The first failure wins: a broken /proc explains a missing command line.
+    let first_error = match (early, cmdline, loaded.error) {
+        (Err(e), _, _) => Some(BootError::Mount(e)),
+        (_, Err(e), _) => Some(BootError::Cmdline(e)),
+        (_, _, Some(e)) => Some(BootError::Config(e)),
+        _ => None,
+    };
+    if let Some(e) = first_error {
+        fail(&e, &config, &timeline);
+    } else {
+        log::info!(
+            "config: {} ({} mode, failure policy {:?}, log {:?})",
+            if loaded.from_file { config::CONFIG_PATH } else { "built-in defaults" },
+            match config.handoff.mode {
+                HandoffMode::Exec => "exec",
+                HandoffMode::Supervise => "supervise",
+            },
+            config.on_failure,
+            config.log,
+        );
+    }
+
+    if let Err(e) = load_modules(&config) {
+        fail(&e, &config, &timeline);
+    }
+    timeline.mark("modules");
+
+    handoff(&config, &mut timeline)
+}
+
+fn handoff(config: &InitConfig, timeline: &mut Timeline) -> ! {
+    let env = handoff_env(config);
+    let cmd = &config.handoff.command;
+    timeline.mark("handoff");
+    log::info!("timeline: {}", timeline.render());
+    match config.handoff.mode {
+        HandoffMode::Exec => {
+            // Kernel arguments meant for init (after `--`, or unknown bare words) go on to
+            // the real init, as if it had been started by the kernel itself.
+            let kernel_args: Vec<String> = std::env::args().skip(1).collect();
+            log::info!("hand-off: exec {cmd}");
+            if let Err(e) = sys::cloexec_all_but_stdio() {
+                log::warn!("cannot mark fds close-on-exec: {e}");
+            }
+            let source = supervise::command(cmd, &kernel_args, &env).exec();
+            let e = BootError::Exec {
+                path: cmd.program().to_owned(),
+                source,
+            };
+            fail(&e, config, timeline);
+            // `continue` has nothing left to continue to.
+            finish(e.status(), &chain(&e))
+        }
+        HandoffMode::Supervise => {
+            let grace = Duration::from_millis(config.handoff.shutdown_grace_ms);
+            match supervise::run(cmd, &env, grace) {
+                Ok(end) => {
+                    if let AppEnd::SpawnFailed(e) = &end {
+                        log::error!("hand-off: cannot execute {}: {e}", cmd.program().display());
+                    }
+                    sys::sync();
+                    finish(end.status(), &end.summary(cmd))
+                }
+                Err(e) => {
+                    let e = BootError::Supervise(e);
+                    log::error!("{}", chain(&e));
+                    finish(e.status(), &chain(&e))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,708 @@
+//! The init's configuration: `/etc/bootlace/init.toml` (schema version 1), overridden by
+//! `bootlace.*` keys on the kernel command line.
+//!
+//! Every value is validated while it is parsed (newtypes with `try_from`), so an
+//! [`InitConfig`] that exists is a valid one. The image builder writes this file with the same
+//! types, so what it bakes is what the init accepts.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cmdline::{self, Param};
+
+/// Where the image builder bakes the config and where the init reads it.
+pub const CONFIG_PATH: &str = "/etc/bootlace/init.toml";
+/// Largest config file the init reads; anything bigger is refused unread.
+pub const MAX_CONFIG_BYTES: u64 = 64 * 1024;
+/// Longest module name accepted (the kernel's MODULE_NAME_LEN is 56).
+const MAX_MODULE_NAME: usize = 56;
+/// Longest single value (argv word, env value) accepted, in bytes.
+const MAX_VALUE_BYTES: usize = 4096;
+/// Longest shutdown grace period accepted, in milliseconds (one hour).
+const MAX_GRACE_MS: u64 = 3_600_000;
+
+/// Schema versions this init understands.
+pub const SUPPORTED_VERSIONS: &[i64] = &[1];
+
+/// Why a configuration was refused. Each variant names where the bad input came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is over [`MAX_CONFIG_BYTES`].
+    #[error("{} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// The file is not valid TOML for the schema (unknown key, wrong type, bad value).
+    #[error("{}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and position.
+        message: String,
+    },
+    /// The file has no `version` or one this init does not support.
+    #[error("{}: unsupported config version {found} (supported: {SUPPORTED_VERSIONS:?})", path.display())]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// The version found (0 when missing).
+        found: i64,
+    },
+    /// A `bootlace.*` key on the kernel command line that this init does not know.
+    #[error("unknown kernel command line key {key:?} (known: {})", CMDLINE_KEYS.join(", "))]
+    UnknownKey {
+        /// The key as written.
+        key: String,
+    },
+    /// A known `bootlace.*` key with a value that does not fit.
+    #[error("kernel command line {key}={value:?}: {reason}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// The value as written.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The `bootlace.*` kernel command line keys, in the order they are documented.
+pub const CMDLINE_KEYS: &[&str] = &[
+    "bootlace.log",
+    "bootlace.failure",
+    "bootlace.modules",
+    "bootlace.handoff",
+    "bootlace.exec",
+];
+
+/// Console log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Only failed actions.
+    Error,
+    /// Also abnormal but survivable conditions.
+    Warn,
+    /// Also one line per boot step (default).
+    #[default]
+    Info,
+    /// Also details of each step.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The matching `log` filter.
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// What the init does when a boot step fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Report the failure and power off (default).
+    #[default]
+    Poweroff,
+    /// Report the failure and hand off anyway.
+    Continue,
+    /// Report the failure and run `/bin/sh` on the console; power off when it exits.
+    Shell,
+}
+
+/// How the init hands the machine over once booted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandoffMode {
+    /// Replace PID 1 with the real init (`execve`).
+    #[default]
+    Exec,
+    /// Run the command as a child, stay PID 1, and power off when it exits.
+    Supervise,
+}
+
+macro_rules! impl_from_str_serde_enum {
+    ($t:ty, $what:literal) => {
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                <$t>::deserialize(serde::de::value::StrDeserializer::<
+                    serde::de::value::Error,
+                >::new(s))
+                .map_err(|e| format!("not a {}: {e}", $what))
+            }
+        }
+    };
+}
+impl_from_str_serde_enum!(LogLevel, "log level");
+impl_from_str_serde_enum!(FailurePolicy, "failure policy");
+impl_from_str_serde_enum!(HandoffMode, "hand-off mode");
+
+/// A kernel module name: `[A-Za-z0-9_-]{1,56}`; `-` and `_` are the same module.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ModuleName(String);
+
+impl ModuleName {
+    /// The canonical name (`-` replaced by `_`), as `/sys/module` spells it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ModuleName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.is_empty() || s.len() > MAX_MODULE_NAME {
+            return Err(format!(
+                "module name {s:?} must be 1 to {MAX_MODULE_NAME} bytes"
+            ));
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(format!(
+                "module name {s:?} may hold only letters, digits, '_' and '-'"
+            ));
+        }
+        Ok(ModuleName(s.replace('-', "_")))
+    }
+}
+
+impl From<ModuleName> for String {
+    fn from(m: ModuleName) -> String {
+        m.0
+    }
+}
+
+impl fmt::Display for ModuleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EnvName(String);
+
+impl EnvName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for EnvName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let mut bytes = s.bytes();
+        let first_ok = bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+        if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') || s.len() > 256 {
+            return Err(format!(
+                "environment variable name {s:?} must match [A-Za-z_][A-Za-z0-9_]* (at most 256 bytes)"
+            ));
+        }
+        Ok(EnvName(s))
+    }
+}
+
+impl From<EnvName> for String {
+    fn from(n: EnvName) -> String {
+        n.0
+    }
+}
+
+/// A string that can be passed to `execve`: no NUL byte, at most 4096 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ExecString(String);
+
+impl ExecString {
+    /// The string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ExecString {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.contains('\0') {
+            return Err(format!("{s:?} contains a NUL byte"));
+        }
+        if s.len() > MAX_VALUE_BYTES {
+            return Err(format!("value is {} bytes, over {MAX_VALUE_BYTES}", s.len()));
+        }
+        Ok(ExecString(s))
+    }
+}
+
+impl From<ExecString> for String {
+    fn from(s: ExecString) -> String {
+        s.0
+    }
+}
+
+/// The argv of the hand-off command: at least one word, the first an absolute path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct Command(Vec<ExecString>);
+
+impl Command {
+    /// The program's absolute path.
+    pub fn program(&self) -> &Path {
+        Path::new(self.0.first().map_or("/", ExecString::as_str))
+    }
+
+    /// All words, program first.
+    pub fn argv(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(ExecString::as_str)
+    }
+
+    /// The words after the program.
+    pub fn args(&self) -> impl Iterator<Item = &str> {
+        self.argv().skip(1)
+    }
+}
+
+impl TryFrom<Vec<String>> for Command {
+    type Error = String;
+    fn try_from(words: Vec<String>) -> Result<Self, String> {
+        if words.len() > 256 {
+            return Err(format!("command has {} words, over 256", words.len()));
+        }
+        let words = words
+            .into_iter()
+            .map(ExecString::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        match words.first() {
+            None => Err("command is empty".to_owned()),
+            Some(p) if !p.as_str().starts_with('/') => {
+                Err(format!("command {:?} must be an absolute path", p.as_str()))
+            }
+            Some(_) => Ok(Command(words)),
+        }
+    }
+}
+
+impl From<Command> for Vec<String> {
+    fn from(c: Command) -> Vec<String> {
+        c.0.into_iter().map(String::from).collect()
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let words: Vec<&str> = self.argv().collect();
+        write!(f, "{}", words.join(" "))
+    }
+}
+
+/// The hand-off: what runs after the boot steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handoff {
+    /// `exec` (default): replace PID 1 with `command`; `supervise`: run it as a child.
+    #[serde(default)]
+    pub mode: HandoffMode,
+    /// The real init or the application, argv form. Default `["/sbin/init"]`.
+    #[serde(default = "default_command")]
+    pub command: Command,
+    /// Environment given to `command` on top of `PATH`, `HOME` and `TERM`. Default empty.
+    #[serde(default)]
+    pub env: BTreeMap<EnvName, ExecString>,
+    /// In `supervise` mode, how long the application (and any process left) gets between
+    /// SIGTERM and SIGKILL at shutdown, in milliseconds. Default 5000; at most 3600000.
+    #[serde(default = "default_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+fn default_command() -> Command {
+    Command(vec![ExecString("/sbin/init".to_owned())])
+}
+
+fn default_grace_ms() -> u64 {
+    5000
+}
+
+impl Default for Handoff {
+    fn default() -> Self {
+        Handoff {
+            mode: HandoffMode::default(),
+            command: default_command(),
+            env: BTreeMap::new(),
+            shutdown_grace_ms: default_grace_ms(),
+        }
+    }
+}
+
+/// The validated configuration of one boot (schema version 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    /// Schema version; must be 1.
+    pub version: i64,
+    /// Console log level: `error`, `warn`, `info` (default), `debug`, `trace`.
+    #[serde(default)]
+    pub log: LogLevel,
+    /// What to do when a boot step fails: `poweroff` (default), `continue`, `shell`.
+    #[serde(default)]
+    pub on_failure: FailurePolicy,
+    /// Kernel modules to load at boot, with their dependencies. Default none.
+    #[serde(default)]
+    pub modules: Vec<ModuleName>,
+    /// What runs after the boot steps.
+    #[serde(default)]
+    pub handoff: Handoff,
+}
+
+impl Default for InitConfig {
+    fn default() -> Self {
+        InitConfig {
+            version: 1,
+            log: LogLevel::default(),
+            on_failure: FailurePolicy::default(),
+            modules: Vec::new(),
+            handoff: Handoff::default(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    version: Option<toml::Value>,
+}
+
+impl InitConfig {
+    /// Parses and validates a config file's text. `path` names the file in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+                size: text.len() as u64,
+            });
+        }
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        };
+        let probe: VersionProbe = toml::from_str(text).map_err(parse_err)?;
+        let found = match probe.version {
+            Some(toml::Value::Integer(v)) => v,
+            _ => 0,
+        };
+        if !SUPPORTED_VERSIONS.contains(&found) {
+            return Err(ConfigError::Version {
+                path: path.to_owned(),
+                found,
+            });
+        }
+        let config: InitConfig = toml::from_str(text).map_err(parse_err)?;
+        if config.handoff.shutdown_grace_ms > MAX_GRACE_MS {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "handoff.shutdown_grace_ms = {} is over {MAX_GRACE_MS}",
+                    config.handoff.shutdown_grace_ms
+                ),
+            });
+        }
+        Ok(config)
+    }
+
+    /// Reads and validates a config file; `Ok(None)` when it does not exist.
+    pub fn read(path: &Path) -> Result<Option<Self>, ConfigError> {
+        use std::io::Read;
+        let read_err = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_err(e)),
+        };
+        let mut text = String::new();
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
+        Self::from_toml(&text, path).map(Some)
+    }
+
+    /// Renders the config as TOML (what the image builder bakes).
+    pub fn to_toml(&self) -> String {
+        // Serialising plain data with string keys cannot fail; fall back to an empty
+        // document rather than panicking if it ever did.
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Applies one `bootlace.*` kernel command line parameter. Other parameters are ignored.
+    pub fn apply_param(&mut self, param: &Param) -> Result<(), ConfigError> {
+        if !param.key.starts_with("bootlace.") {
+            return Ok(());
+        }
+        let key = param.key.as_str();
+        if !CMDLINE_KEYS.contains(&key) {
+            return Err(ConfigError::UnknownKey {
+                key: key.to_owned(),
+            });
+        }
+        let value = param.value.as_deref().unwrap_or("");
+        let bad = |reason: String| ConfigError::BadValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            reason,
+        };
+        if param.value.is_none() {
+            return Err(bad("needs a value (key=value)".to_owned()));
+        }
+        match key {
+            "bootlace.log" => self.log = value.parse().map_err(bad)?,
+            "bootlace.failure" => self.on_failure = value.parse().map_err(bad)?,
+            "bootlace.handoff" => self.handoff.mode = value.parse().map_err(bad)?,
+            "bootlace.modules" => {
+                for name in value.split(',').filter(|n| !n.is_empty()) {
+                    let name = ModuleName::try_from(name.to_owned()).map_err(bad)?;
+                    if !self.modules.contains(&name) {
+                        self.modules.push(name);
+                    }
+                }
+            }
+            "bootlace.exec" => {
+                let words = cmdline::split_command(value).map_err(|e| bad(e.to_string()))?;
+                self.handoff.command = Command::try_from(words).map_err(bad)?;
+            }
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    key: key.to_owned(),
+                })
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of loading the configuration: the config to boot with, and the first error met.
+///
+/// When there is an error, `config` is the best that could be had — the file's config (or the
+/// defaults if the file itself was bad) with every valid command line key applied — so the
+/// failure policy the user asked for is still the one that handles the error.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The configuration to use.
+    pub config: InitConfig,
+    /// Whether a config file was found.
+    pub from_file: bool,
+    /// The first error, if any.
+    pub error: Option<ConfigError>,
+}
+
+/// Loads the effective configuration from the file at `path` and the kernel command line.
+pub fn load(path: &Path, cmdline: &str) -> Loaded {
+    let (mut config, from_file, mut error) = match InitConfig::read(path) {
+        Ok(Some(c)) => (c, true, None),
+        Ok(None) => (InitConfig::default(), false, None),
+        Err(e) => (InitConfig::default(), true, Some(e)),
+    };
+    for param in cmdline::parse(cmdline) {
+        if let Err(e) = config.apply_param(&param) {
+            error.get_or_insert(e);
+        }
+    }
+    Loaded {
+        config,
+        from_file,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<InitConfig, ConfigError> {
+        InitConfig::from_toml(text, Path::new("init.toml"))
+    }
+
+    #[test]
+    fn valid_files() {
+        let full = r#"
+version = 1
+log = "debug"
+on_failure = "shell"
+modules = ["virtio-blk", "9pnet_virtio"]
+[handoff]
+mode = "supervise"
+command = ["/bin/app", "--flag"]
+env = { APP_MODE = "prod", _X1 = "" }
+shutdown_grace_ms = 250
+"#;
+        let c = parse(full).expect("full config parses");
+        assert_eq!(c.log, LogLevel::Debug);
+        assert_eq!(c.on_failure, FailurePolicy::Shell);
+        let mods: Vec<&str> = c.modules.iter().map(ModuleName::as_str).collect();
+        assert_eq!(mods, ["virtio_blk", "9pnet_virtio"]);
+        assert_eq!(c.handoff.mode, HandoffMode::Supervise);
+        assert_eq!(c.handoff.command.to_string(), "/bin/app --flag");
+        assert_eq!(c.handoff.shutdown_grace_ms, 250);
+        assert_eq!(c.handoff.env.len(), 2);
+
+        let minimal = parse("version = 1\n").expect("minimal parses");
+        assert_eq!(minimal, InitConfig::default());
+        assert_eq!(minimal.handoff.command.to_string(), "/sbin/init");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let mut c = InitConfig::default();
+        c.handoff.mode = HandoffMode::Supervise;
+        c.modules.push(ModuleName::try_from("vsock".to_owned()).expect("valid"));
+        c.handoff.env.insert(
+            EnvName::try_from("A".to_owned()).expect("valid"),
+            ExecString::try_from("b c".to_owned()).expect("valid"),
+        );
+        let text = c.to_toml();
+        assert_eq!(parse(&text).expect("round trip"), c, "{text}");
+    }
+
+    #[test]
+    fn invalid_files_name_the_cause() {
+        let cases: &[(&str, &str)] = &[
+            ("", "unsupported config version 0"),
+            ("version = 2", "unsupported config version 2"),
+            ("version = \"1\"", "unsupported config version 0"),
+            ("version = 1\nbogus = 1", "bogus"),
+            ("version = 1\n[handoff]\nmod = \"exec\"", "mod"),
+            ("version = 1\nlog = \"loud\"", "loud"),
+            ("version = 1\nlog = 3", "wanted string"),
+            ("version = 1\non_failure = \"reboot\"", "reboot"),
+            ("version = 1\nmodules = [\"a/b\"]", "may hold only"),
+            ("version = 1\nmodules = [\"\"]", "1 to 56 bytes"),
+            ("version = 1\n[handoff]\ncommand = []", "command is empty"),
+            ("version = 1\n[handoff]\ncommand = [\"init\"]", "absolute path"),
+            ("version = 1\n[handoff]\ncommand = [\"/a\\u0000b\"]", "NUL"),
+            ("version = 1\n[handoff]\nenv = { \"1A\" = \"x\" }", "[A-Za-z_]"),
+            ("version = 1\n[handoff]\nenv = { \"A=B\" = \"x\" }", "[A-Za-z_]"),
+            ("version = 1\n[handoff]\nshutdown_grace_ms = 3600001", "over"),
+            ("version = 1\nversion = 1", "duplicate"),
+            ("version = 1\n[[[", "init.toml"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: error {err:?} lacks {want:?}");
+            assert!(err.contains("init.toml"), "{text:?}: error {err:?} lacks the path");
+        }
+    }
+
+    #[test]
+    fn oversized_and_deeply_nested_files_are_refused() {
+        let big = format!("version = 1\n#{}\n", "x".repeat(MAX_CONFIG_BYTES as usize));
+        assert!(matches!(parse(&big), Err(ConfigError::TooLarge { .. })));
+        let deep = format!("version = 1\nx = {}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(parse(&deep).is_err());
+    }
+
+    #[test]
+    fn command_line_overrides() {
+        let base = InitConfig::default();
+        type Check = fn(&InitConfig) -> bool;
+        let cases: &[(&str, Check)] = &[
+            ("bootlace.log=debug", |c| c.log == LogLevel::Debug),
+            ("bootlace.failure=continue", |c| {
+                c.on_failure == FailurePolicy::Continue
+            }),
+            ("bootlace.handoff=supervise", |c| {
+                c.handoff.mode == HandoffMode::Supervise
+            }),
+            (r#"bootlace.exec="/bin/sh -c 'exit 7'""#, |c| {
+                c.handoff.command.argv().collect::<Vec<_>>() == ["/bin/sh", "-c", "exit 7"]
+            }),
+            ("bootlace.modules=a-b,c bootlace.modules=c,d", |c| {
+                c.modules.iter().map(ModuleName::as_str).collect::<Vec<_>>() == ["a_b", "c", "d"]
+            }),
+            ("console=ttyS0 quiet foo.bar=1", |c| c == &InitConfig::default()),
+            ("bootlace.log=debug bootlace.log=warn", |c| {
+                c.log == LogLevel::Warn
+            }),
+        ];
+        for (line, check) in cases {
+            let mut c = base.clone();
+            for p in cmdline::parse(line) {
+                c.apply_param(&p).unwrap_or_else(|e| panic!("{line}: {e}"));
+            }
+            assert!(check(&c), "{line}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn bad_command_line_keys_are_errors() {
+        let cases: &[(&str, &str)] = &[
+            ("bootlace.bogus=1", "unknown kernel command line key \"bootlace.bogus\""),
+            ("bootlace.log", "needs a value"),
+            ("bootlace.log=loud", "bootlace.log=\"loud\""),
+            ("bootlace.failure=explode", "failure policy"),
+            ("bootlace.exec=init", "absolute path"),
+            ("bootlace.exec=\"/bin/sh 'x\"", "unterminated"),
+            ("bootlace.modules=a/b", "may hold only"),
+        ];
+        for (line, want) in cases {
+            let mut c = InitConfig::default();
+            let errs: Vec<String> = cmdline::parse(line)
+                .iter()
+                .filter_map(|p| c.apply_param(p).err())
+                .map(|e| e.to_string())
+                .collect();
+            assert_eq!(errs.len(), 1, "{line}: {errs:?}");
+            assert!(errs[0].contains(want), "{line}: {errs:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn load_keeps_the_best_effort_config_and_first_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("init.toml");
+        std::fs::write(&path, "version = 1\non_failure = \"continue\"\n").expect("write");
+        let l = load(&path, "bootlace.nope=1 bootlace.log=debug bootlace.log=x");
+        assert!(l.from_file);
+        assert_eq!(l.config.on_failure, FailurePolicy::Continue);
+        assert_eq!(l.config.log, LogLevel::Debug);
+        assert!(matches!(l.error, Some(ConfigError::UnknownKey { .. })));
+
+        std::fs::write(&path, "version = 9\n").expect("write");
+        let l = load(&path, "bootlace.failure=shell");
+        assert_eq!(l.config.on_failure, FailurePolicy::Shell);
+        assert!(matches!(l.error, Some(ConfigError::Version { found: 9, .. })));
+
+        let l = load(&dir.path().join("absent.toml"), "");
+        assert!(!l.from_file && l.error.is_none());
+        assert_eq!(l.config, InitConfig::default());
+    }
+}

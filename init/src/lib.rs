@@ -1,0 +1,39 @@
+//! bootlace-init: the PID-1 init of a bootlace guest.
+//!
+//! The binary is a thin `main` ([`boot::pid1`] when it is PID 1, a config checker otherwise);
+//! everything else is in this library so that tests and the image builder use the same code.
+//!
+//! Modules:
+//! - [`boot`]: the boot sequence, failure policy and hand-off;
+//! - [`cmdline`]: kernel command line tokenising and command splitting;
+//! - [`config`]: `init.toml` schema v1 and `bootlace.*` overrides, validated when parsed;
+//! - [`kmod`]: `modules.dep` / `modules.builtin` resolution;
+//! - [`logger`]: console logging with CLOCK_BOOTTIME stamps;
+//! - [`mounts`]: the early mounts;
+//! - [`report`]: the power-off status line and its exit statuses;
+//! - [`supervise`]: supervise mode (reaping, signal forwarding, shutdown);
+//! - [`sys`]: the syscall fence, the only module with `unsafe`.
+
+#![deny(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
+
+pub mod boot;
+pub mod cmdline;
+pub mod config;
+pub mod kmod;
+pub mod logger;
+pub mod mounts;
+pub mod report;
+pub mod supervise;
+pub mod sys;

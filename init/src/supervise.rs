@@ -1,0 +1,175 @@
+//! Supervise mode: run the application as a child and stay a correct PID 1.
+//!
+//! - Every child that ends is reaped, the application's own status is kept.
+//! - SIGHUP, SIGUSR1, SIGUSR2 and SIGQUIT are forwarded to the application.
+//! - SIGTERM and SIGINT (ctrl-alt-del) are forwarded, SIGPWR is forwarded as SIGTERM, and each
+//!   starts the shutdown grace period.
+//! - When the application has exited, every process left gets SIGTERM and the grace period.
+//! - When the grace period runs out, every process left gets SIGKILL.
+//! - The supervisor returns once the application has ended and no process is left.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::config::Command;
+use crate::report;
+use crate::sys::{self, Ended};
+
+/// How the application ended.
+#[derive(Debug)]
+pub enum AppEnd {
+    /// It ran and ended.
+    Ended(Ended),
+    /// It could not be started.
+    SpawnFailed(io::Error),
+}
+
+impl AppEnd {
+    /// The status reported on the console and to the host.
+    pub fn status(&self) -> u8 {
+        match self {
+            AppEnd::Ended(Ended::Exited(code)) => report::exit_code_status(*code),
+            AppEnd::Ended(Ended::Signaled(sig)) => report::signal_status(*sig),
+            AppEnd::SpawnFailed(e) => spawn_error_status(e),
+        }
+    }
+
+    /// A one-line account, naming the command.
+    pub fn summary(&self, command: &Command) -> String {
+        let program = command.program().display();
+        match self {
+            AppEnd::Ended(Ended::Exited(code)) => {
+                format!("app {program} exited with status {code}")
+            }
+            AppEnd::Ended(Ended::Signaled(sig)) => {
+                let name = Signal::try_from(*sig).map_or("unknown", Signal::as_str);
+                format!("app {program} was killed by signal {sig} ({name})")
+            }
+            AppEnd::SpawnFailed(e) => format!("cannot execute {program}: {e}"),
+        }
+    }
+}
+
+/// The status for a command that could not be executed: 127 when it does not exist, else 126.
+pub fn spawn_error_status(e: &io::Error) -> u8 {
+    if e.kind() == io::ErrorKind::NotFound {
+        report::STATUS_NOT_FOUND
+    } else {
+        report::STATUS_CANNOT_EXEC
+    }
+}
+
+/// A std `Command` for the hand-off: the given argv and environment only, cwd `/`.
+/// std gives the child an empty signal mask and default SIGPIPE handling.
+pub fn command(cmd: &Command, extra_args: &[String], env: &[(String, String)]) -> std::process::Command {
+    let mut c = std::process::Command::new(cmd.program());
+    if let Some(arg0) = cmd.argv().next() {
+        c.arg0(arg0);
+    }
+    c.args(cmd.args())
+        .args(extra_args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir("/");
+    c
+}
+
+/// How long to wait for processes to end after SIGKILL before powering off regardless
+/// (a process stuck in uninterruptible sleep never ends).
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs the application until it and every other process have ended.
+pub fn run(cmd: &Command, env: &[(String, String)], grace: Duration) -> io::Result<AppEnd> {
+    if let Err(e) = sys::set_child_subreaper() {
+        log::warn!("cannot become child subreaper: {e}");
+    }
+    let signals = sys::Signals::open(sys::HANDLED_SIGNALS)?;
+    let child = match command(cmd, &[], env).spawn() {
+        Ok(c) => c,
+        Err(e) => return Ok(AppEnd::SpawnFailed(e)),
+    };
+    let app = child.id();
+    log::info!("supervising {} as pid {app}", cmd);
+
+    let mut app_end: Option<Ended> = None;
+    let mut deadline: Option<Instant> = None;
+    let mut killed: Option<Instant> = None;
+    loop {
+        // Reap everything that has ended.
+        let mut no_children = false;
+        loop {
+            match sys::reap_one() {
+                Ok(Some((pid, ended))) if pid == app => {
+                    log::debug!("app pid {pid} ended: {ended:?}");
+                    app_end = Some(ended);
+                }
+                Ok(Some((pid, ended))) => log::trace!("reaped pid {pid}: {ended:?}"),
+                Ok(None) => break,
+                Err(e) if sys::is_no_children(&e) => {
+                    no_children = true;
+                    break;
+                }
+                Err(e) => {
+                    log::warn!("waitpid: {e}");
+                    break;
+                }
+            }
+        }
+        if let Some(ended) = app_end {
+            if no_children {
+                return Ok(AppEnd::Ended(ended));
+            }
+            if deadline.is_none() {
+                // The app is gone; ask whatever it left behind to finish.
+                let _ = sys::kill_all(Signal::SIGTERM);
+                deadline = Some(Instant::now() + grace);
+            }
+        }
+        if let Some(d) = deadline {
+            if killed.is_none() && Instant::now() >= d {
+                log::warn!(
+                    "grace period of {} ms over: killing every process left",
+                    grace.as_millis()
+                );
+                let _ = sys::kill_all(Signal::SIGKILL);
+                killed = Some(Instant::now());
+            }
+        }
+        if let (Some(at), Some(ended)) = (killed, app_end) {
+            if at.elapsed() > KILL_WAIT {
+                log::warn!("processes left after SIGKILL did not end within {KILL_WAIT:?}");
+                return Ok(AppEnd::Ended(ended));
+            }
+        }
+        let timeout = match (deadline, killed) {
+            (Some(d), None) => Some(d.saturating_duration_since(Instant::now())),
+            // After SIGKILL the kernel ends everything promptly; poll for the reaping.
+            (Some(_), Some(_)) => Some(Duration::from_millis(100)),
+            (None, _) => None,
+        };
+        for sig in signals.wait(timeout)? {
+            let forward = match sig {
+                Signal::SIGCHLD => continue,
+                Signal::SIGPWR => Signal::SIGTERM,
+                other => other,
+            };
+            if app_end.is_none() {
+                log::info!("forwarding {} to app pid {app}", forward.as_str());
+                if let Err(e) = sys::kill(app, forward) {
+                    log::warn!("cannot forward {} to pid {app}: {e}", forward.as_str());
+                }
+            }
+            if matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGPWR) && deadline.is_none() {
+                log::info!(
+                    "shutdown requested by {}: grace period {} ms",
+                    sig.as_str(),
+                    grace.as_millis()
+                );
+                deadline = Some(Instant::now() + grace);
+            }
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The syscall fence: every system call the init makes that std does not wrap goes through
+//! here. rustix first; nix where rustix has no safe API (signal sets, signalfd, `kill(-1)`).
+//! The only `unsafe` in the crate is in this module, each block with its `SAFETY` reason.
+
+#![allow(unsafe_code)]
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use rustix::mount::MountFlags;
+
+pub use rustix::fs::StatFs;
+
+/// `MODULE_INIT_COMPRESSED_FILE`: the kernel decompresses the module itself.
+const MODULE_INIT_COMPRESSED_FILE: i32 = 4;
+
+/// Filesystem magic numbers (`statfs.f_type`) of the early mounts.
+pub mod magic {
+    /// procfs.
+    pub const PROC: i64 = 0x9fa0;
+    /// sysfs.
+    pub const SYSFS: i64 = 0x6265_6572;
+    /// tmpfs (devtmpfs reports this too).
+    pub const TMPFS: i64 = 0x0102_1994;
+}
+
+/// Whether this process is PID 1.
+pub fn is_pid1() -> bool {
+    rustix::process::getpid().is_init()
+}
+
+/// CLOCK_BOOTTIME: time since the kernel started, including suspend.
+pub fn boottime() -> Duration {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// The filesystem type magic of the filesystem holding `path`.
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    let st = rustix::fs::statfs(path)?;
+    Ok(st.f_type)
+}
+
+/// Mount flags used by the init.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Flags {
+    /// MS_NOSUID.
+    pub nosuid: bool,
+    /// MS_NODEV.
+    pub nodev: bool,
+    /// MS_NOEXEC.
+    pub noexec: bool,
+    /// MS_RDONLY.
+    pub rdonly: bool,
+}
+
+impl Flags {
+    fn bits(self) -> MountFlags {
+        let mut f = MountFlags::empty();
+        if self.nosuid {
+            f |= MountFlags::NOSUID;
+        }
+        if self.nodev {
+            f |= MountFlags::NODEV;
+        }
+        if self.noexec {
+            f |= MountFlags::NOEXEC;
+        }
+        if self.rdonly {
+            f |= MountFlags::RDONLY;
+        }
+        f
+    }
+}
+
+/// `mount(2)` of a filesystem.
+pub fn mount(source: &str, target: &Path, fstype: &str, flags: Flags, data: &CStr) -> io::Result<()> {
+    rustix::mount::mount(source, target, fstype, flags.bits(), Some(data))?;
+    Ok(())
+}
+
+/// Loads a kernel module from an open file with `finit_module(2)`.
+pub fn finit_module(file: &File, compressed: bool) -> io::Result<()> {
+    let flags = if compressed {
+        MODULE_INIT_COMPRESSED_FILE
+    } else {
+        0
+    };
+    rustix::system::finit_module(file, c"", flags)?;
+    Ok(())
+}
+
+/// Makes ctrl-alt-del send SIGINT to PID 1 instead of rebooting at once.
+pub fn disable_ctrl_alt_del() -> io::Result<()> {
+    rustix::system::reboot(rustix::system::RebootCommand::CadOff)?;
+    Ok(())
+}
+
+/// Flushes filesystems and powers the machine off. Never returns: if the kernel refuses, the
+/// process sleeps forever rather than exit (an exiting PID 1 panics the kernel).
+pub fn power_off() -> ! {
+    rustix::fs::sync();
+    if let Err(e) = rustix::system::reboot(rustix::system::RebootCommand::PowerOff) {
+        log::error!("power-off refused by the kernel: {e}; halting here");
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Flushes all filesystems.
+pub fn sync() {
+    rustix::fs::sync();
+}
+
+/// Marks this process a child subreaper, so orphans of its descendants are reparented to it
+/// (a no-op for PID 1, which already adopts every orphan; it matters when run elsewhere).
+pub fn set_child_subreaper() -> io::Result<()> {
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
+    Ok(())
+}
+
+/// Ensures fds 0, 1 and 2 are open, opening `console` (or `/dev/null`) for any that is not.
+pub fn ensure_stdio(console: &Path) -> io::Result<()> {
+    let open = |fd: BorrowedFd<'_>| rustix::io::fcntl_getfd(fd).is_ok();
+    let all_open = open(rustix::stdio::stdin())
+        && open(rustix::stdio::stdout())
+        && open(rustix::stdio::stderr());
+    if all_open {
+        return Ok(());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(console)
+        .or_else(|_| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+        })?;
+    if !open(rustix::stdio::stdin()) {
+        rustix::stdio::dup2_stdin(&file)?;
+    }
+    if !open(rustix::stdio::stdout()) {
+        rustix::stdio::dup2_stdout(&file)?;
+    }
+    if !open(rustix::stdio::stderr()) {
+        rustix::stdio::dup2_stderr(&file)?;
+    }
+    Ok(())
+}
+
+/// Sets close-on-exec on every open fd above 2, so a hand-off by `exec` passes on only
+/// stdin, stdout and stderr.
+pub fn cloexec_all_but_stdio() -> io::Result<()> {
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for raw in fds {
+        // SAFETY: `raw` was listed in /proc/self/fd a moment ago and this process is single
+        // threaded at hand-off, so it is open and nothing closes it while it is borrowed;
+        // the borrow only lives for the fcntl call. The fd of the directory listing itself is
+        // closed by now and fails with EBADF, which is ignored.
+        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+        match rustix::io::fcntl_getfd(fd) {
+            Ok(flags) => rustix::io::fcntl_setfd(fd, flags | rustix::io::FdFlags::CLOEXEC)?,
+            Err(rustix::io::Errno::BADF) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The signals PID 1 handles in supervise mode.
+pub const HANDLED_SIGNALS: &[Signal] = &[
+    Signal::SIGCHLD,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGPWR,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGQUIT,
+];
+
+/// Signals delivered through a file descriptor instead of handlers: they are blocked while it
+/// lives, and children started with std's `Command` get an empty mask again.
+#[derive(Debug)]
+pub struct Signals {
+    fd: SignalFd,
+    mask: SigSet,
+}
+
+impl Signals {
+    /// Blocks `signals` for this thread and opens a signalfd for them.
+    pub fn open(signals: &[Signal]) -> io::Result<Self> {
+        let mut mask = SigSet::empty();
+        for s in signals {
+            mask.add(*s);
+        }
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;
+        let fd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        Ok(Signals { fd, mask })
+    }
+
+    /// Waits up to `timeout` (forever when `None`) and returns the signals that arrived.
+    pub fn wait(&self, timeout: Option<Duration>) -> io::Result<Vec<Signal>> {
+        let ts = timeout.map(|t| rustix::time::Timespec {
+            tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        let mut pfd = [rustix::event::PollFd::new(&self.fd, rustix::event::PollFlags::IN)];
+        match rustix::event::poll(&mut pfd, ts.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut out = Vec::new();
+        while let Some(info) = self.fd.read_signal()? {
+            let signo = i32::try_from(info.ssi_signo).unwrap_or(0);
+            if let Ok(sig) = Signal::try_from(signo) {
+                out.push(sig);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&self.mask), None);
+    }
+}
+
+impl AsFd for Signals {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Sends `sig` to one process.
+pub fn kill(pid: u32, sig: Signal) -> io::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)?;
+    Ok(())
+}
+
+/// Sends `sig` to every process but PID 1 itself (`kill(-1, sig)`).
+pub fn kill_all(sig: Signal) -> io::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), sig)?;
+    Ok(())
+}
+
+/// How a reaped child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// `exit(code)`.
+    Exited(i32),
+    /// Killed by a signal.
+    Signaled(i32),
+}
+
+/// Reaps one ended child without blocking. `Ok(None)` when no child has ended yet;
+/// `Err` with `ECHILD` when there are no children at all.
+pub fn reap_one() -> io::Result<Option<(u32, Ended)>> {
+    let opts = rustix::process::WaitOptions::NOHANG;
+    match rustix::process::wait(opts)? {
+        None => Ok(None),
+        Some((pid, status)) => {
+            let pid = u32::try_from(pid.as_raw_nonzero().get()).unwrap_or(0);
+            if let Some(code) = status.exit_status() {
+                Ok(Some((pid, Ended::Exited(code))))
+            } else if let Some(sig) = status.terminating_signal() {
+                Ok(Some((pid, Ended::Signaled(sig))))
+            } else {
+                // Stopped or continued children are not ended; report nothing.
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Whether an I/O error is `ECHILD` (no children left).
+pub fn is_no_children(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::CHILD.raw_os_error())
+}
