@@ -1,0 +1,12 @@
+//! bootlace-image: bakes `bootlace-init` into images.
+//!
+//! Modules:
+//! - [`cpio`]: the newc archive format (writer and reader);
+//! - [`tree`]: the in-memory file tree being baked, with in-tree path resolution;
+//! - [`initramfs`]: rootfs + init + config + modules -> a reproducible initramfs.
+
+#![deny(unsafe_code)]
+
+pub mod cpio;
+pub mod initramfs;
+pub mod tree;

@@ -162,7 +162,10 @@ fn load_modules(config: &InitConfig) -> Result<(), BootError> {
     if config.modules.is_empty() {
         return Ok(());
     }
-    let release = rustix::system::uname().release().to_string_lossy().into_owned();
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
     let dir = Path::new("/lib/modules").join(&release);
     let index = ModuleIndex::read(&dir).map_err(BootError::Modules)?;
     let plan = index
@@ -239,7 +242,11 @@ pub fn pid1() -> ! {
     } else {
         log::info!(
             "config: {} ({} mode, failure policy {:?}, log {:?})",
-            if loaded.from_file { config::CONFIG_PATH } else { "built-in defaults" },
+            if loaded.from_file {
+                config::CONFIG_PATH
+            } else {
+                "built-in defaults"
+            },
             match config.handoff.mode {
                 HandoffMode::Exec => "exec",
                 HandoffMode::Supervise => "supervise",

@@ -185,7 +185,10 @@ mod tests {
         let ok: &[(&str, &[&str])] = &[
             ("/sbin/init", &["/sbin/init"]),
             ("/bin/sh -c 'exit 7'", &["/bin/sh", "-c", "exit 7"]),
-            (r#"/bin/echo "a \"b\"" c\ d"#, &["/bin/echo", "a \"b\"", "c d"]),
+            (
+                r#"/bin/echo "a \"b\"" c\ d"#,
+                &["/bin/echo", "a \"b\"", "c d"],
+            ),
             ("  /x   ''  ", &["/x", ""]),
         ];
         for (value, want) in ok {

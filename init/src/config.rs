@@ -150,9 +150,9 @@ macro_rules! impl_from_str_serde_enum {
         impl FromStr for $t {
             type Err = String;
             fn from_str(s: &str) -> Result<Self, String> {
-                <$t>::deserialize(serde::de::value::StrDeserializer::<
-                    serde::de::value::Error,
-                >::new(s))
+                <$t>::deserialize(
+                    serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s),
+                )
                 .map_err(|e| format!("not a {}: {e}", $what))
             }
         }
@@ -259,7 +259,10 @@ impl TryFrom<String> for ExecString {
             return Err(format!("{s:?} contains a NUL byte"));
         }
         if s.len() > MAX_VALUE_BYTES {
-            return Err(format!("value is {} bytes, over {MAX_VALUE_BYTES}", s.len()));
+            return Err(format!(
+                "value is {} bytes, over {MAX_VALUE_BYTES}",
+                s.len()
+            ));
         }
         Ok(ExecString(s))
     }
@@ -584,7 +587,8 @@ shutdown_grace_ms = 250
     fn round_trips_through_toml() {
         let mut c = InitConfig::default();
         c.handoff.mode = HandoffMode::Supervise;
-        c.modules.push(ModuleName::try_from("vsock".to_owned()).expect("valid"));
+        c.modules
+            .push(ModuleName::try_from("vsock".to_owned()).expect("valid"));
         c.handoff.env.insert(
             EnvName::try_from("A".to_owned()).expect("valid"),
             ExecString::try_from("b c".to_owned()).expect("valid"),
@@ -607,18 +611,33 @@ shutdown_grace_ms = 250
             ("version = 1\nmodules = [\"a/b\"]", "may hold only"),
             ("version = 1\nmodules = [\"\"]", "1 to 56 bytes"),
             ("version = 1\n[handoff]\ncommand = []", "command is empty"),
-            ("version = 1\n[handoff]\ncommand = [\"init\"]", "absolute path"),
+            (
+                "version = 1\n[handoff]\ncommand = [\"init\"]",
+                "absolute path",
+            ),
             ("version = 1\n[handoff]\ncommand = [\"/a\\u0000b\"]", "NUL"),
-            ("version = 1\n[handoff]\nenv = { \"1A\" = \"x\" }", "[A-Za-z_]"),
-            ("version = 1\n[handoff]\nenv = { \"A=B\" = \"x\" }", "[A-Za-z_]"),
-            ("version = 1\n[handoff]\nshutdown_grace_ms = 3600001", "over"),
+            (
+                "version = 1\n[handoff]\nenv = { \"1A\" = \"x\" }",
+                "[A-Za-z_]",
+            ),
+            (
+                "version = 1\n[handoff]\nenv = { \"A=B\" = \"x\" }",
+                "[A-Za-z_]",
+            ),
+            (
+                "version = 1\n[handoff]\nshutdown_grace_ms = 3600001",
+                "over",
+            ),
             ("version = 1\nversion = 1", "duplicate"),
             ("version = 1\n[[[", "init.toml"),
         ];
         for (text, want) in cases {
             let err = parse(text).expect_err(text).to_string();
             assert!(err.contains(want), "{text:?}: error {err:?} lacks {want:?}");
-            assert!(err.contains("init.toml"), "{text:?}: error {err:?} lacks the path");
+            assert!(
+                err.contains("init.toml"),
+                "{text:?}: error {err:?} lacks the path"
+            );
         }
     }
 
@@ -626,7 +645,11 @@ shutdown_grace_ms = 250
     fn oversized_and_deeply_nested_files_are_refused() {
         let big = format!("version = 1\n#{}\n", "x".repeat(MAX_CONFIG_BYTES as usize));
         assert!(matches!(parse(&big), Err(ConfigError::TooLarge { .. })));
-        let deep = format!("version = 1\nx = {}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let deep = format!(
+            "version = 1\nx = {}{}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
         assert!(parse(&deep).is_err());
     }
 
@@ -648,7 +671,9 @@ shutdown_grace_ms = 250
             ("bootlace.modules=a-b,c bootlace.modules=c,d", |c| {
                 c.modules.iter().map(ModuleName::as_str).collect::<Vec<_>>() == ["a_b", "c", "d"]
             }),
-            ("console=ttyS0 quiet foo.bar=1", |c| c == &InitConfig::default()),
+            ("console=ttyS0 quiet foo.bar=1", |c| {
+                c == &InitConfig::default()
+            }),
             ("bootlace.log=debug bootlace.log=warn", |c| {
                 c.log == LogLevel::Warn
             }),
@@ -665,7 +690,10 @@ shutdown_grace_ms = 250
     #[test]
     fn bad_command_line_keys_are_errors() {
         let cases: &[(&str, &str)] = &[
-            ("bootlace.bogus=1", "unknown kernel command line key \"bootlace.bogus\""),
+            (
+                "bootlace.bogus=1",
+                "unknown kernel command line key \"bootlace.bogus\"",
+            ),
             ("bootlace.log", "needs a value"),
             ("bootlace.log=loud", "bootlace.log=\"loud\""),
             ("bootlace.failure=explode", "failure policy"),
@@ -699,7 +727,10 @@ shutdown_grace_ms = 250
         std::fs::write(&path, "version = 9\n").expect("write");
         let l = load(&path, "bootlace.failure=shell");
         assert_eq!(l.config.on_failure, FailurePolicy::Shell);
-        assert!(matches!(l.error, Some(ConfigError::Version { found: 9, .. })));
+        assert!(matches!(
+            l.error,
+            Some(ConfigError::Version { found: 9, .. })
+        ));
 
         let l = load(&dir.path().join("absent.toml"), "");
         assert!(!l.from_file && l.error.is_none());

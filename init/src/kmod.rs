@@ -140,13 +140,15 @@ impl ModuleIndex {
             let path = dir.join(name);
             match std::fs::read_to_string(&path) {
                 Ok(s) => Ok(s),
-                Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => {
-                    Ok(String::new())
-                }
+                Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
                 Err(source) => Err(KmodError::Read { path, source }),
             }
         };
-        Self::parse(dir, &read("modules.dep", false)?, &read("modules.builtin", true)?)
+        Self::parse(
+            dir,
+            &read("modules.dep", false)?,
+            &read("modules.builtin", true)?,
+        )
     }
 
     /// The module directory this index describes.
@@ -295,7 +297,15 @@ kernel/drivers/block/virtio-blk.ko: kernel/drivers/virtio/virtio.ko kernel/drive
             (&["9p"], &["9pnet", "netfs", "fscache", "9p"]),
             (
                 &["9pnet_virtio", "9p"],
-                &["9pnet", "virtio", "virtio_ring", "9pnet_virtio", "netfs", "fscache", "9p"],
+                &[
+                    "9pnet",
+                    "virtio",
+                    "virtio_ring",
+                    "9pnet_virtio",
+                    "netfs",
+                    "fscache",
+                    "9p",
+                ],
             ),
             (&["virtio-blk"], &["virtio", "virtio_ring", "virtio_blk"]),
             (&["ext4", "vfat", "ext4"], &["=ext4", "fat", "vfat"]),
@@ -312,10 +322,15 @@ kernel/drivers/block/virtio-blk.ko: kernel/drivers/virtio/virtio.ko kernel/drive
     #[test]
     fn unknown_modules_and_cycles_are_errors() {
         let err = index().resolve(["nope"]).expect_err("unknown");
-        assert!(err.to_string().contains("\"nope\" not found in /lib/modules/test"));
-        let cyclic = ModuleIndex::parse(Path::new("/m"), "a.ko: b.ko\nb.ko: a.ko\n", "")
-            .expect("parses");
-        assert!(matches!(cyclic.resolve(["a"]), Err(KmodError::Cycle { .. })));
+        assert!(err
+            .to_string()
+            .contains("\"nope\" not found in /lib/modules/test"));
+        let cyclic =
+            ModuleIndex::parse(Path::new("/m"), "a.ko: b.ko\nb.ko: a.ko\n", "").expect("parses");
+        assert!(matches!(
+            cyclic.resolve(["a"]),
+            Err(KmodError::Cycle { .. })
+        ));
         let bad = ModuleIndex::parse(Path::new("/m"), "a.ko b.ko\n", "");
         assert!(matches!(bad, Err(KmodError::Malformed { line: 1, .. })));
     }
@@ -339,6 +354,9 @@ kernel/drivers/block/virtio-blk.ko: kernel/drivers/virtio/virtio.ko kernel/drive
              kernel/drivers/virtio/virtio_ring.ko: kernel/drivers/virtio/virtio.ko\n"
         );
         let again = ModuleIndex::parse(Path::new("/m"), &text, "").expect("parses");
-        assert_eq!(names(&again.resolve(["virtio_blk"]).expect("ok")), ["virtio", "virtio_ring", "virtio_blk"]);
+        assert_eq!(
+            names(&again.resolve(["virtio_blk"]).expect("ok")),
+            ["virtio", "virtio_ring", "virtio_blk"]
+        );
     }
 }

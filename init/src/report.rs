@@ -28,7 +28,10 @@ pub const STATUS_NOT_FOUND: u8 = 127;
 
 /// Formats the power-off line (without the logger's stamp and prefix).
 pub fn line(status: u8, summary: &str) -> String {
-    format!("{MARKER}{status} STATUS={}", summary.replace(['\n', '\r'], " "))
+    format!(
+        "{MARKER}{status} STATUS={}",
+        summary.replace(['\n', '\r'], " ")
+    )
 }
 
 /// The exit status of the last power-off line in a console log, if there is one.

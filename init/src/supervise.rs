@@ -64,7 +64,11 @@ pub fn spawn_error_status(e: &io::Error) -> u8 {
 
 /// A std `Command` for the hand-off: the given argv and environment only, cwd `/`.
 /// std gives the child an empty signal mask and default SIGPIPE handling.
-pub fn command(cmd: &Command, extra_args: &[String], env: &[(String, String)]) -> std::process::Command {
+pub fn command(
+    cmd: &Command,
+    extra_args: &[String],
+    env: &[(String, String)],
+) -> std::process::Command {
     let mut c = std::process::Command::new(cmd.program());
     if let Some(arg0) = cmd.argv().next() {
         c.arg0(arg0);
@@ -162,7 +166,9 @@ pub fn run(cmd: &Command, env: &[(String, String)], grace: Duration) -> io::Resu
                     log::warn!("cannot forward {} to pid {app}: {e}", forward.as_str());
                 }
             }
-            if matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGPWR) && deadline.is_none() {
+            if matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGPWR)
+                && deadline.is_none()
+            {
                 log::info!(
                     "shutdown requested by {}: grace period {} ms",
                     sig.as_str(),

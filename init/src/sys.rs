@@ -83,7 +83,13 @@ impl Flags {
 }
 
 /// `mount(2)` of a filesystem.
-pub fn mount(source: &str, target: &Path, fstype: &str, flags: Flags, data: &CStr) -> io::Result<()> {
+pub fn mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: Flags,
+    data: &CStr,
+) -> io::Result<()> {
     rustix::mount::mount(source, target, fstype, flags.bits(), Some(data))?;
     Ok(())
 }
@@ -220,7 +226,10 @@ impl Signals {
             tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: i64::from(t.subsec_nanos()),
         });
-        let mut pfd = [rustix::event::PollFd::new(&self.fd, rustix::event::PollFlags::IN)];
+        let mut pfd = [rustix::event::PollFd::new(
+            &self.fd,
+            rustix::event::PollFlags::IN,
+        )];
         match rustix::event::poll(&mut pfd, ts.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
