@@ -1,1 +1,408 @@
+//! bootlace-vm: boots kernels and images under QEMU, for people (the `bootlace-vm` CLI) and for
+//! the end-to-end tests (this library).
+//!
+//! The QEMU command line is built by small pure functions ([`kernel_cmdline`], [`qemu_args`]);
+//! [`run`] starts QEMU in a guard that kills it on every early return, copies the serial
+//! console to a log (and, if asked, to stderr as it arrives), enforces a hard timeout, and
+//! reads the guest's reported exit status from the console.
+//!
+//! TCG is the default accelerator: on this project's machines `/dev/kvm` is a nested flavour
+//! on which stock kernels hang, so KVM is used only when asked for.
+//!
+//! Modules:
+//! - [`kernel`]: finding an installed kernel and its release.
 
+#![deny(unsafe_code)]
+
+pub mod kernel;
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    /// Software emulation (default; works everywhere).
+    #[default]
+    Tcg,
+    /// Hardware virtualisation through `/dev/kvm` (only on request).
+    Kvm,
+}
+
+/// What to boot and how.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// QEMU binary.
+    pub qemu: PathBuf,
+    /// Kernel image (`/boot/vmlinuz-…`).
+    pub kernel: PathBuf,
+    /// Initramfs, if any.
+    pub initrd: Option<PathBuf>,
+    /// Kernel parameters on top of the console/panic defaults.
+    pub append: Vec<String>,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Guest CPUs.
+    pub cpus: u32,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Hard limit on the whole run; QEMU is killed when it passes.
+    pub timeout: Duration,
+    /// Where to keep the console log.
+    pub console_log: Option<PathBuf>,
+    /// Copy the console to stderr as it arrives.
+    pub echo: bool,
+    /// Pass `quiet` to the kernel (only warnings and worse from the kernel on the console).
+    pub quiet_kernel: bool,
+    /// More QEMU arguments, appended as they are.
+    pub extra_args: Vec<String>,
+}
+
+impl VmSpec {
+    /// A spec with the defaults: TCG, 256 MiB, 1 CPU, 120 s, quiet kernel, no echo.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmSpec {
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            kernel: kernel.into(),
+            initrd: None,
+            append: Vec::new(),
+            memory_mib: 256,
+            cpus: 1,
+            accel: Accel::Tcg,
+            timeout: Duration::from_secs(120),
+            console_log: None,
+            echo: false,
+            quiet_kernel: true,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// The kernel command line: serial console, reboot at once on panic (QEMU then exits because
+/// of `-no-reboot`), optionally `quiet`, then the caller's parameters.
+pub fn kernel_cmdline(spec: &VmSpec) -> String {
+    let mut words = vec!["console=ttyS0".to_owned(), "panic=-1".to_owned()];
+    if spec.quiet_kernel {
+        words.push("quiet".to_owned());
+    }
+    words.extend(spec.append.iter().cloned());
+    words.join(" ")
+}
+
+/// The QEMU arguments (without the program name).
+pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    match spec.accel {
+        Accel::Tcg => push(&["-machine", "q35", "-accel", "tcg"]),
+        Accel::Kvm => push(&["-machine", "q35", "-accel", "kvm", "-cpu", "host"]),
+    }
+    let mem = spec.memory_mib.to_string();
+    let cpus = spec.cpus.to_string();
+    push(&["-m", &mem, "-smp", &cpus]);
+    push(&["-serial", "stdio", "-monitor", "none"]);
+    let kernel = spec.kernel.to_string_lossy().into_owned();
+    push(&["-kernel", &kernel]);
+    if let Some(initrd) = &spec.initrd {
+        let initrd = initrd.to_string_lossy().into_owned();
+        push(&["-initrd", &initrd]);
+    }
+    let cmdline = kernel_cmdline(spec);
+    push(&["-append", &cmdline]);
+    a.extend(spec.extra_args.iter().cloned());
+    a
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The guest powered itself off.
+    PoweredOff,
+    /// The guest kernel panicked (for example because PID 1 exited).
+    KernelPanic,
+    /// The guest rebooted or reset (QEMU stops instead, `-no-reboot`).
+    Reset,
+    /// The hard timeout passed; QEMU was killed.
+    TimedOut,
+    /// QEMU itself failed, with its stderr.
+    QemuFailed(String),
+}
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// How it ended.
+    pub end: End,
+    /// The exit status the guest's init reported on the console, if any.
+    pub exit_status: Option<u8>,
+    /// The whole console output.
+    pub console: String,
+    /// Wall time from QEMU start to its end.
+    pub wall: Duration,
+}
+
+impl Outcome {
+    /// The exit code the CLI returns: the guest's status on a clean power-off (0 when it
+    /// reported none), 123 for a kernel panic or reset, 124 for a timeout, 125 when QEMU failed.
+    pub fn exit_code(&self) -> u8 {
+        match &self.end {
+            End::PoweredOff => self.exit_status.unwrap_or(0),
+            End::KernelPanic | End::Reset => 123,
+            End::TimedOut => 124,
+            End::QemuFailed(_) => 125,
+        }
+    }
+
+    /// A one-line account of the run.
+    pub fn summary(&self) -> String {
+        let secs = self.wall.as_secs_f64();
+        let status = self
+            .exit_status
+            .map_or_else(|| "no status line".to_owned(), |s| format!("EXIT_STATUS={s}"));
+        match &self.end {
+            End::PoweredOff => format!("guest powered off after {secs:.1} s ({status})"),
+            End::KernelPanic => format!("guest kernel panicked after {secs:.1} s ({status})"),
+            End::Reset => format!("guest reset after {secs:.1} s ({status})"),
+            End::TimedOut => format!("timed out after {secs:.1} s; QEMU killed ({status})"),
+            End::QemuFailed(e) => format!("QEMU failed after {secs:.1} s: {e}"),
+        }
+    }
+
+    /// The console lines holding `needle`.
+    pub fn lines_with<'a>(&'a self, needle: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.console
+            .lines()
+            .filter(move |l| l.contains(needle))
+            .map(|l| l.trim_end_matches('\r'))
+    }
+}
+
+/// Why a run could not happen at all.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A file the spec names does not exist.
+    #[error("{what} {} not found", path.display())]
+    Missing {
+        /// What it is (kernel, initrd).
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
+    /// QEMU could not be started.
+    #[error("cannot start {}", qemu.display())]
+    Spawn {
+        /// The binary.
+        qemu: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The console log could not be written.
+    #[error("console log {}", path.display())]
+    Log {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Waiting for QEMU failed.
+    #[error("waiting for QEMU")]
+    Wait(#[source] io::Error),
+}
+
+/// A QEMU child that is killed and reaped when dropped, whatever the return path.
+#[derive(Debug)]
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn pump<R: Read + Send + 'static>(
+    src: R,
+    sink: Arc<Mutex<Vec<u8>>>,
+    mut log: Option<std::fs::File>,
+    echo: bool,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(src);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if let Some(f) = log.as_mut() {
+                        let _ = f.write_all(&line);
+                    }
+                    if echo {
+                        let _ = io::stderr().write_all(&line);
+                    }
+                    if let Ok(mut s) = sink.lock() {
+                        s.extend_from_slice(&line);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Boots the spec and waits for the guest to end (or the timeout).
+pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
+    if !spec.kernel.exists() {
+        return Err(VmError::Missing {
+            what: "kernel",
+            path: spec.kernel.clone(),
+        });
+    }
+    if let Some(initrd) = spec.initrd.as_ref().filter(|p| !p.exists()) {
+        return Err(VmError::Missing {
+            what: "initrd",
+            path: initrd.clone(),
+        });
+    }
+    let log = match &spec.console_log {
+        Some(path) => Some(std::fs::File::create(path).map_err(|source| VmError::Log {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let started = Instant::now();
+    let child = Command::new(&spec.qemu)
+        .args(qemu_args(spec))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| VmError::Spawn {
+            qemu: spec.qemu.clone(),
+            source,
+        })?;
+    let mut guard = Guard(child);
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let stderr_buf = Arc::new(Mutex::new(Vec::new()));
+    let mut pumps = Vec::new();
+    if let Some(out) = guard.0.stdout.take() {
+        pumps.push(pump(out, console.clone(), log, spec.echo));
+    }
+    if let Some(err) = guard.0.stderr.take() {
+        pumps.push(pump(err, stderr_buf.clone(), None, spec.echo));
+    }
+
+    let deadline = started + spec.timeout;
+    let status = loop {
+        match guard.0.try_wait().map_err(VmError::Wait)? {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => break None,
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    drop(guard);
+    for p in pumps {
+        let _ = p.join();
+    }
+    let wall = started.elapsed();
+    let text = |buf: &Arc<Mutex<Vec<u8>>>| {
+        buf.lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    let console = text(&console);
+    let exit_status = bootlace_init::report::parse_exit_status(&console);
+    let end = match status {
+        None => End::TimedOut,
+        Some(s) if !s.success() => End::QemuFailed(format!(
+            "{s}: {}",
+            text(&stderr_buf).trim()
+        )),
+        Some(_) if console.contains("Kernel panic - not syncing") => End::KernelPanic,
+        Some(_) if console.contains("reboot: Power down") => End::PoweredOff,
+        Some(_) => End::Reset,
+    };
+    Ok(Outcome {
+        end,
+        exit_status,
+        console,
+        wall,
+    })
+}
+
+/// Where a test or a person keeps per-run files: `dir/name.console.log`.
+pub fn console_log_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.console.log"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_a_tcg_command_line() {
+        let mut spec = VmSpec::new("/boot/vmlinuz-x");
+        spec.initrd = Some(PathBuf::from("/tmp/i.img"));
+        spec.append = vec!["bootlace.log=debug".into()];
+        let args = qemu_args(&spec);
+        let joined = args.join(" ");
+        for want in [
+            "-no-reboot",
+            "-accel tcg",
+            "-m 256",
+            "-serial stdio",
+            "-kernel /boot/vmlinuz-x",
+            "-initrd /tmp/i.img",
+        ] {
+            assert!(joined.contains(want), "{joined} lacks {want}");
+        }
+        assert!(!joined.contains("kvm"));
+        let append_at = args.iter().position(|a| a == "-append").expect("append");
+        assert_eq!(
+            args[append_at + 1],
+            "console=ttyS0 panic=-1 quiet bootlace.log=debug"
+        );
+    }
+
+    #[test]
+    fn kvm_only_on_request() {
+        let mut spec = VmSpec::new("/k");
+        spec.accel = Accel::Kvm;
+        spec.quiet_kernel = false;
+        let joined = qemu_args(&spec).join(" ");
+        assert!(joined.contains("-accel kvm -cpu host"));
+        assert!(!joined.contains("quiet"));
+        assert!(!joined.contains("-initrd"));
+    }
+
+    #[test]
+    fn exit_codes() {
+        let o = |end, exit_status| Outcome {
+            end,
+            exit_status,
+            console: String::new(),
+            wall: Duration::ZERO,
+        };
+        assert_eq!(o(End::PoweredOff, Some(7)).exit_code(), 7);
+        assert_eq!(o(End::PoweredOff, None).exit_code(), 0);
+        assert_eq!(o(End::KernelPanic, Some(0)).exit_code(), 123);
+        assert_eq!(o(End::TimedOut, None).exit_code(), 124);
+        assert_eq!(o(End::QemuFailed("x".into()), None).exit_code(), 125);
+    }
+
+    #[test]
+    fn missing_kernel_is_a_clear_error() {
+        let spec = VmSpec::new("/nonexistent/vmlinuz");
+        let err = run(&spec).expect_err("missing kernel");
+        assert_eq!(err.to_string(), "kernel /nonexistent/vmlinuz not found");
+    }
+}

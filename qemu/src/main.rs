@@ -1,1 +1,102 @@
-fn main() {}
+//! `bootlace-vm`: boot a kernel and initramfs under QEMU and report how the guest ended.
+//! The exit code is the guest's reported status (see `Outcome::exit_code`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use bootlace_vm::{kernel, Accel, VmSpec};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "bootlace-vm", version, about = "Boot bootlace images under QEMU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot a kernel + initramfs; the exit code is the guest's reported EXIT_STATUS
+    /// (123 kernel panic or reset, 124 timeout, 125 QEMU failure).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Kernel image (default: $BOOTLACE_KERNEL, else the newest /boot/vmlinuz-*).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs to boot.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel parameter to add (repeatable), e.g. --append bootlace.log=debug.
+    #[arg(long)]
+    append: Vec<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Use KVM instead of TCG (stock kernels hang on nested /dev/kvm here; time-boxed anyway).
+    #[arg(long)]
+    kvm: bool,
+    /// Hard timeout in seconds; QEMU is killed when it passes.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Keep the console output in this file.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Do not copy the console to stderr as it arrives.
+    #[arg(long)]
+    no_echo: bool,
+    /// Show all kernel messages (no `quiet`).
+    #[arg(long)]
+    verbose_kernel: bool,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Extra QEMU arguments, after `--`.
+    #[arg(last = true)]
+    qemu_args: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let Cli { command } = Cli::parse();
+    match command {
+        Cmd::Run(a) => match run(a) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("bootlace-vm: error: {e:#}");
+                ExitCode::from(125)
+            }
+        },
+    }
+}
+
+fn run(a: RunArgs) -> anyhow::Result<u8> {
+    let kernel = match a.kernel {
+        Some(k) => k,
+        None => kernel::find().context("finding a kernel")?.image,
+    };
+    let mut spec = VmSpec::new(kernel);
+    spec.qemu = a.qemu;
+    spec.initrd = a.initrd;
+    spec.append = a.append;
+    spec.memory_mib = a.memory;
+    spec.cpus = a.cpus;
+    spec.accel = if a.kvm { Accel::Kvm } else { Accel::Tcg };
+    spec.timeout = Duration::from_secs(a.timeout);
+    spec.console_log = a.console_log;
+    spec.echo = !a.no_echo;
+    spec.quiet_kernel = !a.verbose_kernel;
+    spec.extra_args = a.qemu_args;
+    let outcome = bootlace_vm::run(&spec)?;
+    for line in outcome.lines_with("bootlace: timeline:") {
+        eprintln!("bootlace-vm: guest {}", line.split("bootlace: ").nth(1).unwrap_or(line));
+    }
+    eprintln!("bootlace-vm: {}", outcome.summary());
+    Ok(outcome.exit_code())
+}

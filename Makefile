@@ -1,0 +1,33 @@
+# bootlace — two commands on a fresh machine: `make demo` and `make test`.
+# Every target installs what it needs first (qemu/setup.sh, idempotent).
+
+CARGO ?= cargo
+
+.PHONY: all setup guest build demo lint test test-unit test-vm clean
+
+all: build
+
+setup:
+	@bash qemu/setup.sh
+
+# Static guest binaries (bootlace-init, the test probe) -> target/bootlace/
+guest: setup
+	@bash scripts/build-guest.sh
+
+build: guest
+	$(CARGO) build --release --locked -p bootlace-image -p bootlace-vm -p bootlace-agent
+
+demo: build
+	@bash scripts/demo.sh
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+# All tiers: pure unit tests, builder tests, and VM tests that boot real QEMU guests.
+test: guest lint
+	$(CARGO) test --locked --workspace
+	$(CARGO) test --locked -p bootlace-tests --test static_init -- --nocapture guest_binaries_are_static
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,176 @@
+//! The initramfs builder against a small rootfs and a fake module tree: content, dependency
+//! closure, reproducibility, compatibility with cpio(1), and no output on bad input.
+
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use bootlace_image::cpio::{self, Kind};
+use bootlace_image::initramfs::{build, Compression, Modules, Spec};
+use bootlace_init::config::{InitConfig, ModuleName};
+
+fn write(path: &Path, data: &[u8], mode: u32) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, data).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("rootfs");
+        write(&root.join("usr/bin/busybox"), b"#!fake busybox", 0o755);
+        write(&root.join("usr/bin/setuid-tool"), b"x", 0o4755);
+        write(&root.join("etc/hostname"), b"fixture\n", 0o644);
+        std::fs::create_dir_all(root.join("usr/sbin")).expect("mkdir");
+        std::fs::create_dir_all(root.join("usr/lib")).expect("mkdir");
+        symlink("usr/bin", root.join("bin")).expect("symlink");
+        symlink("usr/sbin", root.join("sbin")).expect("symlink");
+        symlink("usr/lib", root.join("lib")).expect("symlink");
+        symlink("busybox", root.join("usr/bin/sh")).expect("symlink");
+        write(&root.join("init"), b"#!/bin/sh\n", 0o755);
+        write(&dir.path().join("bootlace-init"), b"\x7fELF fake init", 0o755);
+        let m = dir.path().join("modules/9.9.9-test");
+        write(
+            &m.join("modules.dep"),
+            b"kernel/a/leaf.ko:\nkernel/a/mid.ko: kernel/a/leaf.ko\nkernel/a/top.ko: kernel/a/mid.ko kernel/a/leaf.ko\nkernel/a/other.ko:\n",
+            0o644,
+        );
+        write(&m.join("modules.builtin"), b"kernel/fs/ext4/ext4.ko\n", 0o644);
+        for name in ["leaf", "mid", "top", "other"] {
+            write(&m.join(format!("kernel/a/{name}.ko")), name.as_bytes(), 0o644);
+        }
+        Fixture { dir }
+    }
+
+    fn spec(&self) -> Spec {
+        let mut config = InitConfig::default();
+        config.modules = vec![ModuleName::try_from("top".to_owned()).expect("name")];
+        Spec {
+            rootfs: Some(self.dir.path().join("rootfs")),
+            init: self.dir.path().join("bootlace-init"),
+            config,
+            modules: Some(Modules {
+                root: self.dir.path().join("modules"),
+                release: "9.9.9-test".to_owned(),
+                extra: vec![ModuleName::try_from("ext4".to_owned()).expect("name")],
+            }),
+            keep_owners: false,
+            mtime: 1_700_000_000,
+            compression: Compression::None,
+        }
+    }
+}
+
+#[test]
+fn archive_holds_the_rootfs_init_config_and_module_closure() {
+    let f = Fixture::new();
+    let out = f.dir.path().join("out.cpio");
+    let summary = build(&f.spec(), &out).expect("build");
+    assert_eq!(summary.modules, ["leaf", "mid", "top"]);
+    let entries = cpio::read_all(&std::fs::read(&out).expect("read")).expect("parse");
+    let get = |name: &str| {
+        entries
+            .iter()
+            .find(|e| e.header.name == name)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", entries.iter().map(|e| &e.header.name).collect::<Vec<_>>()))
+    };
+    // The init lands where /sbin points (merged /usr), /init links to it.
+    assert_eq!(get("usr/sbin/bootlace-init").data, b"\x7fELF fake init");
+    assert_eq!(get("usr/sbin/bootlace-init").header.perm, 0o755);
+    assert_eq!(get("init").header.kind, Kind::Symlink { target: "/sbin/bootlace-init".into() });
+    assert_eq!(get("sbin").header.kind, Kind::Symlink { target: "usr/sbin".into() });
+    assert_eq!(get("dev/console").header.kind, Kind::CharDev { major: 5, minor: 1 });
+    assert_eq!(get("usr/bin/setuid-tool").header.perm, 0o4755);
+    let config = String::from_utf8(get("etc/bootlace/init.toml").data.clone()).expect("utf8");
+    let parsed = InitConfig::from_toml(&config, Path::new("init.toml")).expect("baked config is valid");
+    assert_eq!(parsed, f.spec().config);
+    assert_eq!(
+        String::from_utf8(get("usr/lib/modules/9.9.9-test/modules.dep").data.clone()).expect("utf8"),
+        "kernel/a/leaf.ko:\nkernel/a/mid.ko: kernel/a/leaf.ko\nkernel/a/top.ko: kernel/a/mid.ko kernel/a/leaf.ko\n"
+    );
+    assert_eq!(get("usr/lib/modules/9.9.9-test/kernel/a/top.ko").data, b"top");
+    assert!(entries.iter().all(|e| !e.header.name.ends_with("other.ko")));
+    assert!(entries.iter().all(|e| e.header.uid == 0 && e.header.gid == 0));
+    assert!(entries.iter().all(|e| e.header.mtime == 1_700_000_000));
+    // Parents come before children.
+    let names: Vec<&str> = entries.iter().map(|e| e.header.name.as_str()).collect();
+    for (i, n) in names.iter().enumerate() {
+        if let Some((parent, _)) = n.rsplit_once('/') {
+            let p = names.iter().position(|x| *x == parent).expect("parent present");
+            assert!(p < i, "{parent} after {n}");
+        }
+    }
+}
+
+#[test]
+fn same_inputs_give_identical_bytes_and_cpio_reads_them() {
+    let f = Fixture::new();
+    for compression in [Compression::None, Compression::Gzip] {
+        let mut spec = f.spec();
+        spec.compression = compression;
+        let a = f.dir.path().join("a.img");
+        let b = f.dir.path().join("b.img");
+        build(&spec, &a).expect("build a");
+        // Touch the sources: mtimes must not leak into the output.
+        let busybox = f.dir.path().join("rootfs/usr/bin/busybox");
+        std::fs::write(&busybox, b"#!fake busybox").expect("rewrite");
+        build(&spec, &b).expect("build b");
+        assert_eq!(std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"), "{compression:?}");
+    }
+    let plain = f.dir.path().join("a.img");
+    let mut spec = f.spec();
+    spec.compression = Compression::None;
+    build(&spec, &plain).expect("build");
+    let out = Command::new("cpio")
+        .args(["-t", "--quiet", "-F"])
+        .arg(&plain)
+        .output()
+        .expect("cpio(1) installed by make setup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for want in ["usr/sbin/bootlace-init", "etc/bootlace/init.toml", "dev/console", "init"] {
+        assert!(listed.lines().any(|l| l == want), "cpio -t lacks {want}:\n{listed}");
+    }
+}
+
+#[test]
+fn bad_input_leaves_no_output() {
+    let f = Fixture::new();
+    let out = f.dir.path().join("out.img");
+    let cases: Vec<(Spec, &str)> = vec![
+        (
+            Spec { init: f.dir.path().join("missing-init"), ..f.spec() },
+            "init binary",
+        ),
+        (
+            Spec { rootfs: Some(f.dir.path().join("no-rootfs")), ..f.spec() },
+            "no-rootfs",
+        ),
+        (
+            {
+                let mut s = f.spec();
+                s.config.modules.push(ModuleName::try_from("absent".to_owned()).expect("name"));
+                s
+            },
+            "\"absent\" not found",
+        ),
+        (Spec { modules: None, ..f.spec() }, "no kernel release"),
+    ];
+    for (spec, want) in cases {
+        let err = build(&spec, &out).expect_err(want);
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert!(chain.contains(want), "{chain:?} lacks {want:?}");
+        assert!(!out.exists(), "partial output left for {want}");
+        let leftovers: Vec<_> = std::fs::read_dir(f.dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".bootlace-image."))
+            .collect();
+        assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    }
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what bootlace's build, demo and tests need and is missing: Debian packages (QEMU, a
+# Debian kernel with its modules, busybox-static, cpio) and the Rust musl target. Idempotent:
+# when everything is present it only checks, in well under a second.
+set -euo pipefail
+
+log() { echo "setup: $*" >&2; }
+
+pkg_installed() {
+  dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
+}
+
+missing=()
+for pkg in qemu-system-x86 linux-image-amd64 busybox-static cpio; do
+  pkg_installed "$pkg" || missing+=("$pkg")
+done
+
+if ((${#missing[@]})); then
+  log "installing ${missing[*]}"
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { log "need root (or sudo) to install ${missing[*]}"; exit 1; }
+    sudo="sudo"
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+# The kernel image must be readable by whoever runs QEMU.
+for k in /boot/vmlinuz-*; do
+  [ -r "$k" ] || log "warning: $k is not readable by $(id -un)"
+done
+
+if command -v rustup >/dev/null; then
+  if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+    log "adding the x86_64-unknown-linux-musl target"
+    rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 \
+      || log "musl target unavailable: the init is built for glibc with crt-static instead"
+  fi
+fi
