@@ -24,7 +24,7 @@ APP
 cat > "$out/rootfs/etc/inittab" <<'TAB'
 ::sysinit:/bin/echo "-- busybox init is PID 1 now: bootlace-init exec'd it"
 ::sysinit:/bin/sh -c 'echo "-- PID 1 is $(cat /proc/1/comm); its fds:" $(ls /proc/1/fd)'
-::sysinit:/bin/poweroff
+::sysinit:/sbin/poweroff
 TAB
 
 say "baking $out/supervise.img: bootlace-init supervising /demo/app.sh, with virtio_blk and 9pnet_virtio"

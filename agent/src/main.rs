@@ -11,7 +11,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "bootlace-agent", version, about = "Host side of the bootlace guest conversation")]
+#[command(
+    name = "bootlace-agent",
+    version,
+    about = "Host side of the bootlace guest conversation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -46,7 +50,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 None => {
-                    eprintln!("bootlace-agent: {} has no power-off status line", log.display());
+                    eprintln!(
+                        "bootlace-agent: {} has no power-off status line",
+                        log.display()
+                    );
                     Ok(ExitCode::FAILURE)
                 }
             }

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Build an initramfs (newc cpio) from a rootfs directory, the init and kernel modules.
-    Initramfs(InitramfsArgs),
+    Initramfs(Box<InitramfsArgs>),
     /// List the entries of an initramfs (newc, plain or gzip).
     List {
         /// The archive.
@@ -95,7 +95,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Initramfs(a) => initramfs_cmd(a),
+        Cmd::Initramfs(a) => initramfs_cmd(*a),
         Cmd::List { file } => list(&file),
     }
 }

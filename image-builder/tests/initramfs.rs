@@ -33,23 +33,37 @@ impl Fixture {
         symlink("usr/lib", root.join("lib")).expect("symlink");
         symlink("busybox", root.join("usr/bin/sh")).expect("symlink");
         write(&root.join("init"), b"#!/bin/sh\n", 0o755);
-        write(&dir.path().join("bootlace-init"), b"\x7fELF fake init", 0o755);
+        write(
+            &dir.path().join("bootlace-init"),
+            b"\x7fELF fake init",
+            0o755,
+        );
         let m = dir.path().join("modules/9.9.9-test");
         write(
             &m.join("modules.dep"),
             b"kernel/a/leaf.ko:\nkernel/a/mid.ko: kernel/a/leaf.ko\nkernel/a/top.ko: kernel/a/mid.ko kernel/a/leaf.ko\nkernel/a/other.ko:\n",
             0o644,
         );
-        write(&m.join("modules.builtin"), b"kernel/fs/ext4/ext4.ko\n", 0o644);
+        write(
+            &m.join("modules.builtin"),
+            b"kernel/fs/ext4/ext4.ko\n",
+            0o644,
+        );
         for name in ["leaf", "mid", "top", "other"] {
-            write(&m.join(format!("kernel/a/{name}.ko")), name.as_bytes(), 0o644);
+            write(
+                &m.join(format!("kernel/a/{name}.ko")),
+                name.as_bytes(),
+                0o644,
+            );
         }
         Fixture { dir }
     }
 
     fn spec(&self) -> Spec {
-        let mut config = InitConfig::default();
-        config.modules = vec![ModuleName::try_from("top".to_owned()).expect("name")];
+        let config = InitConfig {
+            modules: vec![ModuleName::try_from("top".to_owned()).expect("name")],
+            ..InitConfig::default()
+        };
         Spec {
             rootfs: Some(self.dir.path().join("rootfs")),
             init: self.dir.path().join("bootlace-init"),
@@ -77,31 +91,58 @@ fn archive_holds_the_rootfs_init_config_and_module_closure() {
         entries
             .iter()
             .find(|e| e.header.name == name)
-            .unwrap_or_else(|| panic!("no {name} in {:?}", entries.iter().map(|e| &e.header.name).collect::<Vec<_>>()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {name} in {:?}",
+                    entries.iter().map(|e| &e.header.name).collect::<Vec<_>>()
+                )
+            })
     };
     // The init lands where /sbin points (merged /usr), /init links to it.
     assert_eq!(get("usr/sbin/bootlace-init").data, b"\x7fELF fake init");
     assert_eq!(get("usr/sbin/bootlace-init").header.perm, 0o755);
-    assert_eq!(get("init").header.kind, Kind::Symlink { target: "/sbin/bootlace-init".into() });
-    assert_eq!(get("sbin").header.kind, Kind::Symlink { target: "usr/sbin".into() });
-    assert_eq!(get("dev/console").header.kind, Kind::CharDev { major: 5, minor: 1 });
+    assert_eq!(
+        get("init").header.kind,
+        Kind::Symlink {
+            target: "/sbin/bootlace-init".into()
+        }
+    );
+    assert_eq!(
+        get("sbin").header.kind,
+        Kind::Symlink {
+            target: "usr/sbin".into()
+        }
+    );
+    assert_eq!(
+        get("dev/console").header.kind,
+        Kind::CharDev { major: 5, minor: 1 }
+    );
     assert_eq!(get("usr/bin/setuid-tool").header.perm, 0o4755);
     let config = String::from_utf8(get("etc/bootlace/init.toml").data.clone()).expect("utf8");
-    let parsed = InitConfig::from_toml(&config, Path::new("init.toml")).expect("baked config is valid");
+    let parsed =
+        InitConfig::from_toml(&config, Path::new("init.toml")).expect("baked config is valid");
     assert_eq!(parsed, f.spec().config);
     assert_eq!(
         String::from_utf8(get("usr/lib/modules/9.9.9-test/modules.dep").data.clone()).expect("utf8"),
         "kernel/a/leaf.ko:\nkernel/a/mid.ko: kernel/a/leaf.ko\nkernel/a/top.ko: kernel/a/mid.ko kernel/a/leaf.ko\n"
     );
-    assert_eq!(get("usr/lib/modules/9.9.9-test/kernel/a/top.ko").data, b"top");
+    assert_eq!(
+        get("usr/lib/modules/9.9.9-test/kernel/a/top.ko").data,
+        b"top"
+    );
     assert!(entries.iter().all(|e| !e.header.name.ends_with("other.ko")));
-    assert!(entries.iter().all(|e| e.header.uid == 0 && e.header.gid == 0));
+    assert!(entries
+        .iter()
+        .all(|e| e.header.uid == 0 && e.header.gid == 0));
     assert!(entries.iter().all(|e| e.header.mtime == 1_700_000_000));
     // Parents come before children.
     let names: Vec<&str> = entries.iter().map(|e| e.header.name.as_str()).collect();
     for (i, n) in names.iter().enumerate() {
         if let Some((parent, _)) = n.rsplit_once('/') {
-            let p = names.iter().position(|x| *x == parent).expect("parent present");
+            let p = names
+                .iter()
+                .position(|x| *x == parent)
+                .expect("parent present");
             assert!(p < i, "{parent} after {n}");
         }
     }
@@ -120,7 +161,11 @@ fn same_inputs_give_identical_bytes_and_cpio_reads_them() {
         let busybox = f.dir.path().join("rootfs/usr/bin/busybox");
         std::fs::write(&busybox, b"#!fake busybox").expect("rewrite");
         build(&spec, &b).expect("build b");
-        assert_eq!(std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"), "{compression:?}");
+        assert_eq!(
+            std::fs::read(&a).expect("a"),
+            std::fs::read(&b).expect("b"),
+            "{compression:?}"
+        );
     }
     let plain = f.dir.path().join("a.img");
     let mut spec = f.spec();
@@ -131,10 +176,22 @@ fn same_inputs_give_identical_bytes_and_cpio_reads_them() {
         .arg(&plain)
         .output()
         .expect("cpio(1) installed by make setup");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listed = String::from_utf8_lossy(&out.stdout);
-    for want in ["usr/sbin/bootlace-init", "etc/bootlace/init.toml", "dev/console", "init"] {
-        assert!(listed.lines().any(|l| l == want), "cpio -t lacks {want}:\n{listed}");
+    for want in [
+        "usr/sbin/bootlace-init",
+        "etc/bootlace/init.toml",
+        "dev/console",
+        "init",
+    ] {
+        assert!(
+            listed.lines().any(|l| l == want),
+            "cpio -t lacks {want}:\n{listed}"
+        );
     }
 }
 
@@ -144,22 +201,36 @@ fn bad_input_leaves_no_output() {
     let out = f.dir.path().join("out.img");
     let cases: Vec<(Spec, &str)> = vec![
         (
-            Spec { init: f.dir.path().join("missing-init"), ..f.spec() },
+            Spec {
+                init: f.dir.path().join("missing-init"),
+                ..f.spec()
+            },
             "init binary",
         ),
         (
-            Spec { rootfs: Some(f.dir.path().join("no-rootfs")), ..f.spec() },
+            Spec {
+                rootfs: Some(f.dir.path().join("no-rootfs")),
+                ..f.spec()
+            },
             "no-rootfs",
         ),
         (
             {
                 let mut s = f.spec();
-                s.config.modules.push(ModuleName::try_from("absent".to_owned()).expect("name"));
+                s.config
+                    .modules
+                    .push(ModuleName::try_from("absent".to_owned()).expect("name"));
                 s
             },
             "\"absent\" not found",
         ),
-        (Spec { modules: None, ..f.spec() }, "no kernel release"),
+        (
+            Spec {
+                modules: None,
+                ..f.spec()
+            },
+            "no kernel release",
+        ),
     ];
     for (spec, want) in cases {
         let err = build(&spec, &out).expect_err(want);
@@ -169,7 +240,11 @@ fn bad_input_leaves_no_output() {
         let leftovers: Vec<_> = std::fs::read_dir(f.dir.path())
             .expect("list")
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".bootlace-image."))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".bootlace-image.")
+            })
             .collect();
         assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
     }

@@ -62,8 +62,8 @@ pub fn spawn_error_status(e: &io::Error) -> u8 {
     }
 }
 
-/// A std `Command` for the hand-off: the given argv and environment only, cwd `/`.
-/// std gives the child an empty signal mask and default SIGPIPE handling.
+/// A std `Command` for the hand-off: the given argv and environment only, cwd `/`, an empty
+/// signal mask and default signal dispositions.
 pub fn command(
     cmd: &Command,
     extra_args: &[String],
@@ -78,6 +78,7 @@ pub fn command(
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir("/");
+    sys::reset_signals_on_exec(&mut c);
     c
 }
 

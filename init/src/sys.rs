@@ -257,6 +257,33 @@ impl AsFd for Signals {
     }
 }
 
+/// Makes a `Command` start its program with an empty signal mask and every signal at its
+/// default disposition, whatever PID 1 blocked or ignored (std itself does not reset the
+/// mask of a spawned child, and its runtime ignores SIGPIPE).
+pub fn reset_signals_on_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe functions may be called: it makes only sigprocmask(2) and
+    // sigaction(2) system calls (through nix, which allocates nothing for these) and
+    // touches no lock or heap memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+            let default = nix::sys::signal::SigAction::new(
+                nix::sys::signal::SigHandler::SigDfl,
+                nix::sys::signal::SaFlags::empty(),
+                SigSet::empty(),
+            );
+            for sig in Signal::iterator() {
+                if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+                    let _ = nix::sys::signal::sigaction(sig, &default);
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Sends `sig` to one process.
 pub fn kill(pid: u32, sig: Signal) -> io::Result<()> {
     let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;

@@ -33,8 +33,7 @@ fn version_key(release: &str) -> Vec<(u64, String)> {
     let mut chars = release.chars().peekable();
     while chars.peek().is_some() {
         let digits: String = std::iter::from_fn(|| chars.next_if(char::is_ascii_digit)).collect();
-        let text: String =
-            std::iter::from_fn(|| chars.next_if(|c| !c.is_ascii_digit())).collect();
+        let text: String = std::iter::from_fn(|| chars.next_if(|c| !c.is_ascii_digit())).collect();
         key.push((digits.parse().unwrap_or(0), text));
     }
     key

@@ -97,7 +97,13 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
 pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
     match spec.accel {
         Accel::Tcg => push(&["-machine", "q35", "-accel", "tcg"]),
         Accel::Kvm => push(&["-machine", "q35", "-accel", "kvm", "-cpu", "host"]),
@@ -161,9 +167,10 @@ impl Outcome {
     /// A one-line account of the run.
     pub fn summary(&self) -> String {
         let secs = self.wall.as_secs_f64();
-        let status = self
-            .exit_status
-            .map_or_else(|| "no status line".to_owned(), |s| format!("EXIT_STATUS={s}"));
+        let status = self.exit_status.map_or_else(
+            || "no status line".to_owned(),
+            |s| format!("EXIT_STATUS={s}"),
+        );
         match &self.end {
             End::PoweredOff => format!("guest powered off after {secs:.1} s ({status})"),
             End::KernelPanic => format!("guest kernel panicked after {secs:.1} s ({status})"),
@@ -323,10 +330,7 @@ pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
     let exit_status = bootlace_init::report::parse_exit_status(&console);
     let end = match status {
         None => End::TimedOut,
-        Some(s) if !s.success() => End::QemuFailed(format!(
-            "{s}: {}",
-            text(&stderr_buf).trim()
-        )),
+        Some(s) if !s.success() => End::QemuFailed(format!("{s}: {}", text(&stderr_buf).trim())),
         Some(_) if console.contains("Kernel panic - not syncing") => End::KernelPanic,
         Some(_) if console.contains("reboot: Power down") => End::PoweredOff,
         Some(_) => End::Reset,

@@ -10,7 +10,11 @@ use bootlace_vm::{kernel, Accel, VmSpec};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "bootlace-vm", version, about = "Boot bootlace images under QEMU")]
+#[command(
+    name = "bootlace-vm",
+    version,
+    about = "Boot bootlace images under QEMU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -95,7 +99,10 @@ fn run(a: RunArgs) -> anyhow::Result<u8> {
     spec.extra_args = a.qemu_args;
     let outcome = bootlace_vm::run(&spec)?;
     for line in outcome.lines_with("bootlace: timeline:") {
-        eprintln!("bootlace-vm: guest {}", line.split("bootlace: ").nth(1).unwrap_or(line));
+        eprintln!(
+            "bootlace-vm: guest {}",
+            line.split("bootlace: ").nth(1).unwrap_or(line)
+        );
     }
     eprintln!("bootlace-vm: {}", outcome.summary());
     Ok(outcome.exit_code())

@@ -107,8 +107,9 @@ pub fn tail(outcome: &Outcome, lines: usize) -> String {
 /// The value of a `PROBE key=value` line.
 pub fn probe_value(outcome: &Outcome, key: &str) -> Option<String> {
     let prefix = format!("PROBE {key}=");
-    outcome
-        .console
-        .lines()
-        .find_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix).map(str::to_owned))
+    outcome.console.lines().find_map(|l| {
+        l.trim_end_matches('\r')
+            .strip_prefix(&prefix)
+            .map(str::to_owned)
+    })
 }

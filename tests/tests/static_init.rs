@@ -8,7 +8,10 @@ const PT_DYNAMIC: u32 = 2;
 
 /// The program header types of a 64-bit little-endian ELF file.
 fn program_header_types(elf: &[u8]) -> Vec<u32> {
-    assert!(elf.len() > 64 && elf.starts_with(b"\x7fELF"), "not an ELF file");
+    assert!(
+        elf.len() > 64 && elf.starts_with(b"\x7fELF"),
+        "not an ELF file"
+    );
     assert_eq!(elf[4], 2, "not ELF64");
     assert_eq!(elf[5], 1, "not little-endian");
     let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
@@ -53,8 +56,17 @@ fn guest_binaries_are_static() {
         let path = artifact(name).expect("artifact");
         let elf = std::fs::read(&path).expect("read");
         let types = program_header_types(&elf);
-        assert!(!types.contains(&PT_INTERP), "{} has an ELF interpreter", path.display());
-        assert_eq!(needed_count(&elf), 0, "{} needs shared libraries", path.display());
+        assert!(
+            !types.contains(&PT_INTERP),
+            "{} has an ELF interpreter",
+            path.display()
+        );
+        assert_eq!(
+            needed_count(&elf),
+            0,
+            "{} needs shared libraries",
+            path.display()
+        );
         println!(
             "{name}: static, {} bytes ({:.2} MiB)",
             elf.len(),
@@ -86,7 +98,11 @@ fn init_refuses_to_boot_when_not_pid1_and_checks_configs() {
         .args(["--cmdline", "console=ttyS0 bootlace.handoff=supervise"])
         .output()
         .expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("mode = \"supervise\""), "{text}");
     assert!(text.contains("modules = [\"vsock\"]"), "{text}");

@@ -1,9 +1,7 @@
 //! VM tests of the foundation: real QEMU guests booting the Debian kernel with bootlace-init as
 //! PID 1 from a baked initramfs.
 
-use bootlace_init::config::{
-    Command, EnvName, ExecString, HandoffMode, InitConfig, ModuleName,
-};
+use bootlace_init::config::{Command, EnvName, ExecString, HandoffMode, InitConfig, ModuleName};
 use bootlace_tests::{artifact, bake, boot, busybox_rootfs, probe_value, scratch, tail};
 use bootlace_vm::End;
 
@@ -13,7 +11,11 @@ fn command(words: &[&str]) -> Command {
 
 fn assert_no_kernel_panic(o: &bootlace_vm::Outcome) {
     for bad in ["Attempted to kill init", "Kernel panic"] {
-        assert!(!o.console.contains(bad), "console shows {bad:?}:\n{}", tail(o, 30));
+        assert!(
+            !o.console.contains(bad),
+            "console shows {bad:?}:\n{}",
+            tail(o, 30)
+        );
     }
 }
 
@@ -26,11 +28,15 @@ fn supervise_reports_the_app_exit_status() {
     busybox_rootfs(&rootfs).expect("rootfs");
     let mut config = InitConfig::default();
     config.handoff.mode = HandoffMode::Supervise;
-    // Exit 7 only if virtio_blk (and so its dependencies) is loaded.
+    // Exit 7 only if virtio_blk (and so its dependencies) is loaded and the app started with
+    // an empty signal mask; leave an orphan behind that must go at SIGTERM.
     config.handoff.command = command(&[
         "/bin/sh",
         "-c",
-        "grep -q '^virtio_blk ' /proc/modules && grep -q '^virtio_ring ' /proc/modules && exit 7; cat /proc/modules; exit 1",
+        "(sleep 600 &); grep SigBlk /proc/self/status; \
+         grep -q '^SigBlk:.0000000000000000$' /proc/self/status || exit 2; \
+         grep -q '^virtio_blk ' /proc/modules && grep -q '^virtio_ring ' /proc/modules && exit 7; \
+         cat /proc/modules; exit 1",
     ]);
     config.modules = vec![ModuleName::try_from("virtio-blk".to_owned()).expect("name")];
     let img = dir.path().join("initrd.img");
@@ -43,10 +49,17 @@ fn supervise_reports_the_app_exit_status() {
     assert_no_kernel_panic(&o);
     let loaded: Vec<&str> = o.lines_with("bootlace: loaded").collect();
     assert!(
-        loaded.iter().any(|l| l.ends_with("loaded 3 modules: virtio_ring virtio virtio_blk")),
+        loaded
+            .iter()
+            .any(|l| l.ends_with("loaded 3 modules: virtio_ring virtio virtio_blk")),
         "{loaded:?}"
     );
-    assert!(o.console.contains("STATUS=app /bin/sh exited with status 7"));
+    assert!(o
+        .console
+        .contains("STATUS=app /bin/sh exited with status 7"));
+    // The orphan ended at the SIGTERM that follows the app's exit, not at the SIGKILL after
+    // the grace period.
+    assert_eq!(o.lines_with("grace period").count(), 0, "{}", tail(&o, 30));
 }
 
 /// (b) exec mode hands PID 1 to the real init with an empty signal mask, no ignored signals,
@@ -56,8 +69,11 @@ fn exec_hands_a_clean_pid1_to_the_real_init() {
     let dir = scratch().expect("scratch");
     let rootfs = dir.path().join("rootfs");
     busybox_rootfs(&rootfs).expect("rootfs");
-    std::fs::copy(artifact("bootlace-probe").expect("probe"), rootfs.join("sbin/probe"))
-        .expect("copy probe");
+    std::fs::copy(
+        artifact("bootlace-probe").expect("probe"),
+        rootfs.join("sbin/probe"),
+    )
+    .expect("copy probe");
     let mut config = InitConfig::default();
     config.handoff.command = command(&["/sbin/probe", "first arg"]);
     config.handoff.env.insert(
@@ -70,7 +86,8 @@ fn exec_hands_a_clean_pid1_to_the_real_init() {
     let o = boot("exec_probe", &img, &["bootlace.log=debug"]).expect("boot");
     assert_eq!(o.end, End::PoweredOff, "{}", tail(&o, 30));
     assert_no_kernel_panic(&o);
-    let probe = |k: &str| probe_value(&o, k).unwrap_or_else(|| panic!("no PROBE {k}:\n{}", tail(&o, 30)));
+    let probe =
+        |k: &str| probe_value(&o, k).unwrap_or_else(|| panic!("no PROBE {k}:\n{}", tail(&o, 30)));
     assert_eq!(probe("pid"), "1");
     assert_eq!(probe("argv"), "/sbin/probe|first arg");
     assert_eq!(probe("sigblk"), "0000000000000000");
@@ -80,8 +97,13 @@ fn exec_hands_a_clean_pid1_to_the_real_init() {
         probe("env"),
         "APP_MODE=test run|HOME=/|PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|TERM=linux"
     );
-    assert_eq!(o.exit_status, None, "bootlace must not report a status after exec");
-    assert!(o.console.contains("bootlace: hand-off: exec /sbin/probe first arg"));
+    assert_eq!(
+        o.exit_status, None,
+        "bootlace must not report a status after exec"
+    );
+    assert!(o
+        .console
+        .contains("bootlace: hand-off: exec /sbin/probe first arg"));
 }
 
 /// (c) a bad `bootlace.*` key is a clear console error and a non-zero reported status under

@@ -19,9 +19,12 @@ fn status_field(status: &str, key: &str) -> String {
 }
 
 /// The process entry point, called by the C runtime with the exec'd argv.
+///
+/// # Safety
+/// `argv` must hold `argc` valid NUL-terminated strings, as the C runtime guarantees.
 #[allow(unsafe_code)]
 #[no_mangle]
-pub extern "C" fn main(argc: i32, argv: *const *const std::ffi::c_char) -> i32 {
+pub unsafe extern "C" fn main(argc: i32, argv: *const *const std::ffi::c_char) -> i32 {
     let argc = usize::try_from(argc).unwrap_or(0);
     let args: Vec<String> = (0..argc)
         .map(|i| {
@@ -49,21 +52,39 @@ fn probe(argv: &[String]) {
     say("sigign", &status_field(&status, "SigIgn:"));
     // List fds before opening anything else; the listing's own fd is the highest one.
     let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     fds.sort_unstable();
     fds.pop();
-    say("fds", &fds.iter().map(i32::to_string).collect::<Vec<_>>().join(","));
+    say(
+        "fds",
+        &fds.iter().map(i32::to_string).collect::<Vec<_>>().join(","),
+    );
     let uname = rustix::system::uname();
     say("hostname", &uname.nodename().to_string_lossy());
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let points: Vec<&str> = mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).collect();
+    let points: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .collect();
     say("mounts", &points.join(","));
-    say("bootstrap_dir", if std::path::Path::new("/.bootstrap").exists() { "present" } else { "absent" });
+    say(
+        "bootstrap_dir",
+        if std::path::Path::new("/.bootstrap").exists() {
+            "present"
+        } else {
+            "absent"
+        },
+    );
     let _ = std::io::stdout().write_all(&out);
     let _ = std::io::stdout().flush();
     if std::path::Path::new("/probe.sh").exists() {
-        let status = std::process::Command::new("/bin/sh").arg("/probe.sh").status();
+        let status = std::process::Command::new("/bin/sh")
+            .arg("/probe.sh")
+            .status();
         println!("PROBE script={status:?}");
     }
     println!("PROBE done");
