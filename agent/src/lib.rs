@@ -1,10 +1,11 @@
-//! bootlace-agent: both ends of the host <-> guest conversation.
+//! bootlace-agent: the contracts between a bootlace guest and its host, and the host side.
 //!
-//! This crate will hold the manifest model, the bundle format, the vsock wire protocol and its
-//! guest-side client, and the host configuration manager. Today it carries only the console
-//! contract the host reads when no vsock host is configured: the power-off status line, defined
-//! with the init ([`bootlace_init::report`]) and re-exported here for host tooling.
+//! The library is used by the init (without the `host` feature), by the image builder and by
+//! the harness, so each contract has exactly one implementation:
+//! - [`report`]: the power-off console line and its exit statuses.
+//!
+//! The `bootlace-agent` binary (feature `host`) is the host side.
 
 #![deny(unsafe_code)]
 
-pub use bootlace_init::report::{parse_exit_status, MARKER as STATUS_MARKER};
+pub mod report;

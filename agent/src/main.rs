@@ -44,7 +44,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::ExitStatus { log } => {
             let bytes = std::fs::read(&log).with_context(|| format!("read {}", log.display()))?;
-            match bootlace_agent::parse_exit_status(&String::from_utf8_lossy(&bytes)) {
+            match bootlace_agent::report::parse_exit_status(&String::from_utf8_lossy(&bytes)) {
                 Some(s) => {
                     println!("{s}");
                     Ok(ExitCode::SUCCESS)

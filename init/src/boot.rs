@@ -10,7 +10,8 @@ use crate::config::{self, ConfigError, FailurePolicy, HandoffMode, InitConfig};
 use crate::kmod::{KmodError, ModuleIndex, Resolved};
 use crate::mounts::{self, MountError};
 use crate::supervise::{self, AppEnd};
-use crate::{logger, report, sys};
+use crate::{logger, sys};
+use bootlace_agent::report;
 
 /// The init's version, printed at start.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

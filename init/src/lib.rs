@@ -10,7 +10,6 @@
 //! - [`kmod`]: `modules.dep` / `modules.builtin` resolution;
 //! - [`logger`]: console logging with CLOCK_BOOTTIME stamps;
 //! - [`mounts`]: the early mounts;
-//! - [`report`]: the power-off status line and its exit statuses;
 //! - [`supervise`]: supervise mode (reaping, signal forwarding, shutdown);
 //! - [`sys`]: the syscall fence, the only module with `unsafe`.
 
@@ -34,6 +33,5 @@ pub mod config;
 pub mod kmod;
 pub mod logger;
 pub mod mounts;
-pub mod report;
 pub mod supervise;
 pub mod sys;

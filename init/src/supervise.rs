@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::config::Command;
-use crate::report;
 use crate::sys::{self, Ended};
+use bootlace_agent::report;
 
 /// How the application ended.
 #[derive(Debug)]

@@ -327,7 +327,7 @@ pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
             .unwrap_or_default()
     };
     let console = text(&console);
-    let exit_status = bootlace_init::report::parse_exit_status(&console);
+    let exit_status = bootlace_agent::report::parse_exit_status(&console);
     let end = match status {
         None => End::TimedOut,
         Some(s) if !s.success() => End::QemuFailed(format!("{s}: {}", text(&stderr_buf).trim())),
