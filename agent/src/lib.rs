@@ -2,10 +2,25 @@
 //!
 //! The library is used by the init (without the `host` feature), by the image builder and by
 //! the harness, so each contract has exactly one implementation:
-//! - [`report`]: the power-off console line and its exit statuses.
+//! - [`manifest`]: the bootstrap manifest (`bootlace.toml`) and its validation;
+//! - [`report`]: the power-off console line and its exit statuses;
+//! - [`types`]: validated value types (module and environment names, commands).
 //!
 //! The `bootlace-agent` binary (feature `host`) is the host side.
 
 #![deny(unsafe_code)]
+// The library runs inside PID 1: no panicking shortcuts outside tests.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::unreachable
+    )
+)]
 
+pub mod manifest;
 pub mod report;
+pub mod types;

@@ -6,22 +6,18 @@
 //! types, so what it bakes is what the init accepts.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::cmdline::{self, Param};
+pub use bootlace_agent::types::{Command, EnvName, ExecString, HandoffMode, ModuleName};
 
 /// Where the image builder bakes the config and where the init reads it.
 pub const CONFIG_PATH: &str = "/etc/bootlace/init.toml";
 /// Largest config file the init reads; anything bigger is refused unread.
 pub const MAX_CONFIG_BYTES: u64 = 64 * 1024;
-/// Longest module name accepted (the kernel's MODULE_NAME_LEN is 56).
-const MAX_MODULE_NAME: usize = 56;
-/// Longest single value (argv word, env value) accepted, in bytes.
-const MAX_VALUE_BYTES: usize = 4096;
 /// Longest shutdown grace period accepted, in milliseconds (one hour).
 const MAX_GRACE_MS: u64 = 3_600_000;
 
@@ -134,17 +130,6 @@ pub enum FailurePolicy {
     Shell,
 }
 
-/// How the init hands the machine over once booted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HandoffMode {
-    /// Replace PID 1 with the real init (`execve`).
-    #[default]
-    Exec,
-    /// Run the command as a child, stay PID 1, and power off when it exits.
-    Supervise,
-}
-
 macro_rules! impl_from_str_serde_enum {
     ($t:ty, $what:literal) => {
         impl FromStr for $t {
@@ -160,174 +145,6 @@ macro_rules! impl_from_str_serde_enum {
 }
 impl_from_str_serde_enum!(LogLevel, "log level");
 impl_from_str_serde_enum!(FailurePolicy, "failure policy");
-impl_from_str_serde_enum!(HandoffMode, "hand-off mode");
-
-/// A kernel module name: `[A-Za-z0-9_-]{1,56}`; `-` and `_` are the same module.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ModuleName(String);
-
-impl ModuleName {
-    /// The canonical name (`-` replaced by `_`), as `/sys/module` spells it.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for ModuleName {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        if s.is_empty() || s.len() > MAX_MODULE_NAME {
-            return Err(format!(
-                "module name {s:?} must be 1 to {MAX_MODULE_NAME} bytes"
-            ));
-        }
-        if !s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
-            return Err(format!(
-                "module name {s:?} may hold only letters, digits, '_' and '-'"
-            ));
-        }
-        Ok(ModuleName(s.replace('-', "_")))
-    }
-}
-
-impl From<ModuleName> for String {
-    fn from(m: ModuleName) -> String {
-        m.0
-    }
-}
-
-impl fmt::Display for ModuleName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct EnvName(String);
-
-impl EnvName {
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for EnvName {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        let mut bytes = s.bytes();
-        let first_ok = bytes
-            .next()
-            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
-        if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') || s.len() > 256 {
-            return Err(format!(
-                "environment variable name {s:?} must match [A-Za-z_][A-Za-z0-9_]* (at most 256 bytes)"
-            ));
-        }
-        Ok(EnvName(s))
-    }
-}
-
-impl From<EnvName> for String {
-    fn from(n: EnvName) -> String {
-        n.0
-    }
-}
-
-/// A string that can be passed to `execve`: no NUL byte, at most 4096 bytes.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct ExecString(String);
-
-impl ExecString {
-    /// The string.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for ExecString {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        if s.contains('\0') {
-            return Err(format!("{s:?} contains a NUL byte"));
-        }
-        if s.len() > MAX_VALUE_BYTES {
-            return Err(format!(
-                "value is {} bytes, over {MAX_VALUE_BYTES}",
-                s.len()
-            ));
-        }
-        Ok(ExecString(s))
-    }
-}
-
-impl From<ExecString> for String {
-    fn from(s: ExecString) -> String {
-        s.0
-    }
-}
-
-/// The argv of the hand-off command: at least one word, the first an absolute path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "Vec<String>", into = "Vec<String>")]
-pub struct Command(Vec<ExecString>);
-
-impl Command {
-    /// The program's absolute path.
-    pub fn program(&self) -> &Path {
-        Path::new(self.0.first().map_or("/", ExecString::as_str))
-    }
-
-    /// All words, program first.
-    pub fn argv(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(ExecString::as_str)
-    }
-
-    /// The words after the program.
-    pub fn args(&self) -> impl Iterator<Item = &str> {
-        self.argv().skip(1)
-    }
-}
-
-impl TryFrom<Vec<String>> for Command {
-    type Error = String;
-    fn try_from(words: Vec<String>) -> Result<Self, String> {
-        if words.len() > 256 {
-            return Err(format!("command has {} words, over 256", words.len()));
-        }
-        let words = words
-            .into_iter()
-            .map(ExecString::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        match words.first() {
-            None => Err("command is empty".to_owned()),
-            Some(p) if !p.as_str().starts_with('/') => {
-                Err(format!("command {:?} must be an absolute path", p.as_str()))
-            }
-            Some(_) => Ok(Command(words)),
-        }
-    }
-}
-
-impl From<Command> for Vec<String> {
-    fn from(c: Command) -> Vec<String> {
-        c.0.into_iter().map(String::from).collect()
-    }
-}
-
-impl fmt::Display for Command {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let words: Vec<&str> = self.argv().collect();
-        write!(f, "{}", words.join(" "))
-    }
-}
 
 /// The hand-off: what runs after the boot steps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -349,7 +166,7 @@ pub struct Handoff {
 }
 
 fn default_command() -> Command {
-    Command(vec![ExecString("/sbin/init".to_owned())])
+    Command::default_init()
 }
 
 fn default_grace_ms() -> u64 {

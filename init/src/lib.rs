@@ -4,6 +4,7 @@
 //! everything else is in this library so that tests and the image builder use the same code.
 //!
 //! Modules:
+//! - [`blkprobe`]: filesystem type and label of block devices, read from their superblocks;
 //! - [`boot`]: the boot sequence, failure policy and hand-off;
 //! - [`cmdline`]: kernel command line tokenising and command splitting;
 //! - [`config`]: `init.toml` schema v1 and `bootlace.*` overrides, validated when parsed;
@@ -27,6 +28,7 @@
     )
 )]
 
+pub mod blkprobe;
 pub mod boot;
 pub mod cmdline;
 pub mod config;

@@ -1,0 +1,440 @@
+//! Validated value types shared by the init's config, the bootstrap manifest and the image
+//! builder. Each checks its invariant in `try_from`, which serde calls while parsing, so an
+//! invalid value never exists.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest module name accepted (the kernel's MODULE_NAME_LEN is 56).
+const MAX_MODULE_NAME: usize = 56;
+/// Longest single value (argv word, env value) accepted, in bytes.
+const MAX_VALUE_BYTES: usize = 4096;
+
+/// How the init hands the machine over once booted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandoffMode {
+    /// Replace PID 1 with the real init (`execve`).
+    #[default]
+    Exec,
+    /// Run the command as a child, stay PID 1, and power off when it exits.
+    Supervise,
+}
+
+impl FromStr for HandoffMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exec" => Ok(HandoffMode::Exec),
+            "supervise" => Ok(HandoffMode::Supervise),
+            _ => Err(format!("not a hand-off mode: {s:?} (exec, supervise)")),
+        }
+    }
+}
+
+/// A kernel module name: `[A-Za-z0-9_-]{1,56}`; `-` and `_` are the same module.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ModuleName(String);
+
+impl ModuleName {
+    /// The canonical name (`-` replaced by `_`), as `/sys/module` spells it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ModuleName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.is_empty() || s.len() > MAX_MODULE_NAME {
+            return Err(format!(
+                "module name {s:?} must be 1 to {MAX_MODULE_NAME} bytes"
+            ));
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(format!(
+                "module name {s:?} may hold only letters, digits, '_' and '-'"
+            ));
+        }
+        Ok(ModuleName(s.replace('-', "_")))
+    }
+}
+
+impl From<ModuleName> for String {
+    fn from(m: ModuleName) -> String {
+        m.0
+    }
+}
+
+impl fmt::Display for ModuleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EnvName(String);
+
+impl EnvName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for EnvName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let mut bytes = s.bytes();
+        let first_ok = bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+        if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') || s.len() > 256 {
+            return Err(format!(
+                "environment variable name {s:?} must match [A-Za-z_][A-Za-z0-9_]* (at most 256 bytes)"
+            ));
+        }
+        Ok(EnvName(s))
+    }
+}
+
+impl From<EnvName> for String {
+    fn from(n: EnvName) -> String {
+        n.0
+    }
+}
+
+/// A string that can be passed to `execve`: no NUL byte, at most 4096 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ExecString(String);
+
+impl ExecString {
+    /// The string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ExecString {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.contains('\0') {
+            return Err(format!("{s:?} contains a NUL byte"));
+        }
+        if s.len() > MAX_VALUE_BYTES {
+            return Err(format!(
+                "value is {} bytes, over {MAX_VALUE_BYTES}",
+                s.len()
+            ));
+        }
+        Ok(ExecString(s))
+    }
+}
+
+impl From<ExecString> for String {
+    fn from(s: ExecString) -> String {
+        s.0
+    }
+}
+
+/// The argv of the hand-off command: at least one word, the first an absolute path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct Command(Vec<ExecString>);
+
+impl Command {
+    /// The program's absolute path.
+    pub fn program(&self) -> &Path {
+        Path::new(self.0.first().map_or("/", ExecString::as_str))
+    }
+
+    /// All words, program first.
+    pub fn argv(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(ExecString::as_str)
+    }
+
+    /// The words after the program.
+    pub fn args(&self) -> impl Iterator<Item = &str> {
+        self.argv().skip(1)
+    }
+}
+
+impl TryFrom<Vec<String>> for Command {
+    type Error = String;
+    fn try_from(words: Vec<String>) -> Result<Self, String> {
+        if words.len() > 256 {
+            return Err(format!("command has {} words, over 256", words.len()));
+        }
+        let words = words
+            .into_iter()
+            .map(ExecString::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        match words.first() {
+            None => Err("command is empty".to_owned()),
+            Some(p) if !p.as_str().starts_with('/') => {
+                Err(format!("command {:?} must be an absolute path", p.as_str()))
+            }
+            Some(_) => Ok(Command(words)),
+        }
+    }
+}
+
+impl From<Command> for Vec<String> {
+    fn from(c: Command) -> Vec<String> {
+        c.0.into_iter().map(String::from).collect()
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let words: Vec<&str> = self.argv().collect();
+        write!(f, "{}", words.join(" "))
+    }
+}
+
+impl Command {
+    /// `["/sbin/init"]`.
+    pub fn default_init() -> Command {
+        Command(vec![ExecString("/sbin/init".to_owned())])
+    }
+}
+
+/// Longest path accepted, in bytes (Linux PATH_MAX, including the NUL).
+pub const PATH_MAX: usize = 4095;
+
+/// Top-level directories a manifest may never write to or mount over: kernel interfaces and
+/// the bootstrap itself.
+pub const FORBIDDEN_ROOTS: &[&str] = &["/proc", "/sys", "/dev", "/.bootstrap"];
+
+fn check_components(s: &str, what: &str) -> Result<(), String> {
+    if s.contains('\0') {
+        return Err(format!("{what} {s:?} contains a NUL byte"));
+    }
+    if s.len() > PATH_MAX {
+        return Err(format!("{what} is {} bytes, over {PATH_MAX}", s.len()));
+    }
+    for comp in s.trim_start_matches('/').split('/') {
+        match comp {
+            "" => {
+                return Err(format!(
+                    "{what} {s:?} has an empty component (// or a trailing /)"
+                ))
+            }
+            "." | ".." => return Err(format!("{what} {s:?} has a {comp:?} component")),
+            c if c.len() > 255 => {
+                return Err(format!("{what} {s:?} has a component over 255 bytes"))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// An absolute, normalised path in the guest's root that a manifest may change: no `.` or `..`
+/// components, no empty component, no NUL, at most PATH_MAX bytes, not `/` itself and not under
+/// [`FORBIDDEN_ROOTS`]. Where it leads is still resolved inside the root when it is used.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TargetPath(String);
+
+impl TargetPath {
+    /// A path known to be valid at compile time (crate-internal defaults).
+    pub(crate) fn trusted(s: &'static str) -> TargetPath {
+        TargetPath(s.to_owned())
+    }
+
+    /// The path, with its leading `/`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The path relative to the root (no leading `/`).
+    pub fn relative(&self) -> &str {
+        self.0.trim_start_matches('/')
+    }
+
+    /// The path as a `Path`.
+    pub fn as_path(&self) -> &Path {
+        Path::new(&self.0)
+    }
+
+    /// Whether `self` is `other` or lies below it.
+    pub fn is_within(&self, other: &TargetPath) -> bool {
+        self.0 == other.0
+            || self
+                .0
+                .strip_prefix(&other.0)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }
+}
+
+impl TryFrom<String> for TargetPath {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err(format!("path {s:?} must be absolute"));
+        }
+        if s == "/" {
+            return Err("path \"/\" (the root itself) cannot be a target".to_owned());
+        }
+        check_components(&s, "path")?;
+        for root in FORBIDDEN_ROOTS {
+            if s == *root || s.strip_prefix(root).is_some_and(|r| r.starts_with('/')) {
+                return Err(format!(
+                    "path {s:?} is under {root}, which a manifest may not change"
+                ));
+            }
+        }
+        Ok(TargetPath(s))
+    }
+}
+
+impl From<TargetPath> for String {
+    fn from(p: TargetPath) -> String {
+        p.0
+    }
+}
+
+impl fmt::Display for TargetPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A normalised relative path inside a bundle (`files/app.conf`): no leading `/`, no `.` or
+/// `..` components, no NUL. Resolved inside the bundle root when it is used.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BundlePath(String);
+
+impl BundlePath {
+    /// The path.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for BundlePath {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.starts_with('/') {
+            return Err(format!(
+                "bundle path {s:?} must be relative to the bundle root"
+            ));
+        }
+        if s.is_empty() {
+            return Err("bundle path is empty".to_owned());
+        }
+        check_components(&s, "bundle path")?;
+        Ok(BundlePath(s))
+    }
+}
+
+impl From<BundlePath> for String {
+    fn from(p: BundlePath) -> String {
+        p.0
+    }
+}
+
+/// Permission bits, at most `0o7777` (TOML: `mode = 0o644`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct Mode(u32);
+
+impl Mode {
+    /// A mode known to be valid.
+    pub const fn new_const(bits: u16) -> Mode {
+        Mode((bits & 0o7777) as u32)
+    }
+
+    /// The bits.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+impl TryFrom<u32> for Mode {
+    type Error = String;
+    fn try_from(v: u32) -> Result<Self, String> {
+        if v > 0o7777 {
+            return Err(format!("mode {v:#o} is over 0o7777"));
+        }
+        Ok(Mode(v))
+    }
+}
+
+impl From<Mode> for u32 {
+    fn from(m: Mode) -> u32 {
+        m.0
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_paths() {
+        for ok in [
+            "/etc/app.conf",
+            "/var",
+            "/a b/c",
+            "/run/x",
+            "/devices",
+            "/.bootstrapped",
+        ] {
+            TargetPath::try_from(ok.to_owned()).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        let long = format!("/{}", "a/".repeat(2100));
+        let cases: &[(&str, &str)] = &[
+            ("", "absolute"),
+            ("etc/x", "absolute"),
+            ("/", "root itself"),
+            ("/etc/../x", "\"..\" component"),
+            ("/etc/./x", "\".\" component"),
+            ("/etc//x", "empty component"),
+            ("/etc/", "empty component"),
+            ("/etc/\0x", "NUL"),
+            ("/proc/sys/kernel/x", "under /proc"),
+            ("/sys", "under /sys"),
+            ("/dev/sda", "under /dev"),
+            ("/.bootstrap/bootlace.toml", "under /.bootstrap"),
+            (&long, "over 4095"),
+        ];
+        for (bad, want) in cases {
+            let err = TargetPath::try_from((*bad).to_owned()).expect_err(bad);
+            assert!(err.contains(want), "{bad:?}: {err} lacks {want}");
+        }
+        let a = TargetPath::try_from("/var/lib".to_owned()).expect("ok");
+        let b = TargetPath::try_from("/var/lib/x".to_owned()).expect("ok");
+        let c = TargetPath::try_from("/var/libx".to_owned()).expect("ok");
+        assert!(b.is_within(&a) && a.is_within(&a) && !c.is_within(&a) && !a.is_within(&b));
+    }
+
+    #[test]
+    fn bundle_paths_and_modes() {
+        BundlePath::try_from("files/a.conf".to_owned()).expect("ok");
+        for bad in ["", "/abs", "../x", "a/../../x", "a//b", "a/\0"] {
+            assert!(BundlePath::try_from(bad.to_owned()).is_err(), "{bad:?}");
+        }
+        assert!(Mode::try_from(0o4755).is_ok());
+        assert!(Mode::try_from(0o10000).is_err());
+        assert_eq!(Mode::new_const(0o644).to_string(), "0644");
+    }
+}
