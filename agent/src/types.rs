@@ -119,6 +119,11 @@ impl From<EnvName> for String {
 pub struct ExecString(String);
 
 impl ExecString {
+    /// The empty string.
+    pub fn empty() -> ExecString {
+        ExecString(String::new())
+    }
+
     /// The string.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -6,8 +6,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::bootstrap::{self, BootstrapError};
 use crate::config::{self, ConfigError, FailurePolicy, HandoffMode, InitConfig};
-use crate::kmod::{KmodError, ModuleIndex, Resolved};
+use crate::modload::{ModLoadError, ModuleLoader};
 use crate::mounts::{self, MountError};
 use crate::supervise::{self, AppEnd};
 use crate::{logger, sys};
@@ -31,20 +32,12 @@ pub enum BootError {
     /// The configuration was refused.
     #[error("config")]
     Config(#[source] ConfigError),
-    /// Module resolution failed.
-    #[error("modules")]
-    Modules(#[source] KmodError),
-    /// A module could not be loaded.
-    #[error("modules: load {name} from {}", path.display())]
-    ModuleLoad {
-        /// The module.
-        name: String,
-        /// Its file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
+    /// A configured module could not be loaded.
+    #[error("config")]
+    Modules(#[source] ModLoadError),
+    /// The bootstrap failed.
+    #[error("bootstrap")]
+    Bootstrap(#[source] BootstrapError),
     /// The hand-off command could not be executed.
     #[error("hand-off: cannot execute {}", path.display())]
     Exec {
@@ -64,10 +57,11 @@ impl BootError {
     pub fn status(&self) -> u8 {
         match self {
             BootError::Cmdline(_) | BootError::Config(_) => report::STATUS_CONFIG,
+            BootError::Bootstrap(e) if e.is_config() => report::STATUS_CONFIG,
             BootError::Exec { source, .. } => supervise::spawn_error_status(source),
             BootError::Mount(_)
             | BootError::Modules(_)
-            | BootError::ModuleLoad { .. }
+            | BootError::Bootstrap(_)
             | BootError::Supervise(_) => report::STATUS_BOOT_STEP,
         }
     }
@@ -158,50 +152,6 @@ pub fn handoff_env(config: &InitConfig) -> Vec<(String, String)> {
     env
 }
 
-/// Loads the configured modules (and their dependencies) from `/lib/modules/$(uname -r)`.
-fn load_modules(config: &InitConfig) -> Result<(), BootError> {
-    if config.modules.is_empty() {
-        return Ok(());
-    }
-    let release = rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let dir = Path::new("/lib/modules").join(&release);
-    let index = ModuleIndex::read(&dir).map_err(BootError::Modules)?;
-    let plan = index
-        .resolve(config.modules.iter().map(|m| m.as_str()))
-        .map_err(BootError::Modules)?;
-    let mut loaded = Vec::new();
-    for step in plan {
-        let module = match step {
-            Resolved::Builtin(name) => {
-                log::debug!("module {name} is built in");
-                continue;
-            }
-            Resolved::Load(m) => m,
-        };
-        if Path::new("/sys/module").join(&module.name).exists() {
-            log::debug!("module {} already loaded", module.name);
-            continue;
-        }
-        let path = dir.join(&module.path);
-        let err = |source| BootError::ModuleLoad {
-            name: module.name.clone(),
-            path: path.clone(),
-            source,
-        };
-        let file = std::fs::File::open(&path).map_err(err)?;
-        match sys::finit_module(&file, module.is_compressed()) {
-            Ok(()) => loaded.push(module.name),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(err(e)),
-        }
-    }
-    log::info!("loaded {} modules: {}", loaded.len(), loaded.join(" "));
-    Ok(())
-}
-
 /// The whole boot of PID 1. Never returns.
 pub fn pid1() -> ! {
     let mut timeline = Timeline::default();
@@ -257,10 +207,27 @@ pub fn pid1() -> ! {
         );
     }
 
-    if let Err(e) = load_modules(&config) {
-        fail(&e, &config, &timeline);
+    let mut loader = ModuleLoader::new();
+    match loader.load(config.modules.iter().map(|m| m.as_str())) {
+        Ok(loaded) if !loaded.is_empty() => {
+            log::info!("loaded {} modules: {}", loaded.len(), loaded.join(" "))
+        }
+        Ok(_) => {}
+        Err(e) => fail(&BootError::Modules(e), &config, &timeline),
     }
     timeline.mark("modules");
+
+    let config = if config.bootstrap.sources.is_empty() {
+        config
+    } else {
+        match bootstrap::run(&config, &mut loader, &mut timeline) {
+            Ok(c) => c,
+            Err(e) => {
+                fail(&BootError::Bootstrap(e), &config, &timeline);
+                config
+            }
+        }
+    };
 
     handoff(&config, &mut timeline)
 }

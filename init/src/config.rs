@@ -18,6 +18,8 @@ pub use bootlace_agent::types::{Command, EnvName, ExecString, HandoffMode, Modul
 pub const CONFIG_PATH: &str = "/etc/bootlace/init.toml";
 /// Largest config file the init reads; anything bigger is refused unread.
 pub const MAX_CONFIG_BYTES: u64 = 64 * 1024;
+/// Longest wait for a bootstrap device, in milliseconds (ten minutes).
+const MAX_WAIT_MS: u64 = 600_000;
 /// Longest shutdown grace period accepted, in milliseconds (one hour).
 const MAX_GRACE_MS: u64 = 3_600_000;
 
@@ -85,7 +87,92 @@ pub const CMDLINE_KEYS: &[&str] = &[
     "bootlace.modules",
     "bootlace.handoff",
     "bootlace.exec",
+    "bootlace.source",
+    "bootlace.bootstrap",
+    "bootlace.label",
+    "bootlace.tag",
 ];
+
+/// Where a bootstrap filesystem can come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    /// A block device whose filesystem label matches `bootstrap.label`.
+    #[serde(rename = "disk")]
+    Disk,
+    /// A virtio 9p share whose mount tag matches `bootstrap.tag`.
+    #[serde(rename = "9p")]
+    NineP,
+}
+
+impl Source {
+    /// The name used in config and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Disk => "disk",
+            Source::NineP => "9p",
+        }
+    }
+}
+
+impl FromStr for Source {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "disk" => Ok(Source::Disk),
+            "9p" => Ok(Source::NineP),
+            _ => Err(format!("not a bootstrap source: {s:?} (disk, 9p)")),
+        }
+    }
+}
+
+fn default_label() -> ExecString {
+    ExecString::try_from("BOOTLACE".to_owned()).unwrap_or_else(|_| ExecString::empty())
+}
+
+fn default_tag() -> ExecString {
+    ExecString::try_from("bootlace".to_owned()).unwrap_or_else(|_| ExecString::empty())
+}
+
+fn default_wait_ms() -> u64 {
+    5000
+}
+
+fn default_required() -> bool {
+    true
+}
+
+/// Where to find the bootstrap filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    /// Sources tried in order; the first found wins. Default none (no bootstrap).
+    #[serde(default)]
+    pub sources: Vec<Source>,
+    /// Whether a boot without a bootstrap is a failure; default true.
+    #[serde(default = "default_required")]
+    pub required: bool,
+    /// Filesystem label of a bootstrap disk; default `BOOTLACE`.
+    #[serde(default = "default_label")]
+    pub label: ExecString,
+    /// Mount tag of a bootstrap 9p share; default `bootlace`.
+    #[serde(default = "default_tag")]
+    pub tag: ExecString,
+    /// How long each source waits for its device to appear, in ms; default 5000, at most 600000.
+    #[serde(default = "default_wait_ms")]
+    pub wait_ms: u64,
+}
+
+impl Default for Bootstrap {
+    fn default() -> Self {
+        Bootstrap {
+            sources: Vec::new(),
+            required: default_required(),
+            label: default_label(),
+            tag: default_tag(),
+            wait_ms: default_wait_ms(),
+        }
+    }
+}
 
 /// Console log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
@@ -199,6 +286,9 @@ pub struct InitConfig {
     /// Kernel modules to load at boot, with their dependencies. Default none.
     #[serde(default)]
     pub modules: Vec<ModuleName>,
+    /// Where to find the bootstrap filesystem.
+    #[serde(default)]
+    pub bootstrap: Bootstrap,
     /// What runs after the boot steps.
     #[serde(default)]
     pub handoff: Handoff,
@@ -211,6 +301,7 @@ impl Default for InitConfig {
             log: LogLevel::default(),
             on_failure: FailurePolicy::default(),
             modules: Vec::new(),
+            bootstrap: Bootstrap::default(),
             handoff: Handoff::default(),
         }
     }
@@ -246,6 +337,15 @@ impl InitConfig {
             });
         }
         let config: InitConfig = toml::from_str(text).map_err(parse_err)?;
+        if config.bootstrap.wait_ms > MAX_WAIT_MS {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "bootstrap.wait_ms = {} is over {MAX_WAIT_MS}",
+                    config.bootstrap.wait_ms
+                ),
+            });
+        }
         if config.handoff.shutdown_grace_ms > MAX_GRACE_MS {
             return Err(ConfigError::Parse {
                 path: path.to_owned(),
@@ -315,6 +415,27 @@ impl InitConfig {
                         self.modules.push(name);
                     }
                 }
+            }
+            "bootlace.source" => {
+                self.bootstrap.sources = value
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .map_err(bad)?;
+            }
+            "bootlace.bootstrap" => {
+                self.bootstrap.required = match value {
+                    "required" => true,
+                    "optional" => false,
+                    _ => return Err(bad("must be required or optional".to_owned())),
+                }
+            }
+            "bootlace.label" => {
+                self.bootstrap.label = ExecString::try_from(value.to_owned()).map_err(bad)?
+            }
+            "bootlace.tag" => {
+                self.bootstrap.tag = ExecString::try_from(value.to_owned()).map_err(bad)?
             }
             "bootlace.exec" => {
                 let words = cmdline::split_command(value).map_err(|e| bad(e.to_string()))?;

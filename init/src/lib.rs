@@ -5,11 +5,14 @@
 //!
 //! Modules:
 //! - [`blkprobe`]: filesystem type and label of block devices, read from their superblocks;
+//! - [`apply`]: applying a bootstrap manifest, confined to the root;
 //! - [`boot`]: the boot sequence, failure policy and hand-off;
+//! - [`bootstrap`]: finding, mounting and cleaning up the bootstrap filesystem;
 //! - [`cmdline`]: kernel command line tokenising and command splitting;
 //! - [`config`]: `init.toml` schema v1 and `bootlace.*` overrides, validated when parsed;
 //! - [`kmod`]: `modules.dep` / `modules.builtin` resolution;
 //! - [`logger`]: console logging with CLOCK_BOOTTIME stamps;
+//! - [`modload`]: loading modules with their dependencies;
 //! - [`mounts`]: the early mounts;
 //! - [`supervise`]: supervise mode (reaping, signal forwarding, shutdown);
 //! - [`sys`]: the syscall fence, the only module with `unsafe`.
@@ -28,12 +31,15 @@
     )
 )]
 
+pub mod apply;
 pub mod blkprobe;
 pub mod boot;
+pub mod bootstrap;
 pub mod cmdline;
 pub mod config;
 pub mod kmod;
 pub mod logger;
+pub mod modload;
 pub mod mounts;
 pub mod supervise;
 pub mod sys;

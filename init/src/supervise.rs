@@ -180,3 +180,70 @@ pub fn run(cmd: &Command, env: &[(String, String)], grace: Duration) -> io::Resu
         }
     }
 }
+
+/// How a bounded command ended.
+#[derive(Debug)]
+pub enum StepEnd {
+    /// It ended by itself.
+    Ended(Ended),
+    /// Its timeout passed: its process group got SIGTERM, then SIGKILL.
+    TimedOut(Ended),
+    /// It could not be started.
+    SpawnFailed(io::Error),
+}
+
+/// Time between SIGTERM and SIGKILL for a command past its timeout.
+pub const STEP_KILL_AFTER: Duration = Duration::from_secs(2);
+
+/// Runs a command in its own process group with a timeout, reaping whatever else ends
+/// meanwhile (PID 1 adopts orphans). At the timeout the whole group gets SIGTERM, and SIGKILL
+/// [`STEP_KILL_AFTER`] later.
+pub fn run_bounded(mut cmd: std::process::Command, timeout: Duration) -> io::Result<StepEnd> {
+    let signals = sys::Signals::open(&[Signal::SIGCHLD])?;
+    cmd.process_group(0);
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Ok(StepEnd::SpawnFailed(e)),
+    };
+    let pid = child.id();
+    let deadline = Instant::now() + timeout;
+    let mut term_sent: Option<Instant> = None;
+    loop {
+        loop {
+            match sys::reap_one() {
+                Ok(Some((p, ended))) if p == pid => {
+                    return Ok(match term_sent {
+                        Some(_) => StepEnd::TimedOut(ended),
+                        None => StepEnd::Ended(ended),
+                    });
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let now = Instant::now();
+        let next = match term_sent {
+            None if now >= deadline => {
+                log::warn!(
+                    "pid {pid} is past its timeout of {} s: SIGTERM to its process group",
+                    timeout.as_secs()
+                );
+                let _ = sys::kill_group(pid, Signal::SIGTERM);
+                term_sent = Some(now);
+                now + STEP_KILL_AFTER
+            }
+            None => deadline,
+            Some(t) if now >= t + STEP_KILL_AFTER => {
+                let _ = sys::kill_group(pid, Signal::SIGKILL);
+                now + Duration::from_millis(100)
+            }
+            Some(t) => t + STEP_KILL_AFTER,
+        };
+        // SIGCHLD wakes this at once in PID 1; the cap keeps it correct where another thread
+        // of the process might take the signal (tests).
+        let nap = next
+            .saturating_duration_since(now)
+            .clamp(Duration::from_millis(1), Duration::from_millis(100));
+        signals.wait(Some(nap))?;
+    }
+}

@@ -17,6 +17,8 @@ use rustix::mount::MountFlags;
 
 pub use rustix::fs::StatFs;
 
+pub mod root;
+
 /// `MODULE_INIT_COMPRESSED_FILE`: the kernel decompresses the module itself.
 const MODULE_INIT_COMPRESSED_FILE: i32 = 4;
 
@@ -288,6 +290,42 @@ pub fn reset_signals_on_exec(cmd: &mut std::process::Command) {
 pub fn kill(pid: u32, sig: Signal) -> io::Result<()> {
     let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)?;
+    Ok(())
+}
+
+/// Sends `sig` to every process of the process group `pgid`.
+pub fn kill_group(pgid: u32, sig: Signal) -> io::Result<()> {
+    let pgid = i32::try_from(pgid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig)?;
+    Ok(())
+}
+
+/// Unmounts `target` (no flags: a busy mount stays mounted and reports EBUSY).
+pub fn unmount(target: &Path) -> io::Result<()> {
+    rustix::mount::unmount(target, rustix::mount::UnmountFlags::empty())?;
+    Ok(())
+}
+
+/// Bind-mounts `source` on `target` (paths, typically `/proc/self/fd/N`).
+pub fn bind_mount(source: &Path, target: &Path) -> io::Result<()> {
+    rustix::mount::mount_bind(source, target)?;
+    Ok(())
+}
+
+/// Makes the bind mount at `target` read-only (`target` must name the new mount itself, not
+/// an fd opened before it was mounted).
+pub fn remount_bind_read_only(target: &Path) -> io::Result<()> {
+    rustix::mount::mount_remount(
+        target,
+        MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+        "",
+    )?;
+    Ok(())
+}
+
+/// Sets the host name.
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    rustix::system::sethostname(name.as_bytes())?;
     Ok(())
 }
 

@@ -1,0 +1,433 @@
+//! The bootstrap: find the bootstrap filesystem (a disk by label, a 9p share by tag), mount it
+//! read-only at `/.bootstrap`, apply its manifest, then unmount and remove `/.bootstrap` —
+//! on success and on failure alike, so nothing of it (it may hold secrets) outlives the step.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bootlace_agent::manifest::{Manifest, ManifestError, MANIFEST_NAME};
+
+use crate::apply::{self, Applied, ApplyError};
+use crate::blkprobe::{self, FsType};
+use crate::boot::Timeline;
+use crate::config::{Bootstrap, InitConfig, Source};
+use crate::modload::ModuleLoader;
+use crate::sys::{self, root::Root, Flags};
+
+/// Where the bootstrap filesystem is mounted while its manifest runs.
+pub const BOOTSTRAP_DIR: &str = "/.bootstrap";
+
+/// Drivers each source needs before its devices can appear.
+pub fn source_modules(source: Source) -> &'static [&'static str] {
+    match source {
+        Source::Disk => &["virtio_pci", "virtio_blk"],
+        Source::NineP => &["virtio_pci", "9pnet_virtio", "9p"],
+    }
+}
+
+/// Modules a filesystem type needs (none when built in).
+pub fn fs_modules(fstype: FsType) -> &'static [&'static str] {
+    match fstype {
+        FsType::Ext4 => &[],
+        FsType::Erofs => &["erofs"],
+        FsType::Vfat => &["vfat", "nls_cp437", "nls_ascii"],
+        FsType::Iso9660 => &["isofs"],
+        FsType::Squashfs => &["squashfs"],
+    }
+}
+
+/// Every module a bootstrap from these sources may need (what the image builder copies in).
+pub fn all_modules(sources: &[Source]) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for s in sources {
+        out.extend(source_modules(*s));
+        if *s == Source::Disk {
+            for fs in [
+                FsType::Ext4,
+                FsType::Erofs,
+                FsType::Vfat,
+                FsType::Iso9660,
+                FsType::Squashfs,
+            ] {
+                out.extend(fs_modules(fs));
+            }
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|m| seen.insert(*m));
+    out
+}
+
+/// Why the bootstrap failed. Messages name the step, device and path.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// No source had the bootstrap filesystem.
+    #[error("not found; probed: {probed}")]
+    NotFound {
+        /// What each source saw.
+        probed: String,
+    },
+    /// Mounting it failed.
+    #[error("mount {what} on {BOOTSTRAP_DIR}")]
+    Mount {
+        /// The device or share.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The manifest is missing or invalid.
+    #[error("manifest")]
+    Manifest(#[source] ManifestError),
+    /// Applying the manifest failed.
+    #[error("manifest")]
+    Apply(#[source] ApplyError),
+    /// Unmounting or removing `/.bootstrap` failed (nothing was deleted).
+    #[error("cleanup of {BOOTSTRAP_DIR}: {what}")]
+    Cleanup {
+        /// What failed.
+        what: String,
+        /// The cause.
+        #[source]
+        source: Option<io::Error>,
+    },
+}
+
+impl BootstrapError {
+    /// Whether this is an invalid manifest (reported as a configuration error).
+    pub fn is_config(&self) -> bool {
+        matches!(self, BootstrapError::Manifest(_))
+    }
+}
+
+/// A bootstrap filesystem that was found.
+#[derive(Debug, Clone)]
+pub enum Found {
+    /// A block device.
+    Disk {
+        /// `/dev/vdb`.
+        dev: PathBuf,
+        /// Its filesystem.
+        fstype: FsType,
+    },
+    /// A 9p share.
+    NineP {
+        /// Its mount tag.
+        tag: String,
+    },
+}
+
+impl Found {
+    fn describe(&self) -> String {
+        match self {
+            Found::Disk { dev, fstype } => format!("{} ({})", dev.display(), fstype.as_str()),
+            Found::NineP { tag } => format!("9p share {tag:?}"),
+        }
+    }
+}
+
+/// The mount tags of the virtio 9p shares present.
+pub fn ninep_tags(driver_dir: &Path) -> Vec<String> {
+    let mut tags: Vec<String> = std::fs::read_dir(driver_dir)
+        .map(|d| {
+            d.filter_map(|e| {
+                let e = e.ok()?;
+                let tag = std::fs::read(e.path().join("mount_tag")).ok()?;
+                let tag = String::from_utf8_lossy(&tag);
+                Some(tag.trim_end_matches(['\0', '\n']).to_owned())
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    tags.sort();
+    tags
+}
+
+/// Probes one source once: the match, or a description of what was seen.
+fn probe(source: Source, cfg: &Bootstrap) -> Result<Found, String> {
+    match source {
+        Source::Disk => {
+            let candidates = blkprobe::scan(Path::new("/sys/class/block"), Path::new("/dev"));
+            let want = cfg.label.as_str();
+            if let Some(c) = candidates.iter().find(|c| {
+                c.probed
+                    .as_ref()
+                    .is_some_and(|p| p.label.as_deref() == Some(want))
+            }) {
+                if let Some(p) = &c.probed {
+                    return Ok(Found::Disk {
+                        dev: c.dev.clone(),
+                        fstype: p.fstype,
+                    });
+                }
+            }
+            let seen: Vec<String> = candidates
+                .iter()
+                .map(|c| match &c.probed {
+                    Some(p) => format!(
+                        "{} ({}, label {})",
+                        c.dev.display(),
+                        p.fstype.as_str(),
+                        p.label
+                            .as_deref()
+                            .map_or("none".to_owned(), |l| format!("{l:?}"))
+                    ),
+                    None => format!("{} (no known filesystem)", c.dev.display()),
+                })
+                .collect();
+            Err(if seen.is_empty() {
+                "no block devices".to_owned()
+            } else {
+                seen.join(", ")
+            })
+        }
+        Source::NineP => {
+            let tags = ninep_tags(Path::new("/sys/bus/virtio/drivers/9pnet_virtio"));
+            if tags.iter().any(|t| t == cfg.tag.as_str()) {
+                return Ok(Found::NineP {
+                    tag: cfg.tag.as_str().to_owned(),
+                });
+            }
+            Err(if tags.is_empty() {
+                "no 9p shares".to_owned()
+            } else {
+                format!("9p tags {tags:?}")
+            })
+        }
+    }
+}
+
+/// Tries the configured sources in order, each waiting up to `wait_ms` for its device.
+pub fn find(cfg: &Bootstrap, loader: &mut ModuleLoader) -> Result<Option<Found>, BootstrapError> {
+    let mut probed = Vec::new();
+    for &source in &cfg.sources {
+        let loaded = loader.load_best_effort(source_modules(source));
+        if !loaded.is_empty() {
+            log::debug!("{} source: loaded {}", source.as_str(), loaded.join(" "));
+        }
+        let wait = Duration::from_millis(cfg.wait_ms);
+        let deadline = Instant::now() + wait;
+        loop {
+            match probe(source, cfg) {
+                Ok(found) => return Ok(Some(found)),
+                Err(seen) if Instant::now() >= deadline => {
+                    let wanted = match source {
+                        Source::Disk => format!("label {:?}", cfg.label.as_str()),
+                        Source::NineP => format!("tag {:?}", cfg.tag.as_str()),
+                    };
+                    probed.push(format!(
+                        "{} (waited {} ms for {wanted}; saw {seen})",
+                        source.as_str(),
+                        wait.as_millis()
+                    ));
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+    let probed = if probed.is_empty() {
+        "no sources configured".to_owned()
+    } else {
+        probed.join("; ")
+    };
+    if cfg.required {
+        Err(BootstrapError::NotFound { probed })
+    } else {
+        log::warn!("bootstrap not found (optional): probed {probed}");
+        Ok(None)
+    }
+}
+
+fn mount(found: &Found, loader: &mut ModuleLoader) -> Result<(), BootstrapError> {
+    let dir = Path::new(BOOTSTRAP_DIR);
+    let err = |source| BootstrapError::Mount {
+        what: found.describe(),
+        source,
+    };
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(err(e)),
+    }
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(err)?;
+    let flags = Flags {
+        nosuid: true,
+        nodev: true,
+        noexec: false,
+        rdonly: true,
+    };
+    match found {
+        Found::Disk { dev, fstype } => {
+            loader.load_best_effort(fs_modules(*fstype));
+            let dev = dev.to_string_lossy();
+            sys::mount(&dev, dir, fstype.as_str(), flags, c"").map_err(err)
+        }
+        Found::NineP { tag } => sys::mount(
+            tag,
+            dir,
+            "9p",
+            flags,
+            c"trans=virtio,version=9p2000.L,msize=262144",
+        )
+        .map_err(err),
+    }
+}
+
+/// The mount points at or under `/.bootstrap` in `/proc/self/mountinfo`.
+fn bootstrap_mounts() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| *p == BOOTSTRAP_DIR || p.starts_with("/.bootstrap/"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Unmounts `/.bootstrap` (innermost first), checks mountinfo has nothing left under it, and
+/// removes the then empty directory. A mount that stays busy is reported and nothing is
+/// deleted: never a recursive delete over a filesystem that might still be mounted.
+pub fn cleanup() -> Result<(), BootstrapError> {
+    for attempt in 0..20 {
+        let mut mounts = bootstrap_mounts();
+        if mounts.is_empty() {
+            break;
+        }
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in &mounts {
+            match sys::unmount(Path::new(m)) {
+                Ok(()) => {}
+                Err(e)
+                    if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())
+                        && attempt < 19 =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(BootstrapError::Cleanup {
+                        what: format!("unmount {m}"),
+                        source: Some(e),
+                    })
+                }
+            }
+        }
+    }
+    let left = bootstrap_mounts();
+    if !left.is_empty() {
+        return Err(BootstrapError::Cleanup {
+            what: format!("still mounted: {}", left.join(", ")),
+            source: None,
+        });
+    }
+    match std::fs::remove_dir(BOOTSTRAP_DIR) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(BootstrapError::Cleanup {
+                what: "remove the directory".to_owned(),
+                source: Some(e),
+            })
+        }
+    }
+    if Path::new(BOOTSTRAP_DIR).exists() {
+        return Err(BootstrapError::Cleanup {
+            what: "the directory is still there".to_owned(),
+            source: None,
+        });
+    }
+    Ok(())
+}
+
+/// Finds, mounts and applies the bootstrap, then cleans up. Returns the config for the
+/// hand-off (with the manifest's environment and hand-off overrides), or the config as it was
+/// when an optional bootstrap is absent.
+pub fn run(
+    config: &InitConfig,
+    loader: &mut ModuleLoader,
+    timeline: &mut Timeline,
+) -> Result<InitConfig, BootstrapError> {
+    let Some(found) = find(&config.bootstrap, loader)? else {
+        return Ok(config.clone());
+    };
+    timeline.mark("bootstrap_found");
+    log::info!("bootstrap: found {}", found.describe());
+    if let Err(e) = mount(&found, loader) {
+        let _ = cleanup();
+        return Err(e);
+    }
+    timeline.mark("bootstrap_mounted");
+    log::info!(
+        "bootstrap: mounted {} read-only on {BOOTSTRAP_DIR}",
+        found.describe()
+    );
+    let result = read_and_apply(config, loader);
+    timeline.mark("manifest_done");
+    let cleaned = cleanup();
+    timeline.mark("cleanup_done");
+    match (result, cleaned) {
+        (Ok((cfg, applied)), Ok(())) => {
+            log::info!(
+                "bootstrap: applied {} ({}); {BOOTSTRAP_DIR} unmounted and removed",
+                MANIFEST_NAME,
+                applied.summary()
+            );
+            Ok(cfg)
+        }
+        (Err(e), Ok(())) => Err(e),
+        (Ok(_), Err(c)) => Err(c),
+        (Err(e), Err(c)) => {
+            log::error!("{}", crate::boot::chain(&c));
+            Err(e)
+        }
+    }
+}
+
+fn read_and_apply(
+    config: &InitConfig,
+    loader: &mut ModuleLoader,
+) -> Result<(InitConfig, Applied), BootstrapError> {
+    let bundle = Root::open(Path::new(BOOTSTRAP_DIR)).map_err(|source| {
+        BootstrapError::Manifest(ManifestError::Read {
+            path: PathBuf::from(BOOTSTRAP_DIR),
+            source,
+        })
+    })?;
+    let manifest_path = Path::new(BOOTSTRAP_DIR).join(MANIFEST_NAME);
+    let file = bundle.open_file(MANIFEST_NAME).map_err(|e| {
+        BootstrapError::Manifest(ManifestError::Read {
+            path: manifest_path.clone(),
+            source: io::Error::other(e.to_string()),
+        })
+    })?;
+    let manifest = read_manifest(file, &manifest_path).map_err(BootstrapError::Manifest)?;
+    let mut cfg = config.clone();
+    apply::merge_handoff(&mut cfg, &manifest);
+    let root = Root::open(Path::new("/")).map_err(|source| {
+        BootstrapError::Apply(ApplyError::Root {
+            step: "open root",
+            source: sys::root::RootError::Io {
+                path: "/".to_owned(),
+                op: "open",
+                source,
+            },
+        })
+    })?;
+    let applied =
+        apply::apply(&manifest, &root, &bundle, loader, &cfg).map_err(BootstrapError::Apply)?;
+    Ok((cfg, applied))
+}
+
+fn read_manifest(file: std::fs::File, path: &Path) -> Result<Manifest, ManifestError> {
+    use std::io::Read;
+    let mut text = String::new();
+    file.take(bootlace_agent::manifest::MAX_MANIFEST_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|source| ManifestError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    Manifest::parse(&text, path)
+}
