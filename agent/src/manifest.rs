@@ -546,7 +546,7 @@ impl Manifest {
         }
         let parse_err = |e: toml::de::Error| ManifestError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            message: crate::types::toml_error(text, &e),
         };
         let probe: VersionProbe = toml::from_str(text).map_err(parse_err)?;
         let found = match probe.version {

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use bootlace_init::bootstrap;
 use bootlace_init::config::{InitConfig, ModuleName, CONFIG_PATH};
 use bootlace_init::kmod::{KmodError, Module, ModuleIndex, Resolved};
 
@@ -164,24 +165,37 @@ pub fn assemble(spec: &Spec) -> Result<(Tree, Vec<String>), BuildError> {
 }
 
 fn add_modules(tree: &mut Tree, spec: &Spec) -> Result<Vec<String>, BuildError> {
-    let wanted: Vec<&str> = spec
+    let mut wanted: Vec<&str> = spec
         .config
         .modules
         .iter()
         .chain(spec.modules.iter().flat_map(|m| m.extra.iter()))
         .map(ModuleName::as_str)
         .collect();
+    // The drivers and filesystems the configured bootstrap sources may need.
+    let implied = bootstrap::all_modules(&spec.config.bootstrap.sources);
     let Some(mspec) = &spec.modules else {
-        if wanted.is_empty() {
+        if wanted.is_empty() && spec.config.bootstrap.sources.is_empty() {
             return Ok(Vec::new());
         }
         return Err(BuildError::ModulesSpec(format!(
-            "the config loads {} but no kernel release was given",
-            wanted.join(", ")
+            "the config needs modules ({}) but no kernel release was given",
+            if wanted.is_empty() {
+                "bootstrap drivers".to_owned()
+            } else {
+                wanted.join(", ")
+            }
         )));
     };
     let dir = mspec.root.join(&mspec.release);
     let index = ModuleIndex::read(&dir).map_err(BuildError::Modules)?;
+    for m in implied {
+        if index.get(m).is_some() || index.is_builtin(m) {
+            wanted.push(m);
+        } else {
+            log::warn!("{m} is not in {}: not copied", dir.display());
+        }
+    }
     let plan = index.resolve(wanted).map_err(BuildError::Modules)?;
     let mods: Vec<&Module> = plan
         .iter()

@@ -62,6 +62,18 @@ struct InitramfsArgs {
     /// Console log level: error, warn, info, debug, trace.
     #[arg(long, value_parser = ["error", "warn", "info", "debug", "trace"])]
     log: Option<String>,
+    /// Bootstrap sources to try in order (disk, 9p), comma-separated.
+    #[arg(long)]
+    source: Option<String>,
+    /// Boot on when no bootstrap is found (default: a missing bootstrap is a failure).
+    #[arg(long)]
+    bootstrap_optional: bool,
+    /// Filesystem label of the bootstrap disk (default BOOTLACE).
+    #[arg(long)]
+    label: Option<String>,
+    /// Mount tag of the bootstrap 9p share (default bootlace).
+    #[arg(long)]
+    tag: Option<String>,
     /// Kernel module to load at boot (with its dependencies); repeatable.
     #[arg(long = "module")]
     modules: Vec<String>,
@@ -129,6 +141,18 @@ fn build_config(a: &InitramfsArgs) -> anyhow::Result<InitConfig> {
     if !a.modules.is_empty() {
         set("bootlace.modules", &a.modules.join(","))?;
     }
+    if let Some(v) = &a.source {
+        set("bootlace.source", v)?;
+    }
+    if a.bootstrap_optional {
+        set("bootlace.bootstrap", "optional")?;
+    }
+    if let Some(v) = &a.label {
+        set("bootlace.label", v)?;
+    }
+    if let Some(v) = &a.tag {
+        set("bootlace.tag", v)?;
+    }
     Ok(cfg)
 }
 
@@ -157,7 +181,9 @@ fn kernel_release(a: &InitramfsArgs) -> anyhow::Result<String> {
 
 fn initramfs_cmd(a: InitramfsArgs) -> anyhow::Result<()> {
     let config = build_config(&a)?;
-    let wants_modules = !config.modules.is_empty() || !a.extra_modules.is_empty();
+    let wants_modules = !config.modules.is_empty()
+        || !a.extra_modules.is_empty()
+        || !config.bootstrap.sources.is_empty();
     let modules = if wants_modules {
         let extra = a
             .extra_modules

@@ -22,6 +22,9 @@ use crate::supervise::{self, StepEnd};
 use crate::sys::root::{fd_path, Root, RootError};
 use crate::sys::{self, Ended, Flags};
 
+/// How long a `disk` mount waits for its device to appear.
+const DISK_WAIT: Duration = Duration::from_secs(5);
+
 /// A failed manifest step. The message names the step and the path or entry.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -138,6 +141,7 @@ pub fn apply(
     loader: &mut ModuleLoader,
     cfg: &InitConfig,
 ) -> Result<Applied, ApplyError> {
+    preflight(m, root, bundle)?;
     let mut done = Applied::default();
     if let Some(name) = &m.hostname {
         sys::set_hostname(name.as_str()).map_err(|source| ApplyError::Hostname {
@@ -278,6 +282,35 @@ pub fn apply(
     Ok(done)
 }
 
+/// Checks every path of the manifest against the tree as it is, and that every bundle source
+/// is a regular file, before the first change: a planted link or a missing source fails the
+/// manifest with nothing applied.
+fn preflight(m: &Manifest, root: &Root, bundle: &Root) -> Result<(), ApplyError> {
+    for mount in &m.mounts {
+        root.preflight(mount.path().as_str())
+            .map_err(root_err("mounts"))?;
+        if let Mount::Bind(b) = mount {
+            root.preflight(b.source.as_str())
+                .map_err(root_err("mounts"))?;
+        }
+    }
+    for d in &m.directories {
+        root.preflight(d.path.as_str())
+            .map_err(root_err("directories"))?;
+    }
+    for f in &m.files {
+        root.preflight(f.path.as_str()).map_err(root_err("files"))?;
+        if let Some(src) = &f.source {
+            bundle.open_file(src.as_str()).map_err(root_err("files"))?;
+        }
+    }
+    for s in &m.symlinks {
+        root.preflight(s.path.as_str())
+            .map_err(root_err("symlinks"))?;
+    }
+    Ok(())
+}
+
 fn write_sysctl(path: &Path, value: &str) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -329,16 +362,32 @@ fn apply_mount(mount: &Mount, root: &Root, loader: &mut ModuleLoader) -> Result<
             log::info!("manifest: mounts: tmpfs on {path} ({copied} default entries copied)");
         }
         Mount::Disk(d) => {
-            let found = blkprobe::scan(Path::new("/sys/class/block"), Path::new("/dev"))
-                .into_iter()
-                .find_map(|c| {
-                    let p = c.probed?;
-                    (p.label.as_deref() == Some(d.label.as_str())).then_some((c.dev, p.fstype))
-                });
+            loader.load_best_effort(crate::bootstrap::source_modules(
+                crate::config::Source::Disk,
+            ));
+            let find = || {
+                blkprobe::scan(Path::new("/sys/class/block"), Path::new("/dev"))
+                    .into_iter()
+                    .find_map(|c| {
+                        let p = c.probed?;
+                        (p.label.as_deref() == Some(d.label.as_str())).then_some((c.dev, p.fstype))
+                    })
+            };
+            // Devices appear shortly after their driver loads: wait a bounded time.
+            let deadline = std::time::Instant::now() + DISK_WAIT;
+            let mut found = find();
+            while found.is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                found = find();
+            }
             let Some((dev, fstype)) = found else {
                 return Err(ApplyError::Mount {
                     path: path.to_owned(),
-                    what: format!("disk labelled {:?}: no such block device", d.label.as_str()),
+                    what: format!(
+                        "disk labelled {:?}: no such block device after {} s",
+                        d.label.as_str(),
+                        DISK_WAIT.as_secs()
+                    ),
                     source: None,
                 });
             };

@@ -29,7 +29,9 @@ pub fn source_modules(source: Source) -> &'static [&'static str] {
 /// Modules a filesystem type needs (none when built in).
 pub fn fs_modules(fstype: FsType) -> &'static [&'static str] {
     match fstype {
-        FsType::Ext4 => &[],
+        // Built into some kernels, a module in others (Debian 12's 6.1): the loader skips
+        // built-in ones.
+        FsType::Ext4 => &["ext4"],
         FsType::Erofs => &["erofs"],
         FsType::Vfat => &["vfat", "nls_cp437", "nls_ascii"],
         FsType::Iso9660 => &["isofs"],

@@ -323,7 +323,7 @@ impl InitConfig {
         }
         let parse_err = |e: toml::de::Error| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            message: bootlace_agent::types::toml_error(text, &e),
         };
         let probe: VersionProbe = toml::from_str(text).map_err(parse_err)?;
         let found = match probe.version {

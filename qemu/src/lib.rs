@@ -58,8 +58,32 @@ pub struct VmSpec {
     pub echo: bool,
     /// Pass `quiet` to the kernel (only warnings and worse from the kernel on the console).
     pub quiet_kernel: bool,
+    /// Block devices (virtio-blk, raw images), in order: the first is `/dev/vda`.
+    pub disks: Vec<Disk>,
+    /// Directories shared over virtio 9p.
+    pub shares: Vec<Share>,
     /// More QEMU arguments, appended as they are.
     pub extra_args: Vec<String>,
+}
+
+/// A raw disk image attached as a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The image file.
+    pub path: PathBuf,
+    /// Attach read-only (the guest cannot change the file).
+    pub read_only: bool,
+}
+
+/// A host directory shared with the guest over virtio 9p.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The mount tag the guest sees.
+    pub tag: String,
+    /// Share read-only (QEMU refuses every write).
+    pub read_only: bool,
 }
 
 impl VmSpec {
@@ -77,6 +101,8 @@ impl VmSpec {
             console_log: None,
             echo: false,
             quiet_kernel: true,
+            disks: Vec::new(),
+            shares: Vec::new(),
             extra_args: Vec::new(),
         }
     }
@@ -120,8 +146,50 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     }
     let cmdline = kernel_cmdline(spec);
     push(&["-append", &cmdline]);
+    for (i, d) in spec.disks.iter().enumerate() {
+        a.extend(disk_args(i, d));
+    }
+    for (i, s) in spec.shares.iter().enumerate() {
+        a.extend(share_args(i, s));
+    }
     a.extend(spec.extra_args.iter().cloned());
     a
+}
+
+/// QEMU's option values escape `,` by doubling it.
+fn opt_value(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
+/// `-drive` + `-device virtio-blk-pci` for disk number `i`.
+pub fn disk_args(i: usize, d: &Disk) -> Vec<String> {
+    let ro = if d.read_only { ",readonly=on" } else { "" };
+    vec![
+        "-drive".to_owned(),
+        format!(
+            "file={},if=none,id=disk{i},format=raw{ro}",
+            opt_value(&d.path)
+        ),
+        "-device".to_owned(),
+        format!("virtio-blk-pci,drive=disk{i}"),
+    ]
+}
+
+/// `-fsdev` + `-device virtio-9p-pci` for share number `i`.
+pub fn share_args(i: usize, s: &Share) -> Vec<String> {
+    let ro = if s.read_only { ",readonly=on" } else { "" };
+    vec![
+        "-fsdev".to_owned(),
+        format!(
+            "local,id=fs{i},path={},security_model=none{ro}",
+            opt_value(&s.dir)
+        ),
+        "-device".to_owned(),
+        format!(
+            "virtio-9p-pci,fsdev=fs{i},mount_tag={}",
+            s.tag.replace(',', ",,")
+        ),
+    ]
 }
 
 /// How a run ended.
@@ -279,6 +347,18 @@ pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
             path: initrd.clone(),
         });
     }
+    if let Some(d) = spec.disks.iter().find(|d| !d.path.is_file()) {
+        return Err(VmError::Missing {
+            what: "disk image",
+            path: d.path.clone(),
+        });
+    }
+    if let Some(s) = spec.shares.iter().find(|s| !s.dir.is_dir()) {
+        return Err(VmError::Missing {
+            what: "9p share directory",
+            path: s.dir.clone(),
+        });
+    }
     let log = match &spec.console_log {
         Some(path) => Some(std::fs::File::create(path).map_err(|source| VmError::Log {
             path: path.clone(),
@@ -375,6 +455,34 @@ mod tests {
             args[append_at + 1],
             "console=ttyS0 panic=-1 quiet bootlace.log=debug"
         );
+    }
+
+    #[test]
+    fn disks_and_shares() {
+        let mut spec = VmSpec::new("/k");
+        spec.disks = vec![
+            Disk {
+                path: "/b/boot,strap.img".into(),
+                read_only: true,
+            },
+            Disk {
+                path: "/b/data.img".into(),
+                read_only: false,
+            },
+        ];
+        spec.shares = vec![Share {
+            dir: "/srv/share".into(),
+            tag: "bootlace".into(),
+            read_only: true,
+        }];
+        let joined = qemu_args(&spec).join(" ");
+        for want in [
+            "-drive file=/b/boot,,strap.img,if=none,id=disk0,format=raw,readonly=on -device virtio-blk-pci,drive=disk0",
+            "-drive file=/b/data.img,if=none,id=disk1,format=raw -device virtio-blk-pci,drive=disk1",
+            "-fsdev local,id=fs0,path=/srv/share,security_model=none,readonly=on -device virtio-9p-pci,fsdev=fs0,mount_tag=bootlace",
+        ] {
+            assert!(joined.contains(want), "{joined} lacks {want}");
+        }
     }
 
     #[test]

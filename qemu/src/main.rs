@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use bootlace_vm::{kernel, Accel, VmSpec};
+use bootlace_vm::{kernel, Accel, Disk, Share, VmSpec};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -59,12 +59,32 @@ struct RunArgs {
     /// Show all kernel messages (no `quiet`).
     #[arg(long)]
     verbose_kernel: bool,
+    /// A bootstrap bundle disk image (attached read-only).
+    #[arg(long)]
+    bootstrap_disk: Option<PathBuf>,
+    /// A bootstrap bundle directory, shared read-only over 9p with the tag `bootlace`.
+    #[arg(long = "bootstrap-9p")]
+    bootstrap_9p: Option<PathBuf>,
+    /// A raw disk image to attach read-write (repeatable; after the bootstrap disk).
+    #[arg(long = "disk")]
+    disks: Vec<PathBuf>,
+    /// A directory to share read-write over 9p, as TAG=DIR (repeatable).
+    #[arg(long = "share", value_parser = parse_share)]
+    shares: Vec<(String, PathBuf)>,
     /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
     /// Extra QEMU arguments, after `--`.
     #[arg(last = true)]
     qemu_args: Vec<String>,
+}
+
+fn parse_share(s: &str) -> Result<(String, PathBuf), String> {
+    let (tag, dir) = s.split_once('=').ok_or("expected TAG=DIR")?;
+    if tag.is_empty() || tag.len() > 31 {
+        return Err("the tag must be 1 to 31 characters".to_owned());
+    }
+    Ok((tag.to_owned(), PathBuf::from(dir)))
 }
 
 fn main() -> ExitCode {
@@ -97,6 +117,29 @@ fn run(a: RunArgs) -> anyhow::Result<u8> {
     spec.echo = !a.no_echo;
     spec.quiet_kernel = !a.verbose_kernel;
     spec.extra_args = a.qemu_args;
+    if let Some(path) = a.bootstrap_disk {
+        spec.disks.push(Disk {
+            path,
+            read_only: true,
+        });
+    }
+    spec.disks.extend(a.disks.into_iter().map(|path| Disk {
+        path,
+        read_only: false,
+    }));
+    if let Some(dir) = a.bootstrap_9p {
+        spec.shares.push(Share {
+            dir,
+            tag: "bootlace".to_owned(),
+            read_only: true,
+        });
+    }
+    spec.shares
+        .extend(a.shares.into_iter().map(|(tag, dir)| Share {
+            dir,
+            tag,
+            read_only: false,
+        }));
     let outcome = bootlace_vm::run(&spec)?;
     for line in outcome.lines_with("bootlace: timeline:") {
         eprintln!(

@@ -70,10 +70,12 @@ pub fn bake(rootfs: &Path, config: InitConfig, out: &Path) -> Result<()> {
     let spec = Spec {
         rootfs: Some(rootfs.to_owned()),
         init: artifact("bootlace-init")?,
-        modules: (!config.modules.is_empty()).then(|| Modules {
-            root: PathBuf::from("/lib/modules"),
-            release: k.release.clone(),
-            extra: Vec::new(),
+        modules: (!config.modules.is_empty() || !config.bootstrap.sources.is_empty()).then(|| {
+            Modules {
+                root: PathBuf::from("/lib/modules"),
+                release: k.release.clone(),
+                extra: Vec::new(),
+            }
         }),
         config,
         keep_owners: false,
@@ -87,6 +89,16 @@ pub fn bake(rootfs: &Path, config: InitConfig, out: &Path) -> Result<()> {
 /// Boots `initrd` with extra kernel parameters; the console goes to
 /// `target/vm-logs/<name>.console.log`.
 pub fn boot(name: &str, initrd: &Path, append: &[&str]) -> Result<Outcome> {
+    boot_with(name, initrd, append, |_| {})
+}
+
+/// Like [`boot`], letting the caller add disks and shares to the spec.
+pub fn boot_with(
+    name: &str,
+    initrd: &Path,
+    append: &[&str],
+    more: impl FnOnce(&mut VmSpec),
+) -> Result<Outcome> {
     let k = test_kernel()?;
     let logs = workspace().join("target/vm-logs");
     std::fs::create_dir_all(&logs)?;
@@ -95,7 +107,32 @@ pub fn boot(name: &str, initrd: &Path, append: &[&str]) -> Result<Outcome> {
     spec.append = append.iter().map(|s| (*s).to_owned()).collect();
     spec.timeout = Duration::from_secs(180);
     spec.console_log = Some(bootlace_vm::console_log_path(&logs, name));
+    more(&mut spec);
     Ok(bootlace_vm::run(&spec)?)
+}
+
+/// The busybox rootfs with the probe installed as `/sbin/probe` and, if given, a `/probe.sh`
+/// it runs after its report.
+pub fn probe_rootfs(dir: &Path, script: Option<&str>) -> Result<()> {
+    busybox_rootfs(dir)?;
+    std::fs::copy(artifact("bootlace-probe")?, dir.join("sbin/probe"))?;
+    if let Some(script) = script {
+        std::fs::write(dir.join("probe.sh"), script)?;
+    }
+    Ok(())
+}
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run_tool(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// The last `lines` lines of a console, for assertion messages.

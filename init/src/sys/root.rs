@@ -165,6 +165,30 @@ impl Root {
         }
     }
 
+    /// Checks, before anything is changed, that `path` would land in an allowed place as the
+    /// tree is now: its deepest existing ancestor (or its parent) must resolve outside the
+    /// forbidden roots. The operations check again when they run.
+    pub fn preflight(&self, path: &str) -> Result<(), RootError> {
+        let mut dir = split(path).0.to_owned();
+        loop {
+            let rel = if dir.is_empty() { "." } else { dir.as_str() };
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+            match rustix::fs::openat2(self.fd(), rel, flags, Mode::empty(), RESOLVE) {
+                Ok(fd) => return self.check_allowed(path, fd.as_fd()),
+                Err(Errno::NOENT) if !dir.is_empty() => {
+                    dir = split(&dir).0.to_owned();
+                }
+                Err(Errno::NOTDIR) => {
+                    return Err(RootError::InTheWay {
+                        path: path.to_owned(),
+                        what: format!("/{rel} is not a directory"),
+                    })
+                }
+                Err(e) => return Err(io_err(path, "resolve")(e)),
+            }
+        }
+    }
+
     /// Opens a regular file for reading, resolved in the root (for bundle sources).
     pub fn open_file(&self, path: &str) -> Result<std::fs::File, RootError> {
         let rel = path.trim_start_matches('/');
