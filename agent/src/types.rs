@@ -390,6 +390,20 @@ impl fmt::Display for Mode {
     }
 }
 
+/// A TOML error on one line, for the console: `line 3, column 8: unknown field `bogus`, …`.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,19 +455,5 @@ mod tests {
         assert!(Mode::try_from(0o4755).is_ok());
         assert!(Mode::try_from(0o10000).is_err());
         assert_eq!(Mode::new_const(0o644).to_string(), "0644");
-    }
-}
-
-/// A TOML error on one line, for the console: `line 3, column 8: unknown field `bogus`, …`.
-pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim_end().replace('\n', " ");
-    match e.span() {
-        Some(span) => {
-            let before = text.get(..span.start).unwrap_or(text);
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {column}: {message}")
-        }
-        None => message,
     }
 }

@@ -23,11 +23,36 @@ struct Cli {
 enum Cmd {
     /// Build an initramfs (newc cpio) from a rootfs directory, the init and kernel modules.
     Initramfs(Box<InitramfsArgs>),
+    /// Build a bootstrap bundle from a directory holding bootlace.toml: a labelled disk image
+    /// or a directory for a 9p share. The manifest is validated as the init will.
+    Bundle(BundleArgs),
     /// List the entries of an initramfs (newc, plain or gzip).
     List {
         /// The archive.
         file: PathBuf,
     },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum BundleFormatArg {
+    DiskExt4,
+    DiskErofs,
+    Dir,
+}
+
+#[derive(clap::Args, Debug)]
+struct BundleArgs {
+    /// The bundle directory (bootlace.toml at its root).
+    dir: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum)]
+    format: BundleFormatArg,
+    /// Output file (disk formats) or directory (dir).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Filesystem label the init looks for.
+    #[arg(long, default_value = "BOOTLACE")]
+    label: String,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -109,6 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Initramfs(a) => initramfs_cmd(*a),
         Cmd::List { file } => list(&file),
+        Cmd::Bundle(a) => bundle_cmd(a),
     }
 }
 
@@ -226,6 +252,27 @@ fn initramfs_cmd(a: InitramfsArgs) -> anyhow::Result<()> {
         } else {
             summary.modules.join(" ")
         }
+    );
+    Ok(())
+}
+
+fn bundle_cmd(a: BundleArgs) -> anyhow::Result<()> {
+    use bootlace_image::bundle::{self, BundleFormat};
+    let format = match a.format {
+        BundleFormatArg::DiskExt4 => BundleFormat::DiskExt4,
+        BundleFormatArg::DiskErofs => BundleFormat::DiskErofs,
+        BundleFormatArg::Dir => BundleFormat::Dir,
+    };
+    let mtime = u64::from(initramfs::source_date_epoch().map_err(|e| anyhow!(e))?);
+    let s = bundle::build(&a.dir, format, &a.label, mtime, &a.out)?;
+    println!(
+        "wrote {} ({:?}, label {}): manifest valid, {} files, {} commands, {} bytes",
+        a.out.display(),
+        a.format,
+        a.label,
+        s.files,
+        s.commands,
+        s.bytes
     );
     Ok(())
 }

@@ -31,8 +31,10 @@ pub fn fs_modules(fstype: FsType) -> &'static [&'static str] {
     match fstype {
         // Built into some kernels, a module in others (Debian 12's 6.1): the loader skips
         // built-in ones.
-        FsType::Ext4 => &["ext4"],
-        FsType::Erofs => &["erofs"],
+        // ext4 and erofs (through libcrc32c) need the crc32c algorithm, a soft dependency
+        // (`crypto-crc32c`) that modules.dep does not list: name its generic driver.
+        FsType::Ext4 => &["crc32c_generic", "ext4"],
+        FsType::Erofs => &["crc32c_generic", "erofs"],
         FsType::Vfat => &["vfat", "nls_cp437", "nls_ascii"],
         FsType::Iso9660 => &["isofs"],
         FsType::Squashfs => &["squashfs"],

@@ -116,6 +116,40 @@ fn ninep_bootstrap_end_to_end() {
 }
 
 #[test]
+fn disk_bootstrap_end_to_end() {
+    use bootlace_image::bundle::{self, BundleFormat};
+    let dir = scratch().expect("scratch");
+    let img = image(dir.path(), config(&[Source::Disk]));
+    let b = bundle(dir.path(), MANIFEST);
+    for (format, name) in [
+        (BundleFormat::DiskErofs, "erofs"),
+        (BundleFormat::DiskExt4, "ext4"),
+    ] {
+        let disk = dir.path().join(format!("bundle-{name}.img"));
+        bundle::build(&b, format, "BOOTLACE", 0, &disk).expect("bundle");
+        let o = boot_with(&format!("bootstrap_disk_{name}"), &img, &[], |spec| {
+            spec.disks.push(Disk {
+                path: disk,
+                read_only: true,
+            });
+        })
+        .expect("boot");
+        assert_applied(&o);
+        assert!(
+            o.console
+                .contains(&format!("bootstrap: found /dev/vda ({name})")),
+            "{}",
+            tail(&o, 40)
+        );
+        assert_eq!(
+            probe(&o, "secret_on_disk"),
+            "",
+            "the bundle's canary leaked"
+        );
+    }
+}
+
+#[test]
 fn bad_manifests_are_reported_and_change_nothing() {
     let dir = scratch().expect("scratch");
     let mut cfg = config(&[Source::NineP]);

@@ -1,0 +1,154 @@
+//! `bootlace-image bundle`: a bootstrap bundle directory (its `bootlace.toml` validated with the
+//! init's own code) -> a labelled disk image (ext4, erofs) or a clean directory for a 9p share.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bootlace_agent::manifest::{check_bundle_dir, ManifestError};
+
+use crate::fsimage::{self, FsFormat, FsImageError, FsSpec};
+
+/// What to make of a bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleFormat {
+    /// An ext4 disk image.
+    DiskExt4,
+    /// An erofs disk image.
+    DiskErofs,
+    /// A directory (for a 9p share), copied without symlinks pointing out of it.
+    Dir,
+}
+
+/// Why a bundle could not be made. Nothing is left at the output path on error.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The manifest (or a file it names) is invalid: the init would refuse it too.
+    #[error("bundle {}", dir.display())]
+    Manifest {
+        /// The bundle directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: ManifestError,
+    },
+    /// Making the disk image failed.
+    #[error("bundle image")]
+    Image(#[source] FsImageError),
+    /// Copying the directory failed.
+    #[error("copy {} to {}", from.display(), to.display())]
+    Copy {
+        /// Source.
+        from: PathBuf,
+        /// Destination.
+        to: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The output exists and is not something this command replaces.
+    #[error("{}: exists (remove it first)", .0.display())]
+    Exists(PathBuf),
+}
+
+/// What was made.
+#[derive(Debug, Clone)]
+pub struct BundleSummary {
+    /// Files the manifest writes, commands it runs.
+    pub files: usize,
+    /// Commands.
+    pub commands: usize,
+    /// Bytes of the image (0 for a directory).
+    pub bytes: u64,
+}
+
+/// Validates `dir` and makes the bundle at `out`.
+pub fn build(
+    dir: &Path,
+    format: BundleFormat,
+    label: &str,
+    mtime: u64,
+    out: &Path,
+) -> Result<BundleSummary, BundleError> {
+    let manifest = check_bundle_dir(dir).map_err(|source| BundleError::Manifest {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    let mut summary = BundleSummary {
+        files: manifest.files.len(),
+        commands: manifest.run.len(),
+        bytes: 0,
+    };
+    match format {
+        BundleFormat::DiskExt4 | BundleFormat::DiskErofs => {
+            let format = if format == BundleFormat::DiskExt4 {
+                FsFormat::Ext4
+            } else {
+                FsFormat::Erofs
+            };
+            let spec = FsSpec {
+                dir,
+                label,
+                mtime,
+                format,
+            };
+            summary.bytes = fsimage::make_image(&spec, out)
+                .map_err(BundleError::Image)?
+                .bytes;
+        }
+        BundleFormat::Dir => copy_dir_atomically(dir, out)?,
+    }
+    Ok(summary)
+}
+
+/// Copies `from` to a new directory `out` (through a temporary sibling renamed at the end).
+fn copy_dir_atomically(from: &Path, out: &Path) -> Result<(), BundleError> {
+    if out.exists() {
+        return Err(BundleError::Exists(out.to_owned()));
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let err = |source| BundleError::Copy {
+        from: from.to_owned(),
+        to: out.to_owned(),
+        source,
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".bootlace-bundle.")
+        .tempdir_in(parent)
+        .map_err(err)?;
+    copy_tree(from, tmp.path()).map_err(err)?;
+    std::fs::rename(tmp.path(), out).map_err(err)?;
+    // The directory now lives at `out`; nothing is left for the guard to remove.
+    let _ = tmp.keep();
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    let mut names: Vec<_> = std::fs::read_dir(from)?.collect::<Result<_, _>>()?;
+    names.sort_by_key(|e| e.file_name());
+    for e in names {
+        let src = e.path();
+        let dst = to.join(e.file_name());
+        let meta = std::fs::symlink_metadata(&src)?;
+        if meta.is_dir() {
+            std::fs::create_dir(&dst)?;
+            copy_tree(&src, &dst)?;
+            std::fs::set_permissions(&dst, meta.permissions())?;
+        } else if meta.is_file() {
+            std::fs::copy(&src, &dst)?;
+        } else if meta.file_type().is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: only files, directories and symlinks go in a bundle",
+                    src.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
