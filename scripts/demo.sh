@@ -1,54 +1,84 @@
 #!/usr/bin/env bash
-# make demo: bake a small busybox image with bootlace-init and boot it under QEMU three ways.
+# make demo: bake a small busybox base image with bootlace-init, build a bootstrap bundle, and
+# boot the image under QEMU three ways.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 image=target/release/bootlace-image
 vm=target/release/bootlace-vm
 init=target/bootlace/bootlace-init
 out=target/demo
+rm -rf "$out"
 mkdir -p "$out"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "building the demo root filesystem (busybox) in $out/rootfs"
+say "base image: busybox rootfs + bootlace-init, looking for a bootstrap on a disk or a 9p share"
 bash tests/fixtures/busybox-rootfs.sh "$out/rootfs"
 mkdir -p "$out/rootfs/demo"
+echo "this /etc/motd comes from the base image" > "$out/rootfs/etc/motd"
 cat > "$out/rootfs/demo/app.sh" <<'APP'
 #!/bin/sh
-echo "-- demo app: supervised by bootlace-init (PID 1 is '$(cat /proc/1/comm)'), my pid $$"
-echo "-- kernel $(uname -r); modules bootlace loaded:" $(cut -d' ' -f1 /proc/modules)
-echo "-- mounts:" $(awk '{print $2}' /proc/mounts)
-echo "-- leaving 3 orphans behind (sleep 600); bootlace reaps them at exit"
+echo "-- app: supervised by bootlace-init (PID 1 is '$(cat /proc/1/comm)'), hostname $(hostname)"
+echo "-- app: APP_MODE=$APP_MODE; /etc/motd: $(cat /etc/motd); /etc/app.conf: $(cat /etc/app.conf)"
+echo "-- app: /.bootstrap: $(ls -d /.bootstrap 2>&1 | sed 's/.*No such file.*/gone/'); mounts:" $(awk '{print $2}' /proc/mounts)
+echo "-- app: leaving 3 orphans behind (sleep 600); bootlace reaps them when I exit"
 for i in 1 2 3; do (sleep 600 &); done
 exit 0
 APP
 cat > "$out/rootfs/etc/inittab" <<'TAB'
-::sysinit:/bin/echo "-- busybox init is PID 1 now: bootlace-init exec'd it"
-::sysinit:/bin/sh -c 'echo "-- PID 1 is $(cat /proc/1/comm); its fds:" $(ls /proc/1/fd)'
+::sysinit:/bin/sh -c 'echo "-- busybox init is PID 1 now: bootlace-init exec-ed it; hostname $(hostname); fds:" $(ls /proc/1/fd)'
 ::sysinit:/sbin/poweroff
 TAB
+"$image" initramfs --rootfs "$out/rootfs" --init "$init" --out "$out/base.img" \
+  --source disk,9p --exec /sbin/init
 
-say "baking $out/supervise.img: bootlace-init supervising /demo/app.sh, with virtio_blk and 9pnet_virtio"
-"$image" initramfs --rootfs "$out/rootfs" --init "$init" --out "$out/supervise.img" \
-  --handoff supervise --exec "/bin/sh /demo/app.sh" --module virtio_blk --module 9pnet_virtio
-say "booting it under QEMU (TCG); console follows"
+say "bootstrap bundle: bootlace.toml + a file, validated and made into an erofs disk image"
+mkdir -p "$out/bundle/files"
+echo "listen = 8080" > "$out/bundle/files/app.conf"
+cat > "$out/bundle/bootlace.toml" <<'TOML'
+version = 1
+hostname = "demo-vm"
+env = { APP_MODE = "demo" }
+
+[[mounts]]                 # a writable /etc, seeded with the image's /etc
+type = "tmpfs"
+path = "/etc"
+
+[[files]]
+path = "/etc/app.conf"
+source = "files/app.conf"
+mode = 0o640
+
+[[run]]
+name = "greet"
+command = ["/bin/sh", "-c", "echo '-- manifest command: hello from the bundle'"]
+
+[handoff]                  # run the app under bootlace instead of exec-ing /sbin/init
+mode = "supervise"
+command = ["/bin/sh", "/demo/app.sh"]
+TOML
+sed 's/^\[handoff\].*//; s/^mode = "supervise"//; s/^command = \["\/bin\/sh", "\/demo\/app.sh"\]//' \
+  "$out/bundle/bootlace.toml" > "$out/exec-bundle.toml"
+"$image" bundle "$out/bundle" --format disk-erofs --out "$out/bundle.img"
+
 set +e
-"$vm" run --initrd "$out/supervise.img" --console-log "$out/supervise.console.log"
+say "boot 1: bundle on a virtio disk -> manifest applied -> app supervised -> power-off"
+"$vm" run --initrd "$out/base.img" --bootstrap-disk "$out/bundle.img" --console-log "$out/disk.console.log"
 s1=$?
 
-say "baking $out/exec.img: bootlace-init handing PID 1 over to busybox init"
-"$image" initramfs --rootfs "$out/rootfs" --init "$init" --out "$out/exec.img" --exec /sbin/init
-say "booting it"
-"$vm" run --initrd "$out/exec.img" --console-log "$out/exec.console.log"
+say "boot 2: the same bundle over 9p, without the hand-off override -> exec busybox init"
+mkdir -p "$out/share" && cp -r "$out/bundle/files" "$out/share/" && cp "$out/exec-bundle.toml" "$out/share/bootlace.toml"
+"$vm" run --initrd "$out/base.img" --bootstrap-9p "$out/share" --console-log "$out/9p.console.log"
 s2=$?
 
-say "booting exec.img with a typo on the kernel command line (bootlace.hanfoff=exec)"
-"$vm" run --initrd "$out/exec.img" --append bootlace.hanfoff=exec --console-log "$out/typo.console.log"
+say "boot 3: no bundle attached (bootstrap required) -> the error lists what was probed"
+"$vm" run --initrd "$out/base.img" --append bootlace.log=warn --console-log "$out/missing.console.log"
 s3=$?
 set -e
 
 say "summary"
-printf '  %-52s exit %s\n' "supervise: app exits 0, orphans reaped, power-off" "$s1" \
-  "exec: busybox init becomes PID 1 and powers off" "$s2" \
-  "typo: clear error, EXIT_STATUS=78, clean power-off" "$s3"
+printf '  %-62s exit %s\n' "disk bundle: manifest applied, app exits 0, orphans reaped" "$s1" \
+  "9p bundle: exec hand-off to busybox init, which powers off" "$s2" \
+  "no bundle: clear error, EXIT_STATUS=71, clean power-off" "$s3"
+grep -h "bootlace: timeline" "$out/disk.console.log" | sed 's/^/  disk: /'
 echo "  console logs: $out/*.console.log"
-[ "$s1" = 0 ] && [ "$s2" = 0 ] && [ "$s3" = 78 ]
+[ "$s1" = 0 ] && [ "$s2" = 0 ] && [ "$s3" = 71 ]

@@ -615,6 +615,17 @@ shutdown_grace_ms = 250
             ("bootlace.log=debug bootlace.log=warn", |c| {
                 c.log == LogLevel::Warn
             }),
+            ("bootlace.source=9p,disk", |c| {
+                c.bootstrap.sources == [Source::NineP, Source::Disk]
+            }),
+            (
+                "bootlace.bootstrap=optional bootlace.label=BOOT2 bootlace.tag=t",
+                |c| {
+                    !c.bootstrap.required
+                        && c.bootstrap.label.as_str() == "BOOT2"
+                        && c.bootstrap.tag.as_str() == "t"
+                },
+            ),
         ];
         for (line, check) in cases {
             let mut c = base.clone();
@@ -638,6 +649,8 @@ shutdown_grace_ms = 250
             ("bootlace.exec=init", "absolute path"),
             ("bootlace.exec=\"/bin/sh 'x\"", "unterminated"),
             ("bootlace.modules=a/b", "may hold only"),
+            ("bootlace.source=nfs", "not a bootstrap source"),
+            ("bootlace.bootstrap=maybe", "required or optional"),
         ];
         for (line, want) in cases {
             let mut c = InitConfig::default();

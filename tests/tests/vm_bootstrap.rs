@@ -14,6 +14,7 @@ echo "PROBE appconf=$(cat /etc/app.conf)|$(stat -c %a /etc/app.conf)"
 echo "PROBE ran=$(cat /etc/ran 2>&1)"
 echo "PROBE count=$(cat /var/lib/bootlace/count 2>/dev/null | wc -l)"
 echo "PROBE core_pattern=$(cat /proc/sys/kernel/core_pattern)"
+echo "PROBE domainname=$(cat /proc/sys/kernel/domainname)"
 echo "PROBE secret_on_disk=$(grep -rl CANARY-SECRET /etc /var /root /tmp 2>/dev/null | tr '\n' ' ')"
 "#;
 
@@ -21,6 +22,7 @@ const MANIFEST: &str = r#"
 version = 1
 hostname = "bundle-host"
 env = { APP_MODE = "from-bundle" }
+sysctl = { "kernel.domainname" = "bundle.test" }
 
 [[mounts]]
 type = "tmpfs"
@@ -92,6 +94,7 @@ fn assert_applied(o: &Outcome) {
     );
     assert_eq!(probe(o, "appconf"), "written by manifest|640");
     assert_eq!(probe(o, "ran"), "ran");
+    assert_eq!(probe(o, "domainname"), "bundle.test");
     assert_eq!(probe(o, "bootstrap_dir"), "absent");
     let mounts = probe(o, "mounts");
     assert!(!mounts.contains("bootstrap"), "{mounts}");

@@ -1,0 +1,35 @@
+//! The contracts in docs/ stay true: every ```toml example in docs/manifest.md is a valid
+//! manifest.
+
+use std::path::Path;
+
+use bootlace_agent::manifest::Manifest;
+
+fn toml_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```toml") => current = Some(String::new()),
+            (Some(_), "```") => blocks.extend(current.take()),
+            (Some(b), l) => {
+                b.push_str(l);
+                b.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+#[test]
+fn manifest_doc_examples_are_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/manifest.md");
+    let text = std::fs::read_to_string(&path).expect("docs/manifest.md");
+    let blocks = toml_blocks(&text);
+    assert!(blocks.len() >= 2, "no examples found");
+    for (i, b) in blocks.iter().enumerate() {
+        Manifest::parse(b, Path::new("docs/manifest.md"))
+            .unwrap_or_else(|e| panic!("example {i}: {e}"));
+    }
+}
