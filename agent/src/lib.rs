@@ -2,7 +2,10 @@
 //!
 //! The library is used by the init (without the `host` feature), by the image builder and by
 //! the harness, so each contract has exactly one implementation:
+//! - [`client`]: the guest side of the conversation (retries, acks, bundle fetch);
+//! - `host` (feature `host`): the host configuration manager (listeners, bundles, events);
 //! - [`manifest`]: the bootstrap manifest (`bootlace.toml`) and its validation;
+//! - [`protocol`]: the host <-> guest wire protocol (frames, decoder);
 //! - [`report`]: the power-off console line and its exit statuses;
 //! - [`types`]: validated value types (module and environment names, commands).
 //!
@@ -21,6 +24,10 @@
     )
 )]
 
+pub mod client;
+#[cfg(feature = "host")]
+pub mod host;
 pub mod manifest;
+pub mod protocol;
 pub mod report;
 pub mod types;

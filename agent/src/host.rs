@@ -1,0 +1,351 @@
+//! The host configuration manager: serves bundles to guests and collects what they report.
+//!
+//! Listeners: hybrid-vsock Unix sockets (`<uds_path>_<port>`, as vhost-device-vsock,
+//! Firecracker and Cloud Hypervisor expose a guest's connection to host port P: one socket per
+//! VM, so the socket is the guest's identity) and AF_VSOCK (vhost-vsock hosts: the peer CID is
+//! the identity). Never what the guest claims. One thread per connection; a bad or slow guest
+//! affects only its own thread.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::client::sha256_hex;
+use crate::protocol::{read_frame, write_frame, BundleHeader, Decoder, Frame, Kind, ProtocolError};
+
+/// A bundle ready to serve: the exact bytes, their digest and compression.
+#[derive(Debug, Clone)]
+pub struct BundleSource {
+    /// The bytes.
+    pub bytes: Arc<Vec<u8>>,
+    /// sha256, hex.
+    pub sha256: String,
+    /// `none`, `gzip` or `zstd`.
+    pub compression: String,
+}
+
+/// Why a bundle could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleSourceError {
+    /// Reading failed.
+    #[error("read {}", path.display())]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl BundleSource {
+    /// Bytes as they are; the compression is sniffed from the magic number.
+    pub fn from_bytes(bytes: Vec<u8>) -> BundleSource {
+        let compression = if bytes.starts_with(&[0x1f, 0x8b]) {
+            "gzip"
+        } else if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            "zstd"
+        } else {
+            "none"
+        };
+        BundleSource {
+            sha256: sha256_hex(&bytes),
+            bytes: Arc::new(bytes),
+            compression: compression.to_owned(),
+        }
+    }
+
+    /// A prebuilt tarball (tar, tar.gz, tar.zst), or a directory tarred deterministically
+    /// (sorted entries, mtime 0, root owner; see [`tar_dir`]).
+    pub fn from_path(path: &Path) -> Result<BundleSource, BundleSourceError> {
+        let err = |source| BundleSourceError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(err)?;
+        let bytes = if meta.is_dir() {
+            tar_dir(path, 0).map_err(err)?
+        } else {
+            std::fs::read(path).map_err(err)?
+        };
+        Ok(BundleSource::from_bytes(bytes))
+    }
+}
+
+/// A deterministic uncompressed tar of a directory: entries sorted by path, mtime `mtime`,
+/// uid/gid 0, modes kept, symlinks kept as links.
+pub fn tar_dir(dir: &Path, mtime: u64) -> io::Result<Vec<u8>> {
+    fn walk(dir: &Path, rel: &Path, out: &mut Vec<(PathBuf, PathBuf)>) -> io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let full = e.path();
+            let r = rel.join(e.file_name());
+            let is_dir = e.file_type()?.is_dir();
+            out.push((full.clone(), r.clone()));
+            if is_dir {
+                walk(&full, &r, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut list = Vec::new();
+    walk(dir, Path::new(""), &mut list)?;
+    let mut b = tar::Builder::new(Vec::new());
+    b.mode(tar::HeaderMode::Deterministic);
+    b.follow_symlinks(false);
+    for (full, rel) in list {
+        let meta = std::fs::symlink_metadata(&full)?;
+        let mut h = tar::Header::new_gnu();
+        h.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
+        h.set_mtime(mtime);
+        h.set_uid(0);
+        h.set_gid(0);
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&full)?;
+            b.append_link(&mut h, &rel, target)?;
+        } else if meta.is_dir() {
+            h.set_size(0);
+            b.append_data(&mut h, &rel, io::empty())?;
+        } else if meta.is_file() {
+            b.append_data(&mut h, &rel, std::fs::File::open(&full)?)?;
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: only files, directories and symlinks go in a bundle",
+                    full.display()
+                ),
+            ));
+        }
+    }
+    b.into_inner()
+}
+
+/// Something a guest did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A connection opened.
+    Connected,
+    /// HELLO (its fields).
+    Hello(Frame),
+    /// STEP, LOG, READY, FAILED, EXIT (each once, duplicates dropped).
+    Report(Frame),
+    /// The bundle was sent.
+    BundleSent {
+        /// Bytes.
+        bytes: u64,
+        /// Time to write them.
+        elapsed: Duration,
+    },
+    /// The guest asked for a bundle there is none of.
+    NoBundle,
+    /// The conversation broke (garbage, a dropped connection mid-frame, an I/O error).
+    Error(String),
+    /// The connection closed.
+    Disconnected,
+}
+
+/// An event and the guest it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestEvent {
+    /// The guest, as the host knows it (its socket or `vsock:<cid>`).
+    pub guest: String,
+    /// What happened.
+    pub event: Event,
+}
+
+/// Fault injection for tests of the guest: what the host does wrong on purpose.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Flip a byte of the bundle on the wire (the announced sha256 stays the true one).
+    pub corrupt_bundle: bool,
+    /// Close the connection after this many bundle bytes.
+    pub drop_bundle_after: Option<u64>,
+    /// Never acknowledge (the guest's per-read timeout must fire).
+    pub stall_acks: bool,
+}
+
+/// The host side of every guest conversation.
+pub struct Host {
+    bundle: Option<BundleSource>,
+    /// Highest sequence number reported, per guest and boot id (for dropping duplicates).
+    seen: Mutex<HashMap<(String, String), u64>>,
+    sink: Box<dyn Fn(GuestEvent) + Send + Sync>,
+    faults: Faults,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("bundle", &self.bundle.as_ref().map(|b| &b.sha256))
+            .finish()
+    }
+}
+
+impl Host {
+    /// A host serving `bundle` (if any) and passing every event to `sink`.
+    pub fn new(
+        bundle: Option<BundleSource>,
+        sink: impl Fn(GuestEvent) + Send + Sync + 'static,
+    ) -> Host {
+        Host {
+            bundle,
+            seen: Mutex::new(HashMap::new()),
+            sink: Box::new(sink),
+            faults: Faults::default(),
+        }
+    }
+
+    /// The same host, misbehaving as told.
+    pub fn with_faults(mut self, faults: Faults) -> Host {
+        self.faults = faults;
+        self
+    }
+
+    fn emit(&self, guest: &str, event: Event) {
+        (self.sink)(GuestEvent {
+            guest: guest.to_owned(),
+            event,
+        });
+    }
+
+    /// Runs one connection to its end.
+    pub fn handle<S: Read + Write>(&self, mut stream: S, guest: &str) {
+        self.emit(guest, Event::Connected);
+        let mut dec = Decoder::new();
+        let mut boot_id = String::new();
+        loop {
+            let f = match read_frame(&mut stream, &mut dec) {
+                Ok(f) => f,
+                Err(ProtocolError::Closed { mid_frame: false }) => break,
+                Err(e) => {
+                    self.emit(guest, Event::Error(e.to_string()));
+                    break;
+                }
+            };
+            let ack = |stream: &mut S, seq| -> Result<(), ProtocolError> {
+                if self.faults.stall_acks {
+                    return Ok(());
+                }
+                write_frame(stream, &Frame::new(Kind::Ack, seq))
+            };
+            let result = match f.kind {
+                Kind::Hello => {
+                    boot_id = f.get("BOOT_ID").unwrap_or("").to_owned();
+                    let seq = f.seq;
+                    self.emit(guest, Event::Hello(f));
+                    ack(&mut stream, seq)
+                }
+                Kind::GetBundle => self.send_bundle(&mut stream, guest, f.seq),
+                Kind::Step | Kind::Log | Kind::Ready | Kind::Failed | Kind::Exit => {
+                    let seq = f.seq;
+                    let fresh = {
+                        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                        let last = seen.entry((guest.to_owned(), boot_id.clone())).or_insert(0);
+                        let fresh = seq > *last;
+                        if fresh {
+                            *last = seq;
+                        }
+                        fresh
+                    };
+                    if fresh {
+                        self.emit(guest, Event::Report(f));
+                    }
+                    ack(&mut stream, seq)
+                }
+                Kind::Ack | Kind::Bundle | Kind::NoBundle => Err(ProtocolError::Unexpected {
+                    got: f.kind,
+                    expected: "a guest message",
+                }),
+            };
+            if let Err(e) = result {
+                self.emit(guest, Event::Error(e.to_string()));
+                break;
+            }
+        }
+        self.emit(guest, Event::Disconnected);
+    }
+
+    fn send_bundle<S: Write>(
+        &self,
+        stream: &mut S,
+        guest: &str,
+        seq: u64,
+    ) -> Result<(), ProtocolError> {
+        let Some(b) = &self.bundle else {
+            self.emit(guest, Event::NoBundle);
+            return write_frame(
+                stream,
+                &Frame::new(Kind::NoBundle, seq)
+                    .with("STATUS", "no bundle is configured for this guest"),
+            );
+        };
+        let header = BundleHeader {
+            size: b.bytes.len() as u64,
+            sha256: b.sha256.clone(),
+            compression: b.compression.clone(),
+        };
+        let started = Instant::now();
+        write_frame(stream, &header.to_frame(seq))?;
+        let mut bytes: &[u8] = &b.bytes;
+        let owned;
+        if self.faults.corrupt_bundle && !bytes.is_empty() {
+            let mut v = bytes.to_vec();
+            let mid = v.len() / 2;
+            if let Some(x) = v.get_mut(mid) {
+                *x ^= 0xff;
+            }
+            owned = v;
+            bytes = &owned;
+        }
+        if let Some(n) = self.faults.drop_bundle_after {
+            let cut = usize::try_from(n).unwrap_or(usize::MAX).min(bytes.len());
+            stream
+                .write_all(bytes.get(..cut).unwrap_or(&[]))
+                .map_err(ProtocolError::Io)?;
+            return Err(ProtocolError::Io(io::Error::other(
+                "fault injection: dropped mid-bundle",
+            )));
+        }
+        stream.write_all(bytes).map_err(ProtocolError::Io)?;
+        stream.flush().map_err(ProtocolError::Io)?;
+        self.emit(
+            guest,
+            Event::BundleSent {
+                bytes: header.size,
+                elapsed: started.elapsed(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Listens on the hybrid-vsock Unix socket `path` (`<uds_path>_<port>`), one thread per
+    /// connection. A stale socket file is replaced. The guest is identified by `path`.
+    pub fn serve_unix(self: &Arc<Self>, path: &Path) -> io::Result<std::thread::JoinHandle<()>> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        let host = Arc::clone(self);
+        let guest = path.display().to_string();
+        Ok(std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        let host = Arc::clone(&host);
+                        let guest = guest.clone();
+                        std::thread::spawn(move || host.handle(stream, &guest));
+                    }
+                    Err(e) => host.emit(&guest, Event::Error(format!("accept: {e}"))),
+                }
+            }
+        }))
+    }
+}
+
+/// The hybrid-vsock listener path for `port` under `uds_path`.
+pub fn hybrid_path(uds_path: &Path, port: u32) -> PathBuf {
+    PathBuf::from(format!("{}_{port}", uds_path.display()))
+}

@@ -1,0 +1,509 @@
+//! The host <-> guest wire protocol, version 1 (`docs/protocol.md` is the contract).
+//!
+//! A frame is one ASCII header line and a payload:
+//!
+//! ```text
+//! BL1 READY 7 37\n
+//! READY=1\nSTATUS=handing off to /sbin/init\n
+//! ```
+//!
+//! `BL1 <KIND> <SEQ> <LEN>\n`: the kind, a sequence number (guest messages count up from 1; an
+//! `ACK` carries the number it acknowledges), and the payload length. The payload is
+//! `KEY=VALUE` lines in the sd_notify vocabulary (`READY=1`, `STATUS=`, `ERRNO=`,
+//! `EXIT_STATUS=`), so a plain listener can read what a guest says. A header line is at most
+//! [`MAX_HEADER`] bytes and a payload at most [`MAX_PAYLOAD`]: the [`Decoder`] refuses anything
+//! longer before allocating for it, whatever the bytes and however they are split.
+//! A `BUNDLE` frame is followed by exactly `SIZE` raw bytes of the bundle.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+/// The protocol version this code speaks.
+pub const VERSION: u32 = 1;
+/// The magic that starts every header line.
+pub const MAGIC: &str = "BL1";
+/// Longest header line, newline included.
+pub const MAX_HEADER: usize = 64;
+/// Largest payload.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// The default vsock port of the host configuration manager.
+pub const DEFAULT_PORT: u32 = 1024;
+
+/// What a frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Guest: who it is (`PROTOCOL`, `INIT_VERSION`, `BOOT_ID`, `INSTANCE_ID`, `BOOTTIME_NS`).
+    Hello,
+    /// Guest: send me the bundle.
+    GetBundle,
+    /// Guest: a boot step started, finished or failed (`STEP`, `STATE`, `DURATION_MS`, `STATUS`).
+    Step,
+    /// Guest: a log line (`MESSAGE`).
+    Log,
+    /// Guest: ready (`READY=1`, `STATUS`, `TIMELINE`).
+    Ready,
+    /// Guest: the boot failed (`STATUS`, `ERRNO`, `EXIT_STATUS`).
+    Failed,
+    /// Guest: the supervised application ended (`EXIT_STATUS`, `STATUS`).
+    Exit,
+    /// Host: acknowledges the guest message whose SEQ it carries.
+    Ack,
+    /// Host: the bundle follows (`SIZE`, `SHA256`, `COMPRESSION`).
+    Bundle,
+    /// Host: there is no bundle for this guest (`STATUS`).
+    NoBundle,
+}
+
+const KINDS: &[(Kind, &str)] = &[
+    (Kind::Hello, "HELLO"),
+    (Kind::GetBundle, "GET-BUNDLE"),
+    (Kind::Step, "STEP"),
+    (Kind::Log, "LOG"),
+    (Kind::Ready, "READY"),
+    (Kind::Failed, "FAILED"),
+    (Kind::Exit, "EXIT"),
+    (Kind::Ack, "ACK"),
+    (Kind::Bundle, "BUNDLE"),
+    (Kind::NoBundle, "NO-BUNDLE"),
+];
+
+impl Kind {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        KINDS
+            .iter()
+            .find(|(k, _)| *k == self)
+            .map_or("?", |(_, n)| *n)
+    }
+
+    fn parse(s: &str) -> Option<Kind> {
+        KINDS.iter().find(|(_, n)| *n == s).map(|(k, _)| *k)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What it is.
+    pub kind: Kind,
+    /// Its sequence number (or, for `ACK`, the one acknowledged).
+    pub seq: u64,
+    /// `KEY=VALUE` fields, in order.
+    pub fields: Vec<(String, String)>,
+}
+
+impl Frame {
+    /// A frame with no fields.
+    pub fn new(kind: Kind, seq: u64) -> Frame {
+        Frame {
+            kind,
+            seq,
+            fields: Vec::new(),
+        }
+    }
+
+    /// Adds a field (newlines in the value become spaces; `=` and newlines in the key are
+    /// replaced by `_`).
+    pub fn with(mut self, key: &str, value: impl fmt::Display) -> Frame {
+        let key = key.replace(['=', '\n', '\r'], "_");
+        let value = value.to_string().replace(['\n', '\r'], " ");
+        self.fields.push((key, value));
+        self
+    }
+
+    /// The first value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The payload as it goes on the wire.
+    pub fn payload(&self) -> String {
+        let mut p = String::new();
+        for (k, v) in &self.fields {
+            p.push_str(k);
+            p.push('=');
+            p.push_str(v);
+            p.push('\n');
+        }
+        p
+    }
+
+    /// The whole frame as bytes. Fails if the payload is over [`MAX_PAYLOAD`].
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        let payload = self.payload();
+        if payload.len() > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLong {
+                what: "payload",
+                len: payload.len() as u64,
+                max: MAX_PAYLOAD,
+            });
+        }
+        let mut out =
+            format!("{MAGIC} {} {} {}\n", self.kind, self.seq, payload.len()).into_bytes();
+        out.extend_from_slice(payload.as_bytes());
+        Ok(out)
+    }
+}
+
+/// A protocol violation or a transport failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The peer sent bytes that are not a frame.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// A header or payload over its limit (refused before allocating for it).
+    #[error("{what} of {len} bytes is over the {max}-byte limit")]
+    TooLong {
+        /// Header or payload.
+        what: &'static str,
+        /// The length claimed or seen.
+        len: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// The connection ended before a whole frame.
+    #[error("connection closed{}", if *.mid_frame { " in the middle of a frame" } else { "" })]
+    Closed {
+        /// Whether part of a frame had arrived.
+        mid_frame: bool,
+    },
+    /// The peer sent a frame that does not fit the conversation.
+    #[error("unexpected {got} (expected {expected})")]
+    Unexpected {
+        /// What arrived.
+        got: Kind,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// The transport failed.
+    #[error("transport")]
+    Io(#[source] io::Error),
+}
+
+/// Incremental frame decoder: feed it bytes in any split, take whole frames out.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    /// The parsed header of the frame whose payload is still arriving.
+    pending: Option<(Kind, u64, usize)>,
+}
+
+impl Decoder {
+    /// An empty decoder.
+    pub fn new() -> Decoder {
+        Decoder::default()
+    }
+
+    /// Adds received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Whether part of a frame is buffered.
+    pub fn is_mid_frame(&self) -> bool {
+        self.pending.is_some() || !self.buf.is_empty()
+    }
+
+    /// Bytes buffered beyond the frames taken so far (raw bundle bytes that followed a
+    /// `BUNDLE` frame); the decoder is empty afterwards.
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
+    /// How many more bytes the decoder wants before it can make progress (at most
+    /// [`MAX_HEADER`] or the pending payload's remainder): a reader never needs to buffer more.
+    pub fn wanted(&self) -> usize {
+        match self.pending {
+            Some((_, _, len)) => len.saturating_sub(self.buf.len()).max(1),
+            None => MAX_HEADER.saturating_sub(self.buf.len()).max(1),
+        }
+    }
+
+    /// The next whole frame, `Ok(None)` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        if self.pending.is_none() {
+            let Some(nl) = self.buf.iter().take(MAX_HEADER).position(|b| *b == b'\n') else {
+                if self.buf.len() >= MAX_HEADER {
+                    return Err(ProtocolError::TooLong {
+                        what: "header line",
+                        len: self.buf.len() as u64,
+                        max: MAX_HEADER,
+                    });
+                }
+                return Ok(None);
+            };
+            let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            self.pending = Some(parse_header(&line)?);
+        }
+        let Some((kind, seq, len)) = self.pending else {
+            return Ok(None);
+        };
+        if self.buf.len() < len {
+            return Ok(None);
+        }
+        self.pending = None;
+        let payload: Vec<u8> = self.buf.drain(..len).collect();
+        let text = String::from_utf8(payload)
+            .map_err(|_| ProtocolError::Malformed(format!("{kind} payload is not UTF-8")))?;
+        let mut fields = Vec::new();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let (k, v) = line.split_once('=').ok_or_else(|| {
+                ProtocolError::Malformed(format!("{kind} payload line {line:?} is not KEY=VALUE"))
+            })?;
+            fields.push((k.to_owned(), v.to_owned()));
+        }
+        Ok(Some(Frame { kind, seq, fields }))
+    }
+}
+
+fn parse_header(line: &[u8]) -> Result<(Kind, u64, usize), ProtocolError> {
+    let text = std::str::from_utf8(line)
+        .map_err(|_| ProtocolError::Malformed("header line is not ASCII".to_owned()))?;
+    let bad = || ProtocolError::Malformed(format!("bad header line {:?}", text.trim_end()));
+    let mut parts = text.trim_end_matches('\n').split(' ');
+    if parts.next() != Some(MAGIC) {
+        return Err(bad());
+    }
+    let kind = parts.next().and_then(Kind::parse).ok_or_else(bad)?;
+    let seq: u64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let len: u64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if len > MAX_PAYLOAD as u64 {
+        return Err(ProtocolError::TooLong {
+            what: "payload",
+            len,
+            max: MAX_PAYLOAD,
+        });
+    }
+    Ok((kind, seq, len as usize))
+}
+
+/// Reads the next frame from a stream, through `dec` (which keeps what follows it).
+pub fn read_frame(r: &mut dyn Read, dec: &mut Decoder) -> Result<Frame, ProtocolError> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(f) = dec.next_frame()? {
+            return Ok(f);
+        }
+        let want = dec.wanted().min(buf.len());
+        let n = match r.read(buf.get_mut(..want).unwrap_or(&mut [])) {
+            Ok(0) => {
+                return Err(ProtocolError::Closed {
+                    mid_frame: dec.is_mid_frame(),
+                })
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ProtocolError::Io(e)),
+        };
+        dec.push(buf.get(..n).unwrap_or(&[]));
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut dyn Write, frame: &Frame) -> Result<(), ProtocolError> {
+    let bytes = frame.encode()?;
+    w.write_all(&bytes).map_err(ProtocolError::Io)?;
+    w.flush().map_err(ProtocolError::Io)
+}
+
+/// The header of a bundle transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleHeader {
+    /// Bytes that follow.
+    pub size: u64,
+    /// Lower-case hex sha256 of those bytes.
+    pub sha256: String,
+    /// `none`, `gzip` or `zstd`.
+    pub compression: String,
+}
+
+impl BundleHeader {
+    /// Reads it from a `BUNDLE` frame.
+    pub fn from_frame(f: &Frame) -> Result<BundleHeader, ProtocolError> {
+        let size = f
+            .get("SIZE")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ProtocolError::Malformed("BUNDLE without a numeric SIZE".to_owned()))?;
+        let sha256 = f
+            .get("SHA256")
+            .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| {
+                ProtocolError::Malformed("BUNDLE without a 64-hex-digit SHA256".to_owned())
+            })?
+            .to_ascii_lowercase();
+        let compression = f.get("COMPRESSION").unwrap_or("none").to_owned();
+        Ok(BundleHeader {
+            size,
+            sha256,
+            compression,
+        })
+    }
+
+    /// The frame announcing it.
+    pub fn to_frame(&self, seq: u64) -> Frame {
+        Frame::new(Kind::Bundle, seq)
+            .with("SIZE", self.size)
+            .with("SHA256", &self.sha256)
+            .with("COMPRESSION", &self.compression)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames() -> Vec<Frame> {
+        vec![
+            Frame::new(Kind::Hello, 1)
+                .with("PROTOCOL", 1)
+                .with("BOOT_ID", "b-1")
+                .with("BOOTTIME_NS", 123),
+            Frame::new(Kind::Step, 2)
+                .with("STEP", "bootstrap")
+                .with("STATE", "failed")
+                .with("STATUS", "line one\nline two"),
+            Frame::new(Kind::Ready, 3)
+                .with("READY", 1)
+                .with("STATUS", "ok=yes"),
+            Frame::new(Kind::Ack, 3),
+            Frame::new(Kind::Exit, 4).with("EXIT_STATUS", 3),
+        ]
+    }
+
+    #[test]
+    fn readable_on_the_wire() {
+        let f = Frame::new(Kind::Ready, 7)
+            .with("READY", 1)
+            .with("STATUS", "up");
+        let bytes = f.encode().expect("encode");
+        assert_eq!(
+            String::from_utf8(bytes).expect("utf8"),
+            "BL1 READY 7 18\nREADY=1\nSTATUS=up\n"
+        );
+    }
+
+    #[test]
+    fn decodes_any_split() {
+        let wire: Vec<u8> = frames()
+            .iter()
+            .flat_map(|f| f.encode().expect("encode"))
+            .collect();
+        let mut want = frames();
+        want[1].fields[2].1 = "line one line two".to_owned();
+        // Every split point, and byte by byte.
+        for chunk in [1usize, 2, 3, 5, 7, 13, 64, wire.len()] {
+            let mut d = Decoder::new();
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                d.push(piece);
+                while let Some(f) = d.next_frame().expect("valid") {
+                    got.push(f);
+                }
+            }
+            assert_eq!(got, want, "chunk {chunk}");
+            assert!(!d.is_mid_frame());
+        }
+        for cut in 0..wire.len() {
+            let mut d = Decoder::new();
+            d.push(&wire[..cut]);
+            let mut n = 0;
+            while d.next_frame().expect("valid").is_some() {
+                n += 1;
+            }
+            d.push(&wire[cut..]);
+            while d.next_frame().expect("valid").is_some() {
+                n += 1;
+            }
+            assert_eq!(n, want.len(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn garbage_and_huge_lengths_are_refused_without_allocating() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"GET / HTTP/1.1\r\n", "bad header line"),
+            (b"BL1 READY 1 4294967296\n", "over the 65536-byte limit"),
+            (
+                b"BL1 READY 1 18446744073709551615\n",
+                "over the 65536-byte limit",
+            ),
+            (b"BL1 READY 1 99999999999999999999999\n", "bad header line"),
+            (b"BL1 NOPE 1 0\n", "bad header line"),
+            (b"BL1 READY x 0\n", "bad header line"),
+            (b"BL1 READY 1 0 extra\n", "bad header line"),
+            (b"BL1 READY 1 3\nabc", "not KEY=VALUE"),
+            (b"BL1 READY 1 2\n\xff\xfe", "not UTF-8"),
+            (&[b'A'; 100], "header line of"),
+            (b"\xff\xff\xff\xff\n", "not ASCII"),
+        ];
+        for (bytes, want) in cases {
+            let mut d = Decoder::new();
+            d.push(bytes);
+            let err = d.next_frame().expect_err("refused").to_string();
+            assert!(err.contains(want), "{bytes:?}: {err} lacks {want}");
+            assert!(
+                d.buf.capacity() <= 4096,
+                "decoder grew to {}",
+                d.buf.capacity()
+            );
+        }
+    }
+
+    #[test]
+    fn stream_helpers_and_truncation() {
+        let mut wire = Vec::new();
+        for f in frames() {
+            write_frame(&mut wire, &f).expect("write");
+        }
+        wire.extend_from_slice(b"raw bundle bytes");
+        let mut r: &[u8] = &wire;
+        let mut d = Decoder::new();
+        for _ in 0..frames().len() {
+            read_frame(&mut r, &mut d).expect("frame");
+        }
+        let mut rest = d.take_buffered();
+        r.read_to_end(&mut rest).expect("rest");
+        assert_eq!(rest, b"raw bundle bytes");
+
+        let cut = &wire[..10];
+        let mut r: &[u8] = cut;
+        let err = read_frame(&mut r, &mut Decoder::new()).expect_err("truncated");
+        assert!(
+            matches!(err, ProtocolError::Closed { mid_frame: true }),
+            "{err}"
+        );
+        let mut empty: &[u8] = b"";
+        let err = read_frame(&mut empty, &mut Decoder::new()).expect_err("closed");
+        assert!(matches!(err, ProtocolError::Closed { mid_frame: false }));
+    }
+
+    #[test]
+    fn bundle_headers() {
+        let h = BundleHeader {
+            size: 42,
+            sha256: "ab".repeat(32),
+            compression: "zstd".to_owned(),
+        };
+        assert_eq!(BundleHeader::from_frame(&h.to_frame(1)).expect("parse"), h);
+        let bad = Frame::new(Kind::Bundle, 1)
+            .with("SIZE", "x")
+            .with("SHA256", "ab");
+        assert!(BundleHeader::from_frame(&bad).is_err());
+        let bad = Frame::new(Kind::Bundle, 1)
+            .with("SIZE", 1)
+            .with("SHA256", "zz".repeat(32));
+        assert!(BundleHeader::from_frame(&bad).is_err());
+    }
+}

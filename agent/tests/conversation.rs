@@ -1,0 +1,229 @@
+//! Guest client against the host agent over real hybrid-vsock Unix sockets, with faults.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use bootlace_agent::client::{sha256_hex, Client, ClientError, Connector, Retry};
+use bootlace_agent::host::{hybrid_path, BundleSource, Event, Faults, GuestEvent, Host};
+use bootlace_agent::protocol::Kind;
+
+fn start(
+    dir: &Path,
+    bundle: Option<BundleSource>,
+    faults: Faults,
+) -> (PathBuf, mpsc::Receiver<GuestEvent>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let host = Arc::new(
+        Host::new(bundle, move |e| {
+            let _ = tx.lock().map(|t| t.send(e));
+        })
+        .with_faults(faults),
+    );
+    let path = hybrid_path(&dir.join("vm.vsock"), 1024);
+    host.serve_unix(&path).expect("listen");
+    (path, rx)
+}
+
+fn connector(path: PathBuf) -> Connector {
+    Box::new(move || {
+        let s = UnixStream::connect(&path)?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        Ok(Box::new(s) as Box<dyn bootlace_agent::client::Stream>)
+    })
+}
+
+fn hello() -> Vec<(&'static str, String)> {
+    vec![
+        ("BOOT_ID", "boot-1".to_owned()),
+        ("INSTANCE_ID", "i-1".to_owned()),
+    ]
+}
+
+fn quick() -> Retry {
+    Retry {
+        give_up_after: Duration::from_millis(800),
+        first_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        resends: 2,
+    }
+}
+
+fn reports(rx: &mpsc::Receiver<GuestEvent>) -> Vec<Kind> {
+    let mut out = Vec::new();
+    while let Ok(e) = rx.recv_timeout(Duration::from_millis(300)) {
+        if let Event::Report(f) = e.event {
+            out.push(f.kind);
+        }
+    }
+    out
+}
+
+#[test]
+fn hello_steps_bundle_ready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (path, rx) = start(
+        dir.path(),
+        Some(BundleSource::from_bytes(bytes.clone())),
+        Faults::default(),
+    );
+    let mut c = Client::connect(connector(path.clone()), &hello(), quick()).expect("connect");
+    let mut got = Vec::new();
+    let r = c.fetch_bundle(&mut got, 1 << 20).expect("bundle");
+    assert_eq!(got, bytes);
+    assert_eq!(r.sha256, sha256_hex(&bytes));
+    c.send(
+        Kind::Step,
+        &[("STEP", "bootstrap".into()), ("STATE", "finished".into())],
+    )
+    .expect("step");
+    c.send(Kind::Ready, &[("READY", "1".into())])
+        .expect("ready");
+    let events: Vec<GuestEvent> =
+        std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(300)).ok()).collect();
+    assert!(events.iter().all(|e| e.guest == path.display().to_string()));
+    let hello = events.iter().find_map(|e| match &e.event {
+        Event::Hello(f) => Some(f.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        hello
+            .and_then(|f| f.get("BOOT_ID").map(str::to_owned))
+            .as_deref(),
+        Some("boot-1")
+    );
+    assert!(events
+        .iter()
+        .any(|e| matches!(e.event, Event::BundleSent { bytes: 300_000, .. })));
+    let kinds: Vec<Kind> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::Report(f) => Some(f.kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, [Kind::Step, Kind::Ready]);
+}
+
+#[test]
+fn bundle_faults_are_detected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes = vec![7u8; 100_000];
+    let cases: Vec<(Faults, &str)> = vec![
+        (
+            Faults {
+                corrupt_bundle: true,
+                ..Faults::default()
+            },
+            "corrupted in transit",
+        ),
+        (
+            Faults {
+                drop_bundle_after: Some(5000),
+                ..Faults::default()
+            },
+            "bundle transfer",
+        ),
+    ];
+    for (i, (faults, want)) in cases.into_iter().enumerate() {
+        let sub = dir.path().join(i.to_string());
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        let (path, _rx) = start(&sub, Some(BundleSource::from_bytes(bytes.clone())), faults);
+        let mut c = Client::connect(connector(path), &hello(), quick()).expect("connect");
+        let err = c.fetch_bundle(&mut Vec::new(), 1 << 20).expect_err(want);
+        assert!(err.to_string().contains(want), "{err}");
+    }
+    // Over the guest's size cap: refused before any byte is stored.
+    let sub = dir.path().join("x");
+    std::fs::create_dir_all(&sub).expect("mkdir");
+    let (path, _rx) = start(
+        &sub,
+        Some(BundleSource::from_bytes(bytes)),
+        Faults::default(),
+    );
+    let mut c = Client::connect(connector(path), &hello(), quick()).expect("connect");
+    let mut sink = Vec::new();
+    let err = c.fetch_bundle(&mut sink, 1000).expect_err("too large");
+    assert!(
+        matches!(
+            err,
+            ClientError::BundleTooLarge {
+                size: 100_000,
+                max: 1000
+            }
+        ),
+        "{err}"
+    );
+    assert!(sink.is_empty());
+}
+
+#[test]
+fn no_bundle_and_absent_or_silent_hosts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, _rx) = start(dir.path(), None, Faults::default());
+    let mut c = Client::connect(connector(path), &hello(), quick()).expect("connect");
+    let err = c.fetch_bundle(&mut Vec::new(), 1 << 20).expect_err("none");
+    assert!(err.to_string().contains("no bundle"), "{err}");
+
+    // Nobody listening: bounded retries, then a clear error.
+    let started = Instant::now();
+    let err = Client::connect(connector(dir.path().join("absent_1024")), &hello(), quick())
+        .expect_err("absent");
+    assert!(matches!(err, ClientError::Unreachable { .. }), "{err}");
+    assert!(
+        err.to_string().starts_with("host unreachable after"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A host that accepts but never answers: the per-read timeout fires, bounded tries.
+    let sub = dir.path().join("silent");
+    std::fs::create_dir_all(&sub).expect("mkdir");
+    let (path, _rx) = start(
+        &sub,
+        None,
+        Faults {
+            stall_acks: true,
+            ..Faults::default()
+        },
+    );
+    let err = Client::connect(connector(path), &hello(), quick()).expect_err("silent");
+    assert!(matches!(err, ClientError::Unreachable { .. }), "{err}");
+}
+
+#[test]
+fn duplicates_are_dropped_and_garbage_does_not_hurt_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, rx) = start(dir.path(), None, Faults::default());
+    // A raw client that sends READY twice with the same sequence number (a resend after a
+    // lost ack): the host acks both, reports once.
+    let mut s = UnixStream::connect(&path).expect("connect");
+    s.write_all(b"BL1 HELLO 0 15\nBOOT_ID=boot-9\n")
+        .expect("hello");
+    s.write_all(b"BL1 READY 1 8\nREADY=1\nBL1 READY 1 8\nREADY=1\n")
+        .expect("ready x2");
+    let mut buf = [0u8; 64];
+    let mut acks = Vec::new();
+    while acks.windows(3).filter(|w| w == b"ACK").count() < 3 {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0);
+        acks.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    // Garbage and a 4 GiB length prefix on other connections.
+    for junk in [&b"\x00\x01\x02 garbage\n"[..], b"BL1 BUNDLE 1 4294967296\n"] {
+        let mut g = UnixStream::connect(&path).expect("connect");
+        g.write_all(junk).expect("write");
+        let mut sink = Vec::new();
+        let _ = g.read_to_end(&mut sink);
+    }
+    let mut c = Client::connect(connector(path), &hello(), quick()).expect("still serving");
+    c.send(Kind::Exit, &[("EXIT_STATUS", "3".into())])
+        .expect("exit");
+    let kinds = reports(&rx);
+    assert_eq!(kinds, [Kind::Ready, Kind::Exit]);
+}
