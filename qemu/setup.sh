@@ -11,7 +11,7 @@ pkg_installed() {
 }
 
 missing=()
-for pkg in qemu-system-x86 linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools squashfs-tools xorriso; do
+for pkg in qemu-system-x86 linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools squashfs-tools xorriso socat; do
   pkg_installed "$pkg" || missing+=("$pkg")
 done
 

@@ -37,6 +37,9 @@ pub struct Retry {
     pub max_backoff: Duration,
     /// How many times an unacknowledged message is sent again.
     pub resends: u32,
+    /// Wait for the host's ACK of every message. Off for a plain listener (notify mode:
+    /// messages are written and not confirmed; no bundle can be fetched).
+    pub acks: bool,
 }
 
 impl Default for Retry {
@@ -46,6 +49,7 @@ impl Default for Retry {
             first_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
             resends: 3,
+            acks: true,
         }
     }
 }
@@ -216,7 +220,14 @@ impl Client {
             let Some(s) = self.stream.as_mut() else {
                 continue;
             };
-            match write_frame(s, &frame).and_then(|()| expect_ack(s, &mut self.dec, frame.seq)) {
+            let acks = self.retry.acks;
+            match write_frame(s, &frame).and_then(|()| {
+                if acks {
+                    expect_ack(s, &mut self.dec, frame.seq)
+                } else {
+                    Ok(())
+                }
+            }) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     log::debug!("{kind} try {}: {e}", attempt + 1);

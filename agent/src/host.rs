@@ -349,3 +349,112 @@ impl Host {
 pub fn hybrid_path(uds_path: &Path, port: u32) -> PathBuf {
     PathBuf::from(format!("{}_{port}", uds_path.display()))
 }
+
+/// One line for people: `READY STATUS=up`, `bundle sent: 1048576 bytes in 12 ms (87.4 MB/s)`.
+pub fn describe(event: &Event) -> String {
+    match event {
+        Event::Connected => "connected".to_owned(),
+        Event::Hello(f) | Event::Report(f) => {
+            let fields: Vec<String> = f.fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{} {}", f.kind, fields.join(" "))
+                .trim_end()
+                .to_owned()
+        }
+        Event::BundleSent { bytes, elapsed } => {
+            let secs = elapsed.as_secs_f64().max(1e-9);
+            format!(
+                "bundle sent: {bytes} bytes in {} ms ({:.1} MB/s)",
+                elapsed.as_millis(),
+                *bytes as f64 / secs / 1e6
+            )
+        }
+        Event::NoBundle => "asked for a bundle; none is configured".to_owned(),
+        Event::Error(e) => format!("error: {e}"),
+        Event::Disconnected => "disconnected".to_owned(),
+    }
+}
+
+/// One JSON object for tools: `{"guest":…,"event":"report","kind":"READY","fields":{…}}`.
+pub fn to_json(e: &GuestEvent) -> String {
+    let mut v = serde_json::json!({ "guest": e.guest });
+    let fields = |f: &Frame| {
+        serde_json::Value::Object(
+            f.fields
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect(),
+        )
+    };
+    let (event, extra) = match &e.event {
+        Event::Connected => ("connected", serde_json::json!({})),
+        Event::Hello(f) => ("hello", serde_json::json!({ "fields": fields(f) })),
+        Event::Report(f) => (
+            "report",
+            serde_json::json!({ "kind": f.kind.as_str(), "seq": f.seq, "fields": fields(f) }),
+        ),
+        Event::BundleSent { bytes, elapsed } => (
+            "bundle_sent",
+            serde_json::json!({ "bytes": bytes, "ms": elapsed.as_secs_f64() * 1000.0 }),
+        ),
+        Event::NoBundle => ("no_bundle", serde_json::json!({})),
+        Event::Error(m) => ("error", serde_json::json!({ "message": m })),
+        Event::Disconnected => ("disconnected", serde_json::json!({})),
+    };
+    if let (Some(obj), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+        obj.insert(
+            "event".to_owned(),
+            serde_json::Value::String(event.to_owned()),
+        );
+        for (k, x) in extra {
+            obj.insert(k.clone(), x.clone());
+        }
+    }
+    v.to_string()
+}
+
+/// `VMADDR_CID_ANY`.
+const VMADDR_CID_ANY: u32 = u32::MAX;
+
+/// Listens on AF_VSOCK port `port` (hosts with vhost-vsock), one thread per connection; the
+/// guest is identified by its peer CID.
+pub fn serve_vsock(host: &Arc<Host>, port: u32) -> io::Result<std::thread::JoinHandle<()>> {
+    use nix::sys::socket::{
+        accept, bind, getpeername, listen, socket, AddressFamily, Backlog, SockFlag, SockType,
+        VsockAddr,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &VsockAddr::new(VMADDR_CID_ANY, port))?;
+    listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))?;
+    let host = Arc::clone(host);
+    Ok(std::thread::spawn(move || loop {
+        match accept(fd.as_raw_fd()) {
+            Ok(raw) => {
+                let conn = owned(raw);
+                let cid = getpeername::<VsockAddr>(conn.as_raw_fd())
+                    .map(|a| a.cid())
+                    .unwrap_or(u32::MAX);
+                let host = Arc::clone(&host);
+                std::thread::spawn(move || {
+                    host.handle(std::fs::File::from(conn), &format!("vsock:{cid}"))
+                });
+            }
+            Err(e) => host.emit(
+                &format!("vsock:*:{port}"),
+                Event::Error(format!("accept: {e}")),
+            ),
+        }
+    }))
+}
+
+#[allow(unsafe_code)]
+fn owned(raw: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `raw` was just returned by accept(2) and is owned by nobody else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
+}

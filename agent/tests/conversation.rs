@@ -49,6 +49,7 @@ fn quick() -> Retry {
         first_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(200),
         resends: 2,
+        acks: true,
     }
 }
 

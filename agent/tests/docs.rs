@@ -33,3 +33,23 @@ fn manifest_doc_examples_are_valid() {
             .unwrap_or_else(|e| panic!("example {i}: {e}"));
     }
 }
+
+#[test]
+fn protocol_doc_frames_decode() {
+    use bootlace_agent::protocol::{Decoder, Kind};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md");
+    let text = std::fs::read_to_string(&path).expect("docs/protocol.md");
+    let block = text
+        .split("```frames\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a frames block");
+    let mut d = Decoder::new();
+    d.push(block.as_bytes());
+    let mut kinds = Vec::new();
+    while let Some(f) = d.next_frame().expect("valid frames") {
+        kinds.push(f.kind);
+    }
+    assert_eq!(kinds, [Kind::Hello, Kind::Ready, Kind::Ack, Kind::Exit]);
+    assert!(!d.is_mid_frame(), "trailing bytes in the example");
+}

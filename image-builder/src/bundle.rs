@@ -15,8 +15,14 @@ pub enum BundleFormat {
     DiskExt4,
     /// An erofs disk image.
     DiskErofs,
-    /// A directory (for a 9p share), copied without symlinks pointing out of it.
+    /// A directory (for a 9p share).
     Dir,
+    /// A deterministic tarball for the vsock source (sorted, mtime fixed, root-owned).
+    Tar,
+    /// The same, gzip-compressed.
+    TarGz,
+    /// The same, zstd-compressed.
+    TarZst,
 }
 
 /// Why a bundle could not be made. Nothing is left at the output path on error.
@@ -59,6 +65,8 @@ pub struct BundleSummary {
     pub commands: usize,
     /// Bytes of the image (0 for a directory).
     pub bytes: u64,
+    /// sha256 of a tarball: the digest to pin (`bootlace.digest=sha256:…`).
+    pub sha256: Option<String>,
 }
 
 /// Validates `dir` and makes the bundle at `out`.
@@ -77,6 +85,7 @@ pub fn build(
         files: manifest.files.len(),
         commands: manifest.run.len(),
         bytes: 0,
+        sha256: None,
     };
     match format {
         BundleFormat::DiskExt4 | BundleFormat::DiskErofs => {
@@ -96,6 +105,20 @@ pub fn build(
                 .bytes;
         }
         BundleFormat::Dir => copy_dir_atomically(dir, out)?,
+        BundleFormat::Tar | BundleFormat::TarGz | BundleFormat::TarZst => {
+            let bytes = tarball(dir, format, mtime).map_err(|source| BundleError::Copy {
+                from: dir.to_owned(),
+                to: out.to_owned(),
+                source,
+            })?;
+            write_atomically(out, &bytes).map_err(|source| BundleError::Copy {
+                from: dir.to_owned(),
+                to: out.to_owned(),
+                source,
+            })?;
+            summary.bytes = bytes.len() as u64;
+            summary.sha256 = Some(bootlace_agent::client::sha256_hex(&bytes));
+        }
     }
     Ok(summary)
 }
@@ -150,5 +173,38 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
             ));
         }
     }
+    Ok(())
+}
+
+/// The bundle as a deterministic tarball, compressed as asked (fixed gzip header, zstd level 3).
+fn tarball(dir: &Path, format: BundleFormat, mtime: u64) -> io::Result<Vec<u8>> {
+    use std::io::Write;
+    let tar = bootlace_agent::host::tar_dir(dir, mtime)?;
+    match format {
+        BundleFormat::TarGz => {
+            let mut gz = flate2::GzBuilder::new()
+                .mtime(0)
+                .operating_system(3)
+                .write(Vec::new(), flate2::Compression::default());
+            gz.write_all(&tar)?;
+            gz.finish()
+        }
+        BundleFormat::TarZst => zstd::stream::encode_all(&tar[..], 3),
+        _ => Ok(tar),
+    }
+}
+
+fn write_atomically(out: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".bootlace-bundle.")
+        .tempfile_in(parent)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(out).map_err(|e| e.error)?;
     Ok(())
 }

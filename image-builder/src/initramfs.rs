@@ -173,9 +173,12 @@ fn add_modules(tree: &mut Tree, spec: &Spec) -> Result<Vec<String>, BuildError> 
         .map(ModuleName::as_str)
         .collect();
     // The drivers and filesystems the configured bootstrap sources may need.
-    let implied = bootstrap::all_modules(&spec.config.bootstrap.sources);
+    let mut implied = bootstrap::all_modules(&spec.config.bootstrap.sources);
+    if spec.config.host.address.is_some() {
+        implied.extend(bootlace_init::hostlink::VSOCK_MODULES);
+    }
     let Some(mspec) = &spec.modules else {
-        if wanted.is_empty() && spec.config.bootstrap.sources.is_empty() {
+        if wanted.is_empty() && implied.is_empty() {
             return Ok(Vec::new());
         }
         return Err(BuildError::ModulesSpec(format!(

@@ -38,6 +38,11 @@ enum BundleFormatArg {
     DiskExt4,
     DiskErofs,
     Dir,
+    Tar,
+    #[value(name = "tar.gz")]
+    TarGz,
+    #[value(name = "tar.zst")]
+    TarZst,
 }
 
 #[derive(clap::Args, Debug)]
@@ -99,6 +104,12 @@ struct InitramfsArgs {
     /// Mount tag of the bootstrap 9p share (default bootlace).
     #[arg(long)]
     tag: Option<String>,
+    /// Host configuration manager to report to: vsock:2:PORT.
+    #[arg(long)]
+    host: Option<String>,
+    /// Pinned digest of the vsock bundle: sha256:HEX (as `bootlace-image bundle` prints).
+    #[arg(long)]
+    digest: Option<String>,
     /// Kernel module to load at boot (with its dependencies); repeatable.
     #[arg(long = "module")]
     modules: Vec<String>,
@@ -179,6 +190,12 @@ fn build_config(a: &InitramfsArgs) -> anyhow::Result<InitConfig> {
     if let Some(v) = &a.tag {
         set("bootlace.tag", v)?;
     }
+    if let Some(v) = &a.host {
+        set("bootlace.host", v)?;
+    }
+    if let Some(v) = &a.digest {
+        set("bootlace.digest", v)?;
+    }
     Ok(cfg)
 }
 
@@ -209,7 +226,8 @@ fn initramfs_cmd(a: InitramfsArgs) -> anyhow::Result<()> {
     let config = build_config(&a)?;
     let wants_modules = !config.modules.is_empty()
         || !a.extra_modules.is_empty()
-        || !config.bootstrap.sources.is_empty();
+        || !config.bootstrap.sources.is_empty()
+        || config.host.address.is_some();
     let modules = if wants_modules {
         let extra = a
             .extra_modules
@@ -262,6 +280,9 @@ fn bundle_cmd(a: BundleArgs) -> anyhow::Result<()> {
         BundleFormatArg::DiskExt4 => BundleFormat::DiskExt4,
         BundleFormatArg::DiskErofs => BundleFormat::DiskErofs,
         BundleFormatArg::Dir => BundleFormat::Dir,
+        BundleFormatArg::Tar => BundleFormat::Tar,
+        BundleFormatArg::TarGz => BundleFormat::TarGz,
+        BundleFormatArg::TarZst => BundleFormat::TarZst,
     };
     let mtime = u64::from(initramfs::source_date_epoch().map_err(|e| anyhow!(e))?);
     let s = bundle::build(&a.dir, format, &a.label, mtime, &a.out)?;
@@ -274,6 +295,9 @@ fn bundle_cmd(a: BundleArgs) -> anyhow::Result<()> {
         s.commands,
         s.bytes
     );
+    if let Some(d) = &s.sha256 {
+        println!("sha256:{d}");
+    }
     Ok(())
 }
 

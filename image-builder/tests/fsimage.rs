@@ -582,7 +582,7 @@ fn timing() -> Result<()> {
         };
         let path = mixed.join(format!("d{}/s{}/f{i}", i % 7, i % 13));
         write(&path, &bytes(i, len), 0o644)?;
-        if i % 50 == 0 {
+        if i.is_multiple_of(50) {
             symlink(format!("f{i}"), path.with_file_name(format!("l{i}")))?;
         }
         total += len;

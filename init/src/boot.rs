@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use crate::bootstrap::{self, BootstrapError};
 use crate::config::{self, ConfigError, FailurePolicy, HandoffMode, InitConfig};
+use crate::hostlink::HostLink;
 use crate::modload::{ModLoadError, ModuleLoader};
 use crate::mounts::{self, MountError};
 use crate::supervise::{self, AppEnd};
 use crate::{logger, sys};
+use bootlace_agent::protocol::Kind;
 use bootlace_agent::report;
 
 /// The init's version, printed at start.
@@ -47,6 +49,9 @@ pub enum BootError {
         #[source]
         source: io::Error,
     },
+    /// The configured host could not be reached.
+    #[error("host")]
+    Host(#[source] bootlace_agent::client::ClientError),
     /// Supervising the application failed.
     #[error("supervise")]
     Supervise(#[source] io::Error),
@@ -62,6 +67,7 @@ impl BootError {
             BootError::Mount(_)
             | BootError::Modules(_)
             | BootError::Bootstrap(_)
+            | BootError::Host(_)
             | BootError::Supervise(_) => report::STATUS_BOOT_STEP,
         }
     }
@@ -91,6 +97,11 @@ impl Timeline {
         self.stamps.push((what, sys::boottime()));
     }
 
+    /// The stamp of the latest milestone (zero before the first).
+    pub fn last(&self) -> Duration {
+        self.stamps.last().map_or(Duration::ZERO, |(_, t)| *t)
+    }
+
     /// `entry=0.912s config=0.915s … handoff=0.950s`.
     pub fn render(&self) -> String {
         self.stamps
@@ -116,23 +127,51 @@ pub fn install_panic_hook() {
     }));
 }
 
-/// Reports a failed step and applies the failure policy. Returns only under `continue`.
-fn fail(e: &BootError, config: &InitConfig, timeline: &Timeline) {
-    log::error!("{}", chain(e));
-    match config.on_failure {
-        FailurePolicy::Continue => log::warn!("failure policy is continue: going on"),
-        FailurePolicy::Poweroff => finish(e.status(), &chain(e)),
-        FailurePolicy::Shell => {
-            log::warn!("failure policy is shell: starting /bin/sh on the console");
-            if let Ok(shell) = config::Command::try_from(vec!["/bin/sh".to_owned()]) {
-                let grace = Duration::from_millis(config.handoff.shutdown_grace_ms);
-                if let Err(e) = supervise::run(&shell, &handoff_env(config), grace) {
-                    log::error!("shell: {e}");
+/// The state of one boot: what every step needs to report, fail and hand off.
+struct Boot {
+    config: InitConfig,
+    timeline: Timeline,
+    link: HostLink,
+    loader: ModuleLoader,
+}
+
+impl Boot {
+    /// Reports a failed step (console, then host) and applies the failure policy. Returns
+    /// only under `continue`.
+    fn fail(&mut self, e: &BootError) {
+        let text = chain(e);
+        log::error!("{text}");
+        self.link.report(
+            Kind::Failed,
+            &[
+                ("STATUS", text.clone()),
+                ("EXIT_STATUS", e.status().to_string()),
+                ("POLICY", self.config.on_failure.as_str().to_owned()),
+            ],
+        );
+        match self.config.on_failure {
+            FailurePolicy::Continue => log::warn!("failure policy is continue: going on"),
+            FailurePolicy::Poweroff => finish(e.status(), &text),
+            FailurePolicy::Shell => {
+                log::warn!("failure policy is shell: starting /bin/sh on the console");
+                if let Ok(shell) = config::Command::try_from(vec!["/bin/sh".to_owned()]) {
+                    let grace = Duration::from_millis(self.config.handoff.shutdown_grace_ms);
+                    if let Err(e) = supervise::run(&shell, &handoff_env(&self.config), grace) {
+                        log::error!("shell: {e}");
+                    }
                 }
+                log::info!("timeline: {}", self.timeline.render());
+                finish(e.status(), &text)
             }
-            log::info!("timeline: {}", timeline.render());
-            finish(e.status(), &chain(e))
         }
+    }
+
+    /// Records a milestone and reports the step that ended there to the host.
+    fn step_done(&mut self, name: &'static str) {
+        let before = self.timeline.last();
+        self.timeline.mark(name);
+        let took = self.timeline.last().saturating_sub(before);
+        self.link.step(name, "finished", took, None);
     }
 }
 
@@ -178,9 +217,14 @@ pub fn pid1() -> ! {
         Path::new(config::CONFIG_PATH),
         cmdline.as_deref().unwrap_or(""),
     );
-    let config = loaded.config;
-    log::set_max_level(config.log.filter());
+    log::set_max_level(loaded.config.log.filter());
     timeline.mark("config");
+    let mut boot = Boot {
+        config: loaded.config,
+        timeline,
+        link: HostLink::none(),
+        loader: ModuleLoader::new(),
+    };
     // The first failure wins: a broken /proc explains a missing command line.
     let first_error = match (early, cmdline, loaded.error) {
         (Err(e), _, _) => Some(BootError::Mount(e)),
@@ -188,86 +232,118 @@ pub fn pid1() -> ! {
         (_, _, Some(e)) => Some(BootError::Config(e)),
         _ => None,
     };
-    if let Some(e) = first_error {
-        fail(&e, &config, &timeline);
-    } else {
-        log::info!(
-            "config: {} ({} mode, failure policy {:?}, log {:?})",
-            if loaded.from_file {
-                config::CONFIG_PATH
-            } else {
-                "built-in defaults"
-            },
-            match config.handoff.mode {
-                HandoffMode::Exec => "exec",
-                HandoffMode::Supervise => "supervise",
-            },
-            config.on_failure,
-            config.log,
-        );
-    }
+    let c = &boot.config;
+    log::info!(
+        "config: {} ({} mode, failure policy {}, log {:?})",
+        if loaded.from_file {
+            config::CONFIG_PATH
+        } else {
+            "built-in defaults"
+        },
+        match c.handoff.mode {
+            HandoffMode::Exec => "exec",
+            HandoffMode::Supervise => "supervise",
+        },
+        c.on_failure.as_str(),
+        c.log,
+    );
 
-    let mut loader = ModuleLoader::new();
-    match loader.load(config.modules.iter().map(|m| m.as_str())) {
+    // Reach the host first, so that every later failure (a bad config included) is reported.
+    if boot.config.host.address.is_some() {
+        match HostLink::connect(&boot.config.host, &mut boot.loader) {
+            Ok(link) => boot.link = link,
+            Err(e) => boot.fail(&BootError::Host(e)),
+        }
+        boot.step_done("host");
+    }
+    if let Some(e) = first_error {
+        boot.fail(&e);
+    }
+    boot.link.step("config", "finished", Duration::ZERO, None);
+
+    match boot
+        .loader
+        .load(boot.config.modules.iter().map(|m| m.as_str()))
+    {
         Ok(loaded) if !loaded.is_empty() => {
             log::info!("loaded {} modules: {}", loaded.len(), loaded.join(" "))
         }
         Ok(_) => {}
-        Err(e) => fail(&BootError::Modules(e), &config, &timeline),
+        Err(e) => boot.fail(&BootError::Modules(e)),
     }
-    timeline.mark("modules");
+    boot.step_done("modules");
 
-    let config = if config.bootstrap.sources.is_empty() {
-        config
-    } else {
-        match bootstrap::run(&config, &mut loader, &mut timeline) {
-            Ok(c) => c,
-            Err(e) => {
-                fail(&BootError::Bootstrap(e), &config, &timeline);
-                config
-            }
+    if !boot.config.bootstrap.sources.is_empty() {
+        match bootstrap::run(
+            &boot.config,
+            &mut boot.loader,
+            &mut boot.timeline,
+            &mut boot.link,
+        ) {
+            Ok(c) => boot.config = c,
+            Err(e) => boot.fail(&BootError::Bootstrap(e)),
         }
-    };
+    }
 
-    handoff(&config, &mut timeline)
+    handoff(boot)
 }
 
-fn handoff(config: &InitConfig, timeline: &mut Timeline) -> ! {
-    let env = handoff_env(config);
-    let cmd = &config.handoff.command;
-    timeline.mark("handoff");
-    log::info!("timeline: {}", timeline.render());
-    match config.handoff.mode {
+fn handoff(mut boot: Boot) -> ! {
+    let env = handoff_env(&boot.config);
+    let cmd = boot.config.handoff.command.clone();
+    boot.timeline.mark("handoff");
+    log::info!("timeline: {}", boot.timeline.render());
+    let mode = boot.config.handoff.mode;
+    let what = match mode {
+        HandoffMode::Exec => format!("exec {cmd}"),
+        HandoffMode::Supervise => format!("supervise {cmd}"),
+    };
+    boot.link.report(
+        Kind::Ready,
+        &[
+            ("READY", "1".to_owned()),
+            ("STATUS", format!("hand-off: {what}")),
+            ("TIMELINE", boot.timeline.render()),
+        ],
+    );
+    match mode {
         HandoffMode::Exec => {
             // Kernel arguments meant for init (after `--`, or unknown bare words) go on to
             // the real init, as if it had been started by the kernel itself.
             let kernel_args: Vec<String> = std::env::args().skip(1).collect();
-            log::info!("hand-off: exec {cmd}");
+            log::info!("hand-off: {what}");
             if let Err(e) = sys::cloexec_all_but_stdio() {
                 log::warn!("cannot mark fds close-on-exec: {e}");
             }
-            let source = supervise::command(cmd, &kernel_args, &env).exec();
+            let source = supervise::command(&cmd, &kernel_args, &env).exec();
             let e = BootError::Exec {
                 path: cmd.program().to_owned(),
                 source,
             };
-            fail(&e, config, timeline);
+            boot.fail(&e);
             // `continue` has nothing left to continue to.
             finish(e.status(), &chain(&e))
         }
         HandoffMode::Supervise => {
-            let grace = Duration::from_millis(config.handoff.shutdown_grace_ms);
-            match supervise::run(cmd, &env, grace) {
+            let grace = Duration::from_millis(boot.config.handoff.shutdown_grace_ms);
+            match supervise::run(&cmd, &env, grace) {
                 Ok(end) => {
                     if let AppEnd::SpawnFailed(e) = &end {
                         log::error!("hand-off: cannot execute {}: {e}", cmd.program().display());
                     }
                     sys::sync();
-                    finish(end.status(), &end.summary(cmd))
+                    boot.link.report(
+                        Kind::Exit,
+                        &[
+                            ("EXIT_STATUS", end.status().to_string()),
+                            ("STATUS", end.summary(&cmd)),
+                        ],
+                    );
+                    finish(end.status(), &end.summary(&cmd))
                 }
                 Err(e) => {
                     let e = BootError::Supervise(e);
-                    log::error!("{}", chain(&e));
+                    boot.fail(&e);
                     finish(e.status(), &chain(&e))
                 }
             }

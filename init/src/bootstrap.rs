@@ -12,6 +12,7 @@ use crate::apply::{self, Applied, ApplyError};
 use crate::blkprobe::{self, FsType};
 use crate::boot::Timeline;
 use crate::config::{Bootstrap, InitConfig, Source};
+use crate::hostlink::HostLink;
 use crate::modload::ModuleLoader;
 use crate::sys::{self, root::Root, Flags};
 
@@ -23,6 +24,7 @@ pub fn source_modules(source: Source) -> &'static [&'static str] {
     match source {
         Source::Disk => &["virtio_pci", "virtio_blk"],
         Source::NineP => &["virtio_pci", "9pnet_virtio", "9p"],
+        Source::Vsock => crate::hostlink::VSOCK_MODULES,
     }
 }
 
@@ -81,6 +83,26 @@ pub enum BootstrapError {
         #[source]
         source: io::Error,
     },
+    /// The vsock source needs a host.
+    #[error("the vsock source needs a host (host.address or bootlace.host=)")]
+    NoHost,
+    /// The vsock source needs a pinned digest.
+    #[error("the vsock source needs a pinned digest (host.digest or bootlace.digest=sha256:…)")]
+    NoDigest,
+    /// Fetching the bundle from the host failed.
+    #[error("fetch from the host")]
+    Fetch(#[source] bootlace_agent::client::ClientError),
+    /// The bundle's digest is not the pinned one.
+    #[error("bundle digest mismatch: received sha256:{got}, pinned sha256:{pinned}; nothing was extracted")]
+    Digest {
+        /// Computed over the bytes as received.
+        got: String,
+        /// Pinned in the config.
+        pinned: String,
+    },
+    /// Unpacking the bundle failed (the tmpfs holding it is discarded).
+    #[error("unpack the bundle into {BOOTSTRAP_DIR}")]
+    Extract(#[source] crate::extract::ExtractError),
     /// The manifest is missing or invalid.
     #[error("manifest")]
     Manifest(#[source] ManifestError),
@@ -120,6 +142,8 @@ pub enum Found {
         /// Its mount tag.
         tag: String,
     },
+    /// A bundle the host serves over vsock.
+    Vsock,
 }
 
 impl Found {
@@ -127,6 +151,7 @@ impl Found {
         match self {
             Found::Disk { dev, fstype } => format!("{} ({})", dev.display(), fstype.as_str()),
             Found::NineP { tag } => format!("9p share {tag:?}"),
+            Found::Vsock => "the host's bundle over vsock".to_owned(),
         }
     }
 }
@@ -186,6 +211,7 @@ fn probe(source: Source, cfg: &Bootstrap) -> Result<Found, String> {
                 seen.join(", ")
             })
         }
+        Source::Vsock => Err("no host".to_owned()),
         Source::NineP => {
             let tags = ninep_tags(Path::new("/sys/bus/virtio/drivers/9pnet_virtio"));
             if tags.iter().any(|t| t == cfg.tag.as_str()) {
@@ -202,10 +228,22 @@ fn probe(source: Source, cfg: &Bootstrap) -> Result<Found, String> {
     }
 }
 
-/// Tries the configured sources in order, each waiting up to `wait_ms` for its device.
-pub fn find(cfg: &Bootstrap, loader: &mut ModuleLoader) -> Result<Option<Found>, BootstrapError> {
+/// Tries the configured sources in order, each waiting up to `wait_ms` for its device. The
+/// vsock source is "found" when a host is connected.
+pub fn find(
+    cfg: &Bootstrap,
+    loader: &mut ModuleLoader,
+    link: &HostLink,
+) -> Result<Option<Found>, BootstrapError> {
     let mut probed = Vec::new();
     for &source in &cfg.sources {
+        if source == Source::Vsock {
+            if link.is_connected() {
+                return Ok(Some(Found::Vsock));
+            }
+            probed.push("vsock (no host connected)".to_owned());
+            continue;
+        }
         let loaded = loader.load_best_effort(source_modules(source));
         if !loaded.is_empty() {
             log::debug!("{} source: loaded {}", source.as_str(), loaded.join(" "));
@@ -218,7 +256,7 @@ pub fn find(cfg: &Bootstrap, loader: &mut ModuleLoader) -> Result<Option<Found>,
                 Err(seen) if Instant::now() >= deadline => {
                     let wanted = match source {
                         Source::Disk => format!("label {:?}", cfg.label.as_str()),
-                        Source::NineP => format!("tag {:?}", cfg.tag.as_str()),
+                        Source::NineP | Source::Vsock => format!("tag {:?}", cfg.tag.as_str()),
                     };
                     probed.push(format!(
                         "{} (waited {} ms for {wanted}; saw {seen})",
@@ -244,7 +282,12 @@ pub fn find(cfg: &Bootstrap, loader: &mut ModuleLoader) -> Result<Option<Found>,
     }
 }
 
-fn mount(found: &Found, loader: &mut ModuleLoader) -> Result<(), BootstrapError> {
+fn mount(
+    found: &Found,
+    config: &InitConfig,
+    loader: &mut ModuleLoader,
+    link: &mut HostLink,
+) -> Result<(), BootstrapError> {
     let dir = Path::new(BOOTSTRAP_DIR);
     let err = |source| BootstrapError::Mount {
         what: found.describe(),
@@ -277,7 +320,84 @@ fn mount(found: &Found, loader: &mut ModuleLoader) -> Result<(), BootstrapError>
             c"trans=virtio,version=9p2000.L,msize=262144",
         )
         .map_err(err),
+        Found::Vsock => fetch_and_unpack(config, link),
     }
+}
+
+/// Fetches the host's bundle into an unnamed file in /run, checks its sha256 against the
+/// pinned digest, and only then unpacks it into a fresh tmpfs on `/.bootstrap`, made
+/// read-only afterwards. On any error the caller's cleanup unmounts the tmpfs: nothing of a
+/// bad bundle stays.
+fn fetch_and_unpack(config: &InitConfig, link: &mut HostLink) -> Result<(), BootstrapError> {
+    use std::io::{Seek, SeekFrom};
+    let pinned = config
+        .host
+        .digest
+        .as_ref()
+        .ok_or(BootstrapError::NoDigest)?;
+    let client = link.client().ok_or(BootstrapError::NoHost)?;
+    let max = config.host.max_bundle_bytes;
+    let dir = Path::new(BOOTSTRAP_DIR);
+    let ioerr = |what: &str| {
+        let what = what.to_owned();
+        move |source| BootstrapError::Mount { what, source }
+    };
+    let mut file =
+        sys::anonymous_file(Path::new("/run")).map_err(ioerr("a temporary file in /run"))?;
+    let got = client
+        .fetch_bundle(&mut file, max)
+        .map_err(BootstrapError::Fetch)?;
+    let secs = got.elapsed.as_secs_f64().max(1e-9);
+    log::info!(
+        "bootstrap: fetched {} bytes ({}) from the host in {} ms ({:.1} MB/s)",
+        got.header.size,
+        got.header.compression,
+        got.elapsed.as_millis(),
+        got.header.size as f64 / secs / 1e6
+    );
+    if got.sha256 != pinned.hex() {
+        return Err(BootstrapError::Digest {
+            got: got.sha256,
+            pinned: pinned.hex().to_owned(),
+        });
+    }
+    let compression: crate::extract::Compression =
+        got.header
+            .compression
+            .parse()
+            .map_err(|e: String| BootstrapError::Mount {
+                what: format!("bundle compression {:?}", got.header.compression),
+                source: std::io::Error::other(e),
+            })?;
+    let opts = std::ffi::CString::new(format!("mode=0700,size={}", max.saturating_add(1 << 20)))
+        .map_err(|e| BootstrapError::Mount {
+            what: "tmpfs".to_owned(),
+            source: std::io::Error::other(e),
+        })?;
+    let flags = Flags {
+        nosuid: true,
+        nodev: true,
+        noexec: false,
+        rdonly: false,
+    };
+    sys::mount("tmpfs", dir, "tmpfs", flags, &opts).map_err(ioerr("tmpfs"))?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(ioerr("the received bundle"))?;
+    let root = Root::open(dir).map_err(ioerr("tmpfs"))?;
+    let limits = crate::extract::Limits {
+        max_bytes: max,
+        ..crate::extract::Limits::default()
+    };
+    let summary = crate::extract::extract(&mut file, got.header.size, compression, &root, &limits)
+        .map_err(BootstrapError::Extract)?;
+    drop(file);
+    sys::remount_read_only(dir).map_err(ioerr("read-only remount"))?;
+    log::info!(
+        "bootstrap: unpacked {} entries ({} bytes) into a tmpfs on {BOOTSTRAP_DIR}",
+        summary.entries,
+        summary.bytes
+    );
+    Ok(())
 }
 
 /// The mount points at or under `/.bootstrap` in `/proc/self/mountinfo`.
@@ -352,25 +472,35 @@ pub fn run(
     config: &InitConfig,
     loader: &mut ModuleLoader,
     timeline: &mut Timeline,
+    link: &mut HostLink,
 ) -> Result<InitConfig, BootstrapError> {
-    let Some(found) = find(&config.bootstrap, loader)? else {
+    let mark = |timeline: &mut Timeline, link: &mut HostLink, name: &'static str, ok: bool| {
+        let before = timeline.last();
+        timeline.mark(name);
+        let state = if ok { "finished" } else { "failed" };
+        link.step(name, state, timeline.last().saturating_sub(before), None);
+    };
+    let Some(found) = find(&config.bootstrap, loader, link)? else {
         return Ok(config.clone());
     };
-    timeline.mark("bootstrap_found");
+    mark(timeline, link, "bootstrap_found", true);
     log::info!("bootstrap: found {}", found.describe());
-    if let Err(e) = mount(&found, loader) {
-        let _ = cleanup();
+    if let Err(e) = mount(&found, config, loader, link) {
+        mark(timeline, link, "bootstrap_mounted", false);
+        if let Err(c) = cleanup() {
+            log::error!("{}", crate::boot::chain(&c));
+        }
         return Err(e);
     }
-    timeline.mark("bootstrap_mounted");
+    mark(timeline, link, "bootstrap_mounted", true);
     log::info!(
         "bootstrap: mounted {} read-only on {BOOTSTRAP_DIR}",
         found.describe()
     );
     let result = read_and_apply(config, loader);
-    timeline.mark("manifest_done");
+    mark(timeline, link, "manifest_done", result.is_ok());
     let cleaned = cleanup();
-    timeline.mark("cleanup_done");
+    mark(timeline, link, "cleanup_done", cleaned.is_ok());
     match (result, cleaned) {
         (Ok((cfg, applied)), Ok(())) => {
             log::info!(

@@ -91,6 +91,8 @@ pub const CMDLINE_KEYS: &[&str] = &[
     "bootlace.bootstrap",
     "bootlace.label",
     "bootlace.tag",
+    "bootlace.host",
+    "bootlace.digest",
 ];
 
 /// Where a bootstrap filesystem can come from.
@@ -102,6 +104,9 @@ pub enum Source {
     /// A virtio 9p share whose mount tag matches `bootstrap.tag`.
     #[serde(rename = "9p")]
     NineP,
+    /// A bundle tarball fetched from the host (`host.address`), checked against `host.digest`.
+    #[serde(rename = "vsock")]
+    Vsock,
 }
 
 impl Source {
@@ -110,6 +115,7 @@ impl Source {
         match self {
             Source::Disk => "disk",
             Source::NineP => "9p",
+            Source::Vsock => "vsock",
         }
     }
 }
@@ -120,7 +126,8 @@ impl FromStr for Source {
         match s {
             "disk" => Ok(Source::Disk),
             "9p" => Ok(Source::NineP),
-            _ => Err(format!("not a bootstrap source: {s:?} (disk, 9p)")),
+            "vsock" => Ok(Source::Vsock),
+            _ => Err(format!("not a bootstrap source: {s:?} (disk, 9p, vsock)")),
         }
     }
 }
@@ -139,6 +146,118 @@ fn default_wait_ms() -> u64 {
 
 fn default_required() -> bool {
     true
+}
+
+/// The host's address: `vsock:<cid>:<port>` (the host is CID 2), or `vsock-notify:<cid>:<port>`
+/// for a plain listener that does not answer (messages are not acknowledged; no bundle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostAddress {
+    /// Context id (2 = the host).
+    pub cid: u32,
+    /// Port.
+    pub port: u32,
+    /// Notify mode: write messages without waiting for acks.
+    pub notify: bool,
+}
+
+impl TryFrom<String> for HostAddress {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("host address {s:?} must be vsock:<cid>:<port>, e.g. vsock:2:1024");
+        let (notify, rest) = match s.strip_prefix("vsock-notify:") {
+            Some(rest) => (true, rest),
+            None => (false, s.strip_prefix("vsock:").ok_or_else(bad)?),
+        };
+        let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
+        let cid: u32 = cid.parse().map_err(|_| bad())?;
+        let port: u32 = port.parse().map_err(|_| bad())?;
+        if cid == u32::MAX || port == u32::MAX {
+            return Err(bad());
+        }
+        Ok(HostAddress { cid, port, notify })
+    }
+}
+
+impl From<HostAddress> for String {
+    fn from(a: HostAddress) -> String {
+        let scheme = if a.notify { "vsock-notify" } else { "vsock" };
+        format!("{scheme}:{}:{}", a.cid, a.port)
+    }
+}
+
+/// A pinned sha256: `sha256:<64 lower-case hex digits>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Sha256Digest(String);
+
+impl Sha256Digest {
+    /// The 64 hex digits.
+    pub fn hex(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Sha256Digest {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let hex = s.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("digest {s:?} must be sha256:<64 hex digits>"));
+        }
+        Ok(Sha256Digest(hex.to_ascii_lowercase()))
+    }
+}
+
+impl From<Sha256Digest> for String {
+    fn from(d: Sha256Digest) -> String {
+        format!("sha256:{}", d.0)
+    }
+}
+
+fn default_connect_ms() -> u64 {
+    10_000
+}
+
+fn default_io_ms() -> u64 {
+    5_000
+}
+
+fn default_max_bundle() -> u64 {
+    256 * 1024 * 1024
+}
+
+/// The host configuration manager the guest reports to (and fetches a vsock bundle from).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    /// `vsock:2:<port>`; default none (no host: nothing is reported).
+    #[serde(default)]
+    pub address: Option<HostAddress>,
+    /// The sha256 a vsock bundle must have (required for the vsock source).
+    #[serde(default)]
+    pub digest: Option<Sha256Digest>,
+    /// Give up reaching the host after this many ms (retries with backoff); default 10000.
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    /// Per-read deadline on the connection, in ms; default 5000.
+    #[serde(default = "default_io_ms")]
+    pub io_timeout_ms: u64,
+    /// Largest bundle accepted, in bytes (compressed and unpacked); default 256 MiB.
+    #[serde(default = "default_max_bundle")]
+    pub max_bundle_bytes: u64,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Host {
+            address: None,
+            digest: None,
+            connect_timeout_ms: default_connect_ms(),
+            io_timeout_ms: default_io_ms(),
+            max_bundle_bytes: default_max_bundle(),
+        }
+    }
 }
 
 /// Where to find the bootstrap filesystem.
@@ -217,6 +336,17 @@ pub enum FailurePolicy {
     Shell,
 }
 
+impl FailurePolicy {
+    /// The policy's name in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::Poweroff => "poweroff",
+            FailurePolicy::Continue => "continue",
+            FailurePolicy::Shell => "shell",
+        }
+    }
+}
+
 macro_rules! impl_from_str_serde_enum {
     ($t:ty, $what:literal) => {
         impl FromStr for $t {
@@ -289,6 +419,9 @@ pub struct InitConfig {
     /// Where to find the bootstrap filesystem.
     #[serde(default)]
     pub bootstrap: Bootstrap,
+    /// The host to report to.
+    #[serde(default)]
+    pub host: Host,
     /// What runs after the boot steps.
     #[serde(default)]
     pub handoff: Handoff,
@@ -302,6 +435,7 @@ impl Default for InitConfig {
             on_failure: FailurePolicy::default(),
             modules: Vec::new(),
             bootstrap: Bootstrap::default(),
+            host: Host::default(),
             handoff: Handoff::default(),
         }
     }
@@ -436,6 +570,12 @@ impl InitConfig {
             }
             "bootlace.tag" => {
                 self.bootstrap.tag = ExecString::try_from(value.to_owned()).map_err(bad)?
+            }
+            "bootlace.host" => {
+                self.host.address = Some(HostAddress::try_from(value.to_owned()).map_err(bad)?)
+            }
+            "bootlace.digest" => {
+                self.host.digest = Some(Sha256Digest::try_from(value.to_owned()).map_err(bad)?)
             }
             "bootlace.exec" => {
                 let words = cmdline::split_command(value).map_err(|e| bad(e.to_string()))?;
@@ -615,6 +755,11 @@ shutdown_grace_ms = 250
             ("bootlace.log=debug bootlace.log=warn", |c| {
                 c.log == LogLevel::Warn
             }),
+            ("bootlace.host=vsock:2:1024 bootlace.digest=sha256:00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF", |c| {
+                c.host.address == Some(HostAddress { cid: 2, port: 1024, notify: false })
+                    && c.host.digest.as_ref().map(Sha256Digest::hex)
+                        == Some("00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
+            }),
             ("bootlace.source=9p,disk", |c| {
                 c.bootstrap.sources == [Source::NineP, Source::Disk]
             }),
@@ -651,6 +796,8 @@ shutdown_grace_ms = 250
             ("bootlace.modules=a/b", "may hold only"),
             ("bootlace.source=nfs", "not a bootstrap source"),
             ("bootlace.bootstrap=maybe", "required or optional"),
+            ("bootlace.host=tcp:1.2.3.4:5", "vsock:<cid>:<port>"),
+            ("bootlace.digest=md5:abc", "sha256:<64 hex digits>"),
         ];
         for (line, want) in cases {
             let mut c = InitConfig::default();

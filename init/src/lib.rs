@@ -10,6 +10,8 @@
 //! - [`bootstrap`]: finding, mounting and cleaning up the bootstrap filesystem;
 //! - [`cmdline`]: kernel command line tokenising and command splitting;
 //! - [`config`]: `init.toml` schema v1 and `bootlace.*` overrides, validated when parsed;
+//! - [`extract`]: extracting a bundle tarball (tar, gzip, zstd) into a confined root, with limits;
+//! - [`hostlink`]: reporting to the host configuration manager over vsock;
 //! - [`kmod`]: `modules.dep` / `modules.builtin` resolution;
 //! - [`logger`]: console logging with CLOCK_BOOTTIME stamps;
 //! - [`modload`]: loading modules with their dependencies;
@@ -37,6 +39,8 @@ pub mod boot;
 pub mod bootstrap;
 pub mod cmdline;
 pub mod config;
+pub mod extract;
+pub mod hostlink;
 pub mod kmod;
 pub mod logger;
 pub mod modload;

@@ -11,10 +11,15 @@
 //!
 //! Modules:
 //! - [`kernel`]: finding an installed kernel and its release.
+//! - [`vsock`]: guest vsock through a `vhost-device-vsock` daemon per VM and hybrid-vsock Unix
+//!   sockets on the host ([`VmSpec::vsock`]).
 
 #![deny(unsafe_code)]
 
 pub mod kernel;
+pub mod vsock;
+
+pub use vsock::{VsockDaemon, VsockError, VsockSpec};
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -64,6 +69,11 @@ pub struct VmSpec {
     pub shares: Vec<Share>,
     /// More QEMU arguments, appended as they are.
     pub extra_args: Vec<String>,
+    /// Guest vsock (a `vhost-user-vsock-pci` device served by `vhost-device-vsock`), if any.
+    /// [`run`] starts the daemon before QEMU and stops it after. Every socket path follows from
+    /// [`VsockSpec::dir`], so a host program can listen for guest connections to port P on
+    /// [`VsockSpec::port_path`] (`DIR/vsock_P`) *before* calling [`run`].
+    pub vsock: Option<VsockSpec>,
 }
 
 /// A raw disk image attached as a virtio-blk device.
@@ -104,6 +114,7 @@ impl VmSpec {
             disks: Vec::new(),
             shares: Vec::new(),
             extra_args: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -119,7 +130,9 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     words.join(" ")
 }
 
-/// The QEMU arguments (without the program name).
+/// The QEMU arguments (without the program name). With vsock on, the guest memory lives in a
+/// shared memfd backend (`-machine q35,memory-backend=mem`, see [`vsock::vsock_qemu_args`]) so
+/// the vhost-user daemon can map it.
 pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
@@ -130,13 +143,21 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
         "none",
         "-no-reboot",
     ]);
+    let machine = match spec.vsock {
+        Some(_) => format!("q35,memory-backend={}", vsock::MEMORY_BACKEND_ID),
+        None => "q35".to_owned(),
+    };
     match spec.accel {
-        Accel::Tcg => push(&["-machine", "q35", "-accel", "tcg"]),
-        Accel::Kvm => push(&["-machine", "q35", "-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-machine", &machine, "-accel", "tcg"]),
+        Accel::Kvm => push(&["-machine", &machine, "-accel", "kvm", "-cpu", "host"]),
     }
     let mem = spec.memory_mib.to_string();
     let cpus = spec.cpus.to_string();
     push(&["-m", &mem, "-smp", &cpus]);
+    if let Some(v) = &spec.vsock {
+        let vsock_args = vsock::vsock_qemu_args(&v.control_socket(), spec.memory_mib);
+        push(&vsock_args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
     push(&["-serial", "stdio", "-monitor", "none"]);
     let kernel = spec.kernel.to_string_lossy().into_owned();
     push(&["-kernel", &kernel]);
@@ -289,6 +310,10 @@ pub enum VmError {
     /// Waiting for QEMU failed.
     #[error("waiting for QEMU")]
     Wait(#[source] io::Error),
+    /// The vsock daemon could not be found or started (the message names the binary and
+    /// carries its stderr; a missing binary says to run `make setup`).
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
 }
 
 /// A QEMU child that is killed and reaped when dropped, whatever the return path.
@@ -366,6 +391,12 @@ pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
         })?),
         None => None,
     };
+    // Declared before QEMU's guard, so it is dropped after it on every return path: the
+    // daemon outlives QEMU, then is killed and its sockets removed.
+    let daemon = match &spec.vsock {
+        Some(v) => Some(VsockDaemon::start(v)?),
+        None => None,
+    };
     let started = Instant::now();
     let child = Command::new(&spec.qemu)
         .args(qemu_args(spec))
@@ -401,6 +432,8 @@ pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
         let _ = p.join();
     }
     let wall = started.elapsed();
+    let daemon_stderr = daemon.as_ref().map(VsockDaemon::stderr);
+    drop(daemon);
     let text = |buf: &Arc<Mutex<Vec<u8>>>| {
         buf.lock()
             .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -410,7 +443,17 @@ pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
     let exit_status = bootlace_agent::report::parse_exit_status(&console);
     let end = match status {
         None => End::TimedOut,
-        Some(s) if !s.success() => End::QemuFailed(format!("{s}: {}", text(&stderr_buf).trim())),
+        Some(s) if !s.success() => {
+            let mut why = format!("{s}: {}", text(&stderr_buf).trim());
+            if let Some(e) = daemon_stderr
+                .as_deref()
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+            {
+                why.push_str(&format!("; {} stderr: {e}", vsock::DAEMON));
+            }
+            End::QemuFailed(why)
+        }
         Some(_) if console.contains("Kernel panic - not syncing") => End::KernelPanic,
         Some(_) if console.contains("reboot: Power down") => End::PoweredOff,
         Some(_) => End::Reset,
@@ -494,6 +537,32 @@ mod tests {
         assert!(joined.contains("-accel kvm -cpu host"));
         assert!(!joined.contains("quiet"));
         assert!(!joined.contains("-initrd"));
+    }
+
+    #[test]
+    fn vsock_puts_the_memory_in_a_shared_memfd() {
+        let mut spec = VmSpec::new("/k");
+        spec.memory_mib = 384;
+        let plain = qemu_args(&spec).join(" ");
+        assert!(plain.contains("-machine q35 -accel tcg"), "{plain}");
+        for absent in ["memory-backend", "vhost-user", "-chardev"] {
+            assert!(!plain.contains(absent), "{plain} has {absent}");
+        }
+
+        spec.vsock = Some(VsockSpec::new("/run/vm1"));
+        let joined = qemu_args(&spec).join(" ");
+        for want in [
+            "-machine q35,memory-backend=mem -accel tcg",
+            "-m 384",
+            "-object memory-backend-memfd,id=mem,size=384M,share=on",
+            "-chardev socket,id=vsock0,path=/run/vm1/vhost.sock",
+            "-device vhost-user-vsock-pci,chardev=vsock0",
+        ] {
+            assert!(joined.contains(want), "{joined} lacks {want}");
+        }
+        spec.accel = Accel::Kvm;
+        let joined = qemu_args(&spec).join(" ");
+        assert!(joined.contains("-machine q35,memory-backend=mem -accel kvm -cpu host"));
     }
 
     #[test]

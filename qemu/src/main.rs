@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use bootlace_vm::{kernel, Accel, Disk, Share, VmSpec};
-use clap::{Parser, Subcommand};
+use bootlace_vm::{kernel, Accel, Disk, Share, VmSpec, VsockSpec};
+use clap::{ArgGroup, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,6 +28,7 @@ enum Cmd {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(group(ArgGroup::new("vsock_on").args(["vsock", "vsock_dir"]).multiple(true)))]
 struct RunArgs {
     /// Kernel image (default: $BOOTLACE_KERNEL, else the newest /boot/vmlinuz-*).
     #[arg(long)]
@@ -71,6 +72,21 @@ struct RunArgs {
     /// A directory to share read-write over 9p, as TAG=DIR (repeatable).
     #[arg(long = "share", value_parser = parse_share)]
     shares: Vec<(String, PathBuf)>,
+    /// Give the guest vsock (vhost-device-vsock + vhost-user-vsock-pci), with its sockets in a
+    /// temporary directory printed on stderr and removed afterwards. A guest connection to host
+    /// port P arrives on the Unix socket DIR/vsock_P.
+    #[arg(long)]
+    vsock: bool,
+    /// Give the guest vsock with its sockets in DIR (created if missing, kept afterwards); listen
+    /// on DIR/vsock_P before the guest boots to take its connections to host port P.
+    #[arg(long, value_name = "DIR")]
+    vsock_dir: Option<PathBuf>,
+    /// The guest's vsock CID (with --vsock or --vsock-dir).
+    #[arg(long, value_name = "N", requires = "vsock_on", default_value_t = bootlace_vm::vsock::DEFAULT_GUEST_CID,
+          value_parser = clap::value_parser!(u32).range(3..i64::from(u32::MAX)))]
+    guest_cid: u32,
+    // Reserved: `--bootstrap-vsock BUNDLE` (serve a bundle to the guest over vsock) goes here.
+    // It joins the `vsock_on` group (it implies vsock) and starts in `start_host_services`.
     /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
@@ -98,6 +114,43 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// A temporary directory for `--vsock`, removed with everything in it when dropped.
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> anyhow::Result<Self> {
+        let base = std::env::temp_dir();
+        let pid = std::process::id();
+        for n in 0..100u32 {
+            let dir = base.join(format!("{prefix}-{pid}-{n}"));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok(TempDir(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+            }
+        }
+        anyhow::bail!(
+            "no free temporary directory name {prefix}-{pid}-N in {}",
+            base.display()
+        )
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Host-side vsock services: whatever must listen on `<uds>_<port>`
+/// ([`VsockSpec::port_path`]) before the guest boots, kept alive by the returned value until
+/// the VM has ended. None yet: `--bootstrap-vsock BUNDLE` (the host agent serving a bundle)
+/// will take its argument here and start the agent.
+fn start_host_services(_vsock: &VsockSpec) -> anyhow::Result<()> {
+    Ok(())
 }
 
 fn run(a: RunArgs) -> anyhow::Result<u8> {
@@ -140,6 +193,34 @@ fn run(a: RunArgs) -> anyhow::Result<u8> {
             tag,
             read_only: false,
         }));
+    // Dropped at the end of this function, after the VM and the vsock daemon are gone.
+    let mut _vsock_tmp = None;
+    if a.vsock || a.vsock_dir.is_some() {
+        let dir = match &a.vsock_dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let tmp = TempDir::new("bootlace-vm-vsock")?;
+                let dir = tmp.0.clone();
+                _vsock_tmp = Some(tmp);
+                dir
+            }
+        };
+        let vsock = VsockSpec {
+            guest_cid: a.guest_cid,
+            dir,
+        };
+        eprintln!(
+            "bootlace-vm: vsock: guest CID {}; a guest connection to host port P arrives on \
+             {}_P (listen there before the guest dials)",
+            vsock.guest_cid,
+            vsock.uds_path().display()
+        );
+        spec.vsock = Some(vsock);
+    }
+    let _host_services = match &spec.vsock {
+        Some(v) => Some(start_host_services(v)?),
+        None => None,
+    };
     let outcome = bootlace_vm::run(&spec)?;
     for line in outcome.lines_with("bootlace: timeline:") {
         eprintln!(

@@ -323,6 +323,51 @@ pub fn remount_bind_read_only(target: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Connects an AF_VSOCK stream to `cid:port`, with send and receive deadlines of `io_timeout`
+/// (the kernel's own connect timeout, 2 s by default, bounds the connect).
+pub fn vsock_connect(cid: u32, port: u32, io_timeout: Duration) -> io::Result<File> {
+    use nix::sys::socket::{
+        connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, VsockAddr,
+    };
+    use nix::sys::time::TimeVal;
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let tv = TimeVal::new(
+        i64::try_from(io_timeout.as_secs()).unwrap_or(i64::MAX),
+        i64::from(io_timeout.subsec_micros()),
+    );
+    setsockopt(&fd, sockopt::ReceiveTimeout, &tv)?;
+    setsockopt(&fd, sockopt::SendTimeout, &tv)?;
+    connect(fd.as_raw_fd(), &VsockAddr::new(cid, port))?;
+    Ok(File::from(fd))
+}
+
+/// A file in `dir` with no name (O_TMPFILE): it vanishes when closed, so a received bundle
+/// never outlives the fetch on any filesystem.
+pub fn anonymous_file(dir: &Path) -> io::Result<File> {
+    let fd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )?;
+    Ok(File::from(fd))
+}
+
+/// Remounts the mount at `target` read-only (nosuid, nodev kept).
+pub fn remount_read_only(target: &Path) -> io::Result<()> {
+    rustix::mount::mount_remount(
+        target,
+        MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+        "",
+    )?;
+    Ok(())
+}
+
 /// Sets the host name.
 pub fn set_hostname(name: &str) -> io::Result<()> {
     rustix::system::sethostname(name.as_bytes())?;

@@ -1,0 +1,111 @@
+//! The init's link to the host configuration manager: HELLO at connect, STEP events, READY,
+//! FAILED and EXIT — each acknowledged. Without a configured host every call is a no-op;
+//! with one, a host that cannot be reached at boot is a boot failure (the failure policy
+//! applies), and a host lost later is a warning (the boot is not held hostage to it).
+
+use std::time::Duration;
+
+use bootlace_agent::client::{Client, ClientError, Connector, Retry, Stream};
+use bootlace_agent::protocol::Kind;
+
+use crate::config::Host;
+use crate::modload::ModuleLoader;
+use crate::sys;
+
+/// The drivers a guest needs to reach its host over vsock.
+pub const VSOCK_MODULES: &[&str] = &["virtio_pci", "vmw_vsock_virtio_transport"];
+
+/// The link (possibly absent).
+#[derive(Debug, Default)]
+pub struct HostLink {
+    client: Option<Client>,
+}
+
+/// The boot id the kernel made up for this boot.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The instance identity the hypervisor gives (DMI product UUID), if any.
+pub fn instance_id() -> String {
+    std::fs::read_to_string("/sys/class/dmi/id/product_uuid")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl HostLink {
+    /// No host configured.
+    pub fn none() -> HostLink {
+        HostLink::default()
+    }
+
+    /// Whether a host is connected.
+    pub fn is_connected(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// Connects to the configured host (loading the vsock drivers first). `Ok(none)` when no
+    /// host is configured.
+    pub fn connect(cfg: &Host, loader: &mut ModuleLoader) -> Result<HostLink, ClientError> {
+        let Some(addr) = cfg.address else {
+            return Ok(HostLink::none());
+        };
+        loader.load_best_effort(VSOCK_MODULES);
+        let io_timeout = Duration::from_millis(cfg.io_timeout_ms.max(1));
+        let connector: Connector = Box::new(move || {
+            sys::vsock_connect(addr.cid, addr.port, io_timeout)
+                .map(|f| Box::new(f) as Box<dyn Stream>)
+        });
+        let t = sys::boottime();
+        let hello = [
+            ("INIT_VERSION", crate::boot::VERSION.to_owned()),
+            ("BOOT_ID", boot_id()),
+            ("INSTANCE_ID", instance_id()),
+            ("BOOTTIME_NS", t.as_nanos().to_string()),
+        ];
+        let retry = Retry {
+            give_up_after: Duration::from_millis(cfg.connect_timeout_ms),
+            acks: !addr.notify,
+            ..Retry::default()
+        };
+        let client = Client::connect(connector, &hello, retry)?;
+        log::info!("host: connected to {}", String::from(addr));
+        Ok(HostLink {
+            client: Some(client),
+        })
+    }
+
+    /// The client, for a bundle fetch.
+    pub fn client(&mut self) -> Option<&mut Client> {
+        self.client.as_mut()
+    }
+
+    /// Sends a report; a failure is logged and the link dropped (later reports are skipped).
+    pub fn report(&mut self, kind: Kind, fields: &[(&str, String)]) {
+        let Some(c) = self.client.as_mut() else {
+            return;
+        };
+        if let Err(e) = c.send(kind, fields) {
+            log::warn!(
+                "host: {}; no more reports will be sent",
+                crate::boot::chain(&e)
+            );
+            self.client = None;
+        }
+    }
+
+    /// A STEP event.
+    pub fn step(&mut self, step: &str, state: &str, duration: Duration, status: Option<&str>) {
+        let mut fields = vec![
+            ("STEP", step.to_owned()),
+            ("STATE", state.to_owned()),
+            ("DURATION_MS", duration.as_millis().to_string()),
+        ];
+        if let Some(s) = status {
+            fields.push(("STATUS", s.to_owned()));
+        }
+        self.report(Kind::Step, &fields);
+    }
+}
