@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what bootlace's build, demo and tests need and is missing: Debian packages (QEMU, a
-# Debian kernel with its modules, busybox-static, cpio) and the Rust musl target. Idempotent:
-# when everything is present it only checks, in well under a second.
+# Debian kernel with its modules, busybox-static, cpio), the Rust musl target and
+# vhost-device-vsock (cargo install). Idempotent: when everything is present it only checks, in
+# well under a second.
 set -euo pipefail
 
 log() { echo "setup: $*" >&2; }
@@ -37,5 +38,23 @@ if command -v rustup >/dev/null; then
     log "adding the x86_64-unknown-linux-musl target"
     rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 \
       || log "musl target unavailable: the init is built for glibc with crt-static instead"
+  fi
+fi
+
+# vhost-device-vsock serves guest vsock on hosts without /dev/vhost-vsock (bootlace-vm --vsock,
+# the vsock VM tests). bootlace-vm looks at $BOOTLACE_VHOST_DEVICE_VSOCK, PATH, ~/.cargo/bin.
+vsock_daemon_present() {
+  [ -n "${BOOTLACE_VHOST_DEVICE_VSOCK:-}" ] && [ -x "$BOOTLACE_VHOST_DEVICE_VSOCK" ] && return 0
+  command -v vhost-device-vsock >/dev/null && return 0
+  [ -n "${CARGO_HOME:-}" ] && [ -x "$CARGO_HOME/bin/vhost-device-vsock" ] && return 0
+  [ -x "${HOME:-}/.cargo/bin/vhost-device-vsock" ]
+}
+if ! vsock_daemon_present; then
+  if command -v cargo >/dev/null; then
+    log "installing vhost-device-vsock (cargo install --locked; takes a few minutes once)"
+    cargo install --locked --quiet vhost-device-vsock \
+      || { log "cargo install vhost-device-vsock failed"; exit 1; }
+  else
+    log "warning: vhost-device-vsock is missing and cargo is not available to install it"
   fi
 fi

@@ -23,8 +23,8 @@ use crate::protocol::{
 pub trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
-/// Opens a new connection.
-pub type Connector = Box<dyn FnMut() -> io::Result<Box<dyn Stream>> + Send>;
+/// Opens a new connection, within the time given (what is left of the connect deadline).
+pub type Connector = Box<dyn FnMut(Duration) -> io::Result<Box<dyn Stream>> + Send>;
 
 /// How hard to try to reach the host.
 #[derive(Debug, Clone, Copy)]
@@ -168,12 +168,17 @@ impl Client {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let err = match (self.connect)() {
+            let left = self.retry.give_up_after.saturating_sub(started.elapsed());
+            let err = match (self.connect)(left.max(Duration::from_millis(1))) {
                 Ok(mut s) => {
                     let mut dec = Decoder::new();
-                    match write_frame(&mut s, &self.hello)
-                        .and_then(|()| expect_ack(&mut s, &mut dec, 0))
-                    {
+                    match write_frame(&mut s, &self.hello).and_then(|()| {
+                        if self.retry.acks {
+                            expect_ack(&mut s, &mut dec, 0)
+                        } else {
+                            Ok(())
+                        }
+                    }) {
                         Ok(()) => {
                             self.stream = Some(s);
                             self.dec = dec;

@@ -29,7 +29,7 @@ fn start(
 }
 
 fn connector(path: PathBuf) -> Connector {
-    Box::new(move || {
+    Box::new(move |_left| {
         let s = UnixStream::connect(&path)?;
         s.set_read_timeout(Some(Duration::from_millis(500)))?;
         Ok(Box::new(s) as Box<dyn bootlace_agent::client::Stream>)
@@ -227,4 +227,30 @@ fn duplicates_are_dropped_and_garbage_does_not_hurt_others() {
         .expect("exit");
     let kinds = reports(&rx);
     assert_eq!(kinds, [Kind::Ready, Kind::Exit]);
+}
+
+#[test]
+fn notify_mode_talks_to_a_plain_listener() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("plain_1024");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read");
+        text
+    });
+    let retry = Retry {
+        acks: false,
+        ..quick()
+    };
+    let mut c = Client::connect(connector(path), &hello(), retry).expect("connect without acks");
+    c.send(
+        Kind::Ready,
+        &[("READY", "1".into()), ("STATUS", "up".into())],
+    )
+    .expect("send");
+    drop(c);
+    let text = reader.join().expect("reader");
+    assert!(text.lines().any(|l| l == "READY=1"), "{text}");
 }

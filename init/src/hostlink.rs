@@ -54,8 +54,8 @@ impl HostLink {
         };
         loader.load_best_effort(VSOCK_MODULES);
         let io_timeout = Duration::from_millis(cfg.io_timeout_ms.max(1));
-        let connector: Connector = Box::new(move || {
-            sys::vsock_connect(addr.cid, addr.port, io_timeout)
+        let connector: Connector = Box::new(move |left: Duration| {
+            sys::vsock_connect(addr.cid, addr.port, left.min(io_timeout), io_timeout)
                 .map(|f| Box::new(f) as Box<dyn Stream>)
         });
         let t = sys::boottime();

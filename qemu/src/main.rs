@@ -82,8 +82,9 @@ struct RunArgs {
     #[arg(long, value_name = "DIR")]
     vsock_dir: Option<PathBuf>,
     /// The guest's vsock CID (with --vsock or --vsock-dir).
-    #[arg(long, value_name = "N", requires = "vsock_on", default_value_t = bootlace_vm::vsock::DEFAULT_GUEST_CID,
-          value_parser = clap::value_parser!(u32).range(3..i64::from(u32::MAX)))]
+    #[arg(long, value_name = "N", requires = "vsock_on")]
+    #[arg(default_value_t = bootlace_vm::vsock::DEFAULT_GUEST_CID)]
+    #[arg(value_parser = clap::value_parser!(u32).range(3..i64::from(u32::MAX)))]
     guest_cid: u32,
     // Reserved: `--bootstrap-vsock BUNDLE` (serve a bundle to the guest over vsock) goes here.
     // It joins the `vsock_on` group (it implies vsock) and starts in `start_host_services`.
@@ -122,11 +123,13 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(prefix: &str) -> anyhow::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
         let base = std::env::temp_dir();
         let pid = std::process::id();
         for n in 0..100u32 {
             let dir = base.join(format!("{prefix}-{pid}-{n}"));
-            match std::fs::create_dir(&dir) {
+            // Private: the sockets in it reach the guest.
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
                 Ok(()) => return Ok(TempDir(dir)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
@@ -146,11 +149,15 @@ impl Drop for TempDir {
 }
 
 /// Host-side vsock services: whatever must listen on `<uds>_<port>`
-/// ([`VsockSpec::port_path`]) before the guest boots, kept alive by the returned value until
-/// the VM has ended. None yet: `--bootstrap-vsock BUNDLE` (the host agent serving a bundle)
-/// will take its argument here and start the agent.
-fn start_host_services(_vsock: &VsockSpec) -> anyhow::Result<()> {
-    Ok(())
+/// ([`VsockSpec::port_path`]) before the guest boots, held until the VM has ended. None yet:
+/// `--bootstrap-vsock BUNDLE` (the host agent serving a bundle) will hold its agent here.
+#[derive(Debug)]
+struct HostServices {}
+
+/// Starts the [`HostServices`] for `vsock`; `--bootstrap-vsock BUNDLE` will take its argument
+/// here and start the host agent on `vsock.port_path(<agent port>)`.
+fn start_host_services(_vsock: &VsockSpec) -> anyhow::Result<HostServices> {
+    Ok(HostServices {})
 }
 
 fn run(a: RunArgs) -> anyhow::Result<u8> {
@@ -193,7 +200,7 @@ fn run(a: RunArgs) -> anyhow::Result<u8> {
             tag,
             read_only: false,
         }));
-    // Dropped at the end of this function, after the VM and the vsock daemon are gone.
+    // Removed when this function returns, after the VM and the vsock daemon are gone.
     let mut _vsock_tmp = None;
     if a.vsock || a.vsock_dir.is_some() {
         let dir = match &a.vsock_dir {
@@ -217,6 +224,7 @@ fn run(a: RunArgs) -> anyhow::Result<u8> {
         );
         spec.vsock = Some(vsock);
     }
+    // Held to the end of this function, then dropped before `vsock_tmp` (reverse order).
     let _host_services = match &spec.vsock {
         Some(v) => Some(start_host_services(v)?),
         None => None,

@@ -485,6 +485,13 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_daemon_points_at_make_setup() {
+        let msg = VsockError::NotFound.to_string();
+        assert!(msg.starts_with("vhost-device-vsock not found"), "{msg}");
+        assert!(msg.contains("run `make setup`"), "{msg}");
+    }
+
+    #[test]
     fn a_daemon_that_dies_at_start_is_reported_with_its_stderr() {
         let dir = tempfile::tempdir().expect("tempdir");
         let fake = dir.path().join("fake-daemon");

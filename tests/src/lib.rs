@@ -70,12 +70,11 @@ pub fn bake(rootfs: &Path, config: InitConfig, out: &Path) -> Result<()> {
     let spec = Spec {
         rootfs: Some(rootfs.to_owned()),
         init: artifact("bootlace-init")?,
-        modules: (!config.modules.is_empty() || !config.bootstrap.sources.is_empty()).then(|| {
-            Modules {
-                root: PathBuf::from("/lib/modules"),
-                release: k.release.clone(),
-                extra: Vec::new(),
-            }
+        // The builder copies only what the config needs (possibly nothing).
+        modules: Some(Modules {
+            root: PathBuf::from("/lib/modules"),
+            release: k.release.clone(),
+            extra: Vec::new(),
         }),
         config,
         keep_owners: false,

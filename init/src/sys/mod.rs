@@ -323,27 +323,57 @@ pub fn remount_bind_read_only(target: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Connects an AF_VSOCK stream to `cid:port`, with send and receive deadlines of `io_timeout`
-/// (the kernel's own connect timeout, 2 s by default, bounds the connect).
-pub fn vsock_connect(cid: u32, port: u32, io_timeout: Duration) -> io::Result<File> {
+/// Connects an AF_VSOCK stream to `cid:port`, giving up after `connect_timeout`; the stream
+/// then has send and receive deadlines of `io_timeout`.
+pub fn vsock_connect(
+    cid: u32,
+    port: u32,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+) -> io::Result<File> {
     use nix::sys::socket::{
-        connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, VsockAddr,
+        connect, getsockopt, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
+        VsockAddr,
     };
     use nix::sys::time::TimeVal;
     use std::os::fd::AsRawFd;
+    // Non-blocking connect + poll: the kernel's own vsock connect timeout (2 s) and a
+    // host that never completes the handshake must not stretch the caller's deadline.
     let fd = socket(
         AddressFamily::Vsock,
         SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
+    match connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EINPROGRESS) => {
+            let ts = rustix::time::Timespec {
+                tv_sec: i64::try_from(connect_timeout.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: i64::from(connect_timeout.subsec_nanos()),
+            };
+            let mut pfd = [rustix::event::PollFd::new(
+                &fd,
+                rustix::event::PollFlags::OUT,
+            )];
+            if rustix::event::poll(&mut pfd, Some(&ts))? == 0 {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+            }
+            let err = getsockopt(&fd, sockopt::SocketError)?;
+            if err != 0 {
+                return Err(io::Error::from_raw_os_error(err));
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let flags = rustix::fs::fcntl_getfl(&fd)?;
+    rustix::fs::fcntl_setfl(&fd, flags - rustix::fs::OFlags::NONBLOCK)?;
     let tv = TimeVal::new(
         i64::try_from(io_timeout.as_secs()).unwrap_or(i64::MAX),
         i64::from(io_timeout.subsec_micros()),
     );
     setsockopt(&fd, sockopt::ReceiveTimeout, &tv)?;
     setsockopt(&fd, sockopt::SendTimeout, &tv)?;
-    connect(fd.as_raw_fd(), &VsockAddr::new(cid, port))?;
     Ok(File::from(fd))
 }
 
