@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make demo: bake a small busybox base image with bootlace-init, build a bootstrap bundle, and
-# boot the image under QEMU three ways.
+# boot the image under QEMU four ways.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 image=target/release/bootlace-image
@@ -70,15 +70,24 @@ mkdir -p "$out/share" && cp -r "$out/bundle/files" "$out/share/" && cp "$out/exe
 "$vm" run --initrd "$out/base.img" --bootstrap-9p "$out/share" --console-log "$out/9p.console.log"
 s2=$?
 
-say "boot 3: no bundle attached (bootstrap required) -> the error lists what was probed"
+say "boot 3: the bundle as a tarball fetched over vsock (digest pinned), reported to a host agent"
+"$image" bundle "$out/bundle" --format tar.gz --out "$out/bundle.tar.gz" | tee "$out/bundle.digest"
+digest=$(tail -n 1 "$out/bundle.digest")
+"$image" initramfs --rootfs "$out/rootfs" --init "$init" --out "$out/vsock.img" \
+  --source vsock --host vsock:2:1024 --digest "$digest" --exec /sbin/init >/dev/null
+"$vm" run --initrd "$out/vsock.img" --bootstrap-vsock "$out/bundle.tar.gz" --console-log "$out/vsock.console.log"
+s4=$?
+
+say "boot 4: no bundle attached (bootstrap required) -> the error lists what was probed"
 "$vm" run --initrd "$out/base.img" --append bootlace.log=warn --console-log "$out/missing.console.log"
 s3=$?
 set -e
 
 say "summary"
-printf '  %-62s exit %s\n' "disk bundle: manifest applied, app exits 0, orphans reaped" "$s1" \
+printf '  %-68s exit %s\n' "disk bundle: manifest applied, app exits 0, orphans reaped" "$s1" \
   "9p bundle: exec hand-off to busybox init, which powers off" "$s2" \
+  "vsock bundle: HELLO/STEP/READY/EXIT at the host agent, app exits 0" "$s4" \
   "no bundle: clear error, EXIT_STATUS=71, clean power-off" "$s3"
 grep -h "bootlace: timeline" "$out/disk.console.log" | sed 's/^/  disk: /'
 echo "  console logs: $out/*.console.log"
-[ "$s1" = 0 ] && [ "$s2" = 0 ] && [ "$s3" = 71 ]
+[ "$s1" = 0 ] && [ "$s2" = 0 ] && [ "$s3" = 71 ] && [ "$s4" = 0 ]

@@ -28,7 +28,7 @@ enum Cmd {
 }
 
 #[derive(clap::Args, Debug)]
-#[command(group(ArgGroup::new("vsock_on").args(["vsock", "vsock_dir"]).multiple(true)))]
+#[command(group(ArgGroup::new("vsock_on").args(["vsock", "vsock_dir", "bootstrap_vsock", "host_agent"]).multiple(true)))]
 struct RunArgs {
     /// Kernel image (default: $BOOTLACE_KERNEL, else the newest /boot/vmlinuz-*).
     #[arg(long)]
@@ -86,8 +86,16 @@ struct RunArgs {
     #[arg(default_value_t = bootlace_vm::vsock::DEFAULT_GUEST_CID)]
     #[arg(value_parser = clap::value_parser!(u32).range(3..i64::from(u32::MAX)))]
     guest_cid: u32,
-    // Reserved: `--bootstrap-vsock BUNDLE` (serve a bundle to the guest over vsock) goes here.
-    // It joins the `vsock_on` group (it implies vsock) and starts in `start_host_services`.
+    /// Serve this bundle (tarball or directory) to the guest over vsock with a host agent on
+    /// port --host-port, printing what the guest reports (implies vsock).
+    #[arg(long, value_name = "BUNDLE")]
+    bootstrap_vsock: Option<PathBuf>,
+    /// Run a host agent without a bundle, printing what the guest reports (implies vsock).
+    #[arg(long)]
+    host_agent: bool,
+    /// The port the guest dials for its host agent.
+    #[arg(long, default_value_t = bootlace_agent::protocol::DEFAULT_PORT)]
+    host_port: u32,
     /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
@@ -148,16 +156,45 @@ impl Drop for TempDir {
     }
 }
 
-/// Host-side vsock services: whatever must listen on `<uds>_<port>`
-/// ([`VsockSpec::port_path`]) before the guest boots, held until the VM has ended. None yet:
-/// `--bootstrap-vsock BUNDLE` (the host agent serving a bundle) will hold its agent here.
+/// Host-side vsock services, listening before the guest boots and held until the VM has
+/// ended: the host agent, when asked for.
 #[derive(Debug)]
-struct HostServices {}
+struct HostServices {
+    _agent: Option<std::sync::Arc<bootlace_agent::host::Host>>,
+}
 
-/// Starts the [`HostServices`] for `vsock`; `--bootstrap-vsock BUNDLE` will take its argument
-/// here and start the host agent on `vsock.port_path(<agent port>)`.
-fn start_host_services(_vsock: &VsockSpec) -> anyhow::Result<HostServices> {
-    Ok(HostServices {})
+/// Starts the host agent on `<uds>_<port>` when `--bootstrap-vsock` or `--host-agent` asks.
+fn start_host_services(
+    vsock: &VsockSpec,
+    bundle_path: Option<&std::path::Path>,
+    agent: bool,
+    port: u32,
+) -> anyhow::Result<HostServices> {
+    use bootlace_agent::host::{describe, BundleSource, Host};
+    if bundle_path.is_none() && !agent {
+        return Ok(HostServices { _agent: None });
+    }
+    let bundle = match bundle_path {
+        Some(p) => {
+            let b = BundleSource::from_path(p)?;
+            eprintln!(
+                "bootlace-vm: host agent serves {} ({} bytes, {}); pin it with bootlace.digest=sha256:{}",
+                p.display(),
+                b.bytes.len(),
+                b.compression,
+                b.sha256
+            );
+            Some(b)
+        }
+        None => None,
+    };
+    let host = std::sync::Arc::new(Host::new(bundle, |e| {
+        eprintln!("bootlace-vm: host: {}", describe(&e.event));
+    }));
+    let path = vsock.port_path(port);
+    host.serve_unix(&path)
+        .with_context(|| format!("host agent on {}", path.display()))?;
+    Ok(HostServices { _agent: Some(host) })
 }
 
 fn run(a: RunArgs) -> anyhow::Result<u8> {
@@ -202,7 +239,7 @@ fn run(a: RunArgs) -> anyhow::Result<u8> {
         }));
     // Removed when this function returns, after the VM and the vsock daemon are gone.
     let mut _vsock_tmp = None;
-    if a.vsock || a.vsock_dir.is_some() {
+    if a.vsock || a.vsock_dir.is_some() || a.bootstrap_vsock.is_some() || a.host_agent {
         let dir = match &a.vsock_dir {
             Some(dir) => dir.clone(),
             None => {
@@ -226,7 +263,12 @@ fn run(a: RunArgs) -> anyhow::Result<u8> {
     }
     // Held to the end of this function, then dropped before `vsock_tmp` (reverse order).
     let _host_services = match &spec.vsock {
-        Some(v) => Some(start_host_services(v)?),
+        Some(v) => Some(start_host_services(
+            v,
+            a.bootstrap_vsock.as_deref(),
+            a.host_agent,
+            a.host_port,
+        )?),
         None => None,
     };
     let outcome = bootlace_vm::run(&spec)?;
