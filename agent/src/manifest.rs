@@ -531,11 +531,6 @@ pub struct Manifest {
     pub handoff: Handoff,
 }
 
-#[derive(Deserialize)]
-struct VersionProbe {
-    version: Option<toml::Value>,
-}
-
 impl Manifest {
     /// Parses and validates a manifest; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
@@ -548,11 +543,7 @@ impl Manifest {
             path: path.to_owned(),
             message: crate::types::toml_error(text, &e),
         };
-        let probe: VersionProbe = toml::from_str(text).map_err(parse_err)?;
-        let found = match probe.version {
-            Some(toml::Value::Integer(v)) => v,
-            _ => 0,
-        };
+        let found = crate::types::toml_version(text).map_err(parse_err)?;
         if !SUPPORTED_VERSIONS.contains(&found) {
             return Err(ManifestError::Version {
                 path: path.to_owned(),
@@ -566,16 +557,24 @@ impl Manifest {
 
     /// Reads (at most [`MAX_MANIFEST_BYTES`]) and validates a manifest file.
     pub fn read(path: &Path) -> Result<Manifest, ManifestError> {
-        use std::io::Read;
-        let read_err = |source| ManifestError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let f = std::fs::File::open(path).map_err(read_err)?;
-        let mut text = String::new();
-        f.take(MAX_MANIFEST_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(read_err)?;
+        Manifest::read_from(
+            std::fs::File::open(path).map_err(|source| ManifestError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            path,
+        )
+    }
+
+    /// Reads (at most [`MAX_MANIFEST_BYTES`]) and validates a manifest from an open file;
+    /// `path` names it in errors.
+    pub fn read_from(r: impl std::io::Read, path: &Path) -> Result<Manifest, ManifestError> {
+        let text = crate::types::read_capped(r, MAX_MANIFEST_BYTES).map_err(|source| {
+            ManifestError::Read {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
         Manifest::parse(&text, path)
     }
 

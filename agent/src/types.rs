@@ -390,6 +390,30 @@ impl fmt::Display for Mode {
     }
 }
 
+/// The `version` a TOML document declares (0 when it has none or it is not an integer),
+/// read before the document is checked against a schema, so the right schema can be chosen and
+/// an unsupported version named as such.
+pub fn toml_version(text: &str) -> Result<i64, toml::de::Error> {
+    #[derive(Deserialize)]
+    struct VersionProbe {
+        version: Option<toml::Value>,
+    }
+    let probe: VersionProbe = toml::from_str(text)?;
+    Ok(match probe.version {
+        Some(toml::Value::Integer(v)) => v,
+        _ => 0,
+    })
+}
+
+/// Reads at most `max + 1` bytes of UTF-8 (one more than allowed, so the caller can tell a
+/// file over the limit without reading all of it).
+pub fn read_capped(r: impl std::io::Read, max: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    r.take(max.saturating_add(1)).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// A TOML error on one line, for the console: `line 3, column 8: unknown field `bogus`, …`.
 pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().trim_end().replace('\n', " ");

@@ -536,7 +536,7 @@ fn read_and_apply(
             source: io::Error::other(e.to_string()),
         })
     })?;
-    let manifest = read_manifest(file, &manifest_path).map_err(BootstrapError::Manifest)?;
+    let manifest = Manifest::read_from(file, &manifest_path).map_err(BootstrapError::Manifest)?;
     let mut cfg = config.clone();
     apply::merge_handoff(&mut cfg, &manifest);
     let root = Root::open(Path::new("/")).map_err(|source| {
@@ -552,16 +552,4 @@ fn read_and_apply(
     let applied =
         apply::apply(&manifest, &root, &bundle, loader, &cfg).map_err(BootstrapError::Apply)?;
     Ok((cfg, applied))
-}
-
-fn read_manifest(file: std::fs::File, path: &Path) -> Result<Manifest, ManifestError> {
-    use std::io::Read;
-    let mut text = String::new();
-    file.take(bootlace_agent::manifest::MAX_MANIFEST_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|source| ManifestError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-    Manifest::parse(&text, path)
 }

@@ -441,11 +441,6 @@ impl Default for InitConfig {
     }
 }
 
-#[derive(Deserialize)]
-struct VersionProbe {
-    version: Option<toml::Value>,
-}
-
 impl InitConfig {
     /// Parses and validates a config file's text. `path` names the file in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
@@ -459,11 +454,7 @@ impl InitConfig {
             path: path.to_owned(),
             message: bootlace_agent::types::toml_error(text, &e),
         };
-        let probe: VersionProbe = toml::from_str(text).map_err(parse_err)?;
-        let found = match probe.version {
-            Some(toml::Value::Integer(v)) => v,
-            _ => 0,
-        };
+        let found = bootlace_agent::types::toml_version(text).map_err(parse_err)?;
         if !SUPPORTED_VERSIONS.contains(&found) {
             return Err(ConfigError::Version {
                 path: path.to_owned(),
@@ -494,7 +485,6 @@ impl InitConfig {
 
     /// Reads and validates a config file; `Ok(None)` when it does not exist.
     pub fn read(path: &Path) -> Result<Option<Self>, ConfigError> {
-        use std::io::Read;
         let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -504,10 +494,7 @@ impl InitConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(read_err(e)),
         };
-        let mut text = String::new();
-        file.take(MAX_CONFIG_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(read_err)?;
+        let text = bootlace_agent::types::read_capped(file, MAX_CONFIG_BYTES).map_err(read_err)?;
         Self::from_toml(&text, path).map(Some)
     }
 

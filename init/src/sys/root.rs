@@ -219,17 +219,10 @@ impl Root {
         }
     }
 
-    /// Writes a file atomically: a temporary file in the same directory, written, owned,
-    /// moded and fsynced, then renamed over the target (replacing a file or symlink there,
-    /// never writing through it), then the directory fsynced.
-    pub fn write_file(
-        &self,
-        path: &str,
-        data: &mut dyn Read,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-    ) -> Result<u64, RootError> {
+    /// For an atomic replace of `path`: its parent directory (created if missing, resolved in
+    /// the root and checked), its last component, and a temporary name beside it. A directory
+    /// at `path` is refused.
+    fn prepare_replace<'p>(&self, path: &'p str) -> Result<(OwnedFd, &'p str, String), RootError> {
         let (parent, name) = split(path);
         let pfd = self
             .open_dir(&format!("/{parent}"), true)
@@ -247,6 +240,21 @@ impl Root {
             std::process::id(),
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         );
+        Ok((pfd, name, tmp))
+    }
+
+    /// Writes a file atomically: a temporary file in the same directory, written, owned,
+    /// moded and fsynced, then renamed over the target (replacing a file or symlink there,
+    /// never writing through it), then the directory fsynced.
+    pub fn write_file(
+        &self,
+        path: &str,
+        data: &mut dyn Read,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<u64, RootError> {
+        let (pfd, name, tmp) = self.prepare_replace(path)?;
         let result = (|| {
             let fd = rustix::fs::openat(
                 &pfd,
@@ -309,23 +317,7 @@ impl Root {
 
     /// Creates or replaces a symbolic link atomically. A directory at `path` is refused.
     pub fn make_symlink(&self, path: &str, target: &str) -> Result<(), RootError> {
-        let (parent, name) = split(path);
-        let pfd = self
-            .open_dir(&format!("/{parent}"), true)
-            .map_err(|e| rename_path(e, path))?;
-        if let Ok(st) = rustix::fs::statat(&pfd, name, AtFlags::SYMLINK_NOFOLLOW) {
-            if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
-                return Err(RootError::InTheWay {
-                    path: path.to_owned(),
-                    what: "a directory is there".to_owned(),
-                });
-            }
-        }
-        let tmp = format!(
-            ".{name}.bootlace-{}-{}",
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let (pfd, name, tmp) = self.prepare_replace(path)?;
         rustix::fs::symlinkat(target, &pfd, tmp.as_str())
             .map_err(io_err(path, "create symlink"))?;
         if let Err(e) = rustix::fs::renameat(&pfd, tmp.as_str(), &pfd, name) {
