@@ -254,3 +254,41 @@ fn notify_mode_talks_to_a_plain_listener() {
     let text = reader.join().expect("reader");
     assert!(text.lines().any(|l| l == "READY=1"), "{text}");
 }
+
+#[test]
+fn a_guest_leaving_mid_bundle_does_not_hurt_the_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes = vec![1u8; 8 << 20];
+    let (path, rx) = start(
+        dir.path(),
+        Some(BundleSource::from_bytes(bytes.clone())),
+        Faults::default(),
+    );
+    // Ask for the bundle, read a little, hang up.
+    let mut s = UnixStream::connect(&path).expect("connect");
+    s.write_all(b"BL1 HELLO 0 0\nBL1 GET-BUNDLE 1 0\n")
+        .expect("ask");
+    let mut some = [0u8; 4096];
+    s.read_exact(&mut some).expect("some bytes");
+    drop(s);
+    // The host reports the broken transfer and goes on serving whole bundles.
+    let mut c = Client::connect(connector(path), &hello(), quick()).expect("connect");
+    let mut got = Vec::new();
+    c.fetch_bundle(&mut got, 16 << 20).expect("a whole bundle");
+    assert_eq!(got.len(), bytes.len());
+    let events: Vec<Event> =
+        std::iter::from_fn(|| rx.recv_timeout(Duration::from_millis(300)).ok())
+            .map(|e| e.event)
+            .collect();
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Error(_))),
+        "{events:?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::BundleSent { .. }))
+            .count(),
+        1
+    );
+}
