@@ -236,9 +236,11 @@ impl Host {
             let result = match f.kind {
                 Kind::Hello => {
                     boot_id = f.get("BOOT_ID").unwrap_or("").to_owned();
-                    let seq = f.seq;
+                    // Ack before telling anyone: a caller that exits on an event (wait-ready)
+                    // must not leave the guest without its ack.
+                    let r = ack(&mut stream, f.seq);
                     self.emit(guest, Event::Hello(f));
-                    ack(&mut stream, seq)
+                    r
                 }
                 Kind::GetBundle => self.send_bundle(&mut stream, guest, f.seq),
                 Kind::Step | Kind::Log | Kind::Ready | Kind::Failed | Kind::Exit => {
@@ -252,10 +254,11 @@ impl Host {
                         }
                         fresh
                     };
+                    let r = ack(&mut stream, seq);
                     if fresh {
                         self.emit(guest, Event::Report(f));
                     }
-                    ack(&mut stream, seq)
+                    r
                 }
                 Kind::Ack | Kind::Bundle | Kind::NoBundle => Err(ProtocolError::Unexpected {
                     got: f.kind,

@@ -543,14 +543,15 @@ impl Manifest {
             path: path.to_owned(),
             message: crate::types::toml_error(text, &e),
         };
-        let found = crate::types::toml_version(text).map_err(parse_err)?;
-        if !SUPPORTED_VERSIONS.contains(&found) {
-            return Err(ManifestError::Version {
-                path: path.to_owned(),
-                found,
-            });
-        }
-        let m: Manifest = toml::from_str(text).map_err(parse_err)?;
+        let m: Manifest =
+            crate::types::parse_versioned(text, SUPPORTED_VERSIONS, |m: &Manifest| m.version)
+                .map_err(|e| match e {
+                    crate::types::VersionedError::Version(found) => ManifestError::Version {
+                        path: path.to_owned(),
+                        found,
+                    },
+                    crate::types::VersionedError::Toml(e) => parse_err(e),
+                })?;
         m.check(path)?;
         Ok(m)
     }

@@ -390,6 +390,33 @@ impl fmt::Display for Mode {
     }
 }
 
+/// Why a versioned TOML document was refused.
+#[derive(Debug)]
+pub enum VersionedError {
+    /// It declares a version not in the supported list (0 when it declares none).
+    Version(i64),
+    /// It is not valid for the schema.
+    Toml(toml::de::Error),
+}
+
+/// Parses a versioned TOML document with a single parse when it is valid: the typed parse
+/// comes first and its `version` is checked; only when that parse fails is the version probed,
+/// so that an unsupported version is reported as such and not as whatever key it lacks.
+pub fn parse_versioned<T: serde::de::DeserializeOwned>(
+    text: &str,
+    supported: &[i64],
+    version_of: impl Fn(&T) -> i64,
+) -> Result<T, VersionedError> {
+    match toml::from_str::<T>(text) {
+        Ok(v) if supported.contains(&version_of(&v)) => Ok(v),
+        Ok(v) => Err(VersionedError::Version(version_of(&v))),
+        Err(e) => match toml_version(text) {
+            Ok(found) if !supported.contains(&found) => Err(VersionedError::Version(found)),
+            _ => Err(VersionedError::Toml(e)),
+        },
+    }
+}
+
 /// The `version` a TOML document declares (0 when it has none or it is not an integer),
 /// read before the document is checked against a schema, so the right schema can be chosen and
 /// an unsupported version named as such.

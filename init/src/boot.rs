@@ -191,6 +191,18 @@ pub fn handoff_env(config: &InitConfig) -> Vec<(String, String)> {
     env
 }
 
+/// Peak resident memory of this process (VmHWM), in KiB; 0 when unknown.
+pub fn vm_hwm_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// The whole boot of PID 1. Never returns.
 pub fn pid1() -> ! {
     let mut timeline = Timeline::default();
@@ -292,7 +304,11 @@ fn handoff(mut boot: Boot) -> ! {
     let env = handoff_env(&boot.config);
     let cmd = boot.config.handoff.command.clone();
     boot.timeline.mark("handoff");
-    log::info!("timeline: {}", boot.timeline.render());
+    log::info!(
+        "timeline: {} (VmHWM {} KiB)",
+        boot.timeline.render(),
+        vm_hwm_kb()
+    );
     let mode = boot.config.handoff.mode;
     let what = match mode {
         HandoffMode::Exec => format!("exec {cmd}"),
@@ -304,6 +320,8 @@ fn handoff(mut boot: Boot) -> ! {
             ("READY", "1".to_owned()),
             ("STATUS", format!("hand-off: {what}")),
             ("TIMELINE", boot.timeline.render()),
+            ("BOOTTIME_NS", sys::boottime().as_nanos().to_string()),
+            ("VMHWM_KB", vm_hwm_kb().to_string()),
         ],
     );
     match mode {

@@ -454,14 +454,17 @@ impl InitConfig {
             path: path.to_owned(),
             message: bootlace_agent::types::toml_error(text, &e),
         };
-        let found = bootlace_agent::types::toml_version(text).map_err(parse_err)?;
-        if !SUPPORTED_VERSIONS.contains(&found) {
-            return Err(ConfigError::Version {
+        use bootlace_agent::types::{parse_versioned, VersionedError};
+        let config: InitConfig = parse_versioned(text, SUPPORTED_VERSIONS, |c: &InitConfig| {
+            c.version
+        })
+        .map_err(|e| match e {
+            VersionedError::Version(found) => ConfigError::Version {
                 path: path.to_owned(),
                 found,
-            });
-        }
-        let config: InitConfig = toml::from_str(text).map_err(parse_err)?;
+            },
+            VersionedError::Toml(e) => parse_err(e),
+        })?;
         if config.bootstrap.wait_ms > MAX_WAIT_MS {
             return Err(ConfigError::Parse {
                 path: path.to_owned(),

@@ -1,0 +1,499 @@
+//! Boot benchmark, side by side on the same kernel, QEMU, modules and bundle; only PID 1 changes:
+//!
+//! - `floor`: `bootlace-floor`, a minimal static init that loads the same modules, dials the
+//!   host over vsock, says READY=1 and powers off;
+//! - `bootlace-9p`, `bootlace-disk`, `bootlace-vsock`: bootlace-init applying a 10-step manifest
+//!   (hostname, env, sysctl, a tmpfs /etc with defaults, a directory, three files, a symlink, one
+//!   command) from each source, then READY over vsock;
+//! - `script-9p`: busybox sh doing the same work the obvious way (mount, cp, run, socat).
+//!
+//! Each scenario runs `BENCH_RUNS` times (default 5) after one warm-up; reported: the host-side
+//! time from QEMU start to READY received and the guest's CLOCK_BOOTTIME from PID-1 entry to
+//! READY, median and p95, and bootlace's overhead over the floor. Then the vsock throughput: a
+//! 64 MiB bundle fetched + verified + unpacked by bootlace against the floor reading the same
+//! number of raw bytes from a host socket on the same VM setup.
+//!
+//! Run with `make bench` (which builds the guest binaries first).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bootlace_agent::host::{hybrid_path, BundleSource, Event, Host};
+use bootlace_agent::protocol::{Frame, Kind};
+use bootlace_bench::median_p95;
+use bootlace_image::bundle::{self, BundleFormat};
+use bootlace_image::initramfs::{self, Compression, Modules, Spec};
+use bootlace_init::config::{
+    Command as Argv, HandoffMode, HostAddress, InitConfig, Sha256Digest, Source,
+};
+use bootlace_init::kmod::{ModuleIndex, Resolved};
+use bootlace_tests::{artifact, busybox_rootfs, test_kernel};
+use bootlace_vm::vsock::VsockSpec;
+use bootlace_vm::{Disk, Share, VmSpec};
+
+const MANIFEST: &str = r#"
+version = 1
+hostname = "bench-host"
+env = { APP_MODE = "bench" }
+sysctl = { "kernel.domainname" = "bench" }
+
+[[mounts]]
+type = "tmpfs"
+path = "/etc"
+
+[[directories]]
+path = "/var/lib/app"
+mode = 0o750
+
+[[files]]
+path = "/etc/app.conf"
+content = "listen = 8080\n"
+
+[[files]]
+path = "/etc/app.env"
+content = "MODE=bench\n"
+
+[[files]]
+path = "/etc/app.key"
+source = "files/app.key"
+mode = 0o600
+
+[[symlinks]]
+path = "/etc/app.current"
+target = "app.conf"
+
+[[run]]
+name = "trivial"
+command = ["/bin/true"]
+"#;
+
+const SCRIPT_INIT: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+ENTRY=$(cut -d' ' -f1 /proc/uptime)
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /floor-modules); do insmod "$m"; done
+mkdir -p /.bootstrap
+n=0; until mount -t 9p -o trans=virtio,version=9p2000.L,ro bootlace /.bootstrap 2>/dev/null; do
+  n=$((n+1)); [ $n -gt 500 ] && break; sleep 0.01; done
+hostname bench-host
+export APP_MODE=bench
+echo bench > /proc/sys/kernel/domainname
+mkdir -p /run/etc-defaults && cp -a /etc/. /run/etc-defaults/
+mount -t tmpfs tmpfs /etc && cp -a /run/etc-defaults/. /etc/
+mkdir -p /var/lib/app && chmod 750 /var/lib/app
+printf 'listen = 8080\n' > /etc/app.conf.tmp && mv /etc/app.conf.tmp /etc/app.conf
+printf 'MODE=bench\n' > /etc/app.env.tmp && mv /etc/app.env.tmp /etc/app.env
+cp /.bootstrap/files/app.key /etc/app.key && chmod 600 /etc/app.key
+ln -sf app.conf /etc/app.current
+/bin/true
+umount /.bootstrap && rmdir /.bootstrap
+NOW=$(cut -d' ' -f1 /proc/uptime)
+printf 'READY=1\nENTRY_S=%s\nNOW_S=%s\n' "$ENTRY" "$NOW" > /run/payload
+LEN=$(wc -c < /run/payload)
+{ printf 'BL1 READY 1 %s\n' "$LEN"; cat /run/payload; sleep 1; } | socat - VSOCK-CONNECT:2:1024 >/dev/null
+poweroff -f
+"#;
+
+struct Scenario {
+    name: &'static str,
+    img: PathBuf,
+    append: Vec<String>,
+    disks: Vec<Disk>,
+    shares: Vec<Share>,
+    bundle: Option<BundleSource>,
+    raw_bytes: Option<u64>,
+    memory_mib: u32,
+}
+
+#[derive(Debug)]
+struct Sample {
+    host_ready: Duration,
+    guest_ready: Duration,
+    ready: Frame,
+    console: String,
+}
+
+fn secs_field(f: &Frame, key: &str) -> Option<f64> {
+    f.get(key)?.parse().ok()
+}
+
+fn guest_ready(f: &Frame) -> Option<Duration> {
+    let ns = |k: &str| f.get(k).and_then(|v| v.parse::<u128>().ok());
+    if let (Some(entry), Some(now)) = (ns("ENTRY_NS"), ns("BOOTTIME_NS")) {
+        return Some(Duration::from_nanos(
+            u64::try_from(now.saturating_sub(entry)).ok()?,
+        ));
+    }
+    if let (Some(now), Some(tl)) = (ns("BOOTTIME_NS"), f.get("TIMELINE")) {
+        let entry_s: f64 = tl
+            .split(' ')
+            .find_map(|w| w.strip_prefix("entry="))?
+            .trim_end_matches('s')
+            .parse()
+            .ok()?;
+        let now_s = now as f64 / 1e9;
+        return Some(Duration::from_secs_f64((now_s - entry_s).max(0.0)));
+    }
+    let (e, n) = (secs_field(f, "ENTRY_S")?, secs_field(f, "NOW_S")?);
+    Some(Duration::from_secs_f64((n - e).max(0.0)))
+}
+
+fn run_once(s: &Scenario, logs: &Path, i: usize) -> Result<Sample> {
+    let dir = tempfile::tempdir()?;
+    let readies: Arc<Mutex<Vec<(Instant, Frame)>>> = Arc::default();
+    let sink = Arc::clone(&readies);
+    let host = Arc::new(Host::new(s.bundle.clone(), move |e| {
+        if let Event::Report(f) = e.event {
+            if f.kind == Kind::Ready {
+                if let Ok(mut v) = sink.lock() {
+                    v.push((Instant::now(), f));
+                }
+            }
+        }
+    }));
+    host.serve_unix(&hybrid_path(&dir.path().join("vsock"), 1024))?;
+    if let Some(n) = s.raw_bytes {
+        let l =
+            std::os::unix::net::UnixListener::bind(hybrid_path(&dir.path().join("vsock"), 1025))?;
+        std::thread::spawn(move || {
+            use std::io::Write;
+            if let Ok((mut c, _)) = l.accept() {
+                let chunk = vec![0x5au8; 1 << 20];
+                let mut left = n;
+                while left > 0 {
+                    let k = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+                    if c.write_all(&chunk[..k]).is_err() {
+                        break;
+                    }
+                    left -= k as u64;
+                }
+            }
+        });
+    }
+    let k = test_kernel()?;
+    let mut spec = VmSpec::new(k.image);
+    spec.initrd = Some(s.img.clone());
+    spec.append = s.append.clone();
+    spec.disks = s.disks.clone();
+    spec.shares = s.shares.clone();
+    spec.memory_mib = s.memory_mib;
+    spec.timeout = Duration::from_secs(180);
+    spec.console_log = Some(logs.join(format!("{}-{i}.console.log", s.name)));
+    spec.vsock = Some(VsockSpec::new(dir.path().to_owned()));
+    let started = Instant::now();
+    let outcome = bootlace_vm::run(&spec)?;
+    let Some((at, ready)) = readies.lock().ok().and_then(|v| v.first().cloned()) else {
+        bail!(
+            "{}: no READY; console tail:\n{}",
+            s.name,
+            outcome
+                .console
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    };
+    let guest = guest_ready(&ready)
+        .with_context(|| format!("{}: READY without stamps: {ready:?}", s.name))?;
+    Ok(Sample {
+        host_ready: at - started,
+        guest_ready: guest,
+        ready,
+        console: outcome.console,
+    })
+}
+
+/// Module files the 9p + vsock scenario loads, in load order (for the floor and the script).
+fn module_paths(cfg: &InitConfig, release: &str) -> Result<String> {
+    let dir = Path::new("/lib/modules").join(release);
+    let index = ModuleIndex::read(&dir)?;
+    let mut names: Vec<&str> = bootlace_init::hostlink::VSOCK_MODULES.to_vec();
+    names.extend(bootlace_init::bootstrap::all_modules(
+        &cfg.bootstrap.sources,
+    ));
+    names.retain(|m| index.get(m).is_some() || index.is_builtin(m));
+    let mut out = String::new();
+    for r in index.resolve(names)? {
+        if let Resolved::Load(m) = r {
+            out.push_str(&format!("/lib/modules/{release}/{}\n", m.path));
+        }
+    }
+    Ok(out)
+}
+
+fn bake(rootfs: &Path, init: &Path, cfg: InitConfig, release: &str, out: &Path) -> Result<()> {
+    let spec = Spec {
+        rootfs: Some(rootfs.to_owned()),
+        init: init.to_owned(),
+        config: cfg,
+        modules: Some(Modules {
+            root: PathBuf::from("/lib/modules"),
+            release: release.to_owned(),
+            extra: Vec::new(),
+        }),
+        keep_owners: false,
+        mtime: 0,
+        compression: Compression::Gzip,
+    };
+    initramfs::build(&spec, out)?;
+    Ok(())
+}
+
+fn copy_with_libs(bin: &str, rootfs: &Path) -> Result<()> {
+    let out = std::process::Command::new("ldd").arg(bin).output()?;
+    let mut files = vec![bin.to_owned()];
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(p) = l.split_whitespace().find(|w| w.starts_with('/')) {
+            files.push(p.to_owned());
+        }
+    }
+    for f in files {
+        let dst = rootfs.join(f.trim_start_matches('/'));
+        std::fs::create_dir_all(dst.parent().unwrap_or(rootfs))?;
+        std::fs::copy(&f, &dst).with_context(|| format!("copy {f}"))?;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    let logs = bootlace_tests::workspace().join("target/bench/logs");
+    std::fs::create_dir_all(&logs)?;
+    let k = test_kernel()?;
+
+    let rootfs = w.join("rootfs");
+    busybox_rootfs(&rootfs)?;
+    copy_with_libs("/usr/bin/socat", &rootfs)?;
+    let bundle_dir = w.join("bundle");
+    std::fs::create_dir_all(bundle_dir.join("files"))?;
+    std::fs::write(bundle_dir.join("bootlace.toml"), MANIFEST)?;
+    std::fs::write(bundle_dir.join("files/app.key"), "KEY")?;
+
+    let base = |sources: &[Source]| {
+        let mut c = InitConfig::default();
+        c.handoff.mode = HandoffMode::Supervise;
+        c.handoff.command =
+            Argv::try_from(vec!["/bin/true".to_owned()]).unwrap_or_else(|_| Argv::default_init());
+        c.bootstrap.sources = sources.to_vec();
+        c.host.address = HostAddress::try_from("vsock:2:1024".to_owned()).ok();
+        c
+    };
+    let init = artifact("bootlace-init")?;
+    let floor = artifact("bootlace-floor")?;
+    let modules = module_paths(&base(&[Source::NineP]), &k.release)?;
+    std::fs::write(rootfs.join("floor-modules"), &modules)?;
+
+    let img = |name: &str, init: &Path, cfg: InitConfig| -> Result<PathBuf> {
+        let p = w.join(format!("{name}.img"));
+        bake(&rootfs, init, cfg, &k.release, &p)?;
+        Ok(p)
+    };
+    let script = w.join("script-init");
+    std::fs::write(&script, SCRIPT_INIT)?;
+    let disk = w.join("bundle.img");
+    bundle::build(&bundle_dir, BundleFormat::DiskErofs, "BOOTLACE", 0, &disk)?;
+    let tgz = w.join("bundle.tar.gz");
+    let sum = bundle::build(&bundle_dir, BundleFormat::TarGz, "BOOTLACE", 0, &tgz)?;
+    let mut vsock_cfg = base(&[Source::Vsock]);
+    vsock_cfg.host.digest =
+        Sha256Digest::try_from(format!("sha256:{}", sum.sha256.unwrap_or_default())).ok();
+    let share = vec![Share {
+        dir: bundle_dir.clone(),
+        tag: "bootlace".into(),
+        read_only: true,
+    }];
+
+    let scenarios = vec![
+        Scenario {
+            name: "floor",
+            img: img("floor", &floor, base(&[Source::NineP]))?,
+            append: vec![],
+            disks: vec![],
+            shares: share.clone(),
+            bundle: None,
+            raw_bytes: None,
+            memory_mib: 256,
+        },
+        Scenario {
+            name: "bootlace-9p",
+            img: img("bootlace-9p", &init, base(&[Source::NineP]))?,
+            append: vec![],
+            disks: vec![],
+            shares: share.clone(),
+            bundle: None,
+            raw_bytes: None,
+            memory_mib: 256,
+        },
+        Scenario {
+            name: "bootlace-disk",
+            img: img("bootlace-disk", &init, base(&[Source::Disk]))?,
+            append: vec![],
+            disks: vec![Disk {
+                path: disk,
+                read_only: true,
+            }],
+            shares: vec![],
+            bundle: None,
+            raw_bytes: None,
+            memory_mib: 256,
+        },
+        Scenario {
+            name: "bootlace-vsock",
+            img: img("bootlace-vsock", &init, vsock_cfg)?,
+            append: vec![],
+            disks: vec![],
+            shares: vec![],
+            bundle: Some(BundleSource::from_bytes(std::fs::read(&tgz)?)),
+            raw_bytes: None,
+            memory_mib: 256,
+        },
+        Scenario {
+            name: "script-9p",
+            img: img("script-9p", &script, base(&[Source::NineP]))?,
+            append: vec![],
+            disks: vec![],
+            shares: share,
+            bundle: None,
+            raw_bytes: None,
+            memory_mib: 256,
+        },
+    ];
+
+    let mut report = String::new();
+    report.push_str(&format!(
+        "Boot to READY, {runs} runs after 1 warm-up each, kernel {}, QEMU TCG, 1 vCPU, 256 MiB.\n\n",
+        k.release
+    ));
+    report.push_str("| PID 1 | host: QEMU start -> READY, median ms | p95 ms | guest: PID-1 entry -> READY, median ms | p95 ms | init VmHWM KiB |\n|---|---|---|---|---|---|\n");
+    let mut medians = Vec::new();
+    for s in &scenarios {
+        run_once(s, &logs, 0).with_context(|| format!("{} warm-up", s.name))?;
+        let mut samples = Vec::new();
+        for i in 1..=runs {
+            samples.push(run_once(s, &logs, i)?);
+        }
+        let (h50, h95) = median_p95(&samples.iter().map(|x| x.host_ready).collect::<Vec<_>>());
+        let (g50, g95) = median_p95(&samples.iter().map(|x| x.guest_ready).collect::<Vec<_>>());
+        let hwm = samples
+            .iter()
+            .filter_map(|x| x.ready.get("VMHWM_KB"))
+            .max_by_key(|v| v.len())
+            .unwrap_or("-")
+            .to_owned();
+        eprintln!("bench: {}: host {h50:.0} ms, guest {g50:.0} ms", s.name);
+        report.push_str(&format!(
+            "| {} | {h50:.0} | {h95:.0} | {g50:.0} | {g95:.0} | {hwm} |\n",
+            s.name
+        ));
+        medians.push((s.name, h50, g50));
+    }
+    let floor_g = medians.first().map_or(f64::NAN, |m| m.2);
+    let floor_h = medians.first().map_or(f64::NAN, |m| m.1);
+    report.push_str("\nOverhead over the floor (medians):\n\n| PID 1 | guest +ms | guest ratio | host +ms | host ratio |\n|---|---|---|---|---|\n");
+    for (name, h, g) in medians.iter().skip(1) {
+        report.push_str(&format!(
+            "| {name} | {:+.0} | {:.2} | {:+.0} | {:.2} |\n",
+            g - floor_g,
+            g / floor_g,
+            h - floor_h,
+            h / floor_h
+        ));
+    }
+
+    // Throughput: 64 MiB through bootlace's fetch + verify + unpack, against raw bytes.
+    let big = w.join("big");
+    std::fs::create_dir_all(big.join("files"))?;
+    std::fs::write(big.join("bootlace.toml"), "version = 1\n")?;
+    let mut blob = vec![0u8; 64 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in blob.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(big.join("files/blob"), &blob)?;
+    let big_tar = w.join("big.tar");
+    let sum = bundle::build(&big, BundleFormat::Tar, "BOOTLACE", 0, &big_tar)?;
+    let mut big_cfg = base(&[Source::Vsock]);
+    big_cfg.host.digest =
+        Sha256Digest::try_from(format!("sha256:{}", sum.sha256.unwrap_or_default())).ok();
+    let bytes = std::fs::read(&big_tar)?;
+    let n = bytes.len() as u64;
+    let fetch = Scenario {
+        name: "throughput-bootlace",
+        img: img("big", &init, big_cfg)?,
+        append: vec![],
+        disks: vec![],
+        shares: vec![],
+        bundle: Some(BundleSource::from_bytes(bytes)),
+        raw_bytes: None,
+        memory_mib: 768,
+    };
+    let raw = Scenario {
+        name: "throughput-raw",
+        img: scenarios[0].img.clone(),
+        append: vec![format!("floor.raw={n}")],
+        disks: vec![],
+        shares: scenarios[0].shares.clone(),
+        bundle: None,
+        raw_bytes: Some(n),
+        memory_mib: 768,
+    };
+    let f = run_once(&fetch, &logs, 0)?;
+    let fetched_ms = f
+        .console
+        .lines()
+        .find_map(|l| {
+            l.split(" in ")
+                .nth(1)
+                .filter(|_| l.contains("bootstrap: fetched"))?
+                .split(' ')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .context("no fetch line")?;
+    let tl = f.ready.get("TIMELINE").unwrap_or("").to_owned();
+    let stamp = |k: &str| {
+        tl.split(' ')
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.trim_end_matches('s').parse::<f64>().ok())
+    };
+    let whole_ms = match (stamp("bootstrap_found="), stamp("bootstrap_mounted=")) {
+        (Some(a), Some(b)) => (b - a) * 1000.0,
+        _ => f64::NAN,
+    };
+    let r = run_once(&raw, &logs, 0)?;
+    let raw_ns: f64 = r
+        .ready
+        .get("RAW_NS")
+        .and_then(|v| v.parse().ok())
+        .context("no RAW_NS")?;
+    let raw_mbs = n as f64 / (raw_ns / 1e9) / 1e6;
+    let fetch_mbs = n as f64 / (fetched_ms / 1e3) / 1e6;
+    let whole_mbs = n as f64 / (whole_ms / 1e3) / 1e6;
+    report.push_str(&format!(
+        "\nvsock throughput, {n} bytes (64 MiB of random data, uncompressed tar), one run each:\n\n| path | MB/s | ratio to raw |\n|---|---|---|\n\
+         | raw vsock stream (floor reads the bytes) | {raw_mbs:.1} | 1.00 |\n\
+         | bootlace fetch + sha256 | {fetch_mbs:.1} | {:.2} |\n\
+         | bootlace fetch + sha256 + unpack into tmpfs | {whole_mbs:.1} | {:.2} |\n",
+        fetch_mbs / raw_mbs,
+        whole_mbs / raw_mbs
+    ));
+    let out = bootlace_tests::workspace().join("target/bench/boot.md");
+    std::fs::write(&out, &report)?;
+    println!("{report}");
+    eprintln!("bench: report in {}", out.display());
+    Ok(())
+}
