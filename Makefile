@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all setup guest build demo lint test test-unit test-vm clean
+.PHONY: all setup guest build demo lint test bench clean
 
 all: build
 
@@ -28,6 +28,13 @@ lint: setup
 test: guest lint
 	$(CARGO) test --locked --workspace
 	$(CARGO) test --locked -p bootlace-tests --test static_init -- --nocapture guest_binaries_are_static
+
+# Benchmarks (not tests): medians and ratios measured side by side; see docs/performance.md.
+bench: build
+	$(CARGO) build --release --locked -p bootlace-bench
+	./target/release/bench-boot
+	./target/release/bench-agent-scale
+	./target/release/bench-bake
 
 clean:
 	$(CARGO) clean

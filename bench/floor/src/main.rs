@@ -2,7 +2,8 @@
 //! it is up. It loads the kernel modules listed (paths, in order) in `/floor-modules`, dials
 //! the host (vsock CID 2, port 1024), says `READY=1` with its CLOCK_BOOTTIME stamps, waits
 //! for the ack, and powers off. With `floor.raw=N` on the kernel command line it first reads N
-//! raw bytes from host port 1025 (the transport's own throughput) and reports the time taken.
+//! raw bytes from host port 1025 (the transport's own throughput) and reports the time taken;
+//! with `floor.hash=1` as well it also computes their sha256 (the digest's own cost).
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -64,16 +65,23 @@ fn main() {
     let raw: Option<u64> = cmdline
         .split_whitespace()
         .find_map(|w| w.strip_prefix("floor.raw=")?.parse().ok());
+    let hash = cmdline.split_whitespace().any(|w| w == "floor.hash=1");
     let mut payload = format!("READY=1\nENTRY_NS={entry}\n");
     if let Some(n) = raw {
         let mut s = dial(1025);
         let started = Instant::now();
         let mut buf = vec![0u8; 256 * 1024];
         let mut left = n;
+        let mut hasher = sha2::Sha256::default();
         while left > 0 {
             match s.read(&mut buf) {
                 Ok(0) | Err(_) => break,
-                Ok(k) => left = left.saturating_sub(k as u64),
+                Ok(k) => {
+                    if hash {
+                        sha2::Digest::update(&mut hasher, buf.get(..k).unwrap_or(&[]));
+                    }
+                    left = left.saturating_sub(k as u64);
+                }
             }
         }
         payload.push_str(&format!(

@@ -1,0 +1,506 @@
+//! Host agent scale: how the host agent copes with many guests booting at once.
+//!
+//! For each guest count N (`--guests 50,200,1000`), one `bootlace-agent serve` child process
+//! listens on N hybrid-vsock Unix sockets (`<tmp>/vm<i>_1024`, one per VM, as real hosts have
+//! one socket per VM) and serves one bundle (`--bundle-mib 1`: that many MiB of deterministic
+//! pseudo-random bytes, so nothing compresses). N threads of this process, released together,
+//! each play a guest with the real [`Client`]: connect and HELLO, fetch the bundle (the client
+//! hashes it as received and checks it against the announced sha256; the guest also compares it
+//! with the pinned digest), send a STEP and a READY, each acknowledged.
+//!
+//! Measured per N: the per-guest latency (connect -> READY acknowledged; p50 and p99,
+//! nearest-rank), the wall time from the release of all guests to the last one done, failed
+//! guests (must be 0), and the agent's peak RSS (`VmHWM` of the child, read just before it is
+//! killed; the host alone, since the guests are in another process). Also printed: the agent's
+//! peak RSS once its listeners are up and before any guest connects, this process's (the
+//! guests') peak RSS per run, and the RSS growth per guest (least-squares slope of the agent's
+//! peak over N).
+//!
+//! The agent binary is `$BOOTLACE_AGENT`, else `bootlace-agent` next to this binary, else
+//! `target/release/bootlace-agent`; build it first:
+//!
+//! ```text
+//! cargo build --release -p bootlace-agent
+//! cargo run --release -p bootlace-bench --bin bench-agent-scale -- --guests 50,200,1000 --bundle-mib 1
+//! ```
+//!
+//! RLIMIT_NOFILE is raised to its hard limit (the agent child inherits it): the agent holds
+//! two descriptors per guest (listener and connection), this process one. Exit status 1 when
+//! any guest failed (after printing the results), 2 on a usage or setup error.
+
+use std::io::{self, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bootlace_agent::client::{sha256_hex, Client, Connector, Retry, Stream};
+use bootlace_agent::host::hybrid_path;
+use bootlace_agent::protocol::Kind;
+
+/// The port guests dial (the hybrid-vsock socket is `<base>_<port>`).
+const PORT: u32 = 1024;
+/// Per-read and per-write timeout of a guest's connection.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the agent may take to bind all its sockets.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Args {
+    guests: Vec<usize>,
+    bundle_mib: u64,
+}
+
+fn usage() -> &'static str {
+    "usage: bench-agent-scale [--guests 50,200,1000] [--bundle-mib 1]"
+}
+
+/// The arguments, or `None` after printing the help.
+fn parse_args() -> anyhow::Result<Option<Args>> {
+    let mut args = Args {
+        guests: vec![50, 200, 1000],
+        bundle_mib: 1,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
+            None => (a.clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .with_context(|| format!("{flag} needs a value\n{}", usage()))
+        };
+        match flag.as_str() {
+            "--guests" => {
+                args.guests = value()?
+                    .split(',')
+                    .map(|s| {
+                        s.trim()
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|&n| n > 0)
+                            .with_context(|| format!("--guests: {s:?} is not a positive count"))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            "--bundle-mib" => {
+                let v = value()?;
+                args.bundle_mib = v
+                    .parse()
+                    .with_context(|| format!("--bundle-mib: {v:?} is not a whole number"))?;
+            }
+            "-h" | "--help" => {
+                println!("{}", usage());
+                return Ok(None);
+            }
+            _ => bail!("unknown argument {a:?}\n{}", usage()),
+        }
+    }
+    Ok(Some(args))
+}
+
+/// splitmix64: deterministic bytes without a dependency.
+fn prng_bytes(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A `VmXxx:` field of a `/proc/<pid>/status` file, in KiB.
+fn status_kib(status_path: &Path, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(status_path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// User + system CPU time of a process (all its threads, live and ended) from
+/// `/proc/<pid>/stat`, in seconds (the kernel reports it in USER_HZ = 100 ticks per second).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let rest = text.get(text.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime), 1-based over the whole line; `rest` starts at 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or_else(|| "?".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0))
+}
+
+/// Nearest-rank percentile (as `bootlace_bench::median_p95`), in milliseconds.
+fn percentile_ms(sorted_ms: &[f64], p: f64) -> f64 {
+    if sorted_ms.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p * sorted_ms.len() as f64).ceil() as usize).clamp(1, sorted_ms.len()) - 1;
+    sorted_ms[i]
+}
+
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("BOOTLACE_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("bootlace-agent"));
+        }
+    }
+    candidates.push(PathBuf::from("target/release/bootlace-agent"));
+    candidates.into_iter().find(|p| p.is_file()).context(
+        "bootlace-agent not found: build it (`cargo build --release -p bootlace-agent`) \
+             or set BOOTLACE_AGENT",
+    )
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
+fn raise_nofile() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        let new = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, new) {
+            eprintln!("bench-agent-scale: raising RLIMIT_NOFILE: {e}");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+/// The agent child; killed and reaped on drop.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct RunResult {
+    guests: usize,
+    total: Duration,
+    /// Connect -> READY acknowledged, per guest, sorted.
+    latencies_ms: Vec<f64>,
+    /// First guest started -> this guest's READY acknowledged, sorted.
+    from_release_ms: Vec<f64>,
+    /// First guest started -> last guest started (wake-up skew of the released threads).
+    start_skew: Duration,
+    failures: Vec<String>,
+    agent_idle_hwm_kib: Option<u64>,
+    agent_hwm_kib: Option<u64>,
+    agent_cpu_s: Option<f64>,
+    guests_hwm_kib: Option<u64>,
+}
+
+/// One simulated guest: connect -> HELLO -> bundle -> STEP -> READY. When it started (called
+/// `Client::connect`) and when its READY was acknowledged.
+fn guest(
+    i: usize,
+    socket: PathBuf,
+    pinned: &str,
+    bundle_len: u64,
+) -> anyhow::Result<(Instant, Instant)> {
+    let started = Instant::now();
+    let connector: Connector = Box::new(move |_left| {
+        let s = UnixStream::connect(&socket)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Box::new(s) as Box<dyn Stream>)
+    });
+    let hello = [
+        ("BOOT_ID", format!("bench-{i:08}")),
+        ("GUEST", format!("vm{i}")),
+    ];
+    let mut c = Client::connect(connector, &hello, Retry::default()).context("connect")?;
+    let got = c
+        .fetch_bundle(&mut io::sink(), bundle_len)
+        .context("fetch bundle")?;
+    if got.sha256 != pinned {
+        bail!("bundle sha256 {} is not the pinned {pinned}", got.sha256);
+    }
+    if got.header.size != bundle_len {
+        bail!("bundle of {} bytes, expected {bundle_len}", got.header.size);
+    }
+    c.send(
+        Kind::Step,
+        &[("STEP", "bundle".to_owned()), ("STATUS", "ok".to_owned())],
+    )
+    .context("STEP")?;
+    c.send(Kind::Ready, &[("STATUS", "up".to_owned())])
+        .context("READY")?;
+    Ok((started, Instant::now()))
+}
+
+fn run(
+    agent_bin: &Path,
+    n: usize,
+    bundle: &Path,
+    pinned: &str,
+    len: u64,
+) -> anyhow::Result<RunResult> {
+    let dir = tempfile::Builder::new()
+        .prefix("bl-scale.")
+        .tempdir()
+        .context("temp dir")?;
+    let bases: Vec<PathBuf> = (0..n).map(|i| dir.path().join(format!("vm{i}"))).collect();
+    let sockets: Vec<PathBuf> = bases.iter().map(|b| hybrid_path(b, PORT)).collect();
+    let stderr_path = dir.path().join("agent.stderr");
+    let mut cmd = Command::new(agent_bin);
+    cmd.arg("serve").arg("--port").arg(PORT.to_string());
+    cmd.arg("--bundle").arg(bundle);
+    for b in &bases {
+        cmd.arg("--uds").arg(b);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).context("agent stderr file")?);
+    let mut agent = Agent(
+        cmd.spawn()
+            .with_context(|| format!("start {}", agent_bin.display()))?,
+    );
+    let status_path = PathBuf::from(format!("/proc/{}/status", agent.0.id()));
+
+    // serve_unix binds the sockets in order: the last one existing means all are up.
+    let last = sockets.last().context("no guests")?;
+    let deadline = Instant::now() + LISTEN_TIMEOUT;
+    while !last.exists() {
+        if let Some(st) = agent.0.try_wait().context("agent status")? {
+            let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            bail!("the agent exited ({st}) before listening:\n{err}");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent did not bind {} sockets within {LISTEN_TIMEOUT:?}",
+                n
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let agent_idle_hwm_kib = status_kib(&status_path, "VmHWM");
+
+    // Peak RSS of this process from here on (5 = reset VmHWM, Linux >= 4.0).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let pinned: Arc<str> = Arc::from(pinned);
+    let mut handles = Vec::with_capacity(n);
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let barrier = Arc::clone(&barrier);
+        let pinned = Arc::clone(&pinned);
+        let h = std::thread::Builder::new()
+            .name(format!("guest{i}"))
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                barrier.wait();
+                guest(i, socket, &pinned, len)
+            })
+            .with_context(|| format!("spawn guest thread {i}"))?;
+        handles.push(h);
+    }
+    barrier.wait();
+    let released = Instant::now();
+    let mut spans = Vec::with_capacity(n);
+    let mut failures = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(span)) => spans.push(span),
+            Ok(Err(e)) => failures.push(format!("guest {i}: {e:#}")),
+            Err(_) => failures.push(format!("guest {i}: thread panicked")),
+        }
+    }
+    let joined = Instant::now();
+    // The clock starts when the first guest starts (the barrier released them all).
+    let first = spans.iter().map(|s| s.0).min().unwrap_or(released);
+    let last_start = spans.iter().map(|s| s.0).max().unwrap_or(released);
+    let total = spans.iter().map(|s| s.1).max().unwrap_or(joined) - first;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut latencies_ms: Vec<f64> = spans.iter().map(|s| ms(s.1 - s.0)).collect();
+    let mut from_release_ms: Vec<f64> = spans.iter().map(|s| ms(s.1 - first)).collect();
+    let guests_hwm_kib = status_kib(Path::new("/proc/self/status"), "VmHWM");
+    // Let the agent's connection threads see the hang-ups and finish their events.
+    std::thread::sleep(Duration::from_millis(200));
+    if let Some(st) = agent.0.try_wait().context("agent status")? {
+        let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        failures.push(format!("the agent exited during the run ({st}):\n{err}"));
+    }
+    let agent_hwm_kib = status_kib(&status_path, "VmHWM");
+    let agent_cpu_s = cpu_secs(agent.0.id());
+    drop(agent);
+    latencies_ms.sort_by(|a, b| a.total_cmp(b));
+    from_release_ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(RunResult {
+        guests: n,
+        total,
+        latencies_ms,
+        from_release_ms,
+        start_skew: last_start - first,
+        failures,
+        agent_idle_hwm_kib,
+        agent_hwm_kib,
+        agent_cpu_s,
+        guests_hwm_kib,
+    })
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("bench-agent-scale: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<bool> {
+    let Some(args) = parse_args()? else {
+        return Ok(true);
+    };
+    let agent_bin = agent_binary()?;
+    let nofile = raise_nofile();
+    let max_n = args.guests.iter().copied().max().unwrap_or(0) as u64;
+    if let Some(lim) = nofile {
+        if lim < 2 * max_n + 64 {
+            eprintln!(
+                "bench-agent-scale: warning: RLIMIT_NOFILE is {lim}; {max_n} guests need about {}",
+                2 * max_n + 64
+            );
+        }
+    }
+
+    let len = args.bundle_mib * 1024 * 1024;
+    let work = tempfile::Builder::new()
+        .prefix("bl-scale-bundle.")
+        .tempdir()
+        .context("temp dir")?;
+    let bundle = work.path().join("bundle.bin");
+    let bytes = prng_bytes(usize::try_from(len).context("bundle size")?, 0x5eed);
+    let pinned = sha256_hex(&bytes);
+    std::fs::write(&bundle, &bytes).context("write bundle")?;
+    drop(bytes);
+
+    eprintln!(
+        "bench-agent-scale: agent {}, bundle {} MiB, RLIMIT_NOFILE {}, {} CPUs",
+        agent_bin.display(),
+        args.bundle_mib,
+        nofile.map_or_else(|| "unlimited".to_owned(), |l| l.to_string()),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut results = Vec::new();
+    for &n in &args.guests {
+        eprintln!("bench-agent-scale: {n} guests ...");
+        let r = run(&agent_bin, n, &bundle, &pinned, len)?;
+        for f in r.failures.iter().take(5) {
+            eprintln!("bench-agent-scale: {n} guests: failed: {f}");
+        }
+        results.push(r);
+    }
+
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "Host agent scale: one `bootlace-agent serve` process, one hybrid-vsock socket per \
+         guest, {} MiB bundle; every guest connects, fetches and verifies the bundle, sends \
+         STEP and READY (acked); all guests of a run are released together. {} CPUs, \
+         load average before the runs: {}.\n",
+        args.bundle_mib,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.trim(),
+    )?;
+    writeln!(
+        out,
+        "| guests | total s | p50 ms | p99 ms | failures | agent VmHWM MiB |"
+    )?;
+    writeln!(out, "|---:|---:|---:|---:|---:|---:|")?;
+    for r in &results {
+        writeln!(
+            out,
+            "| {} | {:.2} | {:.1} | {:.1} | {} | {} |",
+            r.guests,
+            r.total.as_secs_f64(),
+            percentile_ms(&r.latencies_ms, 0.50),
+            percentile_ms(&r.latencies_ms, 0.99),
+            r.failures.len(),
+            mib(r.agent_hwm_kib),
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "p50/p99: per-guest latency from its `Client::connect` to its READY acknowledged \
+         (nearest rank); total: first guest started -> last READY acknowledged.\n"
+    )?;
+    for r in &results {
+        writeln!(
+            out,
+            "- {} guests: from the first guest's start, READY acked at p50 {:.1} ms, p99 {:.1} \
+             ms; the released threads started over {:.1} ms",
+            r.guests,
+            percentile_ms(&r.from_release_ms, 0.50),
+            percentile_ms(&r.from_release_ms, 0.99),
+            r.start_skew.as_secs_f64() * 1000.0,
+        )?;
+    }
+    for r in &results {
+        writeln!(
+            out,
+            "- {} guests: agent VmHWM {} MiB with its listeners up and no guest yet; \
+             agent CPU (user+sys) {} s in all; guest threads (this process) VmHWM {} MiB",
+            r.guests,
+            mib(r.agent_idle_hwm_kib),
+            r.agent_cpu_s
+                .map_or_else(|| "?".to_owned(), |c| format!("{c:.2}")),
+            mib(r.guests_hwm_kib),
+        )?;
+    }
+    let points: Vec<(f64, f64)> = results
+        .iter()
+        .filter_map(|r| Some((r.guests as f64, r.agent_hwm_kib? as f64)))
+        .collect();
+    if points.len() >= 2 {
+        let k = points.len() as f64;
+        let mx = points.iter().map(|p| p.0).sum::<f64>() / k;
+        let my = points.iter().map(|p| p.1).sum::<f64>() / k;
+        let sxx: f64 = points.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
+        let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        if sxx > 0.0 {
+            let slope = sxy / sxx;
+            writeln!(
+                out,
+                "- agent RSS growth: {slope:.1} KiB per guest (least-squares slope of the \
+                 agent's VmHWM over the guest counts; intercept {:.1} MiB)",
+                (my - slope * mx) / 1024.0
+            )?;
+        }
+    }
+    let failed: usize = results.iter().map(|r| r.failures.len()).sum();
+    if failed > 0 {
+        writeln!(out, "- FAILED guests: {failed} (details on stderr)")?;
+    }
+    Ok(failed == 0)
+}
