@@ -46,7 +46,7 @@ impl Default for Retry {
     fn default() -> Self {
         Retry {
             give_up_after: Duration::from_secs(10),
-            first_backoff: Duration::from_millis(50),
+            first_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
             resends: 3,
             acks: true,

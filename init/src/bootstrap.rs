@@ -265,7 +265,7 @@ pub fn find(
                     ));
                     break;
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         }
     }

@@ -371,17 +371,24 @@ fn main() -> Result<()> {
 
     let mut report = String::new();
     report.push_str(&format!(
-        "Boot to READY, {runs} runs after 1 warm-up each, kernel {}, QEMU TCG, 1 vCPU, 256 MiB.\n\n",
+        "Boot to READY, {runs} rounds after 1 warm-up round (scenarios interleaved), kernel {}, QEMU TCG, 1 vCPU, 256 MiB.\n\n",
         k.release
     ));
     report.push_str("| PID 1 | host: QEMU start -> READY, median ms | p95 ms | guest: PID-1 entry -> READY, median ms | p95 ms | init VmHWM KiB |\n|---|---|---|---|---|---|\n");
-    let mut medians = Vec::new();
-    for s in &scenarios {
-        run_once(s, &logs, 0).with_context(|| format!("{} warm-up", s.name))?;
-        let mut samples = Vec::new();
-        for i in 1..=runs {
-            samples.push(run_once(s, &logs, i)?);
+    // Round robin: run i of every scenario before run i+1 of any, so that drift in the
+    // machine's speed (shared, noisy) falls on all of them alike.
+    let mut samples: Vec<Vec<Sample>> = scenarios.iter().map(|_| Vec::new()).collect();
+    for i in 0..=runs {
+        for (s, out) in scenarios.iter().zip(samples.iter_mut()) {
+            let sample = run_once(s, &logs, i).with_context(|| format!("{} run {i}", s.name))?;
+            if i > 0 {
+                out.push(sample);
+            }
         }
+        eprintln!("bench: round {i} of {runs} done (round 0 is the warm-up)");
+    }
+    let mut medians = Vec::new();
+    for (s, samples) in scenarios.iter().zip(&samples) {
         let (h50, h95) = median_p95(&samples.iter().map(|x| x.host_ready).collect::<Vec<_>>());
         let (g50, g95) = median_p95(&samples.iter().map(|x| x.guest_ready).collect::<Vec<_>>());
         let hwm = samples
@@ -390,7 +397,6 @@ fn main() -> Result<()> {
             .max_by_key(|v| v.len())
             .unwrap_or("-")
             .to_owned();
-        eprintln!("bench: {}: host {h50:.0} ms, guest {g50:.0} ms", s.name);
         report.push_str(&format!(
             "| {} | {h50:.0} | {h95:.0} | {g50:.0} | {g95:.0} | {hwm} |\n",
             s.name
