@@ -313,7 +313,7 @@ fn main() -> Result<()> {
         read_only: true,
     }];
 
-    let scenarios = vec![
+    let scenarios = [
         Scenario {
             name: "floor",
             img: img("floor", &floor, base(&[Source::NineP]))?,
