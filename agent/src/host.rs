@@ -58,6 +58,16 @@ impl BundleSource {
         }
     }
 
+    /// `<N> bytes, <compression>, sha256:<hex>`: what a person needs to pin it.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} bytes, {}, sha256:{}",
+            self.bytes.len(),
+            self.compression,
+            self.sha256
+        )
+    }
+
     /// A prebuilt tarball (tar, tar.gz, tar.zst), or a directory tarred deterministically
     /// (sorted entries, mtime 0, root owner; see [`tar_dir`]).
     pub fn from_path(path: &Path) -> Result<BundleSource, BundleSourceError> {

@@ -81,13 +81,7 @@ fn start(l: &Listen) -> anyhow::Result<mpsc::Receiver<GuestEvent>> {
     let bundle = match &l.bundle {
         Some(p) => {
             let b = BundleSource::from_path(p)?;
-            eprintln!(
-                "bootlace-agent: serving {} ({} bytes, {}, sha256:{})",
-                p.display(),
-                b.bytes.len(),
-                b.compression,
-                b.sha256
-            );
+            eprintln!("bootlace-agent: serving {} ({})", p.display(), b.summary());
             Some(b)
         }
         None => None,

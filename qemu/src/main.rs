@@ -178,10 +178,9 @@ fn start_host_services(
         Some(p) => {
             let b = BundleSource::from_path(p)?;
             eprintln!(
-                "bootlace-vm: host agent serves {} ({} bytes, {}); pin it with bootlace.digest=sha256:{}",
+                "bootlace-vm: host agent serves {} ({}); pin it with bootlace.digest=sha256:{}",
                 p.display(),
-                b.bytes.len(),
-                b.compression,
+                b.summary(),
                 b.sha256
             );
             Some(b)
