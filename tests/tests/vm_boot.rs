@@ -140,3 +140,61 @@ fn bad_input_is_reported_then_powered_off() {
     );
     assert_eq!(o.exit_status, Some(127));
 }
+
+/// PID-1 duties in supervise mode: 1000 orphaned grandchildren are all reaped (no zombie left
+/// while the app still runs), and SIGTERM to PID 1 is forwarded to the app, whose exit status
+/// is the one reported.
+#[test]
+fn supervise_reaps_orphans_and_forwards_sigterm() {
+    let dir = scratch().expect("scratch");
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(&rootfs).expect("rootfs");
+    std::fs::write(
+        rootfs.join("app.sh"),
+        r#"
+i=0
+while [ $i -lt 1000 ]; do (true &) ; i=$((i+1)); done
+sleep 1
+z=0
+for s in /proc/[0-9]*/stat; do
+  case "$(cut -d' ' -f3 "$s" 2>/dev/null)" in Z) z=$((z+1));; esac
+done
+echo "ZOMBIES=$z"
+trap 'echo "APP got TERM"; exit 5' TERM
+kill -TERM 1
+sleep 30 &
+wait
+echo "APP was not signalled"
+exit 1
+"#,
+    )
+    .expect("app");
+    let config = InitConfig {
+        handoff: bootlace_init::config::Handoff {
+            mode: HandoffMode::Supervise,
+            command: command(&["/bin/sh", "/app.sh"]),
+            shutdown_grace_ms: 3000,
+            ..Default::default()
+        },
+        ..InitConfig::default()
+    };
+    let img = dir.path().join("initrd.img");
+    bake(&rootfs, config, &img).expect("bake");
+    let o = boot("supervise_orphans_sigterm", &img, &[]).expect("boot");
+    assert_eq!(o.end, End::PoweredOff, "{}", tail(&o, 30));
+    assert_no_kernel_panic(&o);
+    assert_eq!(
+        o.lines_with("ZOMBIES=").collect::<Vec<_>>(),
+        ["ZOMBIES=0"],
+        "{}",
+        tail(&o, 30)
+    );
+    assert!(
+        o.console
+            .contains("bootlace: forwarding SIGTERM to app pid"),
+        "{}",
+        tail(&o, 30)
+    );
+    assert!(o.console.contains("APP got TERM"), "{}", tail(&o, 30));
+    assert_eq!(o.exit_status, Some(5), "{}", tail(&o, 30));
+}
