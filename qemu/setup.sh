@@ -12,7 +12,7 @@ pkg_installed() {
 }
 
 missing=()
-for pkg in qemu-system-x86 linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools squashfs-tools xorriso socat; do
+for pkg in qemu-system-x86 linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools squashfs-tools xorriso socat zstd; do
   pkg_installed "$pkg" || missing+=("$pkg")
 done
 
