@@ -47,60 +47,23 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the agent may take to bind all its sockets.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
 
+#[derive(clap::Parser)]
+#[command(
+    name = "bench-agent-scale",
+    about = "The host agent against N simulated guests"
+)]
 struct Args {
+    /// Guest counts to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "50,200,1000", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     guests: Vec<usize>,
+    /// Bundle size in MiB.
+    #[arg(long, default_value_t = 1)]
     bundle_mib: u64,
 }
 
-fn usage() -> &'static str {
-    "usage: bench-agent-scale [--guests 50,200,1000] [--bundle-mib 1]"
-}
-
-/// The arguments, or `None` after printing the help.
+/// The arguments (clap prints the help and exits for `--help`).
 fn parse_args() -> anyhow::Result<Option<Args>> {
-    let mut args = Args {
-        guests: vec![50, 200, 1000],
-        bundle_mib: 1,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
-            None => (a.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .with_context(|| format!("{flag} needs a value\n{}", usage()))
-        };
-        match flag.as_str() {
-            "--guests" => {
-                args.guests = value()?
-                    .split(',')
-                    .map(|s| {
-                        s.trim()
-                            .parse::<usize>()
-                            .ok()
-                            .filter(|&n| n > 0)
-                            .with_context(|| format!("--guests: {s:?} is not a positive count"))
-                    })
-                    .collect::<anyhow::Result<_>>()?;
-            }
-            "--bundle-mib" => {
-                let v = value()?;
-                args.bundle_mib = v
-                    .parse()
-                    .with_context(|| format!("--bundle-mib: {v:?} is not a whole number"))?;
-            }
-            "-h" | "--help" => {
-                println!("{}", usage());
-                return Ok(None);
-            }
-            _ => bail!("unknown argument {a:?}\n{}", usage()),
-        }
-    }
-    Ok(Some(args))
+    Ok(Some(<Args as clap::Parser>::parse()))
 }
 
 /// splitmix64: deterministic bytes without a dependency.

@@ -39,56 +39,29 @@ use bootlace_image::fsimage::{make_image, FsFormat, FsSpec};
 use bootlace_image::initramfs::{self, Compression};
 use bootlace_init::config::InitConfig;
 
+#[derive(clap::Parser)]
+#[command(
+    name = "bench-bake",
+    about = "Bake time per format against the raw tools"
+)]
 struct Args {
+    /// Files in the generated tree.
+    #[arg(long, default_value_t = 5000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     files: usize,
+    /// Total size of the tree in MiB.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     mib: u64,
+    /// Timed runs per format (after one warm-up).
+    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     runs: usize,
+    /// The bootlace-init binary to bake (default: target/bootlace/bootlace-init).
+    #[arg(long)]
     init: Option<PathBuf>,
 }
 
-fn usage() -> &'static str {
-    "usage: bench-bake [--files 5000] [--mib 100] [--runs 5] [--init PATH]"
-}
-
-/// The arguments, or `None` after printing the help.
+/// The arguments (clap prints the help and exits for `--help`).
 fn parse_args() -> anyhow::Result<Option<Args>> {
-    let mut args = Args {
-        files: 5000,
-        mib: 100,
-        runs: 5,
-        init: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
-            None => (a.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .with_context(|| format!("{flag} needs a value\n{}", usage()))
-        };
-        let number = |v: String| -> anyhow::Result<u64> {
-            v.parse::<u64>()
-                .ok()
-                .filter(|&n| n > 0)
-                .with_context(|| format!("{flag}: {v:?} is not a positive whole number"))
-        };
-        match flag.as_str() {
-            "--files" => args.files = usize::try_from(number(value()?)?)?,
-            "--mib" => args.mib = number(value()?)?,
-            "--runs" => args.runs = usize::try_from(number(value()?)?)?,
-            "--init" => args.init = Some(PathBuf::from(value()?)),
-            "-h" | "--help" => {
-                println!("{}", usage());
-                return Ok(None);
-            }
-            _ => bail!("unknown argument {a:?}\n{}", usage()),
-        }
-    }
-    Ok(Some(args))
+    Ok(Some(<Args as clap::Parser>::parse()))
 }
 
 /// splitmix64.
