@@ -11,6 +11,8 @@ use bootlace_init::config::InitConfig;
 use bootlace_init::modload::ModuleLoader;
 use bootlace_init::sys::root::Root;
 
+mod common;
+
 struct Fixture {
     _dir: tempfile::TempDir,
     root: PathBuf,
@@ -18,32 +20,10 @@ struct Fixture {
     sentinel: PathBuf,
 }
 
-/// (relative path, content, mode, mtime) of every file under `dir`.
-fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>, u32, i64)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let p = e.expect("entry").path();
-            let m = std::fs::symlink_metadata(&p).expect("stat");
-            let rel = p
-                .strip_prefix(dir)
-                .expect("prefix")
-                .to_string_lossy()
-                .into_owned();
-            let content = if m.is_file() {
-                std::fs::read(&p).expect("read")
-            } else {
-                Vec::new()
-            };
-            out.push((rel, content, m.mode(), m.mtime()));
-            if m.is_dir() {
-                stack.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
+/// Everything under `dir` (the sentinel), to compare before and after.
+fn snapshot(dir: &Path) -> common::Snapshot {
+    // Nothing inside the sentinel is skipped.
+    common::snapshot(dir, Path::new("/nonexistent"))
 }
 
 impl Fixture {
