@@ -212,6 +212,11 @@ impl Command {
     pub fn default_init() -> Command {
         Command(vec![ExecString("/sbin/init".to_owned())])
     }
+
+    /// `["/sbin/bootlace-init"]`: where the image builder installs the init.
+    pub fn default_bootlace() -> Command {
+        Command(vec![ExecString("/sbin/bootlace-init".to_owned())])
+    }
 }
 
 /// Longest path accepted, in bytes (Linux PATH_MAX, including the NUL).

@@ -12,7 +12,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::cmdline::{self, Param};
-pub use bootlace_agent::types::{Command, EnvName, ExecString, HandoffMode, ModuleName};
+pub use bootlace_agent::types::{
+    Command, EnvName, ExecString, HandoffMode, ModuleName, TargetPath,
+};
 
 /// Where the image builder bakes the config and where the init reads it.
 pub const CONFIG_PATH: &str = "/etc/bootlace/init.toml";
@@ -93,6 +95,7 @@ pub const CMDLINE_KEYS: &[&str] = &[
     "bootlace.tag",
     "bootlace.host",
     "bootlace.digest",
+    "bootlace.root",
 ];
 
 /// Where a bootstrap filesystem can come from.
@@ -401,6 +404,109 @@ impl Default for Handoff {
     }
 }
 
+/// The root filesystem of the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootFs {
+    /// Directories backed by a fresh tmpfs at boot, before the bootstrap, with their contents
+    /// in the image copied in first: the writable places of a read-only root, so that one
+    /// image serves many guests. Each must exist in the image. Default none.
+    #[serde(default)]
+    pub writable: Vec<TargetPath>,
+}
+
+/// Where the real root filesystem is: `LABEL=<label>` or a device node such as `/dev/vda`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum RootSpec {
+    /// The block device whose filesystem has this label.
+    Label(String),
+    /// This device node.
+    Device(PathBuf),
+}
+
+impl TryFrom<String> for RootSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if let Some(label) = s.strip_prefix("LABEL=") {
+            if label.is_empty() || label.len() > 255 || label.contains('\0') {
+                return Err(format!(
+                    "root {s:?}: the label must be 1 to 255 bytes, no NUL"
+                ));
+            }
+            return Ok(RootSpec::Label(label.to_owned()));
+        }
+        let dev = s.strip_prefix("/dev/").filter(|rest| {
+            !rest.is_empty()
+                && !rest
+                    .split('/')
+                    .any(|c| c.is_empty() || c == ".." || c == ".")
+        });
+        match dev {
+            Some(_) if !s.contains('\0') => Ok(RootSpec::Device(PathBuf::from(s))),
+            _ => Err(format!(
+                "root {s:?} must be LABEL=<label> or a device node under /dev"
+            )),
+        }
+    }
+}
+
+impl From<RootSpec> for String {
+    fn from(r: RootSpec) -> String {
+        match r {
+            RootSpec::Label(l) => format!("LABEL={l}"),
+            RootSpec::Device(d) => d.to_string_lossy().into_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for RootSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from(self.clone()))
+    }
+}
+
+fn default_stage1_init() -> Command {
+    Command::default_bootlace()
+}
+
+fn default_root_wait_ms() -> u64 {
+    10_000
+}
+
+/// Stage 1 of a disk-root boot: present only in the config of a stage-1 initramfs. The init
+/// loads the block and filesystem modules, mounts the real root, moves /dev, /proc, /sys and
+/// /run into it, empties the initramfs, switches root and executes `init` there as PID 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage1 {
+    /// The real root. `bootlace.root=` on the kernel command line overrides it, and `root=`
+    /// is used when neither gives one. Default none.
+    #[serde(default)]
+    pub root: Option<RootSpec>,
+    /// Mount the root read-write (ext4 only; erofs and squashfs are always read-only).
+    /// Default false; `rw` on the kernel command line sets it.
+    #[serde(default)]
+    pub read_write: bool,
+    /// What to execute inside the real root. Default `["/sbin/bootlace-init"]`.
+    #[serde(default = "default_stage1_init")]
+    pub init: Command,
+    /// How long to wait for the root device to appear, in ms; default 10000, at most 600000.
+    #[serde(default = "default_root_wait_ms")]
+    pub wait_ms: u64,
+}
+
+impl Default for Stage1 {
+    fn default() -> Self {
+        Stage1 {
+            root: None,
+            read_write: false,
+            init: default_stage1_init(),
+            wait_ms: default_root_wait_ms(),
+        }
+    }
+}
+
 /// The validated configuration of one boot (schema version 1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -425,6 +531,12 @@ pub struct InitConfig {
     /// What runs after the boot steps.
     #[serde(default)]
     pub handoff: Handoff,
+    /// The root filesystem: its writable locations.
+    #[serde(default)]
+    pub root: RootFs,
+    /// Present only in a stage-1 initramfs: mount the real root and switch to it.
+    #[serde(default)]
+    pub stage1: Option<Stage1>,
 }
 
 impl Default for InitConfig {
@@ -437,6 +549,8 @@ impl Default for InitConfig {
             bootstrap: Bootstrap::default(),
             host: Host::default(),
             handoff: Handoff::default(),
+            root: RootFs::default(),
+            stage1: None,
         }
     }
 }
@@ -473,6 +587,32 @@ impl InitConfig {
                     config.bootstrap.wait_ms
                 ),
             });
+        }
+        if let Some(wait) = config.stage1.as_ref().map(|s| s.wait_ms) {
+            if wait > MAX_WAIT_MS {
+                return Err(ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!("stage1.wait_ms = {wait} is over {MAX_WAIT_MS}"),
+                });
+            }
+        }
+        for (i, w) in config.root.writable.iter().enumerate() {
+            let clash = config
+                .root
+                .writable
+                .iter()
+                .skip(i + 1)
+                .find(|o| w.is_within(o) || o.is_within(w));
+            if let Some(o) = clash {
+                return Err(ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!(
+                        "root.writable lists {} and {}: one contains the other",
+                        w.as_str(),
+                        o.as_str()
+                    ),
+                });
+            }
         }
         if config.handoff.shutdown_grace_ms > MAX_GRACE_MS {
             return Err(ConfigError::Parse {
@@ -567,6 +707,14 @@ impl InitConfig {
             "bootlace.digest" => {
                 self.host.digest = Some(Sha256Digest::try_from(value.to_owned()).map_err(bad)?)
             }
+            "bootlace.root" => {
+                // Only a stage-1 initramfs acts on it; the real root's init sees the same
+                // command line and ignores it.
+                let spec = RootSpec::try_from(value.to_owned()).map_err(bad)?;
+                if let Some(stage1) = &mut self.stage1 {
+                    stage1.root = Some(spec);
+                }
+            }
             "bootlace.exec" => {
                 let words = cmdline::split_command(value).map_err(|e| bad(e.to_string()))?;
                 self.handoff.command = Command::try_from(words).map_err(bad)?;
@@ -603,9 +751,35 @@ pub fn load(path: &Path, cmdline: &str) -> Loaded {
         Ok(None) => (InitConfig::default(), false, None),
         Err(e) => (InitConfig::default(), true, Some(e)),
     };
+    let mut kernel_root = None;
     for param in cmdline::parse(cmdline) {
+        match (param.key.as_str(), param.value.as_deref()) {
+            ("root", Some(v)) => kernel_root = Some(v.to_owned()),
+            ("rw", None) => {
+                if let Some(s1) = &mut config.stage1 {
+                    s1.read_write = true;
+                }
+            }
+            _ => {}
+        }
         if let Err(e) = config.apply_param(&param) {
             error.get_or_insert(e);
+        }
+    }
+    // Stage 1 falls back on the kernel's own `root=` when neither the file nor
+    // `bootlace.root=` names the root.
+    if let (Some(s1), Some(v)) = (&mut config.stage1, kernel_root) {
+        if s1.root.is_none() {
+            match RootSpec::try_from(v.clone()) {
+                Ok(spec) => s1.root = Some(spec),
+                Err(reason) => {
+                    error.get_or_insert(ConfigError::BadValue {
+                        key: "root".to_owned(),
+                        value: v,
+                        reason,
+                    });
+                }
+            }
         }
     }
     Loaded {
@@ -823,5 +997,61 @@ shutdown_grace_ms = 250
         let l = load(&dir.path().join("absent.toml"), "");
         assert!(!l.from_file && l.error.is_none());
         assert_eq!(l.config, InitConfig::default());
+    }
+
+    #[test]
+    fn root_and_stage1() {
+        let c = parse(
+            "version = 1\n[root]\nwritable = [\"/etc\", \"/var\"]\n[stage1]\nroot = \"LABEL=ROOT\"\n",
+        )
+        .expect("parses");
+        let w: Vec<&str> = c.root.writable.iter().map(TargetPath::as_str).collect();
+        assert_eq!(w, ["/etc", "/var"]);
+        let s1 = c.stage1.clone().expect("stage1");
+        assert_eq!(s1.root, Some(RootSpec::Label("ROOT".to_owned())));
+        assert_eq!(s1.init.to_string(), "/sbin/bootlace-init");
+        assert!(!s1.read_write);
+        assert_eq!(parse(&c.to_toml()).expect("round trip"), c);
+
+        for (text, want) in [
+            (
+                "[root]\nwritable = [\"/etc\", \"/etc/x\"]",
+                "one contains the other",
+            ),
+            ("[root]\nwritable = [\"etc\"]", "absolute"),
+            ("[root]\nwritable = [\"/proc\"]", "/proc"),
+            ("[stage1]\nroot = \"UUID=1\"", "LABEL=<label>"),
+            ("[stage1]\nroot = \"/dev/../etc\"", "device node"),
+            ("[stage1]\nwait_ms = 600001", "over"),
+            ("[stage1]\nbogus = 1", "bogus"),
+        ] {
+            let e = parse(&format!("version = 1\n{text}\n")).expect_err(text);
+            assert!(e.to_string().contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn stage1_root_from_the_command_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("init.toml");
+        std::fs::write(&path, "version = 1\n[stage1]\n").expect("write");
+        let l = load(&path, "root=/dev/vda rw");
+        assert!(l.error.is_none(), "{:?}", l.error);
+        let s1 = l.config.stage1.expect("stage1");
+        assert_eq!(s1.root, Some(RootSpec::Device("/dev/vda".into())));
+        assert!(s1.read_write);
+        // bootlace.root= wins over root=, in any order.
+        let l = load(&path, "bootlace.root=LABEL=R root=/dev/vda");
+        assert_eq!(
+            l.config.stage1.expect("stage1").root,
+            Some(RootSpec::Label("R".to_owned()))
+        );
+        // Outside stage 1 both are ignored (the real root's init sees the same line).
+        std::fs::write(&path, "version = 1\n").expect("write");
+        let l = load(&path, "bootlace.root=LABEL=R root=/dev/vda rw");
+        assert!(l.error.is_none() && l.config.stage1.is_none());
+        // ... but a malformed bootlace.root= is still an error.
+        let l = load(&path, "bootlace.root=UUID=x");
+        assert!(l.error.is_some());
     }
 }
