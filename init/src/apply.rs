@@ -11,7 +11,8 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
-use bootlace_agent::manifest::{Frequency, Manifest, Mount, OnFailure};
+use bootlace_agent::manifest::{Frequency, Manifest, Mount, OnFailure, TmpfsMount};
+use bootlace_agent::types::TargetPath;
 
 use crate::blkprobe;
 use crate::boot::handoff_env;
@@ -128,6 +129,30 @@ pub fn merge_handoff(cfg: &mut InitConfig, manifest: &Manifest) {
     }
 }
 
+/// Backs each of `paths` with a fresh tmpfs holding a copy of what the image has there (the
+/// writable locations of a read-only root, `[root] writable`). Each tmpfs takes the mode and
+/// owner of the directory it covers. Returns the number of entries copied.
+pub fn writable_locations(
+    paths: &[TargetPath],
+    loader: &mut ModuleLoader,
+) -> Result<(), ApplyError> {
+    let root = Root::open(Path::new("/")).map_err(|source| ApplyError::Mount {
+        path: "/".to_owned(),
+        what: "open the root".to_owned(),
+        source: Some(source),
+    })?;
+    for path in paths {
+        let mount = Mount::Tmpfs(TmpfsMount {
+            path: path.clone(),
+            size: None,
+            mode: None,
+            copy_defaults: true,
+        });
+        apply_mount(&mount, &root, loader, "root: writable")?;
+    }
+    Ok(())
+}
+
 fn root_err(step: &'static str) -> impl FnOnce(RootError) -> ApplyError {
     move |source| ApplyError::Root { step, source }
 }
@@ -167,7 +192,7 @@ pub fn apply(
         log::info!("manifest: modules: loaded {}", loaded.join(" "));
     }
     for mount in &m.mounts {
-        apply_mount(mount, root, loader)?;
+        apply_mount(mount, root, loader, "manifest: mounts")?;
         done.mounts += 1;
     }
     for d in &m.directories {
@@ -321,7 +346,13 @@ fn write_sysctl(path: &Path, value: &str) -> io::Result<()> {
     f.write_all(value.as_bytes())
 }
 
-fn apply_mount(mount: &Mount, root: &Root, loader: &mut ModuleLoader) -> Result<(), ApplyError> {
+/// `origin` prefixes the log line: which config asked for the mount.
+fn apply_mount(
+    mount: &Mount,
+    root: &Root,
+    loader: &mut ModuleLoader,
+    origin: &str,
+) -> Result<(), ApplyError> {
     let path = mount.path().as_str();
     let target = root.open_dir(path, true).map_err(root_err("mounts"))?;
     let target_path = fd_path(target.as_fd());
@@ -359,7 +390,7 @@ fn apply_mount(mount: &Mount, root: &Root, loader: &mut ModuleLoader) -> Result<
                     .copy_tree(path, target.as_fd(), fresh.as_fd())
                     .map_err(root_err("mounts"))?;
             }
-            log::info!("manifest: mounts: tmpfs on {path} ({copied} default entries copied)");
+            log::info!("{origin}: tmpfs on {path} ({copied} default entries copied)");
         }
         Mount::Disk(d) => {
             loader.load_best_effort(crate::bootstrap::source_modules(
@@ -401,7 +432,7 @@ fn apply_mount(mount: &Mount, root: &Root, loader: &mut ModuleLoader) -> Result<
                 c"",
             )
             .map_err(merr(what.clone()))?;
-            log::info!("manifest: mounts: {what} on {path}");
+            log::info!("{origin}: {what} on {path}");
         }
         Mount::NineP(n) => {
             loader.load_best_effort(crate::bootstrap::source_modules(
@@ -416,7 +447,7 @@ fn apply_mount(mount: &Mount, root: &Root, loader: &mut ModuleLoader) -> Result<
                 c"trans=virtio,version=9p2000.L,msize=262144",
             )
             .map_err(merr(what.clone()))?;
-            log::info!("manifest: mounts: {what} on {path}");
+            log::info!("{origin}: {what} on {path}");
         }
         Mount::Bind(b) => {
             let source = root
@@ -430,7 +461,7 @@ fn apply_mount(mount: &Mount, root: &Root, loader: &mut ModuleLoader) -> Result<
                 sys::remount_bind_read_only(&fd_path(mounted.as_fd()))
                     .map_err(merr(what.clone()))?;
             }
-            log::info!("manifest: mounts: {what} on {path}");
+            log::info!("{origin}: {what} on {path}");
         }
     }
     Ok(())

@@ -55,6 +55,12 @@ pub enum BootError {
     /// Supervising the application failed.
     #[error("supervise")]
     Supervise(#[source] io::Error),
+    /// Stage 1 could not switch to the real root.
+    #[error("stage1")]
+    Stage1(#[source] crate::stage1::Stage1Error),
+    /// A writable location of the root could not be set up.
+    #[error("root")]
+    Writable(#[source] crate::apply::ApplyError),
 }
 
 impl BootError {
@@ -68,7 +74,9 @@ impl BootError {
             | BootError::Modules(_)
             | BootError::Bootstrap(_)
             | BootError::Host(_)
-            | BootError::Supervise(_) => report::STATUS_BOOT_STEP,
+            | BootError::Supervise(_)
+            | BootError::Stage1(_)
+            | BootError::Writable(_) => report::STATUS_BOOT_STEP,
         }
     }
 }
@@ -284,6 +292,30 @@ pub fn pid1() -> ! {
         Err(e) => boot.fail(&BootError::Modules(e)),
     }
     boot.step_done("modules");
+
+    if let Some(stage1) = boot.config.stage1.clone() {
+        // Returns only when the switch failed.
+        let e = BootError::Stage1(crate::stage1::switch_root(&stage1, &mut boot.loader));
+        boot.fail(&e);
+        // `continue` has nothing to continue with: an initramfs without its real root.
+        finish(e.status(), &chain(&e))
+    }
+
+    if !boot.config.root.writable.is_empty() {
+        let paths = boot.config.root.writable.clone();
+        if let Err(e) = crate::apply::writable_locations(&paths, &mut boot.loader) {
+            boot.fail(&BootError::Writable(e));
+        }
+        log::info!(
+            "root: tmpfs on {}",
+            paths
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        boot.step_done("writable");
+    }
 
     if !boot.config.bootstrap.sources.is_empty() {
         match bootstrap::run(

@@ -298,8 +298,12 @@ fn mount(
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(err(e)),
     }
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .map_err(err)?;
+    match std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)) {
+        Ok(()) => {}
+        // A read-only root has the mount point baked in; what is mounted on it decides.
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error()) => {}
+        Err(e) => return Err(err(e)),
+    }
     let flags = Flags {
         nosuid: true,
         nodev: true,
@@ -449,6 +453,13 @@ pub fn cleanup() -> Result<(), BootstrapError> {
     match std::fs::remove_dir(BOOTSTRAP_DIR) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error()) => {
+            // A read-only root keeps its (now empty, unmounted) mount point: the image has it.
+            log::info!(
+                "bootstrap: {BOOTSTRAP_DIR} stays as an empty directory of the read-only root"
+            );
+            return Ok(());
+        }
         Err(e) => {
             return Err(BootstrapError::Cleanup {
                 what: "remove the directory".to_owned(),

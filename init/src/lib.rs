@@ -16,6 +16,7 @@
 //! - [`logger`]: console logging with CLOCK_BOOTTIME stamps;
 //! - [`modload`]: loading modules with their dependencies;
 //! - [`mounts`]: the early mounts;
+//! - [`stage1`]: stage 1 of a disk-root boot (mount the real root, switch to it);
 //! - [`supervise`]: supervise mode (reaping, signal forwarding, shutdown);
 //! - [`sys`]: the syscall fence, the only module with `unsafe`.
 
@@ -45,5 +46,6 @@ pub mod kmod;
 pub mod logger;
 pub mod modload;
 pub mod mounts;
+pub mod stage1;
 pub mod supervise;
 pub mod sys;

@@ -30,6 +30,8 @@ pub mod magic {
     pub const SYSFS: i64 = 0x6265_6572;
     /// tmpfs (devtmpfs reports this too).
     pub const TMPFS: i64 = 0x0102_1994;
+    /// ramfs (the kernel's initramfs "rootfs" when it is not a tmpfs).
+    pub const RAMFS: i64 = 0x8584_58f6;
 }
 
 /// Whether this process is PID 1.
@@ -303,6 +305,18 @@ pub fn kill_group(pgid: u32, sig: Signal) -> io::Result<()> {
 /// Unmounts `target` (no flags: a busy mount stays mounted and reports EBUSY).
 pub fn unmount(target: &Path) -> io::Result<()> {
     rustix::mount::unmount(target, rustix::mount::UnmountFlags::empty())?;
+    Ok(())
+}
+
+/// Moves the mount at `source` (with everything mounted below it) to `target`.
+pub fn move_mount(source: &Path, target: &Path) -> io::Result<()> {
+    rustix::mount::mount_move(source, target)?;
+    Ok(())
+}
+
+/// Changes the root directory of this process to `path`.
+pub fn chroot(path: &Path) -> io::Result<()> {
+    rustix::process::chroot(path)?;
     Ok(())
 }
 

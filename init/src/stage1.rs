@@ -1,0 +1,340 @@
+//! Stage 1 of a disk-root boot: from a small initramfs, find the real root by label or device,
+//! mount it on `/sysroot`, move `/dev`, `/proc`, `/sys` and `/run` into it, empty the
+//! initramfs (its memory is otherwise lost for good), switch root and execute the init inside
+//! the image — which is PID 1 again and boots as usual.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+
+use crate::blkprobe::{self, FsType};
+use crate::bootstrap::{fs_modules, source_modules};
+use crate::config::{RootSpec, Source, Stage1};
+use crate::modload::ModuleLoader;
+use crate::mounts;
+use crate::sys::{self, root::Root, Flags};
+
+/// Where the real root is mounted before the switch.
+pub const SYSROOT: &str = "/sysroot";
+
+/// The early mounts carried over into the real root.
+const MOVED: &[&str] = &["/dev", "/proc", "/sys", "/run"];
+
+/// A failed stage 1. Each variant names the root, device or path concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum Stage1Error {
+    /// Neither the config nor the kernel command line names the root.
+    #[error(
+        "no root given: set [stage1] root, or bootlace.root= or root= on the kernel command line"
+    )]
+    NoRoot,
+    /// No device matched within the wait.
+    #[error("root {spec} not found after waiting {waited_ms} ms (saw {seen})")]
+    NotFound {
+        /// The root asked for.
+        spec: String,
+        /// How long it waited.
+        waited_ms: u64,
+        /// What each block device held.
+        seen: String,
+    },
+    /// Mounting the root failed.
+    #[error("mount root {} ({fstype}) on {SYSROOT}", dev.display())]
+    Mount {
+        /// The device.
+        dev: PathBuf,
+        /// Its filesystem type.
+        fstype: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The root has no init to execute.
+    #[error("root {}: {init} is missing (not executable or not a file)", dev.display())]
+    NoInit {
+        /// The device.
+        dev: PathBuf,
+        /// The init looked for.
+        init: String,
+    },
+    /// An early mount could not be moved into the root.
+    #[error("move {from} into the root")]
+    Move {
+        /// The mount.
+        from: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The switch itself failed.
+    #[error("switch root to {SYSROOT}: {what}")]
+    Switch {
+        /// The operation that failed.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The init inside the root could not be executed.
+    #[error("execute {init} inside the root")]
+    Exec {
+        /// The init.
+        init: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A block device holding the root.
+#[derive(Debug)]
+struct Found {
+    dev: PathBuf,
+    fstype: FsType,
+}
+
+fn find(spec: &RootSpec) -> Result<Found, String> {
+    let candidates = blkprobe::scan(Path::new("/sys/class/block"), Path::new("/dev"));
+    let hit = candidates.iter().find_map(|c| {
+        let p = c.probed.as_ref()?;
+        let wanted = match spec {
+            RootSpec::Label(l) => p.label.as_deref() == Some(l.as_str()),
+            RootSpec::Device(d) => c.dev == *d,
+        };
+        wanted.then(|| Found {
+            dev: c.dev.clone(),
+            fstype: p.fstype,
+        })
+    });
+    hit.ok_or_else(|| {
+        if candidates.is_empty() {
+            return "no block devices".to_owned();
+        }
+        candidates
+            .iter()
+            .map(|c| match &c.probed {
+                Some(p) => format!(
+                    "{} {} label {:?}",
+                    c.name,
+                    p.fstype.as_str(),
+                    p.label.as_deref().unwrap_or("")
+                ),
+                None => format!("{} unrecognised", c.name),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
+}
+
+/// Finds and mounts the real root, switches to it and executes its init. Returns only on
+/// failure; the caller reports it and applies the failure policy.
+pub fn switch_root(cfg: &Stage1, loader: &mut ModuleLoader) -> Stage1Error {
+    match prepare(cfg, loader) {
+        Ok(found) => switch(cfg, &found),
+        Err(e) => e,
+    }
+}
+
+fn prepare(cfg: &Stage1, loader: &mut ModuleLoader) -> Result<Found, Stage1Error> {
+    let spec = cfg.root.as_ref().ok_or(Stage1Error::NoRoot)?;
+    let loaded = loader.load_best_effort(source_modules(Source::Disk));
+    if !loaded.is_empty() {
+        log::debug!("stage1: loaded {}", loaded.join(" "));
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_millis(cfg.wait_ms);
+    let found = loop {
+        match find(spec) {
+            Ok(found) => break found,
+            Err(seen) if Instant::now() >= deadline => {
+                return Err(Stage1Error::NotFound {
+                    spec: spec.to_string(),
+                    waited_ms: cfg.wait_ms,
+                    seen,
+                })
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    loader.load_best_effort(fs_modules(found.fstype));
+    let read_only = !(cfg.read_write && found.fstype == FsType::Ext4);
+    if let Err(e) = std::fs::create_dir(SYSROOT) {
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(Stage1Error::Switch {
+                what: "create the mount point",
+                source: e,
+            });
+        }
+    }
+    let flags = Flags {
+        rdonly: read_only,
+        ..Flags::default()
+    };
+    sys::mount(
+        &found.dev.to_string_lossy(),
+        Path::new(SYSROOT),
+        found.fstype.as_str(),
+        flags,
+        c"",
+    )
+    .map_err(|source| Stage1Error::Mount {
+        dev: found.dev.clone(),
+        fstype: found.fstype.as_str(),
+        source,
+    })?;
+    log::info!(
+        "stage1: root {spec} is {} ({}), mounted {} on {SYSROOT}",
+        found.dev.display(),
+        found.fstype.as_str(),
+        if read_only { "read-only" } else { "read-write" },
+    );
+    // The init is resolved inside the new root (an absolute /sbin -> usr/sbin link included).
+    let init = cfg.init.program().to_string_lossy().into_owned();
+    let has_init = Root::open(Path::new(SYSROOT))
+        .ok()
+        .and_then(|r| r.open_file(init.trim_start_matches('/')).ok())
+        .and_then(|f| f.metadata().ok())
+        .is_some_and(|m| m.is_file() && m.permissions().mode_bits() & 0o111 != 0);
+    if !has_init {
+        let _ = sys::unmount(Path::new(SYSROOT));
+        return Err(Stage1Error::NoInit {
+            dev: found.dev.clone(),
+            init,
+        });
+    }
+    Ok(found)
+}
+
+trait ModeBits {
+    fn mode_bits(&self) -> u32;
+}
+
+impl ModeBits for std::fs::Permissions {
+    fn mode_bits(&self) -> u32 {
+        std::os::unix::fs::PermissionsExt::mode(self)
+    }
+}
+
+fn switch(cfg: &Stage1, found: &Found) -> Stage1Error {
+    match move_and_switch(found) {
+        Ok(()) => {}
+        Err(e) => return e,
+    }
+    let init = cfg.init.program().to_owned();
+    let kernel_args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = sys::cloexec_all_but_stdio() {
+        log::warn!("cannot mark fds close-on-exec: {e}");
+    }
+    log::info!("stage1: executing {} in the real root", init.display());
+    let mut cmd = std::process::Command::new(&init);
+    cmd.args(cfg.init.args()).args(&kernel_args);
+    let source = cmd.exec();
+    Stage1Error::Exec {
+        init: init.to_string_lossy().into_owned(),
+        source,
+    }
+}
+
+fn move_and_switch(found: &Found) -> Result<(), Stage1Error> {
+    let sysroot = Path::new(SYSROOT);
+    for &from in MOVED {
+        if !mounts::is_mount_point(Path::new(from)).unwrap_or(false) {
+            continue;
+        }
+        let to = sysroot.join(from.trim_start_matches('/'));
+        if !to.is_dir() {
+            if from == "/run" {
+                log::warn!("stage1: the root has no /run; leaving the initramfs's behind");
+                continue;
+            }
+            return Err(Stage1Error::Move {
+                from,
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "the root on {} has no {from} directory",
+                        found.dev.display()
+                    ),
+                ),
+            });
+        }
+        sys::move_mount(Path::new(from), &to)
+            .map_err(|source| Stage1Error::Move { from, source })?;
+    }
+    let freed = empty_initramfs();
+    log::debug!("stage1: removed {freed} initramfs entries");
+    let sw = |what| move |source| Stage1Error::Switch { what, source };
+    std::env::set_current_dir(sysroot).map_err(sw("chdir"))?;
+    sys::move_mount(Path::new("."), Path::new("/")).map_err(sw("move the root onto /"))?;
+    sys::chroot(Path::new(".")).map_err(sw("chroot"))?;
+    std::env::set_current_dir("/").map_err(sw("chdir /"))?;
+    Ok(())
+}
+
+/// Deletes the initramfs's files (never crossing into another filesystem, so the new root
+/// and anything mounted are untouched) when `/` is the kernel's rootfs (ramfs or tmpfs).
+/// Best effort: returns how many entries were removed.
+fn empty_initramfs() -> usize {
+    let magic = sys::fs_magic(Path::new("/")).unwrap_or(0);
+    if magic != sys::magic::RAMFS && magic != sys::magic::TMPFS {
+        log::warn!("stage1: / is not an initramfs (fs magic {magic:#x}); not emptying it");
+        return 0;
+    }
+    let Ok(root) = rustix::fs::open("/", OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()) else {
+        return 0;
+    };
+    let Ok(st) = rustix::fs::fstat(&root) else {
+        return 0;
+    };
+    empty_dir(root, st.st_dev, Some(OsStr::new("sysroot")), 0)
+}
+
+fn empty_dir(dir: OwnedFd, dev: u64, skip: Option<&OsStr>, depth: usize) -> usize {
+    if depth > 64 {
+        return 0;
+    }
+    let Ok(entries) = rustix::fs::Dir::read_from(&dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." || Some(OsStr::from_bytes(name)) == skip {
+            continue;
+        }
+        let name = entry.file_name();
+        let Ok(st) = rustix::fs::statat(dir.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        if st.st_dev != dev {
+            continue;
+        }
+        let is_dir =
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
+        if is_dir {
+            if let Ok(sub) = rustix::fs::openat(
+                dir.as_fd(),
+                name,
+                OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY,
+                Mode::empty(),
+            ) {
+                removed += empty_dir(sub, dev, None, depth + 1);
+            }
+        }
+        let flags = if is_dir {
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        if rustix::fs::unlinkat(dir.as_fd(), name, flags).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
