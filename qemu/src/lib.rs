@@ -10,12 +10,15 @@
 //! on which stock kernels hang, so KVM is used only when asked for.
 //!
 //! Modules:
+//! - [`images`]: a directory of baked images, chosen by name and version through their
+//!   metadata, checked against their sha256.
 //! - [`kernel`]: finding an installed kernel and its release.
 //! - [`vsock`]: guest vsock through a `vhost-device-vsock` daemon per VM and hybrid-vsock Unix
 //!   sockets on the host ([`VmSpec::vsock`]).
 
 #![deny(unsafe_code)]
 
+pub mod images;
 pub mod kernel;
 pub mod vsock;
 
@@ -74,6 +77,8 @@ pub struct VmSpec {
     /// [`VsockSpec::dir`], so a host program can listen for guest connections to port P on
     /// [`VsockSpec::port_path`] (`DIR/vsock_P`) *before* calling [`run`].
     pub vsock: Option<VsockSpec>,
+    /// The root disk of a disk-root boot (attached first, as `/dev/vda`), if any.
+    pub root_disk: Option<RootDisk>,
 }
 
 /// A raw disk image attached as a virtio-blk device.
@@ -83,6 +88,20 @@ pub struct Disk {
     pub path: PathBuf,
     /// Attach read-only (the guest cannot change the file).
     pub read_only: bool,
+}
+
+/// The root filesystem image of a disk-root boot, attached before every other disk so the
+/// guest sees it as `/dev/vda`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootDisk {
+    /// The image file.
+    pub path: PathBuf,
+    /// A qcow2 image (else raw).
+    pub qcow2: bool,
+    /// Attach read-only (erofs, squashfs).
+    pub read_only: bool,
+    /// Writable, but the writes are dropped when QEMU ends (the image file is not changed).
+    pub snapshot: bool,
 }
 
 /// A host directory shared with the guest over virtio 9p.
@@ -115,6 +134,7 @@ impl VmSpec {
             shares: Vec::new(),
             extra_args: Vec::new(),
             vsock: None,
+            root_disk: None,
         }
     }
 }
@@ -167,6 +187,9 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     }
     let cmdline = kernel_cmdline(spec);
     push(&["-append", &cmdline]);
+    if let Some(r) = &spec.root_disk {
+        a.extend(root_disk_args(r));
+    }
     for (i, d) in spec.disks.iter().enumerate() {
         a.extend(disk_args(i, d));
     }
@@ -193,6 +216,61 @@ pub fn disk_args(i: usize, d: &Disk) -> Vec<String> {
         ),
         "-device".to_owned(),
         format!("virtio-blk-pci,drive=disk{i}"),
+    ]
+}
+
+/// Sets `spec` up to boot a chosen image: an initramfs directly; a disk image (erofs, ext4,
+/// squashfs, qcow2) attached first, with `stage1` as the initramfs and `bootlace.root=` telling
+/// it where the root is. A read-write root (ext4) is attached as a snapshot so booting never
+/// changes the image file.
+pub fn boot_image(
+    spec: &mut VmSpec,
+    image: &images::Entry,
+    stage1: Option<&Path>,
+) -> Result<(), images::ImagesError> {
+    let m = &image.meta;
+    if !m.is_disk() {
+        spec.initrd = Some(image.path());
+        return Ok(());
+    }
+    let stage1 = stage1.ok_or_else(|| images::ImagesError::Bad {
+        meta: image.meta_path.clone(),
+        why: format!(
+            "{} is a {} disk image: it needs a stage-1 initramfs",
+            m.id(),
+            m.format
+        ),
+    })?;
+    let fstype = m.fstype.as_deref().unwrap_or(m.format.as_str());
+    let writable = fstype == "ext4";
+    spec.root_disk = Some(RootDisk {
+        path: image.path(),
+        qcow2: m.format == "qcow2",
+        read_only: !writable,
+        snapshot: writable,
+    });
+    spec.initrd = Some(stage1.to_owned());
+    spec.append.push(images::root_param(m));
+    Ok(())
+}
+
+/// `-drive` + `-device virtio-blk-pci` for the root disk of a disk-root boot.
+pub fn root_disk_args(r: &RootDisk) -> Vec<String> {
+    let format = if r.qcow2 { "qcow2" } else { "raw" };
+    let mut opts = format!(
+        "file={},if=none,id=rootdisk,format={format}",
+        opt_value(&r.path)
+    );
+    if r.read_only {
+        opts.push_str(",readonly=on");
+    } else if r.snapshot {
+        opts.push_str(",snapshot=on");
+    }
+    vec![
+        "-drive".to_owned(),
+        opts,
+        "-device".to_owned(),
+        "virtio-blk-pci,drive=rootdisk".to_owned(),
     ]
 }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use bootlace_vm::{kernel, Accel, Disk, Share, VmSpec, VsockSpec};
+use bootlace_vm::{images, kernel, Accel, Disk, Share, VmSpec, VsockSpec};
 use clap::{ArgGroup, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -34,8 +34,20 @@ struct RunArgs {
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Initramfs to boot.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "image")]
     initrd: Option<PathBuf>,
+    /// Boot a baked image by name from --images: NAME or NAME@VERSION. A missing or damaged
+    /// version falls back to the default version (DIR/NAME.default, else the highest) with a
+    /// warning. Disk images boot through a stage-1 initramfs (--stage1, else the newest one
+    /// in --images).
+    #[arg(long, requires = "images")]
+    image: Option<String>,
+    /// Directory of baked images and their .meta.json files (bootlace-image bake).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Stage-1 initramfs for disk images (default: the newest stage-1 image in --images).
+    #[arg(long, requires = "image")]
+    stage1: Option<PathBuf>,
     /// Kernel parameter to add (repeatable), e.g. --append bootlace.log=debug.
     #[arg(long)]
     append: Vec<String>,
@@ -213,6 +225,33 @@ fn run(a: RunArgs) -> anyhow::Result<u8> {
     spec.echo = !a.no_echo;
     spec.quiet_kernel = !a.verbose_kernel;
     spec.extra_args = a.qemu_args;
+    if let (Some(wanted), Some(dir)) = (&a.image, &a.images) {
+        let (name, version) = match wanted.split_once('@') {
+            Some((n, v)) => (n, Some(v)),
+            None => (wanted.as_str(), None),
+        };
+        let chosen = images::choose(dir, name, version)?;
+        for w in &chosen.warnings {
+            eprintln!("bootlace-vm: warning: {w}");
+        }
+        let m = &chosen.entry.meta;
+        let stage1 = match (&a.stage1, m.is_disk()) {
+            (Some(p), _) => Some(p.clone()),
+            (None, true) => Some(images::stage1(dir)?.path()),
+            (None, false) => None,
+        };
+        bootlace_vm::boot_image(&mut spec, &chosen.entry, stage1.as_deref())?;
+        eprintln!(
+            "bootlace-vm: booting {} ({}, sha256 {}){}",
+            m.id(),
+            m.format,
+            m.sha256.get(..12).unwrap_or(&m.sha256),
+            match &stage1 {
+                Some(p) => format!(" through stage 1 {}", p.display()),
+                None => String::new(),
+            }
+        );
+    }
     if let Some(path) = a.bootstrap_disk {
         spec.disks.push(Disk {
             path,

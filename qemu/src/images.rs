@@ -1,0 +1,416 @@
+//! A directory of built images: finding one by name and version through the metadata files
+//! `bootlace-image bake` writes beside each output (`<file>.meta.json`), checking its sha256,
+//! and falling back to the default version, with a warning, when the requested one is missing
+//! or damaged.
+//!
+//! The default version of `NAME` is the one written in `DIR/NAME.default` when that file
+//! exists, else the highest version (numeric parts compared as numbers: `1.10` > `1.9`).
+
+use std::cmp::Ordering;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Suffix of the metadata files.
+pub const META_SUFFIX: &str = ".meta.json";
+
+/// The fields of an image's metadata that booting needs (the file has more; they are ignored).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ImageMeta {
+    /// Metadata schema version; 1.
+    pub schema: u32,
+    /// The image's name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// `initramfs`, `erofs`, `ext4`, `squashfs` or `qcow2`.
+    pub format: String,
+    /// The image file, relative to the metadata's directory.
+    pub file: String,
+    /// sha256 of the image file, hex.
+    pub sha256: String,
+    /// The filesystem inside a disk image.
+    #[serde(default)]
+    pub fstype: Option<String>,
+    /// The filesystem label of a disk image.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Whether this is a stage-1 initramfs (boots disk-root images).
+    #[serde(default)]
+    pub stage1: bool,
+}
+
+impl ImageMeta {
+    /// Whether the image is a root filesystem on a disk (it needs a stage-1 initramfs).
+    pub fn is_disk(&self) -> bool {
+        self.format != "initramfs"
+    }
+
+    /// `name@version`.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+/// Why no image could be chosen.
+#[derive(Debug, thiserror::Error)]
+pub enum ImagesError {
+    /// The directory could not be listed.
+    #[error("cannot list {}", dir.display())]
+    List {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No usable image of that name.
+    #[error("no usable image {name:?} in {}: {why}", dir.display())]
+    NotFound {
+        /// The directory.
+        dir: PathBuf,
+        /// The name asked for.
+        name: String,
+        /// What was tried.
+        why: String,
+    },
+    /// A metadata field has a value booting cannot use.
+    #[error("{}: {why}", meta.display())]
+    Bad {
+        /// The metadata file.
+        meta: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// One image of the directory.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its metadata file.
+    pub meta_path: PathBuf,
+    /// Its metadata.
+    pub meta: ImageMeta,
+}
+
+impl Entry {
+    /// The image file.
+    pub fn path(&self) -> PathBuf {
+        self.meta_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(&self.meta.file)
+    }
+
+    /// Checks the image file against the recorded sha256 and size of nothing else; `Err`
+    /// says what is wrong.
+    pub fn verify(&self) -> Result<(), String> {
+        let path = self.path();
+        let mut f = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            h.update(buf.get(..n).unwrap_or_default());
+        }
+        let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if got.eq_ignore_ascii_case(&self.meta.sha256) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} has sha256 {got}, its metadata says {}",
+                path.display(),
+                self.meta.sha256
+            ))
+        }
+    }
+}
+
+/// The images of `dir` (every `*.meta.json` that parses; the others are returned as
+/// warnings, naming the file).
+pub fn catalog(dir: &Path) -> Result<(Vec<Entry>, Vec<String>), ImagesError> {
+    let list = std::fs::read_dir(dir).map_err(|source| ImagesError::List {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    let mut entries = Vec::new();
+    let mut warnings = Vec::new();
+    let mut names: Vec<PathBuf> = list
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(META_SUFFIX))
+        })
+        .collect();
+    names.sort();
+    for meta_path in names {
+        let parsed = std::fs::read(&meta_path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<ImageMeta>(&b).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(meta) if meta.schema != 1 => warnings.push(format!(
+                "{}: metadata schema {} is not supported; skipped",
+                meta_path.display(),
+                meta.schema
+            )),
+            Ok(meta) if meta.file.contains('/') || meta.file.starts_with('.') => {
+                warnings.push(format!(
+                    "{}: file {:?} is not a plain file name beside it; skipped",
+                    meta_path.display(),
+                    meta.file
+                ))
+            }
+            Ok(meta) => entries.push(Entry { meta_path, meta }),
+            Err(e) => warnings.push(format!("{}: {e}; skipped", meta_path.display())),
+        }
+    }
+    Ok((entries, warnings))
+}
+
+/// Compares versions: runs of digits as numbers, other runs as text.
+pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    fn parts(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            let boundary = i == bytes.len()
+                || bytes.get(i).map(u8::is_ascii_digit) != bytes.get(i - 1).map(u8::is_ascii_digit);
+            if boundary {
+                let part = s.get(start..i).unwrap_or("");
+                out.push((part.bytes().all(|c| c.is_ascii_digit()), part));
+                start = i;
+            }
+        }
+        out
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        let ord = match (x, y) {
+            ((true, x), (true, y)) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            ((_, x), (_, y)) => x.cmp(y),
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    pa.len().cmp(&pb.len())
+}
+
+/// The image chosen to boot, and the warnings met on the way.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    /// The image.
+    pub entry: Entry,
+    /// Each fallback and skipped file, in words.
+    pub warnings: Vec<String>,
+}
+
+/// Picks `name` at `version` (or its default version) from `dir`, verifying its sha256. A
+/// missing or damaged requested version falls back to the default version, with a warning; a
+/// damaged default is an error. Stage-1 initramfs images are never chosen by name.
+pub fn choose(dir: &Path, name: &str, version: Option<&str>) -> Result<Chosen, ImagesError> {
+    let (entries, mut warnings) = catalog(dir)?;
+    let of_name: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.meta.name == name && !e.meta.stage1)
+        .collect();
+    let not_found = |why: String| ImagesError::NotFound {
+        dir: dir.to_owned(),
+        name: name.to_owned(),
+        why,
+    };
+    if of_name.is_empty() {
+        let mut known: Vec<String> = entries.iter().map(|e| e.meta.id()).collect();
+        known.dedup();
+        return Err(not_found(if known.is_empty() {
+            "the directory has no image metadata".to_owned()
+        } else {
+            format!("it has {}", known.join(", "))
+        }));
+    }
+    if let Some(v) = version {
+        match of_name.iter().find(|e| e.meta.version == v) {
+            Some(e) => match e.verify() {
+                Ok(()) => {
+                    return Ok(Chosen {
+                        entry: (*e).clone(),
+                        warnings,
+                    })
+                }
+                Err(why) => warnings.push(format!("{name}@{v}: {why}")),
+            },
+            None => warnings.push(format!("{name}@{v}: no such version in {}", dir.display())),
+        }
+    }
+    let default = default_version(dir, name, &of_name)?;
+    let entry = of_name
+        .iter()
+        .find(|e| e.meta.version == default)
+        .ok_or_else(|| not_found(format!("its default version {default} has no metadata")))?;
+    entry
+        .verify()
+        .map_err(|why| not_found(format!("default version {default}: {why}")))?;
+    if let Some(v) = version {
+        warnings.push(format!(
+            "booting the default version {name}@{default} instead of {v}"
+        ));
+    }
+    Ok(Chosen {
+        entry: (*entry).clone(),
+        warnings,
+    })
+}
+
+fn default_version(dir: &Path, name: &str, of_name: &[&Entry]) -> Result<String, ImagesError> {
+    let pin = dir.join(format!("{name}.default"));
+    match std::fs::read_to_string(&pin) {
+        Ok(text) => return Ok(text.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(ImagesError::Bad {
+                meta: pin,
+                why: e.to_string(),
+            })
+        }
+    }
+    of_name
+        .iter()
+        .map(|e| e.meta.version.clone())
+        .max_by(|a, b| compare_versions(a, b))
+        .ok_or_else(|| ImagesError::NotFound {
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+            why: "no versions".to_owned(),
+        })
+}
+
+/// The newest stage-1 initramfs of `dir` that verifies.
+pub fn stage1(dir: &Path) -> Result<Entry, ImagesError> {
+    let (mut entries, _) = catalog(dir)?;
+    entries.retain(|e| e.meta.stage1);
+    entries.sort_by(|a, b| compare_versions(&b.meta.version, &a.meta.version));
+    let mut why = Vec::new();
+    for e in entries {
+        match e.verify() {
+            Ok(()) => return Ok(e),
+            Err(w) => why.push(w),
+        }
+    }
+    Err(ImagesError::NotFound {
+        dir: dir.to_owned(),
+        name: "(stage 1)".to_owned(),
+        why: if why.is_empty() {
+            "no stage-1 initramfs (bake one with --format initramfs --stage1)".to_owned()
+        } else {
+            why.join("; ")
+        },
+    })
+}
+
+/// The kernel parameter that tells stage 1 where this disk image's root is: its label, or
+/// `/dev/vda` (the harness attaches the root first) for filesystems without one.
+pub fn root_param(meta: &ImageMeta) -> String {
+    match &meta.label {
+        Some(l) if !l.is_empty() => format!("bootlace.root=LABEL={l}"),
+        _ => "bootlace.root=/dev/vda".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_numerically() {
+        let mut v = vec!["1.10", "1.9", "1.9.1", "2", "1.0-rc1", "1.0", "0"];
+        v.sort_by(|a, b| compare_versions(a, b));
+        assert_eq!(v, ["0", "1.0", "1.0-rc1", "1.9", "1.9.1", "1.10", "2"]);
+        assert_eq!(compare_versions("01", "1"), Ordering::Equal);
+    }
+
+    fn write_image(dir: &Path, name: &str, version: &str, body: &[u8], stage1: bool) {
+        let file = format!("{name}-{version}.img");
+        std::fs::write(dir.join(&file), body).expect("write");
+        let sha: String = Sha256::digest(body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let meta = serde_json::json!({
+            "schema": 1, "name": name, "version": version, "format": "initramfs",
+            "file": file, "sha256": sha, "stage1": stage1, "extra": "ignored",
+        });
+        std::fs::write(
+            dir.join(format!("{file}{META_SUFFIX}")),
+            serde_json::to_vec(&meta).expect("json"),
+        )
+        .expect("write");
+    }
+
+    #[test]
+    fn chooses_and_falls_back() {
+        let d = tempfile::tempdir().expect("tempdir");
+        write_image(d.path(), "base", "1.9", b"one-nine", false);
+        write_image(d.path(), "base", "1.10", b"one-ten", false);
+        write_image(d.path(), "base", "2.0", b"two", false);
+        write_image(d.path(), "s1", "1", b"stage", true);
+        std::fs::write(d.path().join("junk.meta.json"), b"{").expect("write");
+
+        let c = choose(d.path(), "base", Some("1.9")).expect("exact");
+        assert_eq!(c.entry.meta.version, "1.9");
+        assert_eq!(c.warnings.len(), 1, "the junk file: {:?}", c.warnings);
+
+        let c = choose(d.path(), "base", None).expect("default");
+        assert_eq!(c.entry.meta.version, "2.0");
+
+        // Missing version -> default, with a warning that names both.
+        let c = choose(d.path(), "base", Some("3.0")).expect("fallback");
+        assert_eq!(c.entry.meta.version, "2.0");
+        let all = c.warnings.join("\n");
+        assert!(all.contains("base@3.0: no such version"), "{all}");
+        assert!(
+            all.contains("default version base@2.0 instead of 3.0"),
+            "{all}"
+        );
+
+        // Damaged version -> default.
+        std::fs::write(d.path().join("base-1.10.img"), b"tampered").expect("write");
+        let c = choose(d.path(), "base", Some("1.10")).expect("fallback");
+        assert_eq!(c.entry.meta.version, "2.0");
+        assert!(
+            c.warnings.join("\n").contains("has sha256"),
+            "{:?}",
+            c.warnings
+        );
+
+        // A pinned default wins over the highest version.
+        std::fs::write(d.path().join("base.default"), "1.9\n").expect("write");
+        let c = choose(d.path(), "base", Some("1.10")).expect("fallback");
+        assert_eq!(c.entry.meta.version, "1.9");
+
+        // A damaged default is an error, not a silent boot of something else.
+        std::fs::write(d.path().join("base-1.9.img"), b"bad").expect("write");
+        let e = choose(d.path(), "base", None).expect_err("damaged default");
+        assert!(e.to_string().contains("default version 1.9"), "{e}");
+
+        let e = choose(d.path(), "nope", None).expect_err("unknown");
+        assert!(e.to_string().contains("base@"), "{e}");
+        assert!(
+            choose(d.path(), "s1", None).is_err(),
+            "stage 1 is not chosen by name"
+        );
+        assert_eq!(stage1(d.path()).expect("stage1").meta.name, "s1");
+    }
+}
