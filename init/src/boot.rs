@@ -141,6 +141,8 @@ struct Boot {
     timeline: Timeline,
     link: HostLink,
     loader: ModuleLoader,
+    /// READY has been reported (after the manifest, before the cleanup).
+    ready_sent: bool,
 }
 
 impl Boot {
@@ -244,6 +246,7 @@ pub fn pid1() -> ! {
         timeline,
         link: HostLink::none(),
         loader: ModuleLoader::new(),
+        ready_sent: false,
     };
     // The first failure wins: a broken /proc explains a missing command line.
     let first_error = match (early, cmdline, loaded.error) {
@@ -323,8 +326,12 @@ pub fn pid1() -> ! {
             &mut boot.loader,
             &mut boot.timeline,
             &mut boot.link,
+            &mut report_ready,
         ) {
-            Ok(c) => boot.config = c,
+            Ok((c, ready)) => {
+                boot.config = c;
+                boot.ready_sent = ready;
+            }
             Err(e) => boot.fail(&BootError::Bootstrap(e)),
         }
     }
@@ -332,9 +339,36 @@ pub fn pid1() -> ! {
     handoff(boot)
 }
 
+/// `exec /sbin/init` or `supervise /bin/app --flag`.
+fn handoff_what(config: &InitConfig) -> String {
+    let cmd = &config.handoff.command;
+    match config.handoff.mode {
+        HandoffMode::Exec => format!("exec {cmd}"),
+        HandoffMode::Supervise => format!("supervise {cmd}"),
+    }
+}
+
+/// Stamps `ready` and reports READY with the timeline so far, the boot time and VmHWM.
+fn report_ready(config: &InitConfig, timeline: &mut Timeline, link: &mut HostLink) {
+    timeline.mark("ready");
+    link.report(
+        Kind::Ready,
+        &[
+            ("READY", "1".to_owned()),
+            ("STATUS", format!("hand-off: {}", handoff_what(config))),
+            ("TIMELINE", timeline.render()),
+            ("BOOTTIME_NS", sys::boottime().as_nanos().to_string()),
+            ("VMHWM_KB", vm_hwm_kb().to_string()),
+        ],
+    );
+}
+
 fn handoff(mut boot: Boot) -> ! {
     let env = handoff_env(&boot.config);
     let cmd = boot.config.handoff.command.clone();
+    if !boot.ready_sent {
+        report_ready(&boot.config, &mut boot.timeline, &mut boot.link);
+    }
     boot.timeline.mark("handoff");
     log::info!(
         "timeline: {} (VmHWM {} KiB)",
@@ -342,20 +376,7 @@ fn handoff(mut boot: Boot) -> ! {
         vm_hwm_kb()
     );
     let mode = boot.config.handoff.mode;
-    let what = match mode {
-        HandoffMode::Exec => format!("exec {cmd}"),
-        HandoffMode::Supervise => format!("supervise {cmd}"),
-    };
-    boot.link.report(
-        Kind::Ready,
-        &[
-            ("READY", "1".to_owned()),
-            ("STATUS", format!("hand-off: {what}")),
-            ("TIMELINE", boot.timeline.render()),
-            ("BOOTTIME_NS", sys::boottime().as_nanos().to_string()),
-            ("VMHWM_KB", vm_hwm_kb().to_string()),
-        ],
-    );
+    let what = handoff_what(&boot.config);
     match mode {
         HandoffMode::Exec => {
             // Kernel arguments meant for init (after `--`, or unknown bare words) go on to

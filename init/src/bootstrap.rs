@@ -476,15 +476,20 @@ pub fn cleanup() -> Result<(), BootstrapError> {
     Ok(())
 }
 
-/// Finds, mounts and applies the bootstrap, then cleans up. Returns the config for the
-/// hand-off (with the manifest's environment and hand-off overrides), or the config as it was
-/// when an optional bootstrap is absent.
+/// What [`run`] calls once the manifest is applied, before the cleanup: the boot reports
+/// READY there, so the host learns of it without waiting for the unmount.
+pub type OnApplied<'a> = &'a mut dyn FnMut(&InitConfig, &mut Timeline, &mut HostLink);
+
+/// Finds, mounts and applies the bootstrap, calls `on_applied`, then cleans up. Returns the
+/// config for the hand-off (with the manifest's environment and hand-off overrides) and
+/// whether `on_applied` was called; the config as it was when an optional bootstrap is absent.
 pub fn run(
     config: &InitConfig,
     loader: &mut ModuleLoader,
     timeline: &mut Timeline,
     link: &mut HostLink,
-) -> Result<InitConfig, BootstrapError> {
+    on_applied: OnApplied<'_>,
+) -> Result<(InitConfig, bool), BootstrapError> {
     let mark = |timeline: &mut Timeline, link: &mut HostLink, name: &'static str, ok: bool| {
         let before = timeline.last();
         timeline.mark(name);
@@ -492,7 +497,7 @@ pub fn run(
         link.step(name, state, timeline.last().saturating_sub(before), None);
     };
     let Some(found) = find(&config.bootstrap, loader, link)? else {
-        return Ok(config.clone());
+        return Ok((config.clone(), false));
     };
     mark(timeline, link, "bootstrap_found", true);
     log::info!("bootstrap: found {}", found.describe());
@@ -510,6 +515,9 @@ pub fn run(
     );
     let result = read_and_apply(config, loader);
     mark(timeline, link, "manifest_done", result.is_ok());
+    if let Ok((cfg, _)) = &result {
+        on_applied(cfg, timeline, link);
+    }
     let cleaned = cleanup();
     mark(timeline, link, "cleanup_done", cleaned.is_ok());
     match (result, cleaned) {
@@ -519,7 +527,7 @@ pub fn run(
                 MANIFEST_NAME,
                 applied.summary()
             );
-            Ok(cfg)
+            Ok((cfg, true))
         }
         (Err(e), Ok(())) => Err(e),
         (Ok(_), Err(c)) => Err(c),

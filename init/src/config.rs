@@ -1054,4 +1054,17 @@ shutdown_grace_ms = 250
         let l = load(&path, "bootlace.root=UUID=x");
         assert!(l.error.is_some());
     }
+
+    #[test]
+    fn the_documented_init_toml_parses() {
+        let doc = include_str!("../../docs/boot.md");
+        let start = doc.find("```toml\n").expect("a toml block in docs/boot.md") + 8;
+        let len = doc[start..].find("```").expect("closed block");
+        // The digest is elided in the prose; any valid one stands in for it.
+        let text =
+            doc[start..start + len].replace("sha256:…", &format!("sha256:{}", "ab".repeat(32)));
+        let c = parse(&text).unwrap_or_else(|e| panic!("docs/boot.md init.toml: {e}"));
+        assert_eq!(c.root.writable.len(), 2);
+        assert!(c.stage1.is_some() && c.host.address.is_some());
+    }
 }

@@ -161,6 +161,12 @@ fn vsock_bundle_end_to_end_and_exit_status() {
     }
     let ready = r.iter().find(|f| f.kind == Kind::Ready).expect("READY");
     assert_eq!(ready.get("READY"), Some("1"));
+    // READY goes out once the manifest is applied, before the cleanup (docs/boot.md).
+    let tl = ready.get("TIMELINE").unwrap_or("");
+    assert!(
+        tl.contains("manifest_done=") && tl.contains("ready=") && !tl.contains("cleanup_done="),
+        "{tl}"
+    );
     let exit = r.iter().find(|f| f.kind == Kind::Exit).expect("EXIT");
     assert_eq!(exit.get("EXIT_STATUS"), Some("3"));
     assert!(o.console.contains("bootstrap: fetched"), "{}", tail(&o, 40));

@@ -1,5 +1,6 @@
 //! `bootlace-floor`: the benchmark's floor — the least a PID 1 can do for the host to learn
-//! it is up. It loads the kernel modules listed (paths, in order) in `/floor-modules`, dials
+//! it is up. It loads the kernel modules listed (paths, in order) in `/floor-modules` (or the
+//! file `floor.modules=PATH` on the kernel command line names), dials
 //! the host (vsock CID 2, port 1024), says `READY=1` with its CLOCK_BOOTTIME stamps, waits
 //! for the ack, and powers off. With `floor.raw=N` on the kernel command line it first reads N
 //! raw bytes from host port 1025 (the transport's own throughput) and reports the time taken;
@@ -53,15 +54,16 @@ fn main() {
         rustix::mount::MountFlags::empty(),
         None,
     );
-    for path in std::fs::read_to_string("/floor-modules")
-        .unwrap_or_default()
-        .lines()
-    {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let list = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("floor.modules="))
+        .unwrap_or("/floor-modules");
+    for path in std::fs::read_to_string(list).unwrap_or_default().lines() {
         if let Ok(f) = std::fs::File::open(path) {
             let _ = rustix::system::finit_module(&f, c"", 0);
         }
     }
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let raw: Option<u64> = cmdline
         .split_whitespace()
         .find_map(|w| w.strip_prefix("floor.raw=")?.parse().ok());

@@ -99,6 +99,8 @@ poweroff -f
 
 struct Scenario {
     name: &'static str,
+    /// The floor this scenario is compared with (same modules and source).
+    baseline: Option<&'static str>,
     img: PathBuf,
     append: Vec<String>,
     disks: Vec<Disk>,
@@ -208,14 +210,12 @@ fn run_once(s: &Scenario, logs: &Path, i: usize) -> Result<Sample> {
     })
 }
 
-/// Module files the 9p + vsock scenario loads, in load order (for the floor and the script).
-fn module_paths(cfg: &InitConfig, release: &str) -> Result<String> {
+/// Module files (paths, in load order with their dependencies) of the named modules: what a
+/// floor loads to match one bootlace scenario module for module.
+fn module_paths(names: &[&str], release: &str) -> Result<String> {
     let dir = Path::new("/lib/modules").join(release);
     let index = ModuleIndex::read(&dir)?;
-    let mut names: Vec<&str> = bootlace_init::hostlink::VSOCK_MODULES.to_vec();
-    names.extend(bootlace_init::bootstrap::all_modules(
-        &cfg.bootstrap.sources,
-    ));
+    let mut names = names.to_vec();
     names.retain(|m| index.get(m).is_some() || index.is_builtin(m));
     let mut out = String::new();
     for r in index.resolve(names)? {
@@ -290,8 +290,30 @@ fn main() -> Result<()> {
     };
     let init = artifact("bootlace-init")?;
     let floor = artifact("bootlace-floor")?;
-    let modules = module_paths(&base(&[Source::NineP]), &k.release)?;
-    std::fs::write(rootfs.join("floor-modules"), &modules)?;
+    // Each floor loads exactly the modules bootlace loads for that source: the vsock
+    // transport, then the source's stack (for the disk, the erofs the bundle is made in).
+    use bootlace_init::bootstrap::{fs_modules, source_modules};
+    use bootlace_init::hostlink::VSOCK_MODULES;
+    let ninep: Vec<&str> = [VSOCK_MODULES, source_modules(Source::NineP)].concat();
+    let disk_mods: Vec<&str> = [
+        VSOCK_MODULES,
+        source_modules(Source::Disk),
+        fs_modules(bootlace_init::blkprobe::FsType::Erofs),
+    ]
+    .concat();
+    // The script init reads /floor-modules too.
+    std::fs::write(
+        rootfs.join("floor-modules"),
+        module_paths(&ninep, &k.release)?,
+    )?;
+    std::fs::write(
+        rootfs.join("floor-modules-disk"),
+        module_paths(&disk_mods, &k.release)?,
+    )?;
+    std::fs::write(
+        rootfs.join("floor-modules-vsock"),
+        module_paths(VSOCK_MODULES, &k.release)?,
+    )?;
 
     let img = |name: &str, init: &Path, cfg: InitConfig| -> Result<PathBuf> {
         let p = w.join(format!("{name}.img"));
@@ -313,59 +335,67 @@ fn main() -> Result<()> {
         read_only: true,
     }];
 
+    let floor_img = img("floor", &floor, base(&[Source::NineP]))?;
+    let erofs_disk = vec![Disk {
+        path: disk,
+        read_only: true,
+    }];
+    let scenario = |name, baseline, img: PathBuf| Scenario {
+        name,
+        baseline,
+        img,
+        append: vec![],
+        disks: vec![],
+        shares: vec![],
+        bundle: None,
+        raw_bytes: None,
+        memory_mib: 256,
+    };
     let scenarios = [
         Scenario {
-            name: "floor",
-            img: img("floor", &floor, base(&[Source::NineP]))?,
-            append: vec![],
-            disks: vec![],
             shares: share.clone(),
-            bundle: None,
-            raw_bytes: None,
-            memory_mib: 256,
+            ..scenario("floor-9p", None, floor_img.clone())
         },
         Scenario {
-            name: "bootlace-9p",
-            img: img("bootlace-9p", &init, base(&[Source::NineP]))?,
-            append: vec![],
-            disks: vec![],
             shares: share.clone(),
-            bundle: None,
-            raw_bytes: None,
-            memory_mib: 256,
+            ..scenario(
+                "bootlace-9p",
+                Some("floor-9p"),
+                img("bootlace-9p", &init, base(&[Source::NineP]))?,
+            )
         },
         Scenario {
-            name: "bootlace-disk",
-            img: img("bootlace-disk", &init, base(&[Source::Disk]))?,
-            append: vec![],
-            disks: vec![Disk {
-                path: disk,
-                read_only: true,
-            }],
-            shares: vec![],
-            bundle: None,
-            raw_bytes: None,
-            memory_mib: 256,
+            shares: share.clone(),
+            ..scenario(
+                "script-9p",
+                Some("floor-9p"),
+                img("script-9p", &script, base(&[Source::NineP]))?,
+            )
         },
         Scenario {
-            name: "bootlace-vsock",
-            img: img("bootlace-vsock", &init, vsock_cfg)?,
-            append: vec![],
-            disks: vec![],
-            shares: vec![],
+            disks: erofs_disk.clone(),
+            append: vec!["floor.modules=/floor-modules-disk".to_owned()],
+            ..scenario("floor-disk", None, floor_img.clone())
+        },
+        Scenario {
+            disks: erofs_disk,
+            ..scenario(
+                "bootlace-disk",
+                Some("floor-disk"),
+                img("bootlace-disk", &init, base(&[Source::Disk]))?,
+            )
+        },
+        Scenario {
+            append: vec!["floor.modules=/floor-modules-vsock".to_owned()],
+            ..scenario("floor-vsock", None, floor_img.clone())
+        },
+        Scenario {
             bundle: Some(BundleSource::from_bytes(std::fs::read(&tgz)?)),
-            raw_bytes: None,
-            memory_mib: 256,
-        },
-        Scenario {
-            name: "script-9p",
-            img: img("script-9p", &script, base(&[Source::NineP]))?,
-            append: vec![],
-            disks: vec![],
-            shares: share,
-            bundle: None,
-            raw_bytes: None,
-            memory_mib: 256,
+            ..scenario(
+                "bootlace-vsock",
+                Some("floor-vsock"),
+                img("bootlace-vsock", &init, vsock_cfg)?,
+            )
         },
     ];
 
@@ -403,16 +433,18 @@ fn main() -> Result<()> {
         ));
         medians.push((s.name, h50, g50));
     }
-    let floor_g = medians.first().map_or(f64::NAN, |m| m.2);
-    let floor_h = medians.first().map_or(f64::NAN, |m| m.1);
-    report.push_str("\nOverhead over the floor (medians):\n\n| PID 1 | guest +ms | guest ratio | host +ms | host ratio |\n|---|---|---|---|---|\n");
-    for (name, h, g) in medians.iter().skip(1) {
+    report.push_str("\nOverhead over the matching floor (same modules and source; medians):\n\n| PID 1 | floor | guest +ms | guest ratio | host +ms | host ratio |\n|---|---|---|---|---|---|\n");
+    for (s, (name, h, g)) in scenarios.iter().zip(&medians) {
+        let Some(base) = s.baseline else { continue };
+        let Some((_, fh, fg)) = medians.iter().find(|m| m.0 == base) else {
+            continue;
+        };
         report.push_str(&format!(
-            "| {name} | {:+.0} | {:.2} | {:+.0} | {:.2} |\n",
-            g - floor_g,
-            g / floor_g,
-            h - floor_h,
-            h / floor_h
+            "| {name} | {base} | {:+.0} | {:.2} | {:+.0} | {:.2} |\n",
+            g - fg,
+            g / fg,
+            h - fh,
+            h / fh
         ));
     }
 
@@ -438,6 +470,7 @@ fn main() -> Result<()> {
     let n = bytes.len() as u64;
     let fetch = Scenario {
         name: "throughput-bootlace",
+        baseline: None,
         img: img("big", &init, big_cfg)?,
         append: vec![],
         disks: vec![],
@@ -448,10 +481,14 @@ fn main() -> Result<()> {
     };
     let raw = Scenario {
         name: "throughput-raw",
+        baseline: None,
         img: scenarios[0].img.clone(),
-        append: vec![format!("floor.raw={n}")],
+        append: vec![
+            format!("floor.raw={n}"),
+            "floor.modules=/floor-modules-vsock".to_owned(),
+        ],
         disks: vec![],
-        shares: scenarios[0].shares.clone(),
+        shares: vec![],
         bundle: None,
         raw_bytes: Some(n),
         memory_mib: 768,
@@ -489,7 +526,11 @@ fn main() -> Result<()> {
     let raw_mbs = n as f64 / (raw_ns / 1e9) / 1e6;
     let hashed = Scenario {
         name: "throughput-raw-sha256",
-        append: vec![format!("floor.raw={n}"), "floor.hash=1".to_owned()],
+        append: vec![
+            format!("floor.raw={n}"),
+            "floor.hash=1".to_owned(),
+            "floor.modules=/floor-modules-vsock".to_owned(),
+        ],
         ..raw
     };
     let h = run_once(&hashed, &logs, 0)?;
@@ -502,14 +543,16 @@ fn main() -> Result<()> {
     let fetch_mbs = n as f64 / (fetched_ms / 1e3) / 1e6;
     let whole_mbs = n as f64 / (whole_ms / 1e3) / 1e6;
     report.push_str(&format!(
-        "\nvsock throughput, {n} bytes (64 MiB of random data, uncompressed tar), one run each:\n\n| path | MB/s | ratio to raw |\n|---|---|---|\n\
-         | raw vsock stream (floor reads the bytes) | {raw_mbs:.1} | 1.00 |\n\
-         | raw vsock stream + sha256 in the floor (the digest's own cost) | {hash_mbs:.1} | {:.2} |\n\
-         | bootlace fetch + sha256 | {fetch_mbs:.1} | {:.2} |\n\
-         | bootlace fetch + sha256 + unpack into tmpfs | {whole_mbs:.1} | {:.2} |\n",
+        "\nvsock throughput, {n} bytes (64 MiB of random data, uncompressed tar), one run each:\n\n| path | MB/s | ratio to raw | ratio to raw + sha256 |\n|---|---|---|---|\n\
+         | raw vsock stream (floor reads the bytes) | {raw_mbs:.1} | 1.00 | - |\n\
+         | raw vsock stream + sha256 in the floor (the digest's own cost) | {hash_mbs:.1} | {:.2} | 1.00 |\n\
+         | bootlace fetch + sha256 | {fetch_mbs:.1} | {:.2} | {:.2} |\n\
+         | bootlace fetch + sha256 + unpack into tmpfs | {whole_mbs:.1} | {:.2} | {:.2} |\n",
         hash_mbs / raw_mbs,
         fetch_mbs / raw_mbs,
-        whole_mbs / raw_mbs
+        fetch_mbs / hash_mbs,
+        whole_mbs / raw_mbs,
+        whole_mbs / hash_mbs
     ));
     let out = bootlace_tests::workspace().join("target/bench/boot.md");
     std::fs::write(&out, &report)?;
