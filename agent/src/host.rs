@@ -1,8 +1,8 @@
 //! The host configuration manager: serves bundles to guests and collects what they report.
 //!
-//! Listeners: hybrid-vsock Unix sockets (`<uds_path>_<port>`, as vhost-device-vsock,
-//! Firecracker and Cloud Hypervisor expose a guest's connection to host port P: one socket per
-//! VM, so the socket is the guest's identity) and AF_VSOCK (vhost-vsock hosts: the peer CID is
+//! Listeners: hybrid-vsock Unix sockets (`<uds_path>_<port>`, as vhost-device-vsock and other
+//! hybrid-vsock VMMs expose a guest's connection to host port P: one socket per VM, so the
+//! socket is the guest's identity) and AF_VSOCK (vhost-vsock hosts: the peer CID is
 //! the identity). Never what the guest claims. One thread per connection; a bad or slow guest
 //! affects only its own thread.
 

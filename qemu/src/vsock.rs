@@ -6,7 +6,7 @@
 //! starts):
 //! - `DIR/vhost.sock` — the daemon's vhost-user control socket; QEMU connects to it.
 //! - `DIR/vsock` — the hybrid base path ([`VsockSpec::uds_path`]). The daemon listens here for
-//!   host-initiated connections (`CONNECT <port>\n`, Firecracker style).
+//!   host-initiated connections (`CONNECT <port>\n`, the hybrid-vsock convention).
 //! - `DIR/vsock_<P>` — a guest connection to host CID 2, port P arrives here. The host program
 //!   must already be listening on it ([`VsockSpec::port_path`]); bind it before calling
 //!   [`crate::run`], and remove it yourself: the daemon guard removes only the first two.
