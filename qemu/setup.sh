@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what bootlace's build, demo and tests need and is missing: Debian packages (QEMU, a
-# Debian kernel with its modules, busybox-static, cpio), the Rust musl target and
+# Debian kernel with its modules, busybox-static, cpio, mkfs tools, qemu-img), the Rust musl target and
 # vhost-device-vsock (cargo install). Idempotent: when everything is present it only checks, in
 # well under a second.
 set -euo pipefail
@@ -12,7 +12,7 @@ pkg_installed() {
 }
 
 missing=()
-for pkg in qemu-system-x86 linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools squashfs-tools xorriso socat zstd; do
+for pkg in qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools squashfs-tools xorriso socat zstd; do
   pkg_installed "$pkg" || missing+=("$pkg")
 done
 

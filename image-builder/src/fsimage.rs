@@ -162,6 +162,16 @@ pub struct ImageSummary {
     pub bytes: u64,
 }
 
+/// What of the input's metadata an image keeps. The default (bundles, [`make_image`]) keeps
+/// neither: everything root-owned, no xattrs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FsOptions {
+    /// Keep the owners (uid/gid) of the input's files instead of making them root's.
+    pub keep_owners: bool,
+    /// Keep the input's extended attributes (`security.capability`, …).
+    pub xattrs: bool,
+}
+
 /// Why an image could not be made. Nothing is left at the output path on error.
 #[derive(Debug, thiserror::Error)]
 pub enum FsImageError {
@@ -292,6 +302,7 @@ pub fn check_label(format: FsFormat, label: &str) -> Result<(), FsImageError> {
 /// One image being made.
 struct Job<'a> {
     spec: &'a FsSpec<'a>,
+    opts: FsOptions,
     /// The input directory, canonical (absolute, symlinks resolved).
     dir: PathBuf,
     /// Where the tools write (the temporary file beside `out`).
@@ -320,54 +331,71 @@ impl Job<'_> {
         env: &[(&str, String)],
     ) -> Result<std::process::Output, FsImageError> {
         let name = self.spec.format.backend().tools[tool];
-        let mut cmd = Command::new(&self.tools[tool]);
-        cmd.args(args)
-            .env_clear()
-            .env("PATH", search_path())
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        log::debug!("running {cmd:?}");
-        let output = cmd.output().map_err(|source| FsImageError::Spawn {
-            tool: name,
-            out: self.out.to_owned(),
-            source,
-        })?;
-        if !output.status.success() {
-            let mut text = output.stderr.clone();
-            if text.iter().all(u8::is_ascii_whitespace) {
-                text = output.stdout.clone();
-            }
-            return Err(self.tool_err(name, describe(output.status), &text));
-        }
-        Ok(output)
+        run_tool(&self.tools[tool], name, args, env, self.out)
     }
 
     fn tool_err(&self, tool: &'static str, status: String, text: &[u8]) -> FsImageError {
-        const MAX: usize = 4000;
-        let text = String::from_utf8_lossy(text);
-        let text = text.trim();
-        let stderr = if text.is_empty() {
-            "(no output)".to_owned()
-        } else if text.len() > MAX {
-            let mut start = text.len() - MAX;
-            while !text.is_char_boundary(start) {
-                start += 1;
-            }
-            format!("...{}", &text[start..])
-        } else {
-            text.to_owned()
-        };
-        FsImageError::Tool {
-            tool,
-            out: self.out.to_owned(),
-            status,
-            stderr,
+        tool_error(tool, self.out, status, text)
+    }
+}
+
+/// Runs a tool with a clean environment (only `PATH`, `LC_ALL=C` and `env`), stdin from
+/// `/dev/null` and its output captured; fails on a non-zero exit status. `out` is the image
+/// being made, for messages.
+fn run_tool(
+    program: &Path,
+    name: &'static str,
+    args: &[&OsStr],
+    env: &[(&str, String)],
+    out: &Path,
+) -> Result<std::process::Output, FsImageError> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", search_path())
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    log::debug!("running {cmd:?}");
+    let output = cmd.output().map_err(|source| FsImageError::Spawn {
+        tool: name,
+        out: out.to_owned(),
+        source,
+    })?;
+    if !output.status.success() {
+        let mut text = output.stderr.clone();
+        if text.iter().all(u8::is_ascii_whitespace) {
+            text = output.stdout.clone();
         }
+        return Err(tool_error(name, out, describe(output.status), &text));
+    }
+    Ok(output)
+}
+
+fn tool_error(tool: &'static str, out: &Path, status: String, text: &[u8]) -> FsImageError {
+    const MAX: usize = 4000;
+    let text = String::from_utf8_lossy(text);
+    let text = text.trim();
+    let stderr = if text.is_empty() {
+        "(no output)".to_owned()
+    } else if text.len() > MAX {
+        let mut start = text.len() - MAX;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        format!("...{}", &text[start..])
+    } else {
+        text.to_owned()
+    };
+    FsImageError::Tool {
+        tool,
+        out: out.to_owned(),
+        status,
+        stderr,
     }
 }
 
@@ -409,6 +437,15 @@ fn find_tool(tool: &'static str, package: &'static str) -> Result<PathBuf, FsIma
 /// Makes the image of `spec.dir` at `out`: written to a temporary file beside it, synced, then
 /// renamed, so `out` is either the complete new image or untouched.
 pub fn make_image(spec: &FsSpec<'_>, out: &Path) -> Result<ImageSummary, FsImageError> {
+    make_image_with(spec, FsOptions::default(), out)
+}
+
+/// [`make_image`], keeping what `opts` says of the input's metadata.
+pub fn make_image_with(
+    spec: &FsSpec<'_>,
+    opts: FsOptions,
+    out: &Path,
+) -> Result<ImageSummary, FsImageError> {
     let backend = spec.format.backend();
     check_label(spec.format, spec.label)?;
     if spec.mtime > u64::from(u32::MAX) {
@@ -452,6 +489,7 @@ pub fn make_image(spec: &FsSpec<'_>, out: &Path) -> Result<ImageSummary, FsImage
         .map_err(out_err)?;
     let job = Job {
         spec,
+        opts,
         dir,
         tmp: tmp.path(),
         out,
@@ -474,6 +512,148 @@ pub fn make_image(spec: &FsSpec<'_>, out: &Path) -> Result<ImageSummary, FsImage
     Ok(ImageSummary { bytes })
 }
 
+/// Writes an image through `make` at a temporary path beside `out`, then syncs it, makes it
+/// 0644 and renames it over `out`; on error nothing is left.
+fn atomic_output(
+    out: &Path,
+    make: impl FnOnce(&Path) -> Result<(), FsImageError>,
+) -> Result<ImageSummary, FsImageError> {
+    let out_err = |source| FsImageError::Output {
+        path: out.to_owned(),
+        source,
+    };
+    let out_dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let out_dir = if out_dir.is_relative() && !out_dir.starts_with(".") {
+        Path::new(".").join(out_dir)
+    } else {
+        out_dir
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".bootlace-image.")
+        .tempfile_in(&out_dir)
+        .map_err(out_err)?;
+    make(tmp.path())?;
+    let file = File::open(tmp.path()).map_err(out_err)?;
+    file.sync_all().map_err(out_err)?;
+    let bytes = file.metadata().map_err(out_err)?.len();
+    drop(file);
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+        .map_err(out_err)?;
+    tmp.persist(out).map_err(|e| out_err(e.error))?;
+    Ok(ImageSummary { bytes })
+}
+
+/// A directory -> a squashfs image at `out` (atomically), reproducibly: `mksquashfs DIR OUT
+/// -noappend -no-progress -quiet -reproducible -mkfs-time T -all-time T` (plus `-all-root`
+/// and `-no-xattrs` unless `opts` keeps them), gzip, default block size, without
+/// `SOURCE_DATE_EPOCH` in its environment (squashfs-tools 4.5 refuses it next to the time
+/// options). squashfs has no label.
+pub fn make_squashfs(
+    dir: &Path,
+    mtime: u64,
+    opts: FsOptions,
+    out: &Path,
+) -> Result<ImageSummary, FsImageError> {
+    if mtime > u64::from(u32::MAX) {
+        return Err(FsImageError::Mtime(mtime));
+    }
+    let input_err = |source| FsImageError::Input {
+        path: dir.to_owned(),
+        source,
+    };
+    if !std::fs::metadata(dir).map_err(input_err)?.is_dir() {
+        return Err(input_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a directory",
+        )));
+    }
+    let dir = std::fs::canonicalize(dir).map_err(input_err)?;
+    let tool = find_tool("mksquashfs", "squashfs-tools")?;
+    atomic_output(out, |tmp| {
+        let t = mtime.to_string();
+        let mut args: Vec<OsString> = vec![
+            dir.clone().into(),
+            tmp.into(),
+            "-noappend".into(),
+            "-no-progress".into(),
+            "-quiet".into(),
+            "-reproducible".into(),
+            "-mkfs-time".into(),
+            t.clone().into(),
+            "-all-time".into(),
+            t.into(),
+        ];
+        if !opts.keep_owners {
+            args.push("-all-root".into());
+        }
+        if !opts.xattrs {
+            args.push("-no-xattrs".into());
+        }
+        let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
+        run_tool(&tool, "mksquashfs", &args, &[], out).map(drop)
+    })
+}
+
+/// A raw filesystem image -> a qcow2 image at `out` (atomically): `qemu-img convert -f raw
+/// -O qcow2 -o compat=1.1,cluster_size=65536` (no timestamps in qcow2; zero clusters are
+/// left unallocated, so the same raw image always gives the same bytes).
+pub fn convert_qcow2(raw: &Path, out: &Path) -> Result<ImageSummary, FsImageError> {
+    let tool = find_tool("qemu-img", "qemu-utils")?;
+    atomic_output(out, |tmp| {
+        let args: [&OsStr; 10] = [
+            OsStr::new("convert"),
+            OsStr::new("-q"),
+            OsStr::new("-f"),
+            OsStr::new("raw"),
+            OsStr::new("-O"),
+            OsStr::new("qcow2"),
+            OsStr::new("-o"),
+            OsStr::new("compat=1.1,cluster_size=65536"),
+            raw.as_os_str(),
+            tmp.as_os_str(),
+        ];
+        run_tool(&tool, "qemu-img", &args, &[], out).map(drop)
+    })
+}
+
+/// The version line of a tool this module runs (`mke2fs 1.47.0 (5-Feb-2023)`), for the
+/// record; `None` when it is missing or says nothing. erofs-utils 1.5's `mkfs.erofs` has no
+/// version option: `fsck.erofs -V` from the same package is asked instead.
+pub fn tool_version(tool: &str) -> Option<String> {
+    let (program, arg) = match tool {
+        "mke2fs" | "debugfs" => (tool, "-V"),
+        "mkfs.erofs" => ("fsck.erofs", "-V"),
+        "mksquashfs" => (tool, "-version"),
+        "qemu-img" => (tool, "--version"),
+        _ => return None,
+    };
+    let path = std::env::split_paths(&search_path())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())?;
+    let out = Command::new(path)
+        .arg(arg)
+        .env_clear()
+        .env("PATH", search_path())
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        out.stderr
+    } else {
+        out.stdout
+    };
+    let line = String::from_utf8_lossy(&text)
+        .lines()
+        .next()?
+        .trim()
+        .to_owned();
+    (!line.is_empty()).then_some(line)
+}
+
 // ---------------------------------------------------------------------------------------------
 // erofs
 
@@ -490,15 +670,17 @@ const EROFS_SB_VOLUME_NAME: usize = 64;
 fn build_erofs(job: &Job<'_>) -> Result<(), FsImageError> {
     check_erofs_names(&job.dir)?;
     let mtime = job.spec.mtime.to_string();
-    let args: Vec<OsString> = vec![
-        "--quiet".into(),
-        "-x-1".into(),
-        format!("-T{mtime}").into(),
-        format!("-U{}", job.uuid).into(),
-        "--all-root".into(),
-        job.tmp.into(),
-        job.dir.clone().into(),
-    ];
+    let mut args: Vec<OsString> = vec!["--quiet".into()];
+    if !job.opts.xattrs {
+        args.push("-x-1".into());
+    }
+    args.push(format!("-T{mtime}").into());
+    args.push(format!("-U{}", job.uuid).into());
+    if !job.opts.keep_owners {
+        args.push("--all-root".into());
+    }
+    args.push(job.tmp.into());
+    args.push(job.dir.clone().into());
     let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
     // No SOURCE_DATE_EPOCH: erofs-utils 1.5 would let it replace -T with clamping.
     job.run(0, &args, &[])?;
@@ -750,7 +932,15 @@ fn build_ext4(job: &Job<'_>) -> Result<(), FsImageError> {
         "-U".into(),
         uuid.into(),
         "-E".into(),
-        format!("root_owner=0:0,hash_seed={uuid},no_copy_xattrs,nodiscard").into(),
+        format!(
+            "root_owner=0:0,hash_seed={uuid},{}nodiscard",
+            if job.opts.xattrs {
+                ""
+            } else {
+                "no_copy_xattrs,"
+            }
+        )
+        .into(),
         "-d".into(),
         job.dir.clone().into(),
         job.tmp.into(),
@@ -763,8 +953,10 @@ fn build_ext4(job: &Job<'_>) -> Result<(), FsImageError> {
     let inodes = ext4_inodes_to_normalise(job.tmp).map_err(|e| job.out_err(e))?;
     let mut script = String::new();
     for ino in inodes {
-        for field in ["uid", "gid"] {
-            let _ = writeln!(script, "sif <{ino}> {field} 0");
+        if !job.opts.keep_owners {
+            for field in ["uid", "gid"] {
+                let _ = writeln!(script, "sif <{ino}> {field} 0");
+            }
         }
         // mke2fs copies whole seconds only, so the nanosecond parts are already 0.
         for field in ["atime", "ctime", "mtime", "crtime"] {
@@ -914,6 +1106,7 @@ mod tests {
         Job {
             spec,
             dir: PathBuf::from("/"),
+            opts: FsOptions::default(),
             tmp: Path::new("/nonexistent"),
             out: Path::new("out.img"),
             tools: vec![PathBuf::from("/bin/sh")],

@@ -164,22 +164,42 @@ pub fn assemble(spec: &Spec) -> Result<(Tree, Vec<String>), BuildError> {
     Ok((tree, modules))
 }
 
-fn add_modules(tree: &mut Tree, spec: &Spec) -> Result<Vec<String>, BuildError> {
-    let mut wanted: Vec<&str> = spec
-        .config
+/// The kernel modules an image gets: the files to copy and the index to write.
+#[derive(Debug, Clone, Default)]
+pub struct ModulePlan {
+    /// The kernel release (`None` when no modules are needed).
+    pub release: Option<String>,
+    /// (path in the image, host file), module files in load order then `modules.builtin`.
+    pub files: Vec<(String, PathBuf)>,
+    /// `lib/modules/<release>/modules.dep` for exactly the modules copied.
+    pub dep: Option<(String, String)>,
+    /// Module names copied, in load order.
+    pub names: Vec<String>,
+}
+
+/// Works out the modules `config` needs (its `modules`, the drivers its bootstrap sources and
+/// host link need) plus `spec.extra`, plus `implied` (copied when the kernel has them, with a
+/// warning otherwise), with their dependency closure.
+pub fn module_plan(
+    config: &InitConfig,
+    spec: Option<&Modules>,
+    implied_extra: &[&'static str],
+) -> Result<ModulePlan, BuildError> {
+    let mut wanted: Vec<&str> = config
         .modules
         .iter()
-        .chain(spec.modules.iter().flat_map(|m| m.extra.iter()))
+        .chain(spec.iter().flat_map(|m| m.extra.iter()))
         .map(ModuleName::as_str)
         .collect();
     // The drivers and filesystems the configured bootstrap sources may need.
-    let mut implied = bootstrap::all_modules(&spec.config.bootstrap.sources);
-    if spec.config.host.address.is_some() {
+    let mut implied = bootstrap::all_modules(&config.bootstrap.sources);
+    if config.host.address.is_some() {
         implied.extend(bootlace_init::hostlink::VSOCK_MODULES);
     }
-    let Some(mspec) = &spec.modules else {
+    implied.extend(implied_extra);
+    let Some(mspec) = spec else {
         if wanted.is_empty() && implied.is_empty() {
-            return Ok(Vec::new());
+            return Ok(ModulePlan::default());
         }
         return Err(BuildError::ModulesSpec(format!(
             "the config needs modules ({}) but no kernel release was given",
@@ -194,7 +214,9 @@ fn add_modules(tree: &mut Tree, spec: &Spec) -> Result<Vec<String>, BuildError> 
     let index = ModuleIndex::read(&dir).map_err(BuildError::Modules)?;
     for m in implied {
         if index.get(m).is_some() || index.is_builtin(m) {
-            wanted.push(m);
+            if !wanted.contains(&m) {
+                wanted.push(m);
+            }
         } else {
             log::warn!("{m} is not in {}: not copied", dir.display());
         }
@@ -208,36 +230,33 @@ fn add_modules(tree: &mut Tree, spec: &Spec) -> Result<Vec<String>, BuildError> 
         })
         .collect();
     let base = format!("lib/modules/{}", mspec.release);
+    let mut out = ModulePlan {
+        release: Some(mspec.release.clone()),
+        ..ModulePlan::default()
+    };
     for m in &mods {
-        let host = dir.join(&m.path);
-        let meta = std::fs::metadata(&host).map_err(|e| {
-            BuildError::ModulesSpec(format!("module {} at {}: {e}", m.name, host.display()))
-        })?;
-        tree.put(
-            &format!("{base}/{}", m.path),
-            Node::root(
-                Content::HostFile {
-                    path: host,
-                    size: meta.len(),
-                },
-                0o644,
-            ),
-        )
-        .map_err(BuildError::Tree)?;
+        out.files
+            .push((format!("{base}/{}", m.path), dir.join(&m.path)));
     }
-    let dep = index.dep_text_for(&mods);
-    tree.put(
-        &format!("{base}/modules.dep"),
-        Node::root(Content::Bytes(dep.into_bytes()), 0o644),
-    )
-    .map_err(BuildError::Tree)?;
+    out.dep = Some((format!("{base}/modules.dep"), index.dep_text_for(&mods)));
     let builtin = dir.join("modules.builtin");
-    if let Ok(meta) = std::fs::metadata(&builtin) {
+    if builtin.is_file() {
+        out.files.push((format!("{base}/modules.builtin"), builtin));
+    }
+    out.names = mods.iter().map(|m| m.name.clone()).collect();
+    Ok(out)
+}
+
+fn add_modules(tree: &mut Tree, spec: &Spec) -> Result<Vec<String>, BuildError> {
+    let plan = module_plan(&spec.config, spec.modules.as_ref(), &[])?;
+    for (path, host) in &plan.files {
+        let meta = std::fs::metadata(host)
+            .map_err(|e| BuildError::ModulesSpec(format!("module file {}: {e}", host.display())))?;
         tree.put(
-            &format!("{base}/modules.builtin"),
+            path,
             Node::root(
                 Content::HostFile {
-                    path: builtin,
+                    path: host.clone(),
                     size: meta.len(),
                 },
                 0o644,
@@ -245,7 +264,11 @@ fn add_modules(tree: &mut Tree, spec: &Spec) -> Result<Vec<String>, BuildError> 
         )
         .map_err(BuildError::Tree)?;
     }
-    Ok(mods.iter().map(|m| m.name.clone()).collect())
+    if let Some((path, text)) = plan.dep {
+        tree.put(&path, Node::root(Content::Bytes(text.into_bytes()), 0o644))
+            .map_err(BuildError::Tree)?;
+    }
+    Ok(plan.names)
 }
 
 /// Writes the tree as a newc archive.

@@ -21,12 +21,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Bake the init, its config and kernel modules into a root filesystem image (initramfs,
+    /// erofs, ext4, squashfs, qcow2) from a directory, a tarball or an OCI layout; writes
+    /// <out>.meta.json beside it.
+    Bake(Box<BakeArgs>),
     /// Build an initramfs (newc cpio) from a rootfs directory, the init and kernel modules.
     Initramfs(Box<InitramfsArgs>),
     /// Build a bootstrap bundle from a directory holding bootlace.toml: a labelled disk image
     /// or a directory for a 9p share. The manifest is validated as the init will.
     Bundle(BundleArgs),
-    /// List the entries of an initramfs (newc, plain or gzip).
+    /// List the entries of an initramfs (newc, plain, gzip or zstd).
     List {
         /// The archive.
         file: PathBuf,
@@ -66,17 +70,9 @@ enum Compress {
     Gzip,
 }
 
+/// The config flags shared by `initramfs` and `bake`.
 #[derive(clap::Args, Debug)]
-struct InitramfsArgs {
-    /// Output file (written atomically).
-    #[arg(long, short)]
-    out: PathBuf,
-    /// Root filesystem directory to include.
-    #[arg(long)]
-    rootfs: Option<PathBuf>,
-    /// The bootlace-init binary to install as /sbin/bootlace-init (and /init).
-    #[arg(long)]
-    init: PathBuf,
+struct ConfigArgs {
     /// Base init.toml to bake (validated); the flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -122,6 +118,83 @@ struct InitramfsArgs {
     /// Directory of module trees.
     #[arg(long, default_value = "/lib/modules")]
     modules_root: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct BakeArgs {
+    /// Output format: initramfs, erofs, ext4, squashfs or qcow2.
+    #[arg(long)]
+    format: String,
+    /// Output file (written atomically; <out>.meta.json goes beside it).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// The root filesystem: a directory, a tarball (tar, tar.gz, tar.zst: detected by its
+    /// first bytes) or an OCI image layout (a directory with an oci-layout file).
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// The manifest to use in an OCI layout with several (org.opencontainers.image.ref.name).
+    #[arg(long)]
+    oci_ref: Option<String>,
+    /// The bootlace-init binary to install.
+    #[arg(long)]
+    init: PathBuf,
+    /// Where the init goes in the image (an initramfs also gets /init pointing at it).
+    #[arg(long, default_value = "/sbin/bootlace-init")]
+    init_path: String,
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Writable locations backed by tmpfs at boot, comma-separated, or "none" (default:
+    /// /etc,/var,/tmp,/home for erofs, squashfs and qcow2 of erofs; none otherwise).
+    #[arg(long)]
+    writable: Option<String>,
+    /// Filesystem label of erofs/ext4 root images (erofs: at most 15 bytes, ext4: 16).
+    #[arg(long, default_value = "bootlace-root")]
+    root_label: String,
+    /// A stage-1 initramfs: the init loads the block and filesystem modules, mounts the real
+    /// root and switches to it (no --input).
+    #[arg(long)]
+    stage1: bool,
+    /// The real root for --stage1: LABEL=<label> or /dev/<device> (root= or bootlace.root= on
+    /// the kernel command line may give it instead).
+    #[arg(long)]
+    root: Option<String>,
+    /// Initramfs compression.
+    #[arg(long, value_parser = ["gzip", "zstd", "none"], default_value = "gzip")]
+    compress: String,
+    /// The filesystem inside a qcow2 image.
+    #[arg(long, value_parser = ["erofs", "ext4"], default_value = "erofs")]
+    qcow2_fs: String,
+    /// Image name for the metadata (default: the output file's stem).
+    #[arg(long)]
+    name: Option<String>,
+    /// Image version for the metadata.
+    #[arg(long = "version", default_value = "0")]
+    image_version: String,
+    /// Layer cache directory (default: $XDG_CACHE_HOME/bootlace/layers or
+    /// ~/.cache/bootlace/layers).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Do not use the layer cache: unpack OCI layers straight into the staging tree.
+    #[arg(long, conflicts_with = "cache")]
+    no_cache: bool,
+    /// Make every file root-owned (default: keep the input's owners).
+    #[arg(long)]
+    all_root: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct InitramfsArgs {
+    /// Output file (written atomically).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Root filesystem directory to include.
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// The bootlace-init binary to install as /sbin/bootlace-init (and /init).
+    #[arg(long)]
+    init: PathBuf,
+    #[command(flatten)]
+    cfg: ConfigArgs,
     /// Archive compression.
     #[arg(long, value_enum, default_value_t = Compress::Gzip)]
     compress: Compress,
@@ -143,6 +216,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Cmd::Bake(a) => bake_cmd(*a),
         Cmd::Initramfs(a) => initramfs_cmd(*a),
         Cmd::List { file } => list(&file),
         Cmd::Bundle(a) => bundle_cmd(a),
@@ -150,7 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Applies the flags as `bootlace.*`-style overrides, through the init's own validation.
-fn build_config(a: &InitramfsArgs) -> anyhow::Result<InitConfig> {
+fn build_config(a: &ConfigArgs) -> anyhow::Result<InitConfig> {
     let mut cfg = match &a.config {
         Some(path) => InitConfig::read(path)?
             .ok_or_else(|| anyhow!("config file {} does not exist", path.display()))?,
@@ -199,7 +273,7 @@ fn build_config(a: &InitramfsArgs) -> anyhow::Result<InitConfig> {
     Ok(cfg)
 }
 
-fn kernel_release(a: &InitramfsArgs) -> anyhow::Result<String> {
+fn kernel_release(a: &ConfigArgs) -> anyhow::Result<String> {
     if let Some(r) = &a.kernel_release {
         return Ok(r.clone());
     }
@@ -222,26 +296,35 @@ fn kernel_release(a: &InitramfsArgs) -> anyhow::Result<String> {
     }
 }
 
-fn initramfs_cmd(a: InitramfsArgs) -> anyhow::Result<()> {
-    let config = build_config(&a)?;
-    let wants_modules = !config.modules.is_empty()
+/// The module source for a config, when it needs modules (or `force`).
+fn modules_for(
+    a: &ConfigArgs,
+    config: &InitConfig,
+    force: bool,
+) -> anyhow::Result<Option<Modules>> {
+    let wants_modules = force
+        || !config.modules.is_empty()
         || !a.extra_modules.is_empty()
         || !config.bootstrap.sources.is_empty()
         || config.host.address.is_some();
-    let modules = if wants_modules {
-        let extra = a
-            .extra_modules
-            .iter()
-            .map(|m| ModuleName::try_from(m.clone()).map_err(|e| anyhow!("--extra-module: {e}")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Some(Modules {
-            root: a.modules_root.clone(),
-            release: kernel_release(&a)?,
-            extra,
-        })
-    } else {
-        None
-    };
+    if !wants_modules {
+        return Ok(None);
+    }
+    let extra = a
+        .extra_modules
+        .iter()
+        .map(|m| ModuleName::try_from(m.clone()).map_err(|e| anyhow!("--extra-module: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(Modules {
+        root: a.modules_root.clone(),
+        release: kernel_release(a)?,
+        extra,
+    }))
+}
+
+fn initramfs_cmd(a: InitramfsArgs) -> anyhow::Result<()> {
+    let config = build_config(&a.cfg)?;
+    let modules = modules_for(&a.cfg, &config, false)?;
     let spec = Spec {
         rootfs: a.rootfs.clone(),
         init: a.init.clone(),
@@ -270,6 +353,119 @@ fn initramfs_cmd(a: InitramfsArgs) -> anyhow::Result<()> {
         } else {
             summary.modules.join(" ")
         }
+    );
+    Ok(())
+}
+
+fn bake_cmd(a: BakeArgs) -> anyhow::Result<()> {
+    use bootlace_image::bake::{self, BakeSpec, Compress as C, Format};
+    let format: Format = a.format.parse()?;
+    let config = build_config(&a.cfg)?;
+    let modules = modules_for(&a.cfg, &config, a.stage1)?;
+    let mut spec = BakeSpec::new(format, a.out.clone(), a.input.clone(), a.init.clone());
+    spec.oci_ref = a.oci_ref.clone();
+    spec.init_path = a.init_path.clone();
+    spec.config = config;
+    spec.writable = a.writable.as_deref().map(|w| {
+        if w == "none" {
+            Vec::new()
+        } else {
+            w.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }
+    });
+    spec.stage1 = a.stage1;
+    spec.stage1_root = a.root.clone();
+    spec.modules = modules;
+    spec.all_root = a.all_root;
+    spec.label = a.root_label.clone();
+    spec.compress = match a.compress.as_str() {
+        "zstd" => C::Zstd,
+        "none" => C::None,
+        _ => C::Gzip,
+    };
+    spec.qcow2_fs = a.qcow2_fs.parse().map_err(|e: String| anyhow!(e))?;
+    spec.name = a.name.clone();
+    spec.version = a.image_version.clone();
+    spec.cache = if a.no_cache {
+        None
+    } else {
+        a.cache
+            .clone()
+            .or_else(bootlace_image::oci::LayerCache::default_dir)
+    };
+    spec.mtime = u64::from(initramfs::source_date_epoch().map_err(|e| anyhow!(e))?);
+    let report = bake::bake(&spec, &mut |line| eprintln!("bootlace-image: {line}"))?;
+    let m = &report.meta;
+    println!(
+        "wrote {} ({}{}{}, {} bytes) sha256:{}",
+        a.out.display(),
+        m.format,
+        m.fstype
+            .as_deref()
+            .filter(|f| *f != m.format)
+            .map(|f| format!(" of {f}"))
+            .unwrap_or_default(),
+        m.label
+            .as_deref()
+            .map(|l| format!(", label {l}"))
+            .unwrap_or_default(),
+        m.size,
+        m.sha256
+    );
+    for i in &m.inputs {
+        println!("  input: {:?} {} {}", i.kind, i.path, i.digest);
+    }
+    let s = report.input_stats;
+    if s.entries > 0 {
+        println!(
+            "  staged: {} entries ({} files hard-linked, {} written, {} bytes, {} whiteouts)",
+            s.entries, s.linked, s.copied, s.bytes, s.whiteouts
+        );
+    }
+    println!(
+        "  init: {} (version {}, sha256 {}), config {}",
+        m.init.path,
+        m.init.version,
+        m.init.sha256,
+        config::CONFIG_PATH
+    );
+    println!(
+        "  {}; writable: {}",
+        if m.stage1 {
+            "stage 1: mounts the real root and switches to it".to_owned()
+        } else if m.read_only {
+            "read-only root".to_owned()
+        } else {
+            "read-write root".to_owned()
+        },
+        if m.writable.is_empty() {
+            "none".to_owned()
+        } else {
+            m.writable.join(" ")
+        }
+    );
+    println!(
+        "  modules: {}{}",
+        m.kernel_release
+            .as_deref()
+            .map(|r| format!("{r}: "))
+            .unwrap_or_default(),
+        if m.modules.is_empty() {
+            "none".to_owned()
+        } else {
+            m.modules.join(" ")
+        }
+    );
+    println!(
+        "  metadata: {} (name {}, version {}); staging {:.2} s, image {:.2} s",
+        report.meta_path.display(),
+        m.name,
+        m.version,
+        report.staging_time.as_secs_f64(),
+        report.image_time.as_secs_f64()
     );
     Ok(())
 }
@@ -308,6 +504,8 @@ fn list(file: &PathBuf) -> anyhow::Result<()> {
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut out)
             .with_context(|| format!("gunzip {}", file.display()))?;
         out
+    } else if raw.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        zstd::stream::decode_all(&raw[..]).with_context(|| format!("unzstd {}", file.display()))?
     } else {
         raw
     };

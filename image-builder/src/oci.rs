@@ -1,0 +1,621 @@
+//! OCI image layouts as bake inputs: `oci-layout` + `index.json` -> a manifest (by
+//! `org.opencontainers.image.ref.name`, or the only one, or the linux/amd64 one; nested indexes
+//! are followed) -> its config and layers, applied in order onto the staging tree with
+//! whiteouts and opaque directories honoured.
+//!
+//! Every blob read is checked against its descriptor: the size first, then the sha256 of all
+//! its bytes (index, manifest and config before they are parsed; a layer as it streams, before
+//! its cache entry is committed). Layer media types: tar, tar+gzip, tar+zstd (OCI and Docker
+//! names).
+//!
+//! The layer cache ([`LayerCache`]) keeps each layer unpacked, verbatim (whiteout markers
+//! included), under `<cache>/sha256/<hex>/`, keyed by the digest of the compressed blob. An
+//! entry is unpacked into a temporary directory in the cache and renamed into place only once
+//! the blob's digest is verified, so an interrupted bake never leaves a bad entry. Applying a
+//! cached layer hard-links its files into the staging tree (nothing ever writes through those
+//! links) instead of unpacking it again.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::stage::{self, Confined, StageError, Writer};
+
+/// Largest index, manifest or config blob read into memory.
+const MAX_JSON_BLOB: u64 = 4 * 1024 * 1024;
+
+/// The annotation naming a manifest in an index.
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// Why an OCI layout could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    /// The layout is malformed (no `oci-layout`, bad JSON, no matching manifest, …).
+    #[error("OCI layout {}: {message}", layout.display())]
+    Layout {
+        /// The layout directory.
+        layout: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A blob is missing or unreadable.
+    #[error("OCI layout {}: blob {digest}", layout.display())]
+    Blob {
+        /// The layout directory.
+        layout: PathBuf,
+        /// The blob's digest.
+        digest: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A blob's size or digest is not what its descriptor says.
+    #[error("OCI layout {}: blob {digest}: {what} mismatch: the descriptor says {expected}, the blob has {actual}", layout.display())]
+    Mismatch {
+        /// The layout directory.
+        layout: PathBuf,
+        /// The blob's digest (as the descriptor gives it).
+        digest: String,
+        /// `size` or `digest`.
+        what: &'static str,
+        /// What the descriptor says.
+        expected: String,
+        /// What the blob has.
+        actual: String,
+    },
+    /// Unpacking or applying a layer failed.
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// The layer cache could not be used.
+    #[error("layer cache {}", path.display())]
+    Cache {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A content descriptor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    /// Media type.
+    pub media_type: String,
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// Bytes.
+    pub size: u64,
+    /// Annotations (the ref name).
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// Platform (in an index).
+    #[serde(default)]
+    pub platform: Option<Platform>,
+}
+
+/// A descriptor's platform.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Platform {
+    /// `amd64`, `arm64`, …
+    pub architecture: String,
+    /// `linux`.
+    pub os: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Index {
+    schema_version: u32,
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest {
+    schema_version: u32,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LayoutFile {
+    #[serde(rename = "imageLayoutVersion")]
+    version: String,
+}
+
+const INDEX_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// How a layer blob is compressed, from its media type.
+fn layer_compression(media_type: &str) -> Option<bootlace_init::extract::Compression> {
+    use bootlace_init::extract::Compression as C;
+    let t = media_type.replace(".nondistributable", "");
+    match t.as_str() {
+        "application/vnd.oci.image.layer.v1.tar" => Some(C::None),
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(C::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd" => Some(C::Zstd),
+        _ => None,
+    }
+}
+
+/// Whether a directory is an OCI image layout (it has an `oci-layout` file).
+pub fn is_layout(dir: &Path) -> bool {
+    dir.join("oci-layout").is_file()
+}
+
+/// An opened, checked layout and the manifest chosen in it.
+#[derive(Debug)]
+pub struct Image {
+    layout: PathBuf,
+    /// The manifest's digest (`sha256:…`): the image's identity.
+    pub manifest_digest: String,
+    /// The layers, bottom first.
+    pub layers: Vec<Descriptor>,
+}
+
+/// A sha256 over everything read through it.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+fn parse_digest(layout: &Path, digest: &str) -> Result<PathBuf, OciError> {
+    let bad = |m: String| OciError::Layout {
+        layout: layout.to_owned(),
+        message: m,
+    };
+    let (alg, hex) = digest
+        .split_once(':')
+        .ok_or_else(|| bad(format!("digest {digest:?} has no algorithm")))?;
+    if alg != "sha256" {
+        return Err(bad(format!("digest {digest:?}: only sha256 is supported")));
+    }
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(bad(format!(
+            "digest {digest:?} is not 64 lower-case hex digits"
+        )));
+    }
+    Ok(layout.join("blobs").join(alg).join(hex))
+}
+
+impl Image {
+    /// Opens the layout at `layout` and picks a manifest: the one whose ref name is
+    /// `reference` when given; otherwise the only one, or the only linux/amd64 one.
+    pub fn open(layout: &Path, reference: Option<&str>) -> Result<Image, OciError> {
+        let bad = |m: String| OciError::Layout {
+            layout: layout.to_owned(),
+            message: m,
+        };
+        let lf = std::fs::read(layout.join("oci-layout"))
+            .map_err(|e| bad(format!("oci-layout: {e}")))?;
+        let lf: LayoutFile =
+            serde_json::from_slice(&lf).map_err(|e| bad(format!("oci-layout: {e}")))?;
+        if !lf.version.starts_with("1.") {
+            return Err(bad(format!(
+                "imageLayoutVersion {:?} is not supported (1.x)",
+                lf.version
+            )));
+        }
+        let text = std::fs::read(layout.join("index.json"))
+            .map_err(|e| bad(format!("index.json: {e}")))?;
+        let mut index: Index =
+            serde_json::from_slice(&text).map_err(|e| bad(format!("index.json: {e}")))?;
+        let mut depth = 0;
+        let chosen = loop {
+            if index.schema_version != 2 {
+                return Err(bad(format!(
+                    "index schemaVersion {} (expected 2)",
+                    index.schema_version
+                )));
+            }
+            let d = pick(&index.manifests, reference).map_err(bad)?;
+            if INDEX_TYPES.contains(&d.media_type.as_str()) {
+                depth += 1;
+                if depth > 4 {
+                    return Err(bad("indexes nested too deeply".to_owned()));
+                }
+                let bytes = read_json_blob(layout, &d)?;
+                index = serde_json::from_slice(&bytes)
+                    .map_err(|e| bad(format!("index {}: {e}", d.digest)))?;
+                continue;
+            }
+            break d;
+        };
+        let bytes = read_json_blob(layout, &chosen)?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| bad(format!("manifest {}: {e}", chosen.digest)))?;
+        if manifest.schema_version != 2 {
+            return Err(bad(format!(
+                "manifest {}: schemaVersion {} (expected 2)",
+                chosen.digest, manifest.schema_version
+            )));
+        }
+        // The config is read to check it; its contents are not needed.
+        read_json_blob(layout, &manifest.config)?;
+        for l in &manifest.layers {
+            if layer_compression(&l.media_type).is_none() {
+                return Err(bad(format!(
+                    "layer {}: media type {:?} is not supported (tar, tar+gzip, tar+zstd)",
+                    l.digest, l.media_type
+                )));
+            }
+            parse_digest(layout, &l.digest)?;
+        }
+        Ok(Image {
+            layout: layout.to_owned(),
+            manifest_digest: chosen.digest,
+            layers: manifest.layers,
+        })
+    }
+
+    /// Applies every layer, bottom first, onto `stage`: from the cache when it has the layer,
+    /// else unpacked (into the cache first when there is one). Calls `report` once per layer
+    /// with the digest and whether it came from the cache.
+    pub fn apply(
+        &self,
+        stage: &Confined,
+        cache: Option<&LayerCache>,
+        report: &mut dyn FnMut(&str, bool),
+    ) -> Result<(), OciError> {
+        for layer in &self.layers {
+            let origin = format!("layer {}", layer.digest);
+            match cache {
+                None => {
+                    let mut w = Writer::new(stage, origin, true);
+                    self.unpack(layer, &mut w)?;
+                    report(&layer.digest, false);
+                }
+                Some(cache) => {
+                    let (dir, hit) = match cache.lookup(&layer.digest)? {
+                        Some(dir) => (dir, true),
+                        None => (cache.fill(self, layer)?, false),
+                    };
+                    let implicit = LayerCache::implicit(&dir)?;
+                    let mut w = Writer::new(stage, origin, true);
+                    stage::apply_dir(&mut w, &dir.join("tree"), &implicit, None)?;
+                    report(&layer.digest, hit);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams a layer blob through its decompressor into `w`, checking size and digest.
+    fn unpack(&self, layer: &Descriptor, w: &mut Writer<'_>) -> Result<(), OciError> {
+        let path = parse_digest(&self.layout, &layer.digest)?;
+        let blob_err = |source| OciError::Blob {
+            layout: self.layout.clone(),
+            digest: layer.digest.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(blob_err)?;
+        let len = file.metadata().map_err(blob_err)?.len();
+        if len != layer.size {
+            return Err(self.mismatch(layer, "size", layer.size.to_string(), len.to_string()));
+        }
+        let mut h = Hashing {
+            inner: BufReader::with_capacity(256 * 1024, file),
+            hash: Sha256::new(),
+            bytes: 0,
+        };
+        let compression = layer_compression(&layer.media_type)
+            .unwrap_or(bootlace_init::extract::Compression::None);
+        let origin = format!("layer {}", layer.digest);
+        let result = unpack_stream(w, &mut h, compression, &origin);
+        // Whatever happened, a digest mismatch is the clearer error: read the rest and check.
+        let rest = io::copy(&mut h, &mut io::sink());
+        let actual = format!("sha256:{}", crate::meta::hex(&h.hash.finalize()));
+        if rest.is_ok() && actual != layer.digest {
+            return Err(self.mismatch(layer, "digest", layer.digest.clone(), actual));
+        }
+        result?;
+        rest.map_err(blob_err)?;
+        Ok(())
+    }
+
+    fn mismatch(&self, d: &Descriptor, what: &'static str, e: String, a: String) -> OciError {
+        OciError::Mismatch {
+            layout: self.layout.clone(),
+            digest: d.digest.clone(),
+            what,
+            expected: e,
+            actual: a,
+        }
+    }
+}
+
+/// Decompresses `r` as `compression` and unpacks the tar stream into `w`, then reads the
+/// decompressor to its end (so the gzip CRC / zstd checksum is checked).
+pub fn unpack_stream<R: Read>(
+    w: &mut Writer<'_>,
+    r: R,
+    compression: bootlace_init::extract::Compression,
+    origin: &str,
+) -> Result<(), StageError> {
+    use bootlace_init::extract::Compression as C;
+    let archive_err = |source| StageError::Archive {
+        origin: origin.to_owned(),
+        source,
+    };
+    let mut reader: Box<dyn Read + '_> = match compression {
+        C::None => Box::new(r),
+        C::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
+        C::Zstd => Box::new(zstd::stream::read::Decoder::new(r).map_err(archive_err)?),
+    };
+    stage::unpack_tar(w, &mut reader)?;
+    io::copy(&mut reader, &mut io::sink()).map_err(archive_err)?;
+    Ok(())
+}
+
+fn pick(manifests: &[Descriptor], reference: Option<&str>) -> Result<Descriptor, String> {
+    let names = || {
+        let n: Vec<&str> = manifests
+            .iter()
+            .filter_map(|d| d.annotations.get(REF_NAME).map(String::as_str))
+            .collect();
+        if n.is_empty() {
+            "none".to_owned()
+        } else {
+            n.join(", ")
+        }
+    };
+    if let Some(r) = reference {
+        let found: Vec<&Descriptor> = manifests
+            .iter()
+            .filter(|d| d.annotations.get(REF_NAME).map(String::as_str) == Some(r))
+            .collect();
+        return match found.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(format!("no manifest named {r:?} (names: {})", names())),
+            _ => prefer_amd64(&found)
+                .ok_or_else(|| format!("several manifests named {r:?}, none for linux/amd64")),
+        };
+    }
+    match manifests {
+        [] => Err("index.json lists no manifest".to_owned()),
+        [one] => Ok(one.clone()),
+        many => {
+            let all: Vec<&Descriptor> = many.iter().collect();
+            prefer_amd64(&all).ok_or_else(|| {
+                format!(
+                    "index.json lists {} manifests and none is the only linux/amd64 one: \
+                     name one with --oci-ref (names: {})",
+                    many.len(),
+                    names()
+                )
+            })
+        }
+    }
+}
+
+fn prefer_amd64(ds: &[&Descriptor]) -> Option<Descriptor> {
+    let amd64: Vec<&&Descriptor> = ds
+        .iter()
+        .filter(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+        })
+        .collect();
+    match amd64.as_slice() {
+        [one] => Some((**one).clone()),
+        _ => None,
+    }
+}
+
+/// Reads a small blob, checking its size and digest.
+fn read_json_blob(layout: &Path, d: &Descriptor) -> Result<Vec<u8>, OciError> {
+    let path = parse_digest(layout, &d.digest)?;
+    let blob_err = |source| OciError::Blob {
+        layout: layout.to_owned(),
+        digest: d.digest.clone(),
+        source,
+    };
+    let mismatch = |what, expected: String, actual: String| OciError::Mismatch {
+        layout: layout.to_owned(),
+        digest: d.digest.clone(),
+        what,
+        expected,
+        actual,
+    };
+    if d.size > MAX_JSON_BLOB {
+        return Err(OciError::Layout {
+            layout: layout.to_owned(),
+            message: format!(
+                "blob {} is {} bytes (at most {MAX_JSON_BLOB})",
+                d.digest, d.size
+            ),
+        });
+    }
+    let file = File::open(&path).map_err(blob_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_JSON_BLOB + 1)
+        .read_to_end(&mut bytes)
+        .map_err(blob_err)?;
+    if bytes.len() as u64 != d.size {
+        return Err(mismatch(
+            "size",
+            d.size.to_string(),
+            bytes.len().to_string(),
+        ));
+    }
+    let actual = format!("sha256:{}", crate::meta::hex(&Sha256::digest(&bytes)));
+    if actual != d.digest {
+        return Err(mismatch("digest", d.digest.clone(), actual));
+    }
+    Ok(bytes)
+}
+
+/// Unpacked layers by digest.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    dir: PathBuf,
+}
+
+impl LayerCache {
+    /// The cache at `dir` (created, 0700, when missing).
+    pub fn open(dir: &Path) -> Result<LayerCache, OciError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join("sha256"))
+            .map_err(|source| OciError::Cache {
+                path: dir.to_owned(),
+                source,
+            })?;
+        Ok(LayerCache {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// The default cache directory: `$XDG_CACHE_HOME/bootlace/layers`, else
+    /// `~/.cache/bootlace/layers`.
+    pub fn default_dir() -> Option<PathBuf> {
+        if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+            return Some(PathBuf::from(x).join("bootlace/layers"));
+        }
+        std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(|h| PathBuf::from(h).join(".cache/bootlace/layers"))
+    }
+
+    fn entry(&self, digest: &str) -> Option<PathBuf> {
+        let hex = digest.strip_prefix("sha256:")?;
+        Some(self.dir.join("sha256").join(hex))
+    }
+
+    /// The entry for a layer, when cached.
+    pub fn lookup(&self, digest: &str) -> Result<Option<PathBuf>, OciError> {
+        let Some(dir) = self.entry(digest) else {
+            return Ok(None);
+        };
+        Ok(dir.join("tree").is_dir().then_some(dir))
+    }
+
+    fn implicit(entry: &Path) -> Result<HashSet<String>, OciError> {
+        let path = entry.join("implicit.json");
+        let text = std::fs::read(&path).map_err(|source| OciError::Cache {
+            path: path.clone(),
+            source,
+        })?;
+        let list: Vec<String> = serde_json::from_slice(&text).map_err(|e| OciError::Cache {
+            path: path.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })?;
+        Ok(list.into_iter().collect())
+    }
+
+    /// Unpacks a layer into the cache: into a temporary directory there, committed by rename
+    /// once the blob's digest is verified.
+    fn fill(&self, image: &Image, layer: &Descriptor) -> Result<PathBuf, OciError> {
+        let cache_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| OciError::Cache { path, source }
+        };
+        let final_dir = self.entry(&layer.digest).ok_or_else(|| OciError::Layout {
+            layout: image.layout.clone(),
+            message: format!("digest {:?}: only sha256 is supported", layer.digest),
+        })?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempdir_in(&self.dir)
+            .map_err(cache_err(&self.dir))?;
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir(&tree).map_err(cache_err(&tree))?;
+        let root = Confined::open(&tree)?;
+        let mut w = Writer::new(&root, format!("layer {}", layer.digest), false);
+        image.unpack(layer, &mut w)?;
+        let implicit = serde_json::to_vec(w.implicit_dirs()).unwrap_or_else(|_| b"[]".to_vec());
+        let ipath = tmp.path().join("implicit.json");
+        std::fs::write(&ipath, implicit).map_err(cache_err(&ipath))?;
+        let tmp_path = tmp.keep();
+        match std::fs::rename(&tmp_path, &final_dir) {
+            Ok(()) => Ok(final_dir),
+            Err(e) => {
+                // Another bake committed the same layer meanwhile: use theirs.
+                let _ = std::fs::remove_dir_all(&tmp_path);
+                if final_dir.join("tree").is_dir() {
+                    Ok(final_dir)
+                } else {
+                    Err(cache_err(&final_dir)(e))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(name: Option<&str>, arch: Option<&str>) -> Descriptor {
+        Descriptor {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            digest: format!("sha256:{}", "0".repeat(64)),
+            size: 1,
+            annotations: name
+                .map(|n| [(REF_NAME.to_owned(), n.to_owned())].into())
+                .unwrap_or_default(),
+            platform: arch.map(|a| Platform {
+                architecture: a.into(),
+                os: "linux".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn picks_a_manifest() {
+        let one = [desc(Some("a"), None)];
+        assert!(pick(&one, None).is_ok());
+        assert!(pick(&one, Some("a")).is_ok());
+        let err = pick(&one, Some("b")).unwrap_err();
+        assert!(err.contains("names: a"), "{err}");
+        let two = [
+            desc(Some("x"), Some("arm64")),
+            desc(Some("y"), Some("amd64")),
+        ];
+        let d = pick(&two, None).expect("amd64");
+        assert_eq!(d.annotations.get(REF_NAME).map(String::as_str), Some("y"));
+        let two = [desc(Some("x"), None), desc(Some("y"), None)];
+        assert!(pick(&two, None).unwrap_err().contains("--oci-ref"));
+        assert!(pick(&[], None).is_err());
+    }
+
+    #[test]
+    fn media_types() {
+        use bootlace_init::extract::Compression as C;
+        assert_eq!(
+            layer_compression("application/vnd.oci.image.layer.v1.tar+gzip"),
+            Some(C::Gzip)
+        );
+        assert_eq!(
+            layer_compression("application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"),
+            Some(C::Zstd)
+        );
+        assert_eq!(layer_compression("application/json"), None);
+    }
+}

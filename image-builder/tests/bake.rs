@@ -1,0 +1,753 @@
+//! `bootlace-image bake` end to end (root: owners, setuid bits and device nodes are kept):
+//! every format from the busybox fixture, twice, byte for byte; the contents the init needs;
+//! an OCI layout with two layers, a whiteout and an opaque directory; the layer cache; and bad
+//! inputs, each with a clear error and nothing left behind.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+use bootlace_image::bake::{bake, BakeError, BakeSpec, Compress, Format};
+use bootlace_image::meta::{ImageMeta, InputKind};
+use sha2::{Digest, Sha256};
+
+const EPOCH: u64 = 1_700_000_000;
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A stand-in init: a script that answers `--version` like the real one.
+fn fake_init(dir: &Path) -> Result<PathBuf> {
+    let p = dir.join("bootlace-init");
+    std::fs::write(&p, "#!/bin/sh\necho bootlace-init 9.9.9\n")?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+    Ok(p)
+}
+
+fn busybox_rootfs(dir: &Path) -> Result<Option<PathBuf>> {
+    if !Path::new("/bin/busybox").exists() {
+        eprintln!("skipping: /bin/busybox missing (make setup installs busybox-static)");
+        return Ok(None);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/busybox-rootfs.sh");
+    let root = dir.join("rootfs");
+    let out = Command::new("bash").arg(&script).arg(&root).output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(Some(root))
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    let bytes = std::fs::read(p)?;
+    Ok(bootlace_image::meta::hex(&Sha256::digest(&bytes)))
+}
+
+/// The file names in a directory, sorted.
+fn names(dir: &Path) -> Result<Vec<String>> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    v.sort();
+    Ok(v)
+}
+
+fn spec(format: Format, out: &Path, input: &Path, init: &Path) -> BakeSpec {
+    let mut s = BakeSpec::new(
+        format,
+        out.to_owned(),
+        Some(input.to_owned()),
+        init.to_owned(),
+    );
+    s.mtime = EPOCH;
+    s.version = "1.0".into();
+    s
+}
+
+/// The paths in an image, extracted or listed with the format's own tools, as absolute paths.
+fn image_paths(format: Format, img: &Path, scratch: &Path) -> Result<BTreeSet<String>> {
+    let mut set = BTreeSet::new();
+    match format {
+        Format::Initramfs => {
+            let raw = std::fs::read(img)?;
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut data)?;
+            for e in bootlace_image::cpio::read_all(&data)? {
+                set.insert(format!("/{}", e.header.name));
+            }
+        }
+        Format::Squashfs => {
+            for l in run(Command::new("unsquashfs").args(["-l", "-d", ""]).arg(img))?.lines() {
+                set.insert(l.trim().to_owned());
+            }
+        }
+        Format::Erofs | Format::Qcow2 | Format::Ext4 => {
+            let raw = if format == Format::Qcow2 {
+                let raw = scratch.join("qcow2.raw");
+                run(Command::new("qemu-img")
+                    .args(["convert", "-f", "qcow2", "-O", "raw"])
+                    .arg(img)
+                    .arg(&raw))?;
+                raw
+            } else {
+                img.to_owned()
+            };
+            let dir = scratch.join("extract");
+            let _ = std::fs::remove_dir_all(&dir);
+            if format == Format::Ext4 {
+                std::fs::create_dir_all(&dir)?;
+                run(Command::new("debugfs")
+                    .arg("-R")
+                    .arg(format!("rdump / {}", dir.display()))
+                    .arg(&raw))?;
+            } else {
+                run(Command::new("fsck.erofs")
+                    .arg(format!("--extract={}", dir.display()))
+                    .arg(&raw))?;
+            }
+            let base = dir.clone();
+            let mut stack = vec![base.clone()];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d)? {
+                    let p = e?.path();
+                    set.insert(format!("/{}", p.strip_prefix(&base)?.display()));
+                    if std::fs::symlink_metadata(&p)?.is_dir() {
+                        stack.push(p);
+                    }
+                }
+            }
+        }
+    }
+    Ok(set)
+}
+
+#[test]
+fn every_format_from_the_busybox_fixture_twice_is_identical() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let Some(rootfs) = busybox_rootfs(tmp.path())? else {
+        return Ok(());
+    };
+    let init = fake_init(tmp.path())?;
+    for format in Format::ALL {
+        let mut shas = Vec::new();
+        for round in ["a", "b"] {
+            let dir = tmp.path().join(format!("{format}-{round}"));
+            std::fs::create_dir(&dir)?;
+            let out = dir.join(format!("root.{format}"));
+            let report = bake(&spec(format, &out, &rootfs, &init), &mut |_| {})
+                .with_context(|| format!("bake {format}"))?;
+            let m = ImageMeta::read(&ImageMeta::path_for(&out))?;
+            assert_eq!(m, report.meta);
+            assert_eq!(m.sha256, sha256_file(&out)?, "{format}");
+            assert_eq!(m.size, std::fs::metadata(&out)?.len());
+            assert_eq!(m.format, format.as_str());
+            assert_eq!(m.file, format!("root.{format}"));
+            assert_eq!(m.name, "root");
+            assert_eq!(m.version, "1.0");
+            assert_eq!(m.init.version, "9.9.9");
+            assert_eq!(m.init.sha256, sha256_file(&init)?);
+            assert_eq!(m.built, "2023-11-14T22:13:20Z");
+            assert_eq!(m.inputs.len(), 1);
+            assert_eq!(m.inputs[0].kind, InputKind::Dir);
+            let read_only = matches!(format, Format::Erofs | Format::Squashfs | Format::Qcow2);
+            assert_eq!(m.read_only, read_only, "{format}");
+            let want_writable: Vec<String> = if read_only {
+                ["/etc", "/var", "/tmp", "/home"].map(String::from).to_vec()
+            } else {
+                Vec::new()
+            };
+            assert_eq!(m.writable, want_writable, "{format}");
+            // Nothing but the image and its metadata in the output directory.
+            assert_eq!(
+                names(&dir)?,
+                vec![format!("root.{format}"), format!("root.{format}.meta.json")]
+            );
+            if round == "a" {
+                let paths = image_paths(format, &out, &dir)?;
+                for want in [
+                    "/sbin/bootlace-init",
+                    "/etc/bootlace/init.toml",
+                    "/.bootstrap",
+                    "/proc",
+                    "/sys",
+                    "/dev",
+                    "/run",
+                    "/tmp",
+                    "/bin/busybox",
+                ] {
+                    assert!(paths.contains(want), "{format}: {want} missing");
+                }
+                if read_only {
+                    assert!(paths.contains("/home"), "{format}: /home missing");
+                }
+                if format == Format::Initramfs {
+                    assert!(paths.contains("/init") && paths.contains("/dev/console"));
+                }
+            }
+            shas.push(m.sha256);
+        }
+        assert_eq!(shas[0], shas[1], "{format}: two bakes differ");
+        eprintln!("{format}: sha256 {} twice", shas[0]);
+    }
+    Ok(())
+}
+
+#[test]
+fn baked_config_and_modes_in_an_ext4_root() -> Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let Some(rootfs) = busybox_rootfs(tmp.path())? else {
+        return Ok(());
+    };
+    let init = fake_init(tmp.path())?;
+    let out = tmp.path().join("root.ext4");
+    let mut s = spec(Format::Ext4, &out, &rootfs, &init);
+    s.writable = Some(vec!["/etc".into(), "/srv/data".into()]);
+    s.label = "myroot".into();
+    bake(&s, &mut |_| {})?;
+    let cat = run(Command::new("debugfs")
+        .arg("-R")
+        .arg("cat /etc/bootlace/init.toml")
+        .arg(&out))?;
+    assert!(
+        cat.contains("writable = [\"/etc\", \"/srv/data\"]"),
+        "{cat}"
+    );
+    let stat = |p: &str| -> Result<String> {
+        run(Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("stat {p}"))
+            .arg(&out))
+    };
+    assert!(
+        stat("/.bootstrap")?.contains("Mode:  0700"),
+        "{}",
+        stat("/.bootstrap")?
+    );
+    assert!(stat("/sbin/bootlace-init")?.contains("Mode:  0755"));
+    assert!(stat("/srv/data")?.contains("Type: directory"));
+    let label = run(Command::new("e2label").arg(&out))?;
+    assert_eq!(label.trim(), "myroot");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tarballs and OCI layouts, made here.
+
+#[derive(Clone)]
+enum E {
+    Dir(&'static str, u32),
+    File(&'static str, &'static [u8], u32, u32),
+    Sym(&'static str, &'static str),
+    Hard(&'static str, &'static str),
+}
+
+/// A tar stream with these entries, names written as given (even `..` or absolute ones).
+fn tar_bytes(entries: &[E]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_uid(0);
+        h.set_gid(0);
+        let (name, data): (&str, &[u8]) = match e {
+            E::Dir(n, mode) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(*mode);
+                (n, b"")
+            }
+            E::File(n, d, mode, uid) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_uid(u64::from(*uid));
+                h.set_gid(u64::from(*uid));
+                (n, d)
+            }
+            E::Sym(n, t) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_link_name(t).expect("link name");
+                (n, b"")
+            }
+            E::Hard(n, t) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_mode(0o644);
+                h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
+                (n, b"")
+            }
+        };
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_mtime(1);
+        h.set_cksum();
+        b.append(&h, data).expect("append");
+    }
+    b.into_inner().expect("finish")
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(data).expect("gzip");
+    gz.finish().expect("gzip")
+}
+
+fn digest(data: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        bootlace_image::meta::hex(&Sha256::digest(data))
+    )
+}
+
+/// Writes a blob; returns its descriptor JSON.
+fn blob(layout: &Path, media_type: &str, data: &[u8]) -> Result<serde_json::Value> {
+    let d = digest(data);
+    let p = layout.join("blobs/sha256").join(&d[7..]);
+    std::fs::create_dir_all(p.parent().expect("parent"))?;
+    std::fs::write(&p, data)?;
+    Ok(serde_json::json!({"mediaType": media_type, "digest": d, "size": data.len()}))
+}
+
+/// An OCI layout with these layers (media type, bytes), bottom first. Returns the layer
+/// digests.
+fn oci_layout(layout: &Path, layers: &[(&str, Vec<u8>)]) -> Result<Vec<String>> {
+    std::fs::create_dir_all(layout)?;
+    std::fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion": "1.0.0"}"#,
+    )?;
+    let mut descs = Vec::new();
+    for (t, data) in layers {
+        descs.push(blob(layout, t, data)?);
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": []}
+    });
+    let config = blob(
+        layout,
+        "application/vnd.oci.image.config.v1+json",
+        &serde_json::to_vec(&config)?,
+    )?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config,
+        "layers": descs,
+    });
+    let mut m = blob(
+        layout,
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&manifest)?,
+    )?;
+    m["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "test"});
+    m["platform"] = serde_json::json!({"architecture": "amd64", "os": "linux"});
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [m]});
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
+    Ok(descs
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap_or_default().to_owned())
+        .collect())
+}
+
+const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+const TAR_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+fn two_layers() -> Vec<(&'static str, Vec<u8>)> {
+    let lower = tar_bytes(&[
+        E::Dir("etc/", 0o755),
+        E::File("etc/a.conf", b"a", 0o644, 0),
+        E::File("etc/old.conf", b"old", 0o644, 0),
+        E::Dir("opt/", 0o755),
+        E::Dir("opt/app/", 0o750),
+        E::File("opt/app/lib1", b"lib1", 0o644, 0),
+        E::Dir("opt/app/sub/", 0o755),
+        E::File("opt/app/sub/x", b"x", 0o644, 0),
+        E::Dir("usr/", 0o755),
+        E::Dir("usr/lib/", 0o755),
+        E::Sym("lib", "usr/lib"),
+        E::Dir("bin/", 0o755),
+        E::File("bin/tool", b"#!tool", 0o4755, 1000),
+        E::Hard("bin/tool2", "bin/tool"),
+    ]);
+    let upper = tar_bytes(&[
+        E::File("etc/.wh.old.conf", b"", 0o644, 0),
+        E::File("opt/app/new", b"new", 0o600, 0),
+        E::File("opt/app/.wh..wh..opq", b"", 0o644, 0),
+        E::File("lib/added.so", b"added", 0o644, 0),
+        E::File("etc/b.conf", b"b", 0o640, 0),
+    ]);
+    vec![(TAR, lower), (TAR_GZ, gzip(&upper))]
+}
+
+/// Extracts a squashfs image (unsquashfs as root keeps owners and modes).
+fn unsquash(img: &Path, into: &Path) -> Result<()> {
+    run(Command::new("unsquashfs")
+        .args(["-no-progress", "-q", "-d"])
+        .arg(into)
+        .arg(img))?;
+    Ok(())
+}
+
+#[test]
+fn oci_layers_whiteouts_opaque_dirs_and_the_cache() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let layout = tmp.path().join("layout");
+    let digests = oci_layout(&layout, &two_layers())?;
+    let cache = tmp.path().join("cache");
+    let mut shas = Vec::new();
+    // No cache, then a cold cache, then a warm one: the same image each time.
+    for (round, cache) in [
+        ("nocache", None),
+        ("cold", Some(&cache)),
+        ("warm", Some(&cache)),
+    ] {
+        let out = tmp.path().join(format!("{round}.squashfs"));
+        let mut s = spec(Format::Squashfs, &out, &layout, &init);
+        s.cache = cache.cloned();
+        let mut lines = Vec::new();
+        let report = bake(&s, &mut |l| lines.push(l.to_owned()))?;
+        let want: Vec<(String, bool)> = digests
+            .iter()
+            .map(|d| (d.clone(), round == "warm"))
+            .collect();
+        assert_eq!(report.layers, want, "{round}");
+        if round == "warm" {
+            for d in &digests {
+                assert!(lines.contains(&format!("layer {d} cached")), "{lines:?}");
+            }
+        }
+        assert_eq!(report.meta.inputs[0].kind, InputKind::Oci);
+        shas.push(report.meta.sha256.clone());
+
+        let x = tmp.path().join(format!("{round}.x"));
+        unsquash(&out, &x)?;
+        let read = |p: &str| std::fs::read_to_string(x.join(p)).unwrap_or_default();
+        assert_eq!(read("etc/a.conf"), "a");
+        assert_eq!(read("etc/b.conf"), "b");
+        assert!(!x.join("etc/old.conf").exists(), "whiteout not applied");
+        assert_eq!(read("opt/app/new"), "new");
+        assert!(
+            !x.join("opt/app/lib1").exists(),
+            "opaque dir kept lower file"
+        );
+        assert!(!x.join("opt/app/sub").exists(), "opaque dir kept lower dir");
+        assert_eq!(
+            read("usr/lib/added.so"),
+            "added",
+            "lib -> usr/lib not followed"
+        );
+        assert_eq!(std::fs::read_link(x.join("lib"))?, Path::new("usr/lib"));
+        let tool = std::fs::symlink_metadata(x.join("bin/tool"))?;
+        assert_eq!(tool.mode() & 0o7777, 0o4755, "setuid bit lost");
+        assert_eq!((tool.uid(), tool.gid()), (1000, 1000), "owner lost");
+        let tool2 = std::fs::symlink_metadata(x.join("bin/tool2"))?;
+        assert_eq!(tool2.ino(), tool.ino(), "hard link lost");
+        assert_eq!(
+            std::fs::symlink_metadata(x.join("opt/app"))?.mode() & 0o7777,
+            0o750
+        );
+        // No whiteout file anywhere.
+        let mut stack = vec![x.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d)? {
+                let e = e?;
+                assert!(
+                    !e.file_name().to_string_lossy().starts_with(".wh."),
+                    "{}",
+                    e.path().display()
+                );
+                if e.file_type()?.is_dir() {
+                    stack.push(e.path());
+                }
+            }
+        }
+        // Init, config, writable dirs and /.bootstrap (0700) are there.
+        assert!(x.join("sbin/bootlace-init").is_file());
+        assert!(read("etc/bootlace/init.toml").contains("/home"));
+        assert_eq!(
+            std::fs::metadata(x.join(".bootstrap"))?.mode() & 0o7777,
+            0o700
+        );
+        for d in ["var", "tmp", "home", "proc", "sys", "dev", "run"] {
+            assert!(x.join(d).is_dir(), "{d}");
+        }
+    }
+    assert!(shas.windows(2).all(|w| w[0] == w[1]), "{shas:?}");
+    // The cache holds one committed entry per layer and no temporary directory.
+    let entries = names(&cache.join("sha256"))?;
+    let mut want: Vec<String> = digests.iter().map(|d| d[7..].to_owned()).collect();
+    want.sort();
+    assert_eq!(entries, want);
+    assert_eq!(names(&cache)?, vec!["sha256".to_owned()]);
+    Ok(())
+}
+
+#[test]
+fn tarballs_by_magic_gzip_and_zstd() -> Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let plain = tar_bytes(&[
+        E::Dir("etc/", 0o755),
+        E::File("etc/hostname", b"h\n", 0o644, 0),
+        E::File("usr/bin/app", b"app", 0o755, 0),
+    ]);
+    let zst = zstd::stream::encode_all(&plain[..], 3)?;
+    let mut shas = BTreeSet::new();
+    for (name, data) in [
+        ("root.tar", plain.clone()),
+        ("root.bin", gzip(&plain)),
+        ("root.tar.zst", zst),
+    ] {
+        let input = tmp.path().join(name);
+        std::fs::write(&input, &data)?;
+        let out = tmp.path().join(format!("{name}.img"));
+        let mut s = spec(Format::Initramfs, &out, &input, &init);
+        s.compress = Compress::Zstd;
+        let r = bake(&s, &mut |_| {})?;
+        assert_eq!(r.meta.inputs[0].kind, InputKind::Tar);
+        assert_eq!(r.meta.inputs[0].digest, digest(&data));
+        shas.insert(r.meta.sha256.clone());
+        let cpio = zstd::stream::decode_all(&std::fs::read(&out)?[..])?;
+        let entries = bootlace_image::cpio::read_all(&cpio)?;
+        assert!(entries.iter().any(|e| e.header.name == "usr/bin/app"));
+    }
+    assert_eq!(shas.len(), 1, "same tree, same image: {shas:?}");
+    Ok(())
+}
+
+/// A bad bake: the error's text, and the output directory must hold nothing new.
+fn bad_bake(s: &BakeSpec) -> String {
+    let dir = s.out.parent().expect("parent").to_owned();
+    let before = names(&dir).expect("names");
+    let err = bake(s, &mut |_| {}).expect_err("bake should fail");
+    let text = format!("{:#}", anyhow::Error::from(err));
+    assert_eq!(names(&dir).expect("names"), before, "left behind: {text}");
+    text
+}
+
+#[test]
+fn bad_inputs_give_clear_errors_and_leave_nothing() -> Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let outdir = tmp.path().join("out");
+    std::fs::create_dir(&outdir)?;
+    let out = outdir.join("root.erofs");
+    // An OCI layout, then one byte of a layer changed (same size).
+    let layout = tmp.path().join("layout");
+    let digests = oci_layout(&layout, &two_layers())?;
+    let blob_path = |d: &str| layout.join("blobs/sha256").join(&d[7..]);
+    let good = std::fs::read(blob_path(&digests[0]))?;
+    let mut bad = good.clone();
+    bad[600] ^= 0x20;
+    std::fs::write(blob_path(&digests[0]), &bad)?;
+    let e = bad_bake(&spec(Format::Erofs, &out, &layout, &init));
+    assert!(
+        e.contains(&format!("blob {}: digest mismatch", digests[0])),
+        "{e}"
+    );
+    std::fs::write(blob_path(&digests[0]), &good)?;
+    // The same through the cache: nothing committed for the bad layer.
+    std::fs::write(blob_path(&digests[0]), &bad)?;
+    let mut s = spec(Format::Erofs, &out, &layout, &init);
+    let cache = tmp.path().join("cache");
+    s.cache = Some(cache.clone());
+    let e = bad_bake(&s);
+    assert!(e.contains("digest mismatch"), "{e}");
+    assert!(
+        names(&cache.join("sha256"))?.is_empty(),
+        "a bad layer was cached"
+    );
+    assert_eq!(names(&cache)?, vec!["sha256".to_owned()]);
+    std::fs::write(blob_path(&digests[0]), &good)?;
+    // A missing blob.
+    std::fs::remove_file(blob_path(&digests[1]))?;
+    let e = bad_bake(&spec(Format::Erofs, &out, &layout, &init));
+    assert!(
+        e.contains(&format!("blob {}", digests[1])) && e.contains("No such file"),
+        "{e}"
+    );
+
+    let tarball = |name: &str, data: &[u8]| -> Result<PathBuf> {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, data)?;
+        Ok(p)
+    };
+    // A corrupt (truncated) tarball.
+    let gz = gzip(&tar_bytes(&[E::File("etc/x", &[7u8; 3000], 0o644, 0)]));
+    let corrupt = tarball("corrupt.tar.gz", &gz[..gz.len() / 2])?;
+    let e = bad_bake(&spec(Format::Erofs, &out, &corrupt, &init));
+    assert!(
+        e.contains("corrupt.tar.gz: corrupt or unreadable archive"),
+        "{e}"
+    );
+    // Not a tarball at all.
+    let junk = tarball("junk.tar", &[b'x'; 2048])?;
+    let e = bad_bake(&spec(Format::Erofs, &out, &junk, &init));
+    assert!(e.contains("not a tarball"), "{e}");
+    // `..` and absolute entries.
+    for (name, entries, want) in [
+        (
+            "dotdot.tar",
+            vec![E::File("etc/../../x", b"x", 0o644, 0)],
+            "entry \"etc/../../x\": `..` components are not allowed",
+        ),
+        (
+            "abs.tar",
+            vec![E::File("/etc/passwd", b"x", 0o644, 0)],
+            "entry \"/etc/passwd\": absolute paths are not allowed",
+        ),
+        (
+            "escape.tar",
+            vec![
+                E::Sym("esc", "../../.."),
+                E::File("esc/pwned", b"x", 0o644, 0),
+            ],
+            "entry \"esc/pwned\": its directory \"esc\" resolves outside the root",
+        ),
+        (
+            "hardlink.tar",
+            vec![E::Hard("etc/shadow", "../../etc/shadow")],
+            "hard link target: `..` components are not allowed",
+        ),
+    ] {
+        let p = tarball(name, &tar_bytes(&entries))?;
+        let e = bad_bake(&spec(Format::Ext4, &out, &p, &init));
+        assert!(e.contains(want), "{name}: {e}");
+        assert!(
+            e.contains(&format!("tarball {}", p.display())),
+            "{name}: {e}"
+        );
+    }
+    // The same `..` entry as an OCI layer names the layer.
+    let layout2 = tmp.path().join("layout2");
+    let d = oci_layout(
+        &layout2,
+        &[(TAR, tar_bytes(&[E::File("a/../../x", b"x", 0o644, 0)]))],
+    )?;
+    let e = bad_bake(&spec(Format::Squashfs, &out, &layout2, &init));
+    assert!(
+        e.contains(&format!("layer {}: entry \"a/../../x\"", d[0])),
+        "{e}"
+    );
+    assert!(!tmp.path().join("x").exists() && !Path::new("/x").exists());
+
+    // A missing init binary.
+    let rootfs = tmp.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("etc"))?;
+    let e = bad_bake(&spec(
+        Format::Erofs,
+        &out,
+        &rootfs,
+        &tmp.path().join("no-init"),
+    ));
+    assert!(e.contains("init binary") && e.contains("no-init"), "{e}");
+    // A label too long for erofs; a stage-1 request for a disk format.
+    let mut s = spec(Format::Erofs, &out, &rootfs, &init);
+    s.label = "sixteen-bytes-xx".into();
+    assert!(bad_bake(&s).contains("at most 15"));
+    let mut s = spec(Format::Ext4, &out, &rootfs, &init);
+    s.stage1 = true;
+    assert!(bad_bake(&s).contains("--format initramfs"));
+    // An unknown format, in the library and on the command line.
+    let e = "vhdx".parse::<Format>().expect_err("unknown");
+    assert!(matches!(e, BakeError::Spec(_)));
+    assert!(e.to_string().contains("unknown format \"vhdx\""), "{e}");
+    let cli = Command::new(env!("CARGO_BIN_EXE_bootlace-image"))
+        .args(["bake", "--format", "vhdx", "--input"])
+        .arg(&rootfs)
+        .arg("--init")
+        .arg(&init)
+        .arg("--out")
+        .arg(&out)
+        .output()?;
+    assert!(!cli.status.success());
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(stderr.contains("unknown format \"vhdx\""), "{stderr}");
+    assert!(names(&outdir)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn stage1_initramfs_has_the_block_and_fs_modules() -> Result<()> {
+    let release_dir = Path::new("/lib/modules");
+    let Some(release) = std::fs::read_dir(release_dir)
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+    else {
+        eprintln!("skipping: no kernel modules on this machine");
+        return Ok(());
+    };
+    if !is_root() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let out = tmp.path().join("stage1.img");
+    let mut s = BakeSpec::new(Format::Initramfs, out.clone(), None, init);
+    s.stage1 = true;
+    s.stage1_root = Some("LABEL=bootlace-root".into());
+    s.modules = Some(bootlace_image::initramfs::Modules {
+        root: release_dir.to_owned(),
+        release: release.clone(),
+        extra: Vec::new(),
+    });
+    let r = bake(&s, &mut |_| {})?;
+    assert!(r.meta.stage1 && r.meta.inputs.is_empty());
+    assert_eq!(r.meta.kernel_release.as_deref(), Some(release.as_str()));
+    for m in ["virtio_blk", "virtio_pci"] {
+        assert!(
+            r.meta.modules.iter().any(|x| x == m),
+            "{m}: {:?}",
+            r.meta.modules
+        );
+    }
+    let paths = image_paths(Format::Initramfs, &out, tmp.path())?;
+    assert!(paths.contains(&format!("/lib/modules/{release}/modules.dep")));
+    let raw = std::fs::read(&out)?;
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut data)?;
+    let cfg = bootlace_image::cpio::read_all(&data)?
+        .into_iter()
+        .find(|e| e.header.name == "etc/bootlace/init.toml")
+        .context("config")?;
+    let text = String::from_utf8(cfg.data.clone())?;
+    assert!(
+        text.contains("[stage1]") && text.contains("LABEL=bootlace-root"),
+        "{text}"
+    );
+    // The config loads nothing at boot by itself: the init picks the modules.
+    assert!(!text.contains("modules = [\"virtio"), "{text}");
+    Ok(())
+}
