@@ -309,14 +309,6 @@ pub fn pid1() -> ! {
         if let Err(e) = crate::apply::writable_locations(&paths, &mut boot.loader) {
             boot.fail(&BootError::Writable(e));
         }
-        log::info!(
-            "root: tmpfs on {}",
-            paths
-                .iter()
-                .map(|p| p.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
         boot.step_done("writable");
     }
 
