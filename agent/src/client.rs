@@ -290,7 +290,7 @@ fn receive_bundle(
     max_size: u64,
 ) -> Result<(BundleHeader, String), ClientError> {
     write_frame(s, &Frame::new(Kind::GetBundle, seq)).map_err(ClientError::Transfer)?;
-    let f = read_frame(s, dec).map_err(ClientError::Transfer)?;
+    let f = read_reply(s, dec, seq).map_err(ClientError::Transfer)?;
     let header = match f.kind {
         Kind::Bundle => BundleHeader::from_frame(&f).map_err(ClientError::Transfer)?,
         Kind::NoBundle => {
@@ -349,15 +349,33 @@ fn receive_bundle(
     Ok((header, sha256))
 }
 
+/// Reads frames up to the ack of `seq`. An ack of an earlier message is a duplicate (the host
+/// acks a resent message again) and is skipped; anything else is an error.
 fn expect_ack(s: &mut dyn Stream, dec: &mut Decoder, seq: u64) -> Result<(), ProtocolError> {
-    let f = read_frame(s, dec)?;
-    if f.kind == Kind::Ack && f.seq == seq {
-        Ok(())
-    } else {
-        Err(ProtocolError::Unexpected {
-            got: f.kind,
-            expected: "ACK",
-        })
+    loop {
+        let f = read_frame(s, dec)?;
+        match f.kind {
+            Kind::Ack if f.seq == seq => return Ok(()),
+            Kind::Ack if f.seq < seq => log::debug!("skipped a duplicate ACK {}", f.seq),
+            got => {
+                return Err(ProtocolError::Unexpected {
+                    got,
+                    expected: "ACK",
+                })
+            }
+        }
+    }
+}
+
+/// Reads the next frame that is not a duplicate ack of a message before `seq`.
+fn read_reply(s: &mut dyn Stream, dec: &mut Decoder, seq: u64) -> Result<Frame, ProtocolError> {
+    loop {
+        let f = read_frame(s, dec)?;
+        if f.kind == Kind::Ack && f.seq < seq {
+            log::debug!("skipped a duplicate ACK {}", f.seq);
+            continue;
+        }
+        return Ok(f);
     }
 }
 

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -168,8 +169,9 @@ pub struct GuestEvent {
     pub event: Event,
 }
 
-/// Fault injection for tests of the guest: what the host does wrong on purpose.
-#[derive(Debug, Clone, Default)]
+/// Fault injection for tests of the guest: what the host does wrong on purpose. Parsed from
+/// `--fault KIND[=ARG]` flags by [`Faults::add`] (see `crate::fault`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Faults {
     /// Flip a byte of the bundle on the wire (the announced sha256 stays the true one).
     pub corrupt_bundle: bool,
@@ -177,6 +179,25 @@ pub struct Faults {
     pub drop_bundle_after: Option<u64>,
     /// Never acknowledge (the guest's per-read timeout must fire).
     pub stall_acks: bool,
+    /// Close this many new connections at once, reading nothing (a host refusing guests).
+    pub refuse_connections: u32,
+    /// Wait this long before every frame the host writes (a slow host).
+    pub delay: Option<Duration>,
+    /// Announce this `SIZE` in the bundle header; the true bytes are sent (a lying length).
+    pub announce_size: Option<u64>,
+    /// Send every ack twice.
+    pub duplicate_acks: bool,
+    /// Leave this many guest messages unacknowledged (HELLO excepted): lost acks.
+    pub drop_acks: u32,
+}
+
+/// Takes one from a budget of `max` (false once it is spent).
+fn take_one(counter: &AtomicU32, max: u32) -> bool {
+    counter
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
 }
 
 /// The host side of every guest conversation.
@@ -186,6 +207,9 @@ pub struct Host {
     seen: Mutex<HashMap<(String, String), u64>>,
     sink: Box<dyn Fn(GuestEvent) + Send + Sync>,
     faults: Faults,
+    /// Connections refused and acks dropped so far (fault injection budgets).
+    refused: AtomicU32,
+    acks_dropped: AtomicU32,
 }
 
 impl std::fmt::Debug for Host {
@@ -207,6 +231,8 @@ impl Host {
             seen: Mutex::new(HashMap::new()),
             sink: Box::new(sink),
             faults: Faults::default(),
+            refused: AtomicU32::new(0),
+            acks_dropped: AtomicU32::new(0),
         }
     }
 
@@ -223,9 +249,23 @@ impl Host {
         });
     }
 
+    fn pause(&self) {
+        if let Some(d) = self.faults.delay {
+            std::thread::sleep(d);
+        }
+    }
+
     /// Runs one connection to its end.
     pub fn handle<S: Read + Write>(&self, mut stream: S, guest: &str) {
         self.emit(guest, Event::Connected);
+        if take_one(&self.refused, self.faults.refuse_connections) {
+            self.emit(
+                guest,
+                Event::Error("fault injection: connection refused".to_owned()),
+            );
+            self.emit(guest, Event::Disconnected);
+            return;
+        }
         let mut dec = Decoder::new();
         let mut boot_id = String::new();
         loop {
@@ -237,18 +277,25 @@ impl Host {
                     break;
                 }
             };
-            let ack = |stream: &mut S, seq| -> Result<(), ProtocolError> {
-                if self.faults.stall_acks {
+            let ack = |stream: &mut S, seq, droppable: bool| -> Result<(), ProtocolError> {
+                if self.faults.stall_acks
+                    || (droppable && take_one(&self.acks_dropped, self.faults.drop_acks))
+                {
                     return Ok(());
                 }
-                write_frame(stream, &Frame::new(Kind::Ack, seq))
+                self.pause();
+                write_frame(stream, &Frame::new(Kind::Ack, seq))?;
+                if self.faults.duplicate_acks {
+                    write_frame(stream, &Frame::new(Kind::Ack, seq))?;
+                }
+                Ok(())
             };
             let result = match f.kind {
                 Kind::Hello => {
                     boot_id = f.get("BOOT_ID").unwrap_or("").to_owned();
                     // Ack before telling anyone: a caller that exits on an event (wait-ready)
                     // must not leave the guest without its ack.
-                    let r = ack(&mut stream, f.seq);
+                    let r = ack(&mut stream, f.seq, false);
                     self.emit(guest, Event::Hello(f));
                     r
                 }
@@ -264,7 +311,7 @@ impl Host {
                         }
                         fresh
                     };
-                    let r = ack(&mut stream, seq);
+                    let r = ack(&mut stream, seq, true);
                     if fresh {
                         self.emit(guest, Event::Report(f));
                     }
@@ -298,10 +345,11 @@ impl Host {
             );
         };
         let header = BundleHeader {
-            size: b.bytes.len() as u64,
+            size: self.faults.announce_size.unwrap_or(b.bytes.len() as u64),
             sha256: b.sha256.clone(),
             compression: b.compression.clone(),
         };
+        self.pause();
         let started = Instant::now();
         write_frame(stream, &header.to_frame(seq))?;
         let mut bytes: &[u8] = &b.bytes;
@@ -329,7 +377,7 @@ impl Host {
         self.emit(
             guest,
             Event::BundleSent {
-                bytes: header.size,
+                bytes: bytes.len() as u64,
                 elapsed: started.elapsed(),
             },
         );

@@ -4,6 +4,7 @@
 //! the harness, so each contract has exactly one implementation:
 //! - [`client`]: the guest side of the conversation (retries, acks, bundle fetch);
 //! - `host` (feature `host`): the host configuration manager (listeners, bundles, events);
+//! - `fault` (feature `host`): the host's fault injection as `--fault KIND[=ARG]` flags;
 //! - [`manifest`]: the bootstrap manifest (`bootlace.toml`) and its validation;
 //! - [`protocol`]: the host <-> guest wire protocol (frames, decoder);
 //! - [`report`]: the power-off console line and its exit statuses;
@@ -25,6 +26,8 @@
 )]
 
 pub mod client;
+#[cfg(feature = "host")]
+pub mod fault;
 #[cfg(feature = "host")]
 pub mod host;
 pub mod manifest;

@@ -43,6 +43,15 @@ struct Listen {
     /// One JSON object per event instead of text.
     #[arg(long)]
     json: bool,
+    /// Misbehave on purpose to test guests (repeatable); `--help` lists the kinds.
+    #[arg(long = "fault", value_name = "KIND[=ARG]", value_parser = parse_fault,
+          long_help = bootlace_agent::fault::FAULT_LONG_HELP)]
+    faults: Vec<String>,
+}
+
+fn parse_fault(s: &str) -> Result<String, String> {
+    host::Faults::default().add(s)?;
+    Ok(s.to_owned())
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,9 +97,16 @@ fn start(l: &Listen) -> anyhow::Result<mpsc::Receiver<GuestEvent>> {
     };
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
-    let host = Arc::new(Host::new(bundle, move |e| {
-        let _ = tx.lock().map(|t| t.send(e));
-    }));
+    let faults = host::Faults::parse_all(&l.faults).map_err(anyhow::Error::msg)?;
+    if faults.any() {
+        eprintln!("bootlace-agent: injecting faults: {}", l.faults.join(" "));
+    }
+    let host = Arc::new(
+        Host::new(bundle, move |e| {
+            let _ = tx.lock().map(|t| t.send(e));
+        })
+        .with_faults(faults),
+    );
     for uds in &l.uds {
         let path = host::hybrid_path(uds, l.port);
         host.serve_unix(&path)

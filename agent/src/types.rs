@@ -456,6 +456,10 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
             format!("line {line}, column {column}: {message}")
         }
+        // The parser's depth limit on dotted keys carries no position: say what it means.
+        None if message == "recursion limit" => {
+            "keys or values nested too deeply (recursion limit)".to_owned()
+        }
         None => message,
     }
 }

@@ -548,16 +548,6 @@ fn read_and_apply(
             source,
         })
     })?;
-    let manifest_path = Path::new(BOOTSTRAP_DIR).join(MANIFEST_NAME);
-    let file = bundle.open_file(MANIFEST_NAME).map_err(|e| {
-        BootstrapError::Manifest(ManifestError::Read {
-            path: manifest_path.clone(),
-            source: io::Error::other(e.to_string()),
-        })
-    })?;
-    let manifest = Manifest::read_from(file, &manifest_path).map_err(BootstrapError::Manifest)?;
-    let mut cfg = config.clone();
-    apply::merge_handoff(&mut cfg, &manifest);
     let root = Root::open(Path::new("/")).map_err(|source| {
         BootstrapError::Apply(ApplyError::Root {
             step: "open root",
@@ -568,7 +558,30 @@ fn read_and_apply(
             },
         })
     })?;
+    apply_bundle(&bundle, Path::new(BOOTSTRAP_DIR), &root, config, loader)
+}
+
+/// Reads the manifest of a mounted bundle (`bundle`, shown as `shown` in messages), validates
+/// it completely, then applies it to `root`. Nothing is changed when the manifest is refused.
+/// Returns the config for the hand-off, with the manifest's environment and hand-off merged.
+pub fn apply_bundle(
+    bundle: &Root,
+    shown: &Path,
+    root: &Root,
+    config: &InitConfig,
+    loader: &mut ModuleLoader,
+) -> Result<(InitConfig, Applied), BootstrapError> {
+    let manifest_path = shown.join(MANIFEST_NAME);
+    let file = bundle.open_file(MANIFEST_NAME).map_err(|e| {
+        BootstrapError::Manifest(ManifestError::Read {
+            path: manifest_path.clone(),
+            source: io::Error::other(e.to_string()),
+        })
+    })?;
+    let manifest = Manifest::read_from(file, &manifest_path).map_err(BootstrapError::Manifest)?;
+    let mut cfg = config.clone();
+    apply::merge_handoff(&mut cfg, &manifest);
     let applied =
-        apply::apply(&manifest, &root, &bundle, loader, &cfg).map_err(BootstrapError::Apply)?;
+        apply::apply(&manifest, root, bundle, loader, &cfg).map_err(BootstrapError::Apply)?;
     Ok((cfg, applied))
 }

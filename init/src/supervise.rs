@@ -101,6 +101,7 @@ pub fn run(cmd: &Command, env: &[(String, String)], grace: Duration) -> io::Resu
 
     let mut app_end: Option<Ended> = None;
     let mut deadline: Option<Instant> = None;
+    let mut left_behind_termed = false;
     let mut killed: Option<Instant> = None;
     loop {
         // Reap everything that has ended.
@@ -127,10 +128,12 @@ pub fn run(cmd: &Command, env: &[(String, String)], grace: Duration) -> io::Resu
             if no_children {
                 return Ok(AppEnd::Ended(ended));
             }
-            if deadline.is_none() {
-                // The app is gone; ask whatever it left behind to finish.
+            if !left_behind_termed {
+                // The app is gone; ask whatever it left behind to finish, within the grace
+                // period (the one a shutdown signal already started, if any).
                 let _ = sys::kill_all(Signal::SIGTERM);
-                deadline = Some(Instant::now() + grace);
+                left_behind_termed = true;
+                deadline.get_or_insert(Instant::now() + grace);
             }
         }
         if let Some(d) = deadline {

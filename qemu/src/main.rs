@@ -108,12 +108,21 @@ struct RunArgs {
     /// The port the guest dials for its host agent.
     #[arg(long, default_value_t = bootlace_agent::protocol::DEFAULT_PORT)]
     host_port: u32,
+    /// Make the host agent misbehave on purpose (repeatable); `--help` lists the kinds.
+    #[arg(long = "fault", value_name = "KIND[=ARG]", value_parser = parse_fault,
+          long_help = bootlace_agent::fault::FAULT_LONG_HELP)]
+    faults: Vec<String>,
     /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
     /// Extra QEMU arguments, after `--`.
     #[arg(last = true)]
     qemu_args: Vec<String>,
+}
+
+fn parse_fault(s: &str) -> Result<String, String> {
+    bootlace_agent::host::Faults::default().add(s)?;
+    Ok(s.to_owned())
 }
 
 fn parse_share(s: &str) -> Result<(String, PathBuf), String> {
@@ -181,8 +190,9 @@ fn start_host_services(
     bundle_path: Option<&std::path::Path>,
     agent: bool,
     port: u32,
+    faults: &[String],
 ) -> anyhow::Result<HostServices> {
-    use bootlace_agent::host::{describe, BundleSource, Host};
+    use bootlace_agent::host::{describe, BundleSource, Faults, Host};
     if bundle_path.is_none() && !agent {
         return Ok(HostServices { _agent: None });
     }
@@ -199,9 +209,16 @@ fn start_host_services(
         }
         None => None,
     };
-    let host = std::sync::Arc::new(Host::new(bundle, |e| {
-        eprintln!("bootlace-vm: host: {}", describe(&e.event));
-    }));
+    let faults = Faults::parse_all(faults).map_err(anyhow::Error::msg)?;
+    if faults.any() {
+        eprintln!("bootlace-vm: the host agent injects faults: {faults:?}");
+    }
+    let host = std::sync::Arc::new(
+        Host::new(bundle, |e| {
+            eprintln!("bootlace-vm: host: {}", describe(&e.event));
+        })
+        .with_faults(faults),
+    );
     let path = vsock.port_path(port);
     host.serve_unix(&path)
         .with_context(|| format!("host agent on {}", path.display()))?;
@@ -275,6 +292,9 @@ fn run(a: RunArgs) -> anyhow::Result<u8> {
             tag,
             read_only: false,
         }));
+    if !a.faults.is_empty() && a.bootstrap_vsock.is_none() && !a.host_agent {
+        anyhow::bail!("--fault needs a host agent: give --host-agent or --bootstrap-vsock");
+    }
     // Removed when this function returns, after the VM and the vsock daemon are gone.
     let mut _vsock_tmp = None;
     if a.vsock || a.vsock_dir.is_some() || a.bootstrap_vsock.is_some() || a.host_agent {
@@ -306,6 +326,7 @@ fn run(a: RunArgs) -> anyhow::Result<u8> {
             a.bootstrap_vsock.as_deref(),
             a.host_agent,
             a.host_port,
+            &a.faults,
         )?),
         None => None,
     };

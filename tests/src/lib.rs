@@ -5,6 +5,7 @@
 //! The guest binaries are built by `make test` (scripts/build-guest.sh) into `target/bootlace/`
 //! or wherever `$BOOTLACE_ARTIFACTS` points; a missing one fails the test with that hint.
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -148,4 +149,107 @@ pub fn probe_value(outcome: &Outcome, key: &str) -> Option<String> {
             .strip_prefix(&prefix)
             .map(str::to_owned)
     })
+}
+
+/// (relative path, content or link target, mode, mtime) of everything in a tree.
+pub type TreeSnapshot = Vec<(String, Vec<u8>, u32, i64)>;
+
+/// What a directory tree looks like, to prove something left it alone.
+pub fn tree_snapshot(dir: &Path) -> Result<TreeSnapshot> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p)?;
+        let rel = p.strip_prefix(dir)?.to_string_lossy().into_owned();
+        let content = if m.is_file() {
+            std::fs::read(&p)?
+        } else if m.file_type().is_symlink() {
+            std::fs::read_link(&p)?
+                .into_os_string()
+                .into_encoded_bytes()
+        } else {
+            Vec::new()
+        };
+        out.push((rel, content, m.mode(), m.mtime()));
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// How a test disk is made: [`test_disk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestDisk<'a> {
+    /// No filesystem at all (zeros).
+    Blank,
+    /// ext4 with this label.
+    Ext4(&'a str),
+    /// ext4 with this label, filled up: almost no free blocks are left, and `/keep` holds
+    /// `old content\n`.
+    Ext4Full(&'a str),
+}
+
+/// Makes a disk image of `mib` MiB at `path` for the bootstrap and data-disk cases: blank,
+/// labelled (a wrong label makes a mislabelled bootstrap disk), or full. A read-only disk is
+/// a `Disk { read_only: true }` of any of them; a missing one is no `Disk` at all.
+pub fn test_disk(path: &Path, mib: u32, kind: TestDisk<'_>) -> Result<()> {
+    run_tool(
+        Command::new("truncate")
+            .arg("-s")
+            .arg(format!("{mib}M"))
+            .arg(path),
+    )?;
+    let (label, full) = match kind {
+        TestDisk::Blank => return Ok(()),
+        TestDisk::Ext4(l) => (l, false),
+        TestDisk::Ext4Full(l) => (l, true),
+    };
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F", "-m", "0", "-L", label]);
+    if full {
+        // Fill it from a directory: /keep plus a file as large as the rest of the space.
+        let src = path.with_extension("fill");
+        std::fs::create_dir_all(&src)?;
+        std::fs::write(src.join("keep"), b"old content\n")?;
+        let probe = path.with_extension("probe.img");
+        run_tool(
+            Command::new("truncate")
+                .arg("-s")
+                .arg(format!("{mib}M"))
+                .arg(&probe),
+        )?;
+        run_tool(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0"])
+                .arg(&probe),
+        )?;
+        let out = Command::new("dumpe2fs").arg("-h").arg(&probe).output()?;
+        std::fs::remove_file(&probe)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let free = field("Free blocks:") * field("Block size:");
+        // Leave a few blocks for /keep, its directory and the filler's own metadata.
+        let filler = free.saturating_sub(256 * 1024);
+        let f = std::fs::File::create(src.join("filler"))?;
+        // Not zeros: mkfs.ext4 -d stores zero blocks as holes, which fill nothing.
+        let mut w = std::io::BufWriter::new(f);
+        std::io::copy(&mut std::io::repeat(0xa5).take(filler), &mut w)?;
+        std::io::Write::flush(&mut w)?;
+        mkfs.arg("-d").arg(&src);
+        mkfs.arg(path);
+        let r = run_tool(&mut mkfs);
+        std::fs::remove_dir_all(&src)?;
+        return r;
+    }
+    run_tool(mkfs.arg(path))
 }
