@@ -149,3 +149,36 @@ fn opening_a_fifo_as_a_bundle_file_does_not_block() {
         "{r:?}"
     );
 }
+
+#[test]
+fn a_last_component_of_dot_dot_never_reaches_the_parent_of_the_root() {
+    let f = fixture();
+    let parent = f.root.parent().expect("parent").to_owned();
+    let before = std::fs::metadata(&parent).expect("stat");
+    let root = Root::open(&f.root).expect("root");
+    for path in ["/..", "/up/..", "/etc/..", "/.", "/etc/", ""] {
+        for r in [
+            root.make_dir(path, 0o777, 65534, 65534),
+            root.preflight(path),
+            root.write_file(path, &mut &b"x"[..], 0o644, 0, 0).map(drop),
+            root.make_symlink(path, "/"),
+        ] {
+            assert!(
+                matches!(&r, Err(RootError::InTheWay { what, .. }) if what.contains("not a name")),
+                "{path:?}: {r:?}"
+            );
+        }
+        assert!(!root.exists(path), "{path:?}");
+    }
+    let after = std::fs::metadata(&parent).expect("stat");
+    assert_eq!(
+        (
+            before.mode(),
+            before.uid(),
+            before.gid(),
+            before.ctime_nsec()
+        ),
+        (after.mode(), after.uid(), after.gid(), after.ctime_nsec()),
+        "the directory holding the root changed"
+    );
+}

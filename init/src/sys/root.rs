@@ -86,6 +86,19 @@ fn split(path: &str) -> (&str, &str) {
     }
 }
 
+/// [`split`] for an operation on the last component, which must be a name: `.` or `..` there
+/// would be used relative to the parent's fd without `RESOLVE_IN_ROOT`, and `..` of the root's
+/// fd is outside the root.
+fn split_name(path: &str) -> Result<(&str, &str), RootError> {
+    match split(path) {
+        (_, "" | "." | "..") => Err(RootError::InTheWay {
+            path: path.to_owned(),
+            what: "the last component is not a name (empty, . or ..)".to_owned(),
+        }),
+        pair => Ok(pair),
+    }
+}
+
 impl Root {
     /// Opens a root directory.
     pub fn open(path: &Path) -> io::Result<Root> {
@@ -187,7 +200,7 @@ impl Root {
     /// tree is now: its deepest existing ancestor (or its parent) must resolve outside the
     /// forbidden roots. The operations check again when they run.
     pub fn preflight(&self, path: &str) -> Result<(), RootError> {
-        let (parent, name) = split(path);
+        let (parent, name) = split_name(path)?;
         // The deepest existing ancestor and its child on the way to `path`: the operation
         // changes or creates that child, which must not be a forbidden root either.
         let (mut dir, mut child) = (parent.to_owned(), name.to_owned());
@@ -236,7 +249,9 @@ impl Root {
 
     /// Whether something exists at `path` (the last component not followed).
     pub fn exists(&self, path: &str) -> bool {
-        let (parent, name) = split(path);
+        let Ok((parent, name)) = split_name(path) else {
+            return false;
+        };
         match self.open_dir_unchecked(path, parent, false) {
             Ok(pfd) => rustix::fs::statat(&pfd, name, AtFlags::SYMLINK_NOFOLLOW).is_ok(),
             Err(_) => false,
@@ -247,7 +262,7 @@ impl Root {
     /// the root and checked), its last component, and a temporary name beside it. A directory
     /// at `path` is refused.
     fn prepare_replace<'p>(&self, path: &'p str) -> Result<(OwnedFd, &'p str, String), RootError> {
-        let (parent, name) = split(path);
+        let (parent, name) = split_name(path)?;
         let pfd = self
             .open_dir(&format!("/{parent}"), true)
             .map_err(|e| rename_path(e, path))?;
@@ -316,7 +331,7 @@ impl Root {
     /// Creates a directory (and missing parents), or takes the existing one; then sets its
     /// owner and mode. A symlink at `path` is refused, not followed.
     pub fn make_dir(&self, path: &str, mode: u32, uid: u32, gid: u32) -> Result<(), RootError> {
-        let (parent, name) = split(path);
+        let (parent, name) = split_name(path)?;
         let pfd = self
             .open_dir(&format!("/{parent}"), true)
             .map_err(|e| rename_path(e, path))?;
