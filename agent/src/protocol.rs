@@ -255,7 +255,9 @@ impl Decoder {
         let text = String::from_utf8(payload)
             .map_err(|_| ProtocolError::Malformed(format!("{kind} payload is not UTF-8")))?;
         let mut fields = Vec::new();
-        for line in text.lines().filter(|l| !l.is_empty()) {
+        // Lines end in `\n` only: a `\r` belongs to the value, so that a frame decodes to the
+        // same fields however it is re-encoded.
+        for line in text.split('\n').filter(|l| !l.is_empty()) {
             let (k, v) = line.split_once('=').ok_or_else(|| {
                 ProtocolError::Malformed(format!("{kind} payload line {line:?} is not KEY=VALUE"))
             })?;
@@ -427,6 +429,21 @@ mod tests {
                 n += 1;
             }
             assert_eq!(n, want.len(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_carriage_return_belongs_to_the_value() {
+        for payload in ["A=x\r\nB=y\r", "A=x\r\nB=y\r\n"] {
+            let wire = format!("BL1 LOG 1 {}\n{payload}", payload.len());
+            let mut d = Decoder::new();
+            d.push(wire.as_bytes());
+            let f = d.next_frame().expect("valid").expect("a frame");
+            assert_eq!(f.get("A"), Some("x\r"));
+            assert_eq!(f.get("B"), Some("y\r"));
+            let mut again = Decoder::new();
+            again.push(&f.encode().expect("encode"));
+            assert_eq!(again.next_frame().expect("valid"), Some(f));
         }
     }
 

@@ -233,7 +233,8 @@ fn check_components(s: &str, what: &str) -> Result<(), String> {
     if s.len() > PATH_MAX {
         return Err(format!("{what} is {} bytes, over {PATH_MAX}", s.len()));
     }
-    for comp in s.trim_start_matches('/').split('/') {
+    // One leading `/` (for a target path); any other is an empty component.
+    for comp in s.strip_prefix('/').unwrap_or(s).split('/') {
         match comp {
             "" => {
                 return Err(format!(
@@ -488,6 +489,8 @@ mod tests {
             ("/etc/../x", "\"..\" component"),
             ("/etc/./x", "\".\" component"),
             ("/etc//x", "empty component"),
+            ("//etc/x", "empty component"),
+            ("//proc/x", "empty component"),
             ("/etc/", "empty component"),
             ("/etc/\0x", "NUL"),
             ("/proc/sys/kernel/x", "under /proc"),

@@ -844,34 +844,83 @@ pub fn extract(
     limits: &Limits,
 ) -> Result<Summary, ExtractError> {
     let status = Status::default();
-    let input = InputCap {
-        inner: compressed,
-        left: compressed_len,
-        declared: compressed_len,
-        status: &status,
-    };
-    let stream_cap = limits.max_stream();
-    let ratio_cap = compressed_len.saturating_mul(limits.max_ratio);
-    let (cap, hit) = match compression {
-        Compression::None => (stream_cap, Hit::Size(stream_cap)),
-        _ if ratio_cap < stream_cap => (ratio_cap, Hit::Ratio(ratio_cap)),
-        _ => (stream_cap, Hit::Size(stream_cap)),
-    };
-    let decoder: Box<dyn Read + '_> = match compression {
-        Compression::None => Box::new(input),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
-        Compression::Zstd => Box::new(ZstdReader::new(BufReader::new(input))),
-    };
-    let stream = OutputCap {
-        inner: decoder,
-        left: cap,
-        hit,
-        status: &status,
-    };
+    let stream = capped_stream(compressed, compressed_len, compression, limits, &status);
     let mut archive = tar::Archive::new(stream);
     let summary = unpack(&mut archive, root, limits, &status)?;
     // The rest (end-of-archive padding) is read so that the gzip CRC and the zstd checksum
     // are checked; it is bounded by the same caps.
     io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(|e| status.error(e, None))?;
     Ok(summary)
+}
+
+/// The most decompressed bytes [`extract`] and [`decompress`] accept for an input of
+/// `compressed_len` bytes: `min(compressed_len * max_ratio, limits.max_stream())`, or
+/// `max_stream` alone for [`Compression::None`].
+pub fn stream_cap(compressed_len: u64, compression: Compression, limits: &Limits) -> u64 {
+    stream_cap_hit(compressed_len, compression, limits).0
+}
+
+fn stream_cap_hit(compressed_len: u64, compression: Compression, limits: &Limits) -> (u64, Hit) {
+    let stream_cap = limits.max_stream();
+    let ratio_cap = compressed_len.saturating_mul(limits.max_ratio);
+    match compression {
+        Compression::None => (stream_cap, Hit::Size(stream_cap)),
+        _ if ratio_cap < stream_cap => (ratio_cap, Hit::Ratio(ratio_cap)),
+        _ => (stream_cap, Hit::Size(stream_cap)),
+    }
+}
+
+/// The input, decompressed and capped (see [`stream_cap`]), as [`extract`] reads it.
+fn capped_stream<'a>(
+    compressed: &'a mut dyn Read,
+    compressed_len: u64,
+    compression: Compression,
+    limits: &Limits,
+    status: &'a Status,
+) -> OutputCap<'a, Box<dyn Read + 'a>> {
+    let input = InputCap {
+        inner: compressed,
+        left: compressed_len,
+        declared: compressed_len,
+        status,
+    };
+    let (cap, hit) = stream_cap_hit(compressed_len, compression, limits);
+    let decoder: Box<dyn Read + 'a> = match compression {
+        Compression::None => Box::new(input),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
+        Compression::Zstd => Box::new(ZstdReader::new(BufReader::new(input))),
+    };
+    OutputCap {
+        inner: decoder,
+        left: cap,
+        hit,
+        status,
+    }
+}
+
+/// Decompresses a bundle through exactly the capped path [`extract`] reads (declared input
+/// length, ratio and size caps, zstd window limit, gzip CRC and zstd checksum checks) without
+/// unpacking it, handing each decompressed piece to `out`; returns the number of decompressed
+/// bytes. For tests, fuzzing and tools that look inside a bundle with the guest's limits.
+pub fn decompress(
+    compressed: &mut dyn Read,
+    compressed_len: u64,
+    compression: Compression,
+    limits: &Limits,
+    out: &mut dyn FnMut(&[u8]),
+) -> Result<u64, ExtractError> {
+    let status = Status::default();
+    let mut stream = capped_stream(compressed, compressed_len, compression, limits, &status);
+    let mut buf = [0u8; 8192];
+    let mut total = 0u64;
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(status.error(e, None)),
+        };
+        out(buf.get(..n).unwrap_or_default());
+        total = total.saturating_add(len64(n));
+    }
 }

@@ -6,7 +6,8 @@
 //! followed: files and links are replaced by `renameat` (which replaces a symlink rather than
 //! writing through it), directories are opened with `O_NOFOLLOW` before `fchmod`/`fchown`.
 //! On top of that, the directory an operation lands in must not be under a forbidden root
-//! (`/proc`, `/sys`, `/dev`, `/.bootstrap`), checked on the resolved fd itself.
+//! (`/proc`, `/sys`, `/dev`, `/.bootstrap`), and the entry it creates or changes must not be
+//! one, checked on the resolved fd itself — before anything is created.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -85,6 +86,19 @@ fn split(path: &str) -> (&str, &str) {
     }
 }
 
+/// [`split`] for an operation on the last component, which must be a name: `.` or `..` there
+/// would be used relative to the parent's fd without `RESOLVE_IN_ROOT`, and `..` of the root's
+/// fd is outside the root.
+fn split_name(path: &str) -> Result<(&str, &str), RootError> {
+    match split(path) {
+        (_, "" | "." | "..") => Err(RootError::InTheWay {
+            path: path.to_owned(),
+            what: "the last component is not a name (empty, . or ..)".to_owned(),
+        }),
+        pair => Ok(pair),
+    }
+}
+
 impl Root {
     /// Opens a root directory.
     pub fn open(path: &Path) -> io::Result<Root> {
@@ -110,12 +124,27 @@ impl Root {
     }
 
     fn check_allowed(&self, path: &str, fd: BorrowedFd<'_>) -> Result<(), RootError> {
-        let rel = self.relative_of(fd).map_err(|source| RootError::Io {
+        self.check_allowed_at(path, fd, "")
+    }
+
+    /// Checks that the entry `name` of the directory `dir` (the directory itself for "") is
+    /// neither a forbidden root nor under one.
+    fn check_allowed_at(
+        &self,
+        path: &str,
+        dir: BorrowedFd<'_>,
+        name: &str,
+    ) -> Result<(), RootError> {
+        let rel = self.relative_of(dir).map_err(|source| RootError::Io {
             path: path.to_owned(),
             op: "locate",
             source,
         })?;
-        let abs = format!("/{rel}");
+        let abs = match (rel.as_str(), name) {
+            (rel, "") => format!("/{rel}"),
+            ("", name) => format!("/{name}"),
+            (rel, name) => format!("/{rel}/{name}"),
+        };
         for root in FORBIDDEN_ROOTS {
             if abs == *root || abs.strip_prefix(root).is_some_and(|r| r.starts_with('/')) {
                 return Err(RootError::Forbidden {
@@ -150,6 +179,8 @@ impl Root {
             Err(Errno::NOENT) if create && rel != "." => {
                 let (parent, name) = split(rel);
                 let pfd = self.open_dir_unchecked(shown, parent, true)?;
+                // Checked before creating: a symlink on the way may lead under /dev.
+                self.check_allowed_at(shown, pfd.as_fd(), name)?;
                 match rustix::fs::mkdirat(&pfd, name, Mode::from_raw_mode(0o755)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(io_err(shown, "create directory")(e)),
@@ -169,14 +200,19 @@ impl Root {
     /// tree is now: its deepest existing ancestor (or its parent) must resolve outside the
     /// forbidden roots. The operations check again when they run.
     pub fn preflight(&self, path: &str) -> Result<(), RootError> {
-        let mut dir = split(path).0.to_owned();
+        let (parent, name) = split_name(path)?;
+        // The deepest existing ancestor and its child on the way to `path`: the operation
+        // changes or creates that child, which must not be a forbidden root either.
+        let (mut dir, mut child) = (parent.to_owned(), name.to_owned());
         loop {
             let rel = if dir.is_empty() { "." } else { dir.as_str() };
             let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
             match rustix::fs::openat2(self.fd(), rel, flags, Mode::empty(), RESOLVE) {
-                Ok(fd) => return self.check_allowed(path, fd.as_fd()),
+                Ok(fd) => return self.check_allowed_at(path, fd.as_fd(), &child),
                 Err(Errno::NOENT) if !dir.is_empty() => {
-                    dir = split(&dir).0.to_owned();
+                    let (up, last) = split(&dir);
+                    child = last.to_owned();
+                    dir = up.to_owned();
                 }
                 Err(Errno::NOTDIR) => {
                     return Err(RootError::InTheWay {
@@ -189,13 +225,14 @@ impl Root {
         }
     }
 
-    /// Opens a regular file for reading, resolved in the root (for bundle sources).
+    /// Opens a regular file for reading, resolved in the root (for bundle sources). Opening
+    /// never blocks (`O_NONBLOCK`: a FIFO is refused, not waited on) nor takes a terminal.
     pub fn open_file(&self, path: &str) -> Result<std::fs::File, RootError> {
         let rel = path.trim_start_matches('/');
         let fd = rustix::fs::openat2(
             self.fd(),
             rel,
-            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY,
             Mode::empty(),
             RESOLVE,
         )
@@ -212,7 +249,9 @@ impl Root {
 
     /// Whether something exists at `path` (the last component not followed).
     pub fn exists(&self, path: &str) -> bool {
-        let (parent, name) = split(path);
+        let Ok((parent, name)) = split_name(path) else {
+            return false;
+        };
         match self.open_dir_unchecked(path, parent, false) {
             Ok(pfd) => rustix::fs::statat(&pfd, name, AtFlags::SYMLINK_NOFOLLOW).is_ok(),
             Err(_) => false,
@@ -223,10 +262,11 @@ impl Root {
     /// the root and checked), its last component, and a temporary name beside it. A directory
     /// at `path` is refused.
     fn prepare_replace<'p>(&self, path: &'p str) -> Result<(OwnedFd, &'p str, String), RootError> {
-        let (parent, name) = split(path);
+        let (parent, name) = split_name(path)?;
         let pfd = self
             .open_dir(&format!("/{parent}"), true)
             .map_err(|e| rename_path(e, path))?;
+        self.check_allowed_at(path, pfd.as_fd(), name)?;
         if let Ok(st) = rustix::fs::statat(&pfd, name, AtFlags::SYMLINK_NOFOLLOW) {
             if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
                 return Err(RootError::InTheWay {
@@ -291,10 +331,13 @@ impl Root {
     /// Creates a directory (and missing parents), or takes the existing one; then sets its
     /// owner and mode. A symlink at `path` is refused, not followed.
     pub fn make_dir(&self, path: &str, mode: u32, uid: u32, gid: u32) -> Result<(), RootError> {
-        let (parent, name) = split(path);
+        let (parent, name) = split_name(path)?;
         let pfd = self
             .open_dir(&format!("/{parent}"), true)
             .map_err(|e| rename_path(e, path))?;
+        // The directory itself too: through a symlink, `path` may be a forbidden root, whose
+        // mode and owner a manifest may not change.
+        self.check_allowed_at(path, pfd.as_fd(), name)?;
         match rustix::fs::mkdirat(&pfd, name, Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(io_err(path, "create directory")(e)),
