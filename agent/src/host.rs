@@ -210,7 +210,13 @@ pub struct Host {
     /// Connections refused and acks dropped so far (fault injection budgets).
     refused: AtomicU32,
     acks_dropped: AtomicU32,
+    /// How long one write to a guest may block before the connection is given up.
+    write_timeout: Duration,
 }
+
+/// Default [`Host::with_write_timeout`]: a guest that reads nothing for this long while the
+/// host is sending (a bundle, an ack) loses its connection and frees its thread.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,7 +239,15 @@ impl Host {
             faults: Faults::default(),
             refused: AtomicU32::new(0),
             acks_dropped: AtomicU32::new(0),
+            write_timeout: WRITE_TIMEOUT,
         }
+    }
+
+    /// The same host, giving up a connection whose guest blocks one write for longer than
+    /// `timeout` (default [`WRITE_TIMEOUT`]).
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Host {
+        self.write_timeout = timeout;
+        self
     }
 
     /// The same host, misbehaving as told.
@@ -397,6 +411,10 @@ impl Host {
                     Ok(stream) => {
                         let host = Arc::clone(&host);
                         let guest = guest.clone();
+                        if let Err(e) = stream.set_write_timeout(Some(host.write_timeout)) {
+                            host.emit(&guest, Event::Error(format!("write deadline: {e}")));
+                            continue;
+                        }
                         std::thread::spawn(move || host.handle(stream, &guest));
                     }
                     Err(e) => host.emit(&guest, Event::Error(format!("accept: {e}"))),
@@ -501,6 +519,21 @@ pub fn serve_vsock(host: &Arc<Host>, port: u32) -> io::Result<std::thread::JoinH
                     .map(|a| a.cid())
                     .unwrap_or(u32::MAX);
                 let host = Arc::clone(&host);
+                let timeout = nix::sys::time::TimeVal::new(
+                    i64::try_from(host.write_timeout.as_secs()).unwrap_or(i64::MAX),
+                    i64::from(host.write_timeout.subsec_micros()),
+                );
+                if let Err(e) = nix::sys::socket::setsockopt(
+                    &conn,
+                    nix::sys::socket::sockopt::SendTimeout,
+                    &timeout,
+                ) {
+                    host.emit(
+                        &format!("vsock:{cid}"),
+                        Event::Error(format!("write deadline: {e}")),
+                    );
+                    continue;
+                }
                 std::thread::spawn(move || {
                     host.handle(std::fs::File::from(conn), &format!("vsock:{cid}"))
                 });

@@ -393,3 +393,50 @@ fn the_host_survives_disconnects_slow_readers_and_garbage() {
     c.fetch_bundle(&mut got, 16 << 20).expect("still serving");
     assert_eq!(got.len(), bytes.len());
 }
+
+#[test]
+fn a_guest_that_stops_reading_loses_its_connection_at_the_write_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    let events: Events = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&events);
+    let host = Arc::new(
+        Host::new(Some(BundleSource::from_bytes(bytes)), move |e| {
+            sink.lock().expect("lock").push(e)
+        })
+        .with_write_timeout(Duration::from_millis(300)),
+    );
+    let path = hybrid_path(&dir.path().join("stuck"), 1024);
+    host.serve_unix(&path).expect("listen");
+    // Ask for the 8 MiB bundle, then read nothing while keeping the connection open.
+    let mut s = UnixStream::connect(&path).expect("connect");
+    s.write_all(b"BL1 HELLO 0 0\nBL1 GET-BUNDLE 1 0\n")
+        .expect("ask");
+    let started = Instant::now();
+    let gave_up = loop {
+        let errors: Vec<String> = events
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::Error(m) => Some(m.clone()),
+                _ => None,
+            })
+            .collect();
+        if let Some(m) = errors.into_iter().next() {
+            break m;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the host still writes to a guest that reads nothing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Given up at the deadline (300 ms) — not at once, not never.
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{gave_up} after {:?}",
+        started.elapsed()
+    );
+    drop(s);
+}
