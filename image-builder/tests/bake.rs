@@ -202,7 +202,8 @@ fn every_format_from_the_busybox_fixture_twice_is_identical() -> Result<()> {
                     assert!(paths.contains("/init") && paths.contains("/dev/console"));
                 }
             }
-            shas.push(m.sha256);
+            assert!(m.inputs[0].digest.starts_with("sha256:"));
+            shas.push(format!("{} {}", m.sha256, m.inputs[0].digest));
         }
         assert_eq!(shas[0], shas[1], "{format}: two bakes differ");
         eprintln!("{format}: sha256 {} twice", shas[0]);
