@@ -457,6 +457,17 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
         path: spec.out.clone(),
         source,
     };
+    if let (Some(input), Some(InputKind::Dir | InputKind::Oci)) = (&spec.input, input_kind) {
+        // The work directory (and the image) would end up inside the tree being read.
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+        if canon(&out_dir).starts_with(canon(input)) {
+            return Err(BakeError::Spec(format!(
+                "--out {} is inside the input directory {}",
+                spec.out.display(),
+                input.display()
+            )));
+        }
+    }
     let work = tempfile::Builder::new()
         .prefix(".bootlace-bake.")
         .tempdir_in(&out_dir)
