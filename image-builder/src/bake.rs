@@ -296,10 +296,23 @@ pub struct Report {
     pub layers: Vec<(String, bool)>,
     /// What staging the input placed.
     pub input_stats: stage::Stats,
-    /// Time spent staging (input + bake additions) and making the image.
+    /// Time spent staging (input + bake additions).
     pub staging_time: Duration,
     /// Time spent in the image tool (and compression).
     pub image_time: Duration,
+    /// Time spent hashing and syncing the image and writing the metadata.
+    pub finish_time: Duration,
+}
+
+/// What staging and the image tool produced.
+struct Made {
+    inputs: Vec<Input>,
+    layers: Vec<(String, bool)>,
+    input_stats: stage::Stats,
+    init_sha: String,
+    tool_versions: BTreeMap<String, String>,
+    staging_time: Duration,
+    image_time: Duration,
 }
 
 /// The kind of input at `path`: an OCI layout (a directory with `oci-layout`), a directory,
@@ -444,6 +457,17 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
         path: spec.out.clone(),
         source,
     };
+    if let (Some(input), Some(InputKind::Dir | InputKind::Oci)) = (&spec.input, input_kind) {
+        // The work directory (and the image) would end up inside the tree being read.
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+        if canon(&out_dir).starts_with(canon(input)) {
+            return Err(BakeError::Spec(format!(
+                "--out {} is inside the input directory {}",
+                spec.out.display(),
+                input.display()
+            )));
+        }
+    }
     let work = tempfile::Builder::new()
         .prefix(".bootlace-bake.")
         .tempdir_in(&out_dir)
@@ -456,161 +480,214 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
             .map_err(out_err)?;
     }
     let root = Confined::open(&root_dir)?;
-    let started = Instant::now();
-
-    // 1. The input.
-    let mut inputs = Vec::new();
-    let mut layers = Vec::new();
-    let mut input_stats = stage::Stats::default();
-    if let (Some(path), Some(kind)) = (&spec.input, input_kind) {
-        let shown = path.display().to_string();
-        let digest = match kind {
-            InputKind::Dir => {
-                let mut w = Writer::new(&root, format!("directory {shown}"), false);
-                let mut h = Sha256::new();
-                stage::apply_dir(&mut w, path, &HashSet::new(), Some(&mut h))?;
-                input_stats = w.stats();
-                format!("sha256:{}", meta::hex(&h.finalize()))
-            }
-            InputKind::Tar => {
-                let (digest, stats) = stage_tarball(&root, path)?;
-                input_stats = stats;
-                digest
-            }
-            InputKind::Oci => {
-                let image = Image::open(path, spec.oci_ref.as_deref())?;
-                let cache = spec.cache.as_deref().map(LayerCache::open).transpose()?;
-                image.apply(&root, cache.as_ref(), &mut |digest, cached| {
-                    progress(&format!(
-                        "layer {digest} {}",
-                        if cached { "cached" } else { "unpacked" }
-                    ));
-                    layers.push((digest.to_owned(), cached));
-                })?;
-                image.manifest_digest.clone()
-            }
-        };
-        inputs.push(Input {
-            kind,
-            path: shown,
-            digest,
-        });
-    }
-
-    // 2. What the init needs.
-    let mut w = Writer::new(&root, "bake", false);
-    let mut dirs: Vec<(&str, u32)> = vec![
-        ("dev", 0o755),
-        ("proc", 0o755),
-        ("sys", 0o755),
-        ("run", 0o755),
-        ("tmp", 0o1777),
-        (".bootstrap", 0o700),
-        ("etc/bootlace", 0o755),
-    ];
-    for wdir in &writable {
-        dirs.push((wdir.trim_start_matches('/'), 0o755));
-    }
-    for (d, mode) in dirs {
-        w.ensure_dir(d, &Meta::root(mode))?;
-    }
-    let mut init_file = File::open(&spec.init).map_err(|source| BakeError::Init {
-        path: spec.init.clone(),
-        source,
-    })?;
-    let mut hashing = Hashing {
-        inner: &mut init_file,
-        hash: Sha256::new(),
-    };
-    w.put(&init_path, Kind::File(&mut hashing), &Meta::root(0o755))?;
-    let init_sha = meta::hex(&hashing.hash.finalize());
-    if spec.format == Format::Initramfs {
-        w.put(
-            "init",
-            Kind::Symlink(format!("/{init_path}")),
-            &Meta::root(0o777),
-        )?;
-    }
-    w.put(
-        CONFIG_PATH.trim_start_matches('/'),
-        Kind::File(&mut config_text.as_bytes()),
-        &Meta::root(0o644),
-    )?;
-    for (path, host) in &plan.files {
-        let mut f = File::open(host).map_err(|source| BakeError::InputIo {
-            path: host.clone(),
-            source,
-        })?;
-        w.put(path, Kind::File(&mut f), &Meta::root(0o644))?;
-    }
-    if let Some((path, text)) = &plan.dep {
-        w.put(path, Kind::File(&mut text.as_bytes()), &Meta::root(0o644))?;
-    }
-    drop(w);
-    let staging_time = started.elapsed();
-
-    // 3. The image.
-    let started = Instant::now();
     let image = work.path().join("image");
-    let opts = FsOptions {
-        keep_owners: !spec.all_root,
-        xattrs: true,
-    };
-    let mut tool_versions = BTreeMap::new();
-    let mut record_tool = |t: &str| {
-        if let Some(v) = fsimage::tool_version(t) {
-            tool_versions.insert(t.to_owned(), v);
-        }
-    };
-    match spec.format {
-        Format::Initramfs => write_initramfs(spec, &root_dir, &image)?,
-        Format::Erofs | Format::Ext4 => {
-            let format = fs_format.unwrap_or(FsFormat::Erofs);
-            fsimage::make_image_with(
-                &FsSpec {
-                    dir: &root_dir,
-                    label: &spec.label,
-                    mtime: spec.mtime,
-                    format,
-                },
-                opts,
-                &image,
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let (made, dir_digest) = std::thread::scope(|s| {
+        // A directory input's digest reads every file: done beside staging and the image tool.
+        let digest_job = match (&spec.input, input_kind) {
+            (Some(p), Some(InputKind::Dir)) => {
+                let cancel = &cancel;
+                Some(s.spawn(move || stage::digest_dir(p, cancel)))
+            }
+            _ => None,
+        };
+        let made = (|| -> Result<Made, BakeError> {
+            let started = Instant::now();
+
+            // 1. The input.
+            let mut inputs = Vec::new();
+            let mut layers = Vec::new();
+            let mut input_stats = stage::Stats::default();
+            if let (Some(path), Some(kind)) = (&spec.input, input_kind) {
+                let shown = path.display().to_string();
+                let digest = match kind {
+                    InputKind::Dir => {
+                        // The digest is computed beside, in its own thread.
+                        let mut w = Writer::new(&root, format!("directory {shown}"), false);
+                        stage::apply_dir(&mut w, path, &HashSet::new())?;
+                        input_stats = w.stats();
+                        String::new()
+                    }
+                    InputKind::Tar => {
+                        let (digest, stats) = stage_tarball(&root, path)?;
+                        input_stats = stats;
+                        digest
+                    }
+                    InputKind::Oci => {
+                        let image = Image::open(path, spec.oci_ref.as_deref())?;
+                        let cache = spec.cache.as_deref().map(LayerCache::open).transpose()?;
+                        image.apply(&root, cache.as_ref(), &mut |digest, cached| {
+                            progress(&format!(
+                                "layer {digest} {}",
+                                if cached { "cached" } else { "unpacked" }
+                            ));
+                            layers.push((digest.to_owned(), cached));
+                        })?;
+                        image.manifest_digest.clone()
+                    }
+                };
+                inputs.push(Input {
+                    kind,
+                    path: shown,
+                    digest,
+                });
+            }
+
+            // 2. What the init needs.
+            let mut w = Writer::new(&root, "bake", false);
+            let mut dirs: Vec<(&str, u32)> = vec![
+                ("dev", 0o755),
+                ("proc", 0o755),
+                ("sys", 0o755),
+                ("run", 0o755),
+                ("tmp", 0o1777),
+                (".bootstrap", 0o700),
+                ("etc/bootlace", 0o755),
+            ];
+            for wdir in &writable {
+                dirs.push((wdir.trim_start_matches('/'), 0o755));
+            }
+            for (d, mode) in dirs {
+                w.ensure_dir(d, &Meta::root(mode))?;
+            }
+            let mut init_file = File::open(&spec.init).map_err(|source| BakeError::Init {
+                path: spec.init.clone(),
+                source,
+            })?;
+            let mut hashing = Hashing {
+                inner: &mut init_file,
+                hash: Sha256::new(),
+            };
+            w.put(&init_path, Kind::File(&mut hashing), &Meta::root(0o755))?;
+            let init_sha = meta::hex(&hashing.hash.finalize());
+            if spec.format == Format::Initramfs {
+                w.put(
+                    "init",
+                    Kind::Symlink(format!("/{init_path}")),
+                    &Meta::root(0o777),
+                )?;
+            }
+            w.put(
+                CONFIG_PATH.trim_start_matches('/'),
+                Kind::File(&mut config_text.as_bytes()),
+                &Meta::root(0o644),
             )?;
-            record_tool(if format == FsFormat::Ext4 {
-                "mke2fs"
-            } else {
-                "mkfs.erofs"
-            });
+            for (path, host) in &plan.files {
+                let mut f = File::open(host).map_err(|source| BakeError::InputIo {
+                    path: host.clone(),
+                    source,
+                })?;
+                w.put(path, Kind::File(&mut f), &Meta::root(0o644))?;
+            }
+            if let Some((path, text)) = &plan.dep {
+                w.put(path, Kind::File(&mut text.as_bytes()), &Meta::root(0o644))?;
+            }
+            drop(w);
+            let staging_time = started.elapsed();
+
+            // 3. The image.
+            let started = Instant::now();
+            let opts = FsOptions {
+                keep_owners: !spec.all_root,
+                xattrs: true,
+                // The image is synced once, when it is hashed.
+                skip_sync: true,
+            };
+            let mut tool_versions = BTreeMap::new();
+            let mut record_tool = |t: &str| {
+                if let Some(v) = fsimage::tool_version(t) {
+                    tool_versions.insert(t.to_owned(), v);
+                }
+            };
+            match spec.format {
+                Format::Initramfs => write_initramfs(spec, &root_dir, &image)?,
+                Format::Erofs | Format::Ext4 => {
+                    let format = fs_format.unwrap_or(FsFormat::Erofs);
+                    fsimage::make_image_with(
+                        &FsSpec {
+                            dir: &root_dir,
+                            label: &spec.label,
+                            mtime: spec.mtime,
+                            format,
+                        },
+                        opts,
+                        &image,
+                    )?;
+                    record_tool(if format == FsFormat::Ext4 {
+                        "mke2fs"
+                    } else {
+                        "mkfs.erofs"
+                    });
+                }
+                Format::Squashfs => {
+                    fsimage::make_squashfs(&root_dir, spec.mtime, opts, &image)?;
+                    record_tool("mksquashfs");
+                }
+                Format::Qcow2 => {
+                    let raw = work.path().join("raw");
+                    fsimage::make_image_with(
+                        &FsSpec {
+                            dir: &root_dir,
+                            label: &spec.label,
+                            mtime: spec.mtime,
+                            format: spec.qcow2_fs,
+                        },
+                        opts,
+                        &raw,
+                    )?;
+                    fsimage::convert_qcow2(&raw, opts, &image)?;
+                    let _ = std::fs::remove_file(&raw);
+                    record_tool(if spec.qcow2_fs == FsFormat::Ext4 {
+                        "mke2fs"
+                    } else {
+                        "mkfs.erofs"
+                    });
+                    record_tool("qemu-img");
+                }
+            }
+            let image_time = started.elapsed();
+            Ok(Made {
+                inputs,
+                layers,
+                input_stats,
+                init_sha,
+                tool_versions,
+                staging_time,
+                image_time,
+            })
+        })();
+        if made.is_err() {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        Format::Squashfs => {
-            fsimage::make_squashfs(&root_dir, spec.mtime, opts, &image)?;
-            record_tool("mksquashfs");
-        }
-        Format::Qcow2 => {
-            let raw = work.path().join("raw");
-            fsimage::make_image_with(
-                &FsSpec {
-                    dir: &root_dir,
-                    label: &spec.label,
-                    mtime: spec.mtime,
-                    format: spec.qcow2_fs,
-                },
-                opts,
-                &raw,
-            )?;
-            fsimage::convert_qcow2(&raw, &image)?;
-            record_tool(if spec.qcow2_fs == FsFormat::Ext4 {
-                "mke2fs"
-            } else {
-                "mkfs.erofs"
-            });
-            record_tool("qemu-img");
+        (made, digest_job.map(|j| j.join()))
+    });
+    let Made {
+        mut inputs,
+        layers,
+        input_stats,
+        init_sha,
+        tool_versions,
+        staging_time,
+        image_time,
+    } = made?;
+    if let (Some(job), Some(path)) = (dir_digest, &spec.input) {
+        let digest = job
+            .map_err(|_| BakeError::Spec("the input digest thread panicked".to_owned()))?
+            .map_err(|source| BakeError::InputIo {
+                path: path.clone(),
+                source,
+            })?;
+        if let Some(i) = inputs.first_mut() {
+            i.digest = digest;
         }
     }
-    let image_time = started.elapsed();
 
     // 4. Metadata, then both into place.
+    let started = Instant::now();
     let (sha256, size) = hash_file(&image).map_err(out_err)?;
+    File::open(&image)
+        .and_then(|f| f.sync_all())
+        .map_err(out_err)?;
     let meta = ImageMeta {
         schema: meta::SCHEMA,
         name: spec.name.clone().unwrap_or_else(|| {
@@ -656,6 +733,7 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
     if let Err(e) = File::open(&out_dir).and_then(|d| d.sync_all()) {
         log::warn!("fsync {}: {e}", out_dir.display());
     }
+    let finish_time = started.elapsed();
     Ok(Report {
         meta,
         meta_path,
@@ -663,6 +741,7 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
         input_stats,
         staging_time,
         image_time,
+        finish_time,
     })
 }
 
@@ -736,8 +815,8 @@ fn write_initramfs(spec: &BakeSpec, root: &Path, out: &Path) -> Result<(), BakeE
                 .map_err(err)?
         }
     };
-    let file = buf.into_inner().map_err(|e| err(e.into_error()))?;
-    file.sync_all().map_err(err)?;
+    // Synced when it is hashed.
+    drop(buf.into_inner().map_err(|e| err(e.into_error()))?);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o644)).map_err(err)
 }

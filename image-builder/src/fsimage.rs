@@ -170,6 +170,9 @@ pub struct FsOptions {
     pub keep_owners: bool,
     /// Keep the input's extended attributes (`security.capability`, …).
     pub xattrs: bool,
+    /// Do not fsync the image before renaming it into place (the caller syncs it later, or it
+    /// is a scratch file).
+    pub skip_sync: bool,
 }
 
 /// Why an image could not be made. Nothing is left at the output path on error.
@@ -500,7 +503,9 @@ pub fn make_image_with(
 
     // The tools wrote through their own descriptors: sync whatever is at the path now.
     let file = File::open(tmp.path()).map_err(out_err)?;
-    file.sync_all().map_err(out_err)?;
+    if !opts.skip_sync {
+        file.sync_all().map_err(out_err)?;
+    }
     let bytes = file.metadata().map_err(out_err)?.len();
     drop(file);
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
@@ -516,6 +521,7 @@ pub fn make_image_with(
 /// 0644 and renames it over `out`; on error nothing is left.
 fn atomic_output(
     out: &Path,
+    sync: bool,
     make: impl FnOnce(&Path) -> Result<(), FsImageError>,
 ) -> Result<ImageSummary, FsImageError> {
     let out_err = |source| FsImageError::Output {
@@ -537,7 +543,9 @@ fn atomic_output(
         .map_err(out_err)?;
     make(tmp.path())?;
     let file = File::open(tmp.path()).map_err(out_err)?;
-    file.sync_all().map_err(out_err)?;
+    if sync {
+        file.sync_all().map_err(out_err)?;
+    }
     let bytes = file.metadata().map_err(out_err)?.len();
     drop(file);
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
@@ -572,7 +580,7 @@ pub fn make_squashfs(
     }
     let dir = std::fs::canonicalize(dir).map_err(input_err)?;
     let tool = find_tool("mksquashfs", "squashfs-tools")?;
-    atomic_output(out, |tmp| {
+    atomic_output(out, !opts.skip_sync, |tmp| {
         let t = mtime.to_string();
         let mut args: Vec<OsString> = vec![
             dir.clone().into(),
@@ -600,9 +608,14 @@ pub fn make_squashfs(
 /// A raw filesystem image -> a qcow2 image at `out` (atomically): `qemu-img convert -f raw
 /// -O qcow2 -o compat=1.1,cluster_size=65536` (no timestamps in qcow2; zero clusters are
 /// left unallocated, so the same raw image always gives the same bytes).
-pub fn convert_qcow2(raw: &Path, out: &Path) -> Result<ImageSummary, FsImageError> {
+/// `opts.skip_sync` leaves the fsync to the caller.
+pub fn convert_qcow2(
+    raw: &Path,
+    opts: FsOptions,
+    out: &Path,
+) -> Result<ImageSummary, FsImageError> {
     let tool = find_tool("qemu-img", "qemu-utils")?;
-    atomic_output(out, |tmp| {
+    atomic_output(out, !opts.skip_sync, |tmp| {
         let args: [&OsStr; 10] = [
             OsStr::new("convert"),
             OsStr::new("-q"),

@@ -460,12 +460,13 @@ fn bake_cmd(a: BakeArgs) -> anyhow::Result<()> {
         }
     );
     println!(
-        "  metadata: {} (name {}, version {}); staging {:.2} s, image {:.2} s",
+        "  metadata: {} (name {}, version {}); staging {:.2} s, image {:.2} s, hash+sync {:.2} s",
         report.meta_path.display(),
         m.name,
         m.version,
         report.staging_time.as_secs_f64(),
-        report.image_time.as_secs_f64()
+        report.image_time.as_secs_f64(),
+        report.finish_time.as_secs_f64()
     );
     Ok(())
 }

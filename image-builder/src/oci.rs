@@ -295,7 +295,7 @@ impl Image {
                     };
                     let implicit = LayerCache::implicit(&dir)?;
                     let mut w = Writer::new(stage, origin, true);
-                    stage::apply_dir(&mut w, &dir.join("tree"), &implicit, None)?;
+                    stage::apply_dir(&mut w, &dir.join("tree"), &implicit)?;
                     report(&layer.digest, hit);
                 }
             }

@@ -836,14 +836,11 @@ pub fn unpack_tar<R: Read>(w: &mut Writer<'_>, reader: R) -> Result<(), StageErr
 /// Walks `src` (sorted by name, parents first) and places every entry with `w`: regular files
 /// by hard link from `src`, directories, symlinks and nodes recreated with their owner, mode and
 /// xattrs. Directories listed in `skip_dirs` get no entry of their own (they were implicit in
-/// the layer: their children are placed through whatever is at that path). With `digest`, a
-/// canonical record of every entry (path, type, mode, owner, link target or device, sha256 of
-/// the contents) is fed to it.
+/// the layer: their children are placed through whatever is at that path).
 pub fn apply_dir(
     w: &mut Writer<'_>,
     src: &Path,
     skip_dirs: &HashSet<String>,
-    mut digest: Option<&mut Sha256>,
 ) -> Result<(), StageError> {
     let origin = w.origin.clone();
     let root = Confined::open(src).map_err(|e| match e {
@@ -861,7 +858,7 @@ pub fn apply_dir(
         op: "duplicate fd",
         source,
     })?;
-    walk(w, fd, "", skip_dirs, &mut digest)
+    walk(w, fd, "", skip_dirs)
 }
 
 fn walk(
@@ -869,7 +866,6 @@ fn walk(
     dir: OwnedFd,
     rel: &str,
     skip_dirs: &HashSet<String>,
-    digest: &mut Option<&mut Sha256>,
 ) -> Result<(), StageError> {
     let shown_dir = if rel.is_empty() { "." } else { rel };
     let mut names: Vec<CString> = Vec::new();
@@ -898,53 +894,16 @@ fn walk(
             xattrs: Vec::new(),
         };
         let ft = FileType::from_raw_mode(st.st_mode);
-        let hashing = digest.is_some();
-        let mut record = |extra: &[u8]| {
-            if let Some(d) = digest.as_deref_mut() {
-                d.update(path.as_bytes());
-                d.update(
-                    format!(
-                        "\0{:o}\0{}\0{}\0",
-                        st.st_mode & 0o177777,
-                        st.st_uid,
-                        st.st_gid
-                    )
-                    .as_bytes(),
-                );
-                d.update(extra);
-                d.update(b"\n");
-            }
-        };
         match ft {
             FileType::Directory => {
-                record(b"");
                 let sub = open_dir_at(dir.as_fd(), name).map_err(w.io(&path, "open directory"))?;
                 if !skip_dirs.contains(&path) {
                     meta.xattrs = read_xattrs(sub.as_fd());
                     w.put(&path, Kind::Dir, &meta)?;
                 }
-                walk(w, sub, &path, skip_dirs, digest)?;
+                walk(w, sub, &path, skip_dirs)?;
             }
             FileType::RegularFile => {
-                if hashing {
-                    let fd = rustix::fs::openat(
-                        &dir,
-                        cname.as_c_str(),
-                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(w.io(&path, "open"))?;
-                    let mut h = Sha256::new();
-                    io::copy(&mut std::fs::File::from(fd), &mut h).map_err(|source| {
-                        StageError::Io {
-                            origin: w.origin.clone(),
-                            entry: path.clone(),
-                            op: "read",
-                            source,
-                        }
-                    })?;
-                    record(crate::meta::hex(&h.finalize()).as_bytes());
-                }
                 w.put(
                     &path,
                     Kind::LinkFrom {
@@ -960,12 +919,10 @@ fn walk(
                 let target = target
                     .into_string()
                     .map_err(|_| w.refused(&path, "the symlink target is not UTF-8"))?;
-                record(target.as_bytes());
                 w.put(&path, Kind::Symlink(target), &meta)?;
             }
             FileType::CharacterDevice | FileType::BlockDevice => {
                 let (major, minor) = (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev));
-                record(format!("{major}:{minor}").as_bytes());
                 let kind = if ft == FileType::CharacterDevice {
                     Kind::CharDev(major, minor)
                 } else {
@@ -973,14 +930,63 @@ fn walk(
                 };
                 w.put(&path, kind, &meta)?;
             }
-            FileType::Fifo => {
-                record(b"");
-                w.put(&path, Kind::Fifo, &meta)?;
-            }
+            FileType::Fifo => w.put(&path, Kind::Fifo, &meta)?,
             _ => log::warn!("{}: skipping socket {path}", w.origin),
         }
     }
     Ok(())
+}
+
+/// The digest of a directory tree (`sha256:<hex>`): a sha256 over one record per entry, in
+/// sorted depth-first order — `path NUL mode(octal, type bits included) NUL uid NUL gid NUL`,
+/// then the symlink target, `major:minor` for a device or the sha256 hex of a file's contents,
+/// then a newline. Sockets are left out. Stops early (with an error) when `cancel` is set.
+pub fn digest_dir(src: &Path, cancel: &std::sync::atomic::AtomicBool) -> io::Result<String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    fn walk(
+        dir: &Path,
+        rel: &str,
+        h: &mut Sha256,
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> io::Result<()> {
+        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for name in names {
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(io::Error::other("cancelled"));
+            }
+            let host = dir.join(&name);
+            let path = join(rel, &name.to_string_lossy());
+            let m = std::fs::symlink_metadata(&host)?;
+            let ft = m.file_type();
+            if ft.is_socket() {
+                continue;
+            }
+            h.update(path.as_bytes());
+            h.update(format!("\0{:o}\0{}\0{}\0", m.mode() & 0o177777, m.uid(), m.gid()).as_bytes());
+            if ft.is_symlink() {
+                h.update(std::fs::read_link(&host)?.as_os_str().as_bytes());
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let (ma, mi) = (rustix::fs::major(m.rdev()), rustix::fs::minor(m.rdev()));
+                h.update(format!("{ma}:{mi}").as_bytes());
+            } else if ft.is_file() {
+                let mut fh = Sha256::new();
+                io::copy(&mut std::fs::File::open(&host)?, &mut fh)?;
+                h.update(crate::meta::hex(&fh.finalize()).as_bytes());
+            }
+            h.update(b"\n");
+            if ft.is_dir() {
+                walk(&host, &path, h, cancel)?;
+            }
+        }
+        Ok(())
+    }
+    let mut h = Sha256::new();
+    walk(src, "", &mut h, cancel)?;
+    Ok(format!("sha256:{}", crate::meta::hex(&h.finalize())))
 }
 
 #[cfg(test)]

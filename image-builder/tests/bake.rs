@@ -202,7 +202,8 @@ fn every_format_from_the_busybox_fixture_twice_is_identical() -> Result<()> {
                     assert!(paths.contains("/init") && paths.contains("/dev/console"));
                 }
             }
-            shas.push(m.sha256);
+            assert!(m.inputs[0].digest.starts_with("sha256:"));
+            shas.push(format!("{} {}", m.sha256, m.inputs[0].digest));
         }
         assert_eq!(shas[0], shas[1], "{format}: two bakes differ");
         eprintln!("{format}: sha256 {} twice", shas[0]);
@@ -497,6 +498,20 @@ fn oci_layers_whiteouts_opaque_dirs_and_the_cache() -> Result<()> {
         }
     }
     assert!(shas.windows(2).all(|w| w[0] == w[1]), "{shas:?}");
+    // Hard-linked from the cache or unpacked straight into staging: the same bytes.
+    for format in [Format::Erofs, Format::Ext4] {
+        let mut two = Vec::new();
+        for cache in [None, Some(&cache)] {
+            let out = tmp.path().join(format!("{}.{format}", cache.is_some()));
+            let mut s = spec(format, &out, &layout, &init);
+            s.cache = cache.cloned();
+            two.push(bake(&s, &mut |_| {})?.meta.sha256);
+        }
+        assert_eq!(
+            two[0], two[1],
+            "{format}: cached and uncached layers differ"
+        );
+    }
     // The cache holds one committed entry per layer and no temporary directory.
     let entries = names(&cache.join("sha256"))?;
     let mut want: Vec<String> = digests.iter().map(|d| d[7..].to_owned()).collect();
@@ -664,6 +679,11 @@ fn bad_inputs_give_clear_errors_and_leave_nothing() -> Result<()> {
     // A missing init binary.
     let rootfs = tmp.path().join("rootfs");
     std::fs::create_dir_all(rootfs.join("etc"))?;
+    // The output inside the input directory.
+    let inside = rootfs.join("root.erofs");
+    let e = bad_bake(&spec(Format::Erofs, &inside, &rootfs, &init));
+    assert!(e.contains("inside the input directory"), "{e}");
+    assert_eq!(names(&rootfs)?, vec!["etc".to_owned()]);
     let e = bad_bake(&spec(
         Format::Erofs,
         &out,

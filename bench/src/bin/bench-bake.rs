@@ -57,6 +57,21 @@ struct Args {
     /// The bootlace-init binary to bake (default: target/bootlace/bootlace-init).
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Skip the generated tree (the fsimage/initramfs builders against the raw tools).
+    #[arg(long)]
+    skip_generated: bool,
+    /// Skip `bootlace-image bake` per format (busybox fixture and --bake-tree).
+    #[arg(long)]
+    skip_bake: bool,
+    /// The large tree `bake` is timed on (a directory of this machine).
+    #[arg(long, default_value = "/usr/share")]
+    bake_tree: PathBuf,
+    /// The formats `bake` is timed in, comma-separated (default: all).
+    #[arg(long, default_value = "initramfs,erofs,ext4,squashfs,qcow2")]
+    bake_formats: String,
+    /// Timed runs per format and tree for `bake` (after one warm-up).
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    bake_runs: usize,
 }
 
 /// The arguments (clap prints the help and exits for `--help`).
@@ -253,6 +268,24 @@ fn real_main() -> anyhow::Result<()> {
         tool(t)?;
     }
     let (init, init_from) = init_binary(&args)?;
+    if !args.skip_generated {
+        generated(&args, &init, init_from, &mke2fs, &mkfs_erofs)?;
+    }
+    if !args.skip_bake {
+        bake_section(&args, &init, init_from)?;
+    }
+    Ok(())
+}
+
+/// The generated tree: the fsimage and initramfs builders against the raw tools.
+fn generated(
+    args: &Args,
+    init: &Path,
+    init_from: &str,
+    mke2fs: &Path,
+    mkfs_erofs: &Path,
+) -> anyhow::Result<()> {
+    let init = init.to_owned();
 
     let work = tempfile::Builder::new()
         .prefix("bl-bake.")
@@ -284,7 +317,7 @@ fn real_main() -> anyhow::Result<()> {
         make_image(&spec, &ob).context("ext4: bootlace sizing run")?;
         let bytes = std::fs::metadata(&ob).context("ext4 image")?.len();
         let kib = (bytes + bytes / 4).div_ceil(1 << 20) * 1024;
-        let (tree, mke2fs) = (&tree, &mke2fs);
+        let tree = &tree;
         rows.push(measure(
             "ext4",
             args.runs,
@@ -317,7 +350,7 @@ fn real_main() -> anyhow::Result<()> {
             mtime: 0,
             format: FsFormat::Erofs,
         };
-        let (tree, mkfs_erofs) = (&tree, &mkfs_erofs);
+        let tree = &tree;
         rows.push(measure(
             "erofs",
             args.runs,
@@ -417,6 +450,190 @@ fn real_main() -> anyhow::Result<()> {
         "- raw commands: `mke2fs -q -F -t ext4 -b 4096 -d TREE -L benchroot OUT <1.25 x bootlace \
          image size>`; `mkfs.erofs -T0 --all-root OUT TREE`; `find . | cpio -o -H newc --quiet | \
          gzip > OUT` (in TREE)"
+    )?;
+    Ok(())
+}
+
+/// Files, bytes and directories under a tree (symlinks not followed).
+fn census(root: &Path) -> anyhow::Result<(u64, u64, u64)> {
+    let (mut files, mut bytes, mut dirs) = (0, 0, 0);
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        dirs += 1;
+        for e in std::fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
+            let e = e?;
+            let m = e.metadata()?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                files += 1;
+                bytes += m.len();
+            }
+        }
+    }
+    Ok((files, bytes, dirs))
+}
+
+/// `bootlace-image bake` (directory input, no cache) per format against the raw tool alone on
+/// the same tree, for the busybox fixture and a large tree.
+fn bake_section(args: &Args, init: &Path, init_from: &str) -> anyhow::Result<()> {
+    use bootlace_image::bake::{bake, BakeSpec, Format};
+    let work = tempfile::Builder::new()
+        .prefix("bl-bake2.")
+        .tempdir()
+        .context("temp dir")?;
+    let fixture = work.path().join("fixture");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/busybox-rootfs.sh");
+    run_cmd(Command::new("bash").arg(&script).arg(&fixture)).context("busybox fixture")?;
+    let mkfs_erofs = tool("mkfs.erofs")?;
+    let mke2fs = tool("mke2fs")?;
+    let mksquashfs = tool("mksquashfs")?;
+    let qemu_img = tool("qemu-img")?;
+    let mut o = std::io::stdout().lock();
+    for (tree_name, tree) in [
+        ("busybox fixture", fixture.clone()),
+        ("large tree", args.bake_tree.clone()),
+    ] {
+        let (files, bytes, dirs) = census(&tree)?;
+        eprintln!(
+            "bench-bake: bake on {} ({files} files, {dirs} directories, {:.1} MiB)",
+            tree.display(),
+            bytes as f64 / 1048576.0
+        );
+        let mut rows = Vec::new();
+        let mut breakdown = Vec::new();
+        let formats: Vec<Format> = args
+            .bake_formats
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        for format in formats {
+            let ob = work.path().join(format!("bootlace.{format}"));
+            let or = work.path().join(format!("raw.{format}"));
+            let mut spec = BakeSpec::new(format, ob.clone(), Some(tree.clone()), init.to_owned());
+            spec.version = "bench".into();
+            let mut phases: Vec<(Duration, Duration, Duration)> = Vec::new();
+            let mut run_bake = |spec: &BakeSpec| -> anyhow::Result<()> {
+                let r = bake(spec, &mut |_| {})?;
+                phases.push((r.staging_time, r.image_time, r.finish_time));
+                Ok(())
+            };
+            // ext4: raw mke2fs gets bootlace's image size plus a quarter (journal, reserve).
+            let mut kib = 0;
+            if format == Format::Ext4 {
+                run_bake(&spec).context("ext4 sizing run")?;
+                let len = std::fs::metadata(&ob)?.len();
+                kib = (len + len / 4).div_ceil(1 << 20) * 1024;
+            }
+            let tree_ref = &tree;
+            let raw: Bake<'_> = match format {
+                Format::Initramfs => Box::new(|| {
+                    run_cmd(
+                        Command::new("sh")
+                            .arg("-c")
+                            .arg("find . | cpio -o -H newc --quiet | gzip > \"$1\"")
+                            .arg("sh")
+                            .arg(&or)
+                            .current_dir(tree_ref),
+                    )
+                }),
+                Format::Erofs => Box::new(|| {
+                    run_cmd(Command::new(&mkfs_erofs).arg("-T0").arg(&or).arg(tree_ref))
+                }),
+                Format::Ext4 => Box::new(|| {
+                    run_cmd(
+                        Command::new(&mke2fs)
+                            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
+                            .arg(tree_ref)
+                            .arg(&or)
+                            .arg(format!("{kib}k")),
+                    )
+                }),
+                Format::Squashfs => Box::new(|| {
+                    run_cmd(Command::new(&mksquashfs).arg(tree_ref).arg(&or).args([
+                        "-noappend",
+                        "-no-progress",
+                        "-quiet",
+                    ]))
+                }),
+                Format::Qcow2 => Box::new(|| {
+                    let raw = or.with_extension("raw");
+                    run_cmd(Command::new(&mkfs_erofs).arg("-T0").arg(&raw).arg(tree_ref))?;
+                    run_cmd(
+                        Command::new(&qemu_img)
+                            .args(["convert", "-f", "raw", "-O", "qcow2"])
+                            .arg(&raw)
+                            .arg(&or),
+                    )?;
+                    std::fs::remove_file(&raw).context("remove raw")
+                }),
+            };
+            let row = measure(
+                format.as_str(),
+                args.bake_runs,
+                (&ob, Box::new(|| run_bake(&spec))),
+                (&or, raw),
+            )?;
+            let stage: Vec<Duration> = phases.iter().map(|p| p.0).collect();
+            let image: Vec<Duration> = phases.iter().map(|p| p.1).collect();
+            let finish: Vec<Duration> = phases.iter().map(|p| p.2).collect();
+            breakdown.push((
+                median_p95(&stage).0,
+                median_p95(&image).0,
+                median_p95(&finish).0,
+            ));
+            rows.push(row);
+            let _ = std::fs::remove_file(&ob);
+            let _ = std::fs::remove_file(bootlace_image::meta::ImageMeta::path_for(&ob));
+            let _ = std::fs::remove_file(&or);
+        }
+        writeln!(
+            o,
+            "\n`bootlace-image bake` on the {tree_name} `{}` ({files} files, {dirs} directories, \
+             {:.1} MiB): median of {} runs after one warm-up; {} CPUs; init: {} ({init_from}).\n",
+            tree.display(),
+            bytes as f64 / 1048576.0,
+            args.bake_runs,
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            init.display(),
+        )?;
+        writeln!(
+            o,
+            "| format | bake median s | raw tool median s | ratio | bake: staging s | bake: image s | bake: hash+sync s |"
+        )?;
+        writeln!(o, "|---|---:|---:|---:|---:|---:|---:|")?;
+        for (r, (st, im, fi)) in rows.iter().zip(&breakdown) {
+            let (b, _) = median_p95(&r.bootlace);
+            let (w, _) = median_p95(&r.raw);
+            writeln!(
+                o,
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                r.format,
+                b / 1000.0,
+                w / 1000.0,
+                b / w,
+                st / 1000.0,
+                im / 1000.0,
+                fi / 1000.0
+            )?;
+        }
+        writeln!(o)?;
+        for r in &rows {
+            writeln!(
+                o,
+                "- {}: output {:.1} MiB (bake) vs {:.1} MiB (raw)",
+                r.format,
+                r.bootlace_bytes as f64 / 1048576.0,
+                r.raw_bytes as f64 / 1048576.0,
+            )?;
+        }
+    }
+    writeln!(
+        o,
+        "- raw commands: `find . | cpio -o -H newc --quiet | gzip > OUT`; `mkfs.erofs -T0 OUT \
+         TREE`; `mke2fs -q -F -t ext4 -b 4096 -d TREE OUT <1.25 x bake's image>`; `mksquashfs \
+         TREE OUT -noappend -no-progress -quiet`; qcow2: `mkfs.erofs -T0 RAW TREE && qemu-img \
+         convert -f raw -O qcow2 RAW OUT`"
     )?;
     Ok(())
 }
