@@ -33,6 +33,7 @@ test: guest lint
 bench: build
 	$(CARGO) build --release --locked -p bootlace-bench
 	./target/release/bench-boot
+	./target/release/bench-native
 	./target/release/bench-agent-scale
 	./target/release/bench-bake
 

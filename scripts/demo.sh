@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make demo: bake a small busybox base image with bootlace-init, build a bootstrap bundle, and
-# boot the image under QEMU four ways.
+# boot the image under QEMU five ways (the last as a read-only erofs root chosen by name).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 image=target/release/bootlace-image
@@ -81,13 +81,25 @@ s4=$?
 say "boot 4: no bundle attached (bootstrap required) -> the error lists what was probed"
 "$vm" run --initrd "$out/base.img" --append bootlace.log=warn --console-log "$out/missing.console.log"
 s3=$?
+
+say "boot 5: the rootfs baked as a read-only erofs root + a stage-1 initramfs, booted by name"
+mkdir -p "$out/images"
+"$image" bake --format erofs --input "$out/rootfs" --init "$init" --source disk,9p \
+  --exec /sbin/init --name demo --version 1.0 --out "$out/images/demo-1.0.erofs" | tail -n 2
+"$image" bake --format initramfs --stage1 --init "$init" --name stage1 --version 1.0 \
+  --out "$out/images/stage1-1.0.img" | tail -n 1
+# Version 2.0 does not exist: bootlace-vm warns and boots the default (highest) version.
+"$vm" run --images "$out/images" --image demo@2.0 --bootstrap-9p "$out/bundle" \
+  --console-log "$out/erofs.console.log"
+s5=$?
 set -e
 
 say "summary"
 printf '  %-68s exit %s\n' "disk bundle: manifest applied, app exits 0, orphans reaped" "$s1" \
   "9p bundle: exec hand-off to busybox init, which powers off" "$s2" \
   "vsock bundle: HELLO/STEP/READY/EXIT at the host agent, app exits 0" "$s4" \
-  "no bundle: clear error, EXIT_STATUS=71, clean power-off" "$s3"
+  "no bundle: clear error, EXIT_STATUS=71, clean power-off" "$s3" \
+  "erofs root by name (2.0 missing -> 1.0): stage 1, switch_root, bootstrap" "$s5"
 grep -h "bootlace: timeline" "$out/disk.console.log" | sed 's/^/  disk: /'
 echo "  console logs: $out/*.console.log"
-[ "$s1" = 0 ] && [ "$s2" = 0 ] && [ "$s3" = 71 ] && [ "$s4" = 0 ]
+[ "$s1" = 0 ] && [ "$s2" = 0 ] && [ "$s3" = 71 ] && [ "$s4" = 0 ] && [ "$s5" = 0 ]
