@@ -91,7 +91,7 @@ fn main() -> Result<()> {
             apply::apply(&m, &root, &bundle, &mut ModuleLoader::new(), &cfg).context("apply")
         })?;
         applied.push(d);
-        rustix::mount::unmount(&root_dir.join("etc"), rustix::mount::UnmountFlags::empty())
+        rustix::mount::unmount(root_dir.join("etc"), rustix::mount::UnmountFlags::empty())
             .context("unmount the tmpfs")?;
     }
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
