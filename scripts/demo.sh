@@ -84,7 +84,7 @@ s3=$?
 
 say "boot 5: the rootfs baked as a read-only erofs root + a stage-1 initramfs, booted by name"
 mkdir -p "$out/images"
-"$image" bake --format erofs --input "$out/rootfs" --init "$init" --source disk,9p \
+"$image" bake --format erofs --input "$out/rootfs" --init "$init" --source 9p \
   --exec /sbin/init --name demo --version 1.0 --out "$out/images/demo-1.0.erofs" | tail -n 2
 "$image" bake --format initramfs --stage1 --init "$init" --name stage1 --version 1.0 \
   --out "$out/images/stage1-1.0.img" | tail -n 1

@@ -455,9 +455,6 @@ pub fn cleanup() -> Result<(), BootstrapError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error()) => {
             // A read-only root keeps its (now empty, unmounted) mount point: the image has it.
-            log::info!(
-                "bootstrap: {BOOTSTRAP_DIR} stays as an empty directory of the read-only root"
-            );
             return Ok(());
         }
         Err(e) => {
@@ -523,9 +520,14 @@ pub fn run(
     match (result, cleaned) {
         (Ok((cfg, applied)), Ok(())) => {
             log::info!(
-                "bootstrap: applied {} ({}); {BOOTSTRAP_DIR} unmounted and removed",
+                "bootstrap: applied {} ({}); {BOOTSTRAP_DIR} unmounted{}",
                 MANIFEST_NAME,
-                applied.summary()
+                applied.summary(),
+                if Path::new(BOOTSTRAP_DIR).exists() {
+                    " (its empty mount point stays on the read-only root)"
+                } else {
+                    " and removed"
+                }
             );
             Ok((cfg, true))
         }
