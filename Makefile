@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all setup guest build demo lint test bench clean
+.PHONY: all setup guest build demo lint test bench fuzz clean
 
 all: build
 
@@ -36,6 +36,12 @@ bench: build
 	./target/release/bench-native
 	./target/release/bench-agent-scale
 	./target/release/bench-bake
+
+# Fuzzing (not part of `make test`, which replays the committed corpora): every target for
+# FUZZ_SECONDS (default 600) each, one after another; see docs/fuzzing.md.
+FUZZ_SECONDS ?= 600
+fuzz:
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh
 
 clean:
 	$(CARGO) clean
