@@ -173,7 +173,7 @@ fn bad_manifests_are_reported_and_change_nothing() {
         (
             "planted_link",
             "version = 1\nhostname = \"evil\"\n[[files]]\npath = \"/etc/kernel-link/core_pattern\"\ncontent = \"|/tmp/evil\"\n",
-            "bootstrap: manifest: files: /etc/kernel-link/core_pattern: resolves to /proc/sys/kernel, under /proc",
+            "bootstrap: manifest: files: /etc/kernel-link/core_pattern: resolves to /proc/sys/kernel/core_pattern, under /proc",
         ),
     ];
     for (name, manifest, want) in cases {
