@@ -771,3 +771,73 @@ fn stage1_initramfs_has_the_block_and_fs_modules() -> Result<()> {
     assert!(!text.contains("modules = [\"virtio"), "{text}");
     Ok(())
 }
+
+#[test]
+fn merged_usr_modules_and_the_input_left_untouched() -> Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    // A merged-/usr rootfs that already has an old init and config.
+    let root = tmp.path().join("rootfs");
+    for d in ["usr/lib", "usr/sbin", "etc/bootlace"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::os::unix::fs::symlink("usr/lib", root.join("lib"))?;
+    std::os::unix::fs::symlink("usr/sbin", root.join("sbin"))?;
+    std::fs::write(root.join("usr/sbin/bootlace-init"), b"old init")?;
+    std::fs::write(root.join("etc/bootlace/init.toml"), b"old config")?;
+    // A fake kernel module tree: top needs leaf.
+    let mods = tmp.path().join("modules/9.9.9-test");
+    std::fs::create_dir_all(mods.join("kernel/a"))?;
+    std::fs::write(
+        mods.join("modules.dep"),
+        "kernel/a/leaf.ko:\nkernel/a/top.ko: kernel/a/leaf.ko\n",
+    )?;
+    std::fs::write(mods.join("modules.builtin"), "")?;
+    for m in ["leaf", "top"] {
+        std::fs::write(mods.join(format!("kernel/a/{m}.ko")), m)?;
+    }
+    let out = tmp.path().join("root.img");
+    let mut s = spec(Format::Initramfs, &out, &root, &init);
+    s.config.modules = vec![bootlace_init::config::ModuleName::try_from("top".to_owned())
+        .map_err(anyhow::Error::msg)?];
+    s.modules = Some(bootlace_image::initramfs::Modules {
+        root: tmp.path().join("modules"),
+        release: "9.9.9-test".into(),
+        extra: Vec::new(),
+    });
+    let r = bake(&s, &mut |_| {})?;
+    assert_eq!(r.meta.modules, vec!["leaf", "top"]);
+    assert_eq!(r.meta.kernel_release.as_deref(), Some("9.9.9-test"));
+    let raw = std::fs::read(&out)?;
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut data)?;
+    let entries = bootlace_image::cpio::read_all(&data)?;
+    let get = |name: &str| entries.iter().find(|e| e.header.name == name);
+    // Through the image's own symlinks: /lib -> usr/lib, /sbin -> usr/sbin.
+    for p in [
+        "usr/lib/modules/9.9.9-test/kernel/a/top.ko",
+        "usr/lib/modules/9.9.9-test/kernel/a/leaf.ko",
+        "usr/lib/modules/9.9.9-test/modules.dep",
+    ] {
+        assert!(get(p).is_some(), "{p} missing");
+    }
+    assert!(get("lib/modules").is_none(), "/lib symlink replaced by a directory");
+    let new_init = get("usr/sbin/bootlace-init").context("init")?;
+    assert_eq!(new_init.data, std::fs::read(&init)?);
+    assert_eq!(new_init.header.perm, 0o755);
+    let cfg = get("etc/bootlace/init.toml").context("config")?;
+    assert!(String::from_utf8_lossy(&cfg.data).contains("modules = [\"top\"]"));
+    // The input directory is as it was (files are hard-linked into staging, never written).
+    assert_eq!(std::fs::read(root.join("usr/sbin/bootlace-init"))?, b"old init");
+    assert_eq!(std::fs::read(root.join("etc/bootlace/init.toml"))?, b"old config");
+    assert_eq!(names(&root)?, vec!["etc", "lib", "sbin", "usr"]);
+    assert_eq!(
+        std::fs::metadata(root.join("usr/sbin/bootlace-init"))?.nlink(),
+        1,
+        "staging links left behind"
+    );
+    Ok(())
+}
