@@ -801,8 +801,10 @@ fn merged_usr_modules_and_the_input_left_untouched() -> Result<()> {
     }
     let out = tmp.path().join("root.img");
     let mut s = spec(Format::Initramfs, &out, &root, &init);
-    s.config.modules = vec![bootlace_init::config::ModuleName::try_from("top".to_owned())
-        .map_err(anyhow::Error::msg)?];
+    s.config.modules = vec![
+        bootlace_init::config::ModuleName::try_from("top".to_owned())
+            .map_err(anyhow::Error::msg)?,
+    ];
     s.modules = Some(bootlace_image::initramfs::Modules {
         root: tmp.path().join("modules"),
         release: "9.9.9-test".into(),
@@ -824,20 +826,102 @@ fn merged_usr_modules_and_the_input_left_untouched() -> Result<()> {
     ] {
         assert!(get(p).is_some(), "{p} missing");
     }
-    assert!(get("lib/modules").is_none(), "/lib symlink replaced by a directory");
+    assert!(
+        get("lib/modules").is_none(),
+        "/lib symlink replaced by a directory"
+    );
     let new_init = get("usr/sbin/bootlace-init").context("init")?;
     assert_eq!(new_init.data, std::fs::read(&init)?);
     assert_eq!(new_init.header.perm, 0o755);
     let cfg = get("etc/bootlace/init.toml").context("config")?;
     assert!(String::from_utf8_lossy(&cfg.data).contains("modules = [\"top\"]"));
     // The input directory is as it was (files are hard-linked into staging, never written).
-    assert_eq!(std::fs::read(root.join("usr/sbin/bootlace-init"))?, b"old init");
-    assert_eq!(std::fs::read(root.join("etc/bootlace/init.toml"))?, b"old config");
+    assert_eq!(
+        std::fs::read(root.join("usr/sbin/bootlace-init"))?,
+        b"old init"
+    );
+    assert_eq!(
+        std::fs::read(root.join("etc/bootlace/init.toml"))?,
+        b"old config"
+    );
     assert_eq!(names(&root)?, vec!["etc", "lib", "sbin", "usr"]);
     assert_eq!(
         std::fs::metadata(root.join("usr/sbin/bootlace-init"))?.nlink(),
         1,
         "staging links left behind"
     );
+    Ok(())
+}
+
+/// One pax record: `<len> <key>=<value>\n`, the length counting itself.
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while format!("{len}{body}").len() != len {
+        len += 1;
+    }
+    format!("{len}{body}").into_bytes()
+}
+
+#[test]
+fn tarball_setuid_devices_and_xattrs_kept() -> Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let mut b = tar::Builder::new(Vec::new());
+    let mut pax = tar::Header::new_ustar();
+    let rec = pax_record("SCHILY.xattr.user.bootlace", "kept");
+    pax.set_entry_type(tar::EntryType::XHeader);
+    pax.set_path("PaxHeaders/ping")?;
+    pax.set_size(rec.len() as u64);
+    pax.set_mode(0o644);
+    pax.set_uid(0);
+    pax.set_gid(0);
+    pax.set_mtime(0);
+    pax.set_cksum();
+    b.append(&pax, &rec[..])?;
+    let mut h = tar::Header::new_ustar();
+    h.set_path("usr/bin/ping")?;
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o4755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(4);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append(&h, &b"ping"[..])?;
+    let mut d = tar::Header::new_ustar();
+    d.set_path("dev/null")?;
+    d.set_entry_type(tar::EntryType::Char);
+    d.set_mode(0o666);
+    d.set_uid(0);
+    d.set_gid(0);
+    d.set_device_major(1)?;
+    d.set_device_minor(3)?;
+    d.set_size(0);
+    d.set_mtime(0);
+    d.set_cksum();
+    b.append(&d, std::io::empty())?;
+    let input = tmp.path().join("rootfs.tar");
+    std::fs::write(&input, b.into_inner()?)?;
+    let out = tmp.path().join("root.squashfs");
+    bake(&spec(Format::Squashfs, &out, &input, &init), &mut |_| {})?;
+    let x = tmp.path().join("x");
+    run(Command::new("unsquashfs")
+        .args(["-no-progress", "-q", "-d"])
+        .arg(&x)
+        .arg(&out))?;
+    let ping = std::fs::symlink_metadata(x.join("usr/bin/ping"))?;
+    assert_eq!(ping.mode() & 0o7777, 0o4755);
+    let mut value = [0u8; 64];
+    let n = rustix::fs::getxattr(x.join("usr/bin/ping"), "user.bootlace", &mut value[..])?;
+    assert_eq!(&value[..n], b"kept");
+    let null = std::fs::symlink_metadata(x.join("dev/null"))?;
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &null.file_type()
+    ));
+    assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
     Ok(())
 }
