@@ -19,7 +19,7 @@
 //! On any error the output path and the metadata path are left as they were and nothing else
 //! remains.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read};
@@ -504,7 +504,7 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
                     InputKind::Dir => {
                         // The digest is computed beside, in its own thread.
                         let mut w = Writer::new(&root, format!("directory {shown}"), false);
-                        stage::apply_dir(&mut w, path, &HashSet::new())?;
+                        stage::mirror_dir(&mut w, path)?;
                         input_stats = w.stats();
                         String::new()
                     }
@@ -682,11 +682,22 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
         }
     }
 
-    // 4. Metadata, then both into place.
+    // 4. Metadata, then both into place. The image is hashed while it is synced and the
+    // staging tree removed.
     let started = Instant::now();
-    let (sha256, size) = hash_file(&image).map_err(out_err)?;
-    File::open(&image)
-        .and_then(|f| f.sync_all())
+    let (hashed, synced) = std::thread::scope(|s| {
+        let hash = s.spawn(|| hash_file(&image));
+        s.spawn(|| {
+            if let Err(e) = std::fs::remove_dir_all(&root_dir) {
+                log::warn!("remove {}: {e}", root_dir.display());
+            }
+        });
+        let synced = File::open(&image).and_then(|f| f.sync_all());
+        (hash.join(), synced)
+    });
+    synced.map_err(out_err)?;
+    let (sha256, size) = hashed
+        .map_err(|_| out_err(io::Error::other("the hashing thread panicked")))?
         .map_err(out_err)?;
     let meta = ImageMeta {
         schema: meta::SCHEMA,

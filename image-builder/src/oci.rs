@@ -28,6 +28,9 @@ use crate::stage::{self, Confined, StageError, Writer};
 /// Largest index, manifest or config blob read into memory.
 const MAX_JSON_BLOB: u64 = 4 * 1024 * 1024;
 
+/// Age after which a cache's temporary unpacking directory is taken as left behind.
+const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// The annotation naming a manifest in an index.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -487,6 +490,21 @@ impl LayerCache {
                 path: dir.to_owned(),
                 source,
             })?;
+        // Unpackings an interrupted bake left behind (never read): removed once they are
+        // old enough not to belong to a bake running now.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let stale = e.file_name().to_string_lossy().starts_with(".tmp-")
+                    && e.metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > STALE_TMP);
+                if stale {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         Ok(LayerCache {
             dir: dir.to_owned(),
         })

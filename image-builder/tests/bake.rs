@@ -771,3 +771,157 @@ fn stage1_initramfs_has_the_block_and_fs_modules() -> Result<()> {
     assert!(!text.contains("modules = [\"virtio"), "{text}");
     Ok(())
 }
+
+#[test]
+fn merged_usr_modules_and_the_input_left_untouched() -> Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    // A merged-/usr rootfs that already has an old init and config.
+    let root = tmp.path().join("rootfs");
+    for d in ["usr/lib", "usr/sbin", "etc/bootlace"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::os::unix::fs::symlink("usr/lib", root.join("lib"))?;
+    std::os::unix::fs::symlink("usr/sbin", root.join("sbin"))?;
+    std::fs::write(root.join("usr/sbin/bootlace-init"), b"old init")?;
+    std::fs::write(root.join("etc/bootlace/init.toml"), b"old config")?;
+    // A fake kernel module tree: top needs leaf.
+    let mods = tmp.path().join("modules/9.9.9-test");
+    std::fs::create_dir_all(mods.join("kernel/a"))?;
+    std::fs::write(
+        mods.join("modules.dep"),
+        "kernel/a/leaf.ko:\nkernel/a/top.ko: kernel/a/leaf.ko\n",
+    )?;
+    std::fs::write(mods.join("modules.builtin"), "")?;
+    for m in ["leaf", "top"] {
+        std::fs::write(mods.join(format!("kernel/a/{m}.ko")), m)?;
+    }
+    let out = tmp.path().join("root.img");
+    let mut s = spec(Format::Initramfs, &out, &root, &init);
+    s.config.modules = vec![
+        bootlace_init::config::ModuleName::try_from("top".to_owned())
+            .map_err(anyhow::Error::msg)?,
+    ];
+    s.modules = Some(bootlace_image::initramfs::Modules {
+        root: tmp.path().join("modules"),
+        release: "9.9.9-test".into(),
+        extra: Vec::new(),
+    });
+    let r = bake(&s, &mut |_| {})?;
+    assert_eq!(r.meta.modules, vec!["leaf", "top"]);
+    assert_eq!(r.meta.kernel_release.as_deref(), Some("9.9.9-test"));
+    let raw = std::fs::read(&out)?;
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut data)?;
+    let entries = bootlace_image::cpio::read_all(&data)?;
+    let get = |name: &str| entries.iter().find(|e| e.header.name == name);
+    // Through the image's own symlinks: /lib -> usr/lib, /sbin -> usr/sbin.
+    for p in [
+        "usr/lib/modules/9.9.9-test/kernel/a/top.ko",
+        "usr/lib/modules/9.9.9-test/kernel/a/leaf.ko",
+        "usr/lib/modules/9.9.9-test/modules.dep",
+    ] {
+        assert!(get(p).is_some(), "{p} missing");
+    }
+    assert!(
+        get("lib/modules").is_none(),
+        "/lib symlink replaced by a directory"
+    );
+    let new_init = get("usr/sbin/bootlace-init").context("init")?;
+    assert_eq!(new_init.data, std::fs::read(&init)?);
+    assert_eq!(new_init.header.perm, 0o755);
+    let cfg = get("etc/bootlace/init.toml").context("config")?;
+    assert!(String::from_utf8_lossy(&cfg.data).contains("modules = [\"top\"]"));
+    // The input directory is as it was (files are hard-linked into staging, never written).
+    assert_eq!(
+        std::fs::read(root.join("usr/sbin/bootlace-init"))?,
+        b"old init"
+    );
+    assert_eq!(
+        std::fs::read(root.join("etc/bootlace/init.toml"))?,
+        b"old config"
+    );
+    assert_eq!(names(&root)?, vec!["etc", "lib", "sbin", "usr"]);
+    assert_eq!(
+        std::fs::metadata(root.join("usr/sbin/bootlace-init"))?.nlink(),
+        1,
+        "staging links left behind"
+    );
+    Ok(())
+}
+
+/// One pax record: `<len> <key>=<value>\n`, the length counting itself.
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while format!("{len}{body}").len() != len {
+        len += 1;
+    }
+    format!("{len}{body}").into_bytes()
+}
+
+#[test]
+fn tarball_setuid_devices_and_xattrs_kept() -> Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let mut b = tar::Builder::new(Vec::new());
+    let mut pax = tar::Header::new_ustar();
+    let rec = pax_record("SCHILY.xattr.user.bootlace", "kept");
+    pax.set_entry_type(tar::EntryType::XHeader);
+    pax.set_path("PaxHeaders/ping")?;
+    pax.set_size(rec.len() as u64);
+    pax.set_mode(0o644);
+    pax.set_uid(0);
+    pax.set_gid(0);
+    pax.set_mtime(0);
+    pax.set_cksum();
+    b.append(&pax, &rec[..])?;
+    let mut h = tar::Header::new_ustar();
+    h.set_path("usr/bin/ping")?;
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o4755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(4);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append(&h, &b"ping"[..])?;
+    let mut d = tar::Header::new_ustar();
+    d.set_path("dev/null")?;
+    d.set_entry_type(tar::EntryType::Char);
+    d.set_mode(0o666);
+    d.set_uid(0);
+    d.set_gid(0);
+    d.set_device_major(1)?;
+    d.set_device_minor(3)?;
+    d.set_size(0);
+    d.set_mtime(0);
+    d.set_cksum();
+    b.append(&d, std::io::empty())?;
+    let input = tmp.path().join("rootfs.tar");
+    std::fs::write(&input, b.into_inner()?)?;
+    let out = tmp.path().join("root.squashfs");
+    bake(&spec(Format::Squashfs, &out, &input, &init), &mut |_| {})?;
+    let x = tmp.path().join("x");
+    run(Command::new("unsquashfs")
+        .args(["-no-progress", "-q", "-d"])
+        .arg(&x)
+        .arg(&out))?;
+    let ping = std::fs::symlink_metadata(x.join("usr/bin/ping"))?;
+    assert_eq!(ping.mode() & 0o7777, 0o4755);
+    let mut value = [0u8; 64];
+    let n = rustix::fs::getxattr(x.join("usr/bin/ping"), "user.bootlace", &mut value[..])?;
+    assert_eq!(&value[..n], b"kept");
+    let null = std::fs::symlink_metadata(x.join("dev/null"))?;
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &null.file_type()
+    ));
+    assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
+    Ok(())
+}

@@ -25,8 +25,17 @@
 //! cargo run --release -p bootlace-bench --bin bench-bake -- --files 5000 --mib 100 --runs 5
 //! ```
 //!
-//! Prints a markdown table (median seconds and bootlace/raw ratio per format). Exit status 2
-//! when a bake fails or a tool is missing (e2fsprogs, erofs-utils, cpio, gzip).
+//! Then `bootlace-image bake` itself (the library call: staging by hard links, mount points,
+//! init, config, the image, sha256, fsync, metadata), per format (`--bake-formats`), on the
+//! busybox fixture and on a large tree of this machine (`--bake-tree`, default `/usr/share`),
+//! `--bake-runs 3` after a warm-up, next to the raw tool alone on the same tree: `mkfs.erofs
+//! -T0`, `mke2fs -d`, `mksquashfs`, `find | cpio | gzip`, `mkfs.erofs` + `qemu-img convert`;
+//! with bake's own split into staging, image and hash+sync. `--skip-generated` /
+//! `--skip-bake` run one part only.
+//!
+//! Prints markdown tables (median seconds and bootlace/raw ratio per format). Exit status 2
+//! when a bake fails or a tool is missing (e2fsprogs, erofs-utils, squashfs-tools, qemu-utils,
+//! cpio, gzip).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
