@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for FUZZ_SECONDS (default 600) each, one after another, one worker
 # each. New inputs go to fuzz/work/<target> (not committed); the committed corpus in
-# fuzz/corpus/<target> is read as seeds. A crash stops the run and is left in
-# fuzz/artifacts/<target>/. FUZZ_TARGETS picks targets (default: all); extra arguments go to
+# fuzz/corpus/<target> is read as seeds. A crash ends that target's run (the input is left in
+# fuzz/artifacts/<target>/); the other targets still run, and the script fails at the end
+# naming the targets that crashed. FUZZ_TARGETS picks targets (default: all); extra arguments go to
 # libFuzzer. See docs/fuzzing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,10 +29,18 @@ malloc_limit() {
 
 cd fuzz
 "${CARGO_FUZZ[@]}" build
+failed=()
 for t in $FUZZ_TARGETS; do
     mkdir -p "work/$t"
     echo "== fuzz $t for ${FUZZ_SECONDS}s"
-    "${CARGO_FUZZ[@]}" run "$t" "work/$t" "corpus/$t" -- \
+    if ! "${CARGO_FUZZ[@]}" run "$t" "work/$t" "corpus/$t" -- \
         -max_total_time="$FUZZ_SECONDS" -timeout=20 -rss_limit_mb=2048 \
-        -malloc_limit_mb="$(malloc_limit "$t")" -print_final_stats=1 "$@"
+        -malloc_limit_mb="$(malloc_limit "$t")" -print_final_stats=1 "$@"; then
+        failed+=("$t")
+    fi
 done
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "fuzz: crashes in: ${failed[*]} (inputs in fuzz/artifacts/<target>/)" >&2
+    exit 1
+fi
+echo "fuzz: every target ran ${FUZZ_SECONDS}s without a crash"
