@@ -1,5 +1,5 @@
 //! vsock for guests on hosts without `/dev/vhost-vsock`: a `vhost-device-vsock` daemon per VM
-//! (a crates.io package; `make setup` installs it) serves QEMU's `vhost-user-vsock-pci` device
+//! (a Rust package; `make setup` installs it with cargo) serves QEMU's `vhost-user-vsock-pci` device
 //! and maps the guest's vsock to **hybrid vsock** Unix sockets on the host.
 //!
 //! Layout of a [`VsockSpec::dir`] (all paths are fixed, so a caller knows them before the VM
@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// The daemon's program name (and crates.io package).
+/// The daemon's program name (and the Rust package `make setup` installs).
 pub const DAEMON: &str = "vhost-device-vsock";
 /// The environment variable that names the daemon binary, ahead of `PATH` and `~/.cargo/bin`.
 pub const DAEMON_ENV: &str = "BOOTLACE_VHOST_DEVICE_VSOCK";
