@@ -2,6 +2,54 @@
 
 use std::time::Duration;
 
+/// The 10-step manifest every bootlace boot scenario applies: hostname, env, sysctl, a tmpfs
+/// /etc seeded with the image's, a directory, three files, a symlink, one command.
+pub const MANIFEST: &str = r#"
+version = 1
+hostname = "bench-host"
+env = { APP_MODE = "bench" }
+sysctl = { "kernel.domainname" = "bench" }
+
+[[mounts]]
+type = "tmpfs"
+path = "/etc"
+
+[[directories]]
+path = "/var/lib/app"
+mode = 0o750
+
+[[files]]
+path = "/etc/app.conf"
+content = "listen = 8080\n"
+
+[[files]]
+path = "/etc/app.env"
+content = "MODE=bench\n"
+
+[[files]]
+path = "/etc/app.key"
+source = "files/app.key"
+mode = 0o600
+
+[[symlinks]]
+path = "/etc/app.current"
+target = "app.conf"
+
+[[run]]
+name = "trivial"
+command = ["/bin/true"]
+"#;
+
+/// [`MANIFEST`] without its hostname and sysctl lines: the same work, safe to apply on the
+/// host itself (`bench-native`).
+pub fn manifest_without_host_changes() -> String {
+    MANIFEST
+        .lines()
+        .filter(|l| !l.starts_with("hostname") && !l.starts_with("sysctl"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// Median and 95th percentile of a sample (nearest-rank), in milliseconds.
 pub fn median_p95(samples: &[Duration]) -> (f64, f64) {
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();

@@ -33,42 +33,6 @@ use bootlace_tests::{artifact, busybox_rootfs, test_kernel};
 use bootlace_vm::vsock::VsockSpec;
 use bootlace_vm::{Disk, Share, VmSpec};
 
-const MANIFEST: &str = r#"
-version = 1
-hostname = "bench-host"
-env = { APP_MODE = "bench" }
-sysctl = { "kernel.domainname" = "bench" }
-
-[[mounts]]
-type = "tmpfs"
-path = "/etc"
-
-[[directories]]
-path = "/var/lib/app"
-mode = 0o750
-
-[[files]]
-path = "/etc/app.conf"
-content = "listen = 8080\n"
-
-[[files]]
-path = "/etc/app.env"
-content = "MODE=bench\n"
-
-[[files]]
-path = "/etc/app.key"
-source = "files/app.key"
-mode = 0o600
-
-[[symlinks]]
-path = "/etc/app.current"
-target = "app.conf"
-
-[[run]]
-name = "trivial"
-command = ["/bin/true"]
-"#;
-
 const SCRIPT_INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc
 ENTRY=$(cut -d' ' -f1 /proc/uptime)
@@ -276,7 +240,7 @@ fn main() -> Result<()> {
     copy_with_libs("/usr/bin/socat", &rootfs)?;
     let bundle_dir = w.join("bundle");
     std::fs::create_dir_all(bundle_dir.join("files"))?;
-    std::fs::write(bundle_dir.join("bootlace.toml"), MANIFEST)?;
+    std::fs::write(bundle_dir.join("bootlace.toml"), bootlace_bench::MANIFEST)?;
     std::fs::write(bundle_dir.join("files/app.key"), "KEY")?;
 
     let base = |sources: &[Source]| {

@@ -19,41 +19,6 @@ use bootlace_init::config::{HostAddress, InitConfig, Source};
 use bootlace_init::modload::ModuleLoader;
 use bootlace_init::sys::root::Root;
 
-/// The boot benchmark's manifest without `hostname` and `sysctl`.
-const MANIFEST: &str = r#"
-version = 1
-env = { APP_MODE = "bench" }
-
-[[mounts]]
-type = "tmpfs"
-path = "/etc"
-
-[[directories]]
-path = "/var/lib/app"
-mode = 0o750
-
-[[files]]
-path = "/etc/app.conf"
-content = "listen = 8080\n"
-
-[[files]]
-path = "/etc/app.env"
-content = "MODE=bench\n"
-
-[[files]]
-path = "/etc/app.key"
-source = "files/app.key"
-mode = 0o600
-
-[[symlinks]]
-path = "/etc/app.current"
-target = "app.conf"
-
-[[run]]
-name = "trivial"
-command = ["/bin/true"]
-"#;
-
 const RUNS: usize = 30;
 
 fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(Duration, T)> {
@@ -67,6 +32,7 @@ fn main() -> Result<()> {
     cfg.bootstrap.sources = vec![Source::NineP];
     cfg.host.address = HostAddress::try_from("vsock:2:1024".to_owned()).ok();
     let cfg_text = cfg.to_toml();
+    let manifest = bootlace_bench::manifest_without_host_changes();
 
     let mut parse_cfg = Vec::new();
     let mut parse_manifest = Vec::new();
@@ -76,7 +42,7 @@ fn main() -> Result<()> {
             time(|| InitConfig::from_toml(&cfg_text, Path::new("init.toml")).context("config"))?;
         parse_cfg.push(d);
         let (d, m) =
-            time(|| Manifest::parse(MANIFEST, Path::new("bootlace.toml")).context("manifest"))?;
+            time(|| Manifest::parse(&manifest, Path::new("bootlace.toml")).context("manifest"))?;
         parse_manifest.push(d);
 
         let dir = tempfile::tempdir()?;
