@@ -861,15 +861,22 @@ pub fn apply_dir(
     walk(w, fd, "", skip_dirs)
 }
 
-fn walk(
-    w: &mut Writer<'_>,
-    dir: OwnedFd,
-    rel: &str,
-    skip_dirs: &HashSet<String>,
-) -> Result<(), StageError> {
+/// One entry of a directory being staged.
+struct Listed {
+    cname: CString,
+    name: String,
+    /// Its path in the tree.
+    path: String,
+    /// Its `lstat`.
+    st: rustix::fs::Stat,
+}
+
+/// The entries of `dir` (at `rel` in the tree) sorted by name, each with its path and its
+/// `lstat`; `.` and `..` left out, a name that is not UTF-8 refused.
+fn list_dir(w: &Writer<'_>, dir: &OwnedFd, rel: &str) -> Result<Vec<Listed>, StageError> {
     let shown_dir = if rel.is_empty() { "." } else { rel };
     let mut names: Vec<CString> = Vec::new();
-    for entry in rustix::fs::Dir::read_from(&dir).map_err(w.io(shown_dir, "read directory"))? {
+    for entry in rustix::fs::Dir::read_from(dir).map_err(w.io(shown_dir, "read directory"))? {
         let entry = entry.map_err(w.io(shown_dir, "read directory"))?;
         let n = entry.file_name();
         if n.to_bytes() != b"." && n.to_bytes() != b".." {
@@ -877,6 +884,7 @@ fn walk(
         }
     }
     names.sort();
+    let mut out = Vec::with_capacity(names.len());
     for cname in names {
         let Ok(name) = cname.to_str() else {
             return Err(w.refused(
@@ -884,9 +892,33 @@ fn walk(
                 "the file name is not UTF-8",
             ));
         };
-        let path = join(rel, name);
-        let st = rustix::fs::statat(&dir, cname.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+        let (name, path) = (name.to_owned(), join(rel, name));
+        let st = rustix::fs::statat(dir, cname.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(w.io(&path, "stat"))?;
+        out.push(Listed {
+            cname,
+            name,
+            path,
+            st,
+        });
+    }
+    Ok(out)
+}
+
+fn walk(
+    w: &mut Writer<'_>,
+    dir: OwnedFd,
+    rel: &str,
+    skip_dirs: &HashSet<String>,
+) -> Result<(), StageError> {
+    for Listed {
+        cname,
+        name,
+        path,
+        st,
+    } in list_dir(w, &dir, rel)?
+    {
+        let name = name.as_str();
         let mut meta = Meta {
             mode: st.st_mode & 0o7777,
             uid: st.st_uid,
@@ -966,26 +998,14 @@ pub fn mirror_dir(w: &mut Writer<'_>, src: &Path) -> Result<(), StageError> {
 }
 
 fn mirror(w: &mut Writer<'_>, src: OwnedFd, dst: OwnedFd, rel: &str) -> Result<(), StageError> {
-    let shown_dir = if rel.is_empty() { "." } else { rel };
-    let mut names: Vec<CString> = Vec::new();
-    for entry in rustix::fs::Dir::read_from(&src).map_err(w.io(shown_dir, "read directory"))? {
-        let entry = entry.map_err(w.io(shown_dir, "read directory"))?;
-        let n = entry.file_name();
-        if n.to_bytes() != b"." && n.to_bytes() != b".." {
-            names.push(n.to_owned());
-        }
-    }
-    names.sort();
-    for cname in names {
-        let Ok(name) = cname.to_str() else {
-            return Err(w.refused(
-                &join(rel, &cname.to_string_lossy()),
-                "the file name is not UTF-8",
-            ));
-        };
-        let path = join(rel, name);
-        let st = rustix::fs::statat(&src, cname.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(w.io(&path, "stat"))?;
+    for Listed {
+        cname,
+        name,
+        path,
+        st,
+    } in list_dir(w, &src, rel)?
+    {
+        let name = name.as_str();
         let mut meta = Meta {
             mode: st.st_mode & 0o7777,
             uid: st.st_uid,
