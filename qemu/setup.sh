@@ -11,21 +11,36 @@ pkg_installed() {
   dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
 }
 
-missing=()
-for pkg in qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools squashfs-tools xorriso socat zstd; do
-  pkg_installed "$pkg" || missing+=("$pkg")
-done
+wanted=(qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools
+  squashfs-tools xorriso socat zstd)
+missing_packages() {
+  missing=()
+  for pkg in "${wanted[@]}"; do
+    pkg_installed "$pkg" || missing+=("$pkg")
+  done
+}
 
-if ((${#missing[@]})); then
+# Two passes: installing one package can remove another that conflicts with it (a newer
+# qemu-utils goes when Debian's qemu-system-x86 comes in); the second pass brings it back in the
+# matching version. apt-get update runs once.
+updated=""
+for _pass in 1 2; do
+  missing_packages
+  ((${#missing[@]})) || break
   log "installing ${missing[*]}"
   sudo=""
   if [ "$(id -u)" != 0 ]; then
     command -v sudo >/dev/null || { log "need root (or sudo) to install ${missing[*]}"; exit 1; }
     sudo="sudo"
   fi
-  $sudo apt-get update -qq
+  [ -n "$updated" ] || { $sudo apt-get update -qq; updated=1; }
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
+done
+missing_packages
+if ((${#missing[@]})); then
+  log "still missing after installing: ${missing[*]}"
+  exit 1
 fi
 
 # The kernel image must be readable by whoever runs QEMU.
