@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::protocol::{
+use bootlace_contract::digest::hex;
+use bootlace_contract::protocol::{
     read_frame, write_frame, BundleHeader, Decoder, Frame, Kind, ProtocolError, VERSION,
 };
 
@@ -377,14 +378,4 @@ fn read_reply(s: &mut dyn Stream, dec: &mut Decoder, seq: u64) -> Result<Frame, 
         }
         return Ok(f);
     }
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// sha256 of a byte slice, hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
 }

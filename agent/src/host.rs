@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::client::sha256_hex;
-use crate::protocol::{read_frame, write_frame, BundleHeader, Decoder, Frame, Kind, ProtocolError};
+use bootlace_contract::protocol::{
+    read_frame, write_frame, BundleHeader, Decoder, Frame, Kind, ProtocolError,
+};
 
 /// A bundle ready to serve: the exact bytes, their digest and compression.
 #[derive(Debug, Clone)]
@@ -53,7 +54,7 @@ impl BundleSource {
             "none"
         };
         BundleSource {
-            sha256: sha256_hex(&bytes),
+            sha256: bootlace_contract::digest::of_bytes(&bytes).hex().to_owned(),
             bytes: Arc::new(bytes),
             compression: compression.to_owned(),
         }

@@ -1,14 +1,11 @@
-//! bootlace-agent: the contracts between a bootlace guest and its host, and the host side.
+//! bootlace-agent: both ends of the host <-> guest conversation over vsock.
 //!
-//! The library is used by the init (without the `host` feature), by the image builder and by
-//! the harness, so each contract has exactly one implementation:
-//! - [`client`]: the guest side of the conversation (retries, acks, bundle fetch);
+//! The wire protocol itself (frames, the decoder, the bundle header) and every other contract
+//! live in `bootlace-contract`; this crate holds the two programs' halves of the conversation:
+//! - [`client`]: the guest side (retries, acks, bundle fetch), used by the init without the
+//!   `host` feature;
 //! - `host` (feature `host`): the host configuration manager (listeners, bundles, events);
-//! - `fault` (feature `host`): the host's fault injection as `--fault KIND[=ARG]` flags;
-//! - [`manifest`]: the bootstrap manifest (`bootlace.toml`) and its validation;
-//! - [`protocol`]: the host <-> guest wire protocol (frames, decoder);
-//! - [`report`]: the power-off console line and its exit statuses;
-//! - [`types`]: validated value types (module and environment names, commands).
+//! - `fault` (feature `host`): the host's fault injection as `--fault KIND[=ARG]` flags.
 //!
 //! The `bootlace-agent` binary (feature `host`) is the host side.
 
@@ -30,7 +27,3 @@ pub mod client;
 pub mod fault;
 #[cfg(feature = "host")]
 pub mod host;
-pub mod manifest;
-pub mod protocol;
-pub mod report;
-pub mod types;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bootlace_agent::host::{self, BundleSource, Event, GuestEvent, Host};
-use bootlace_agent::protocol::{Kind, DEFAULT_PORT};
+use bootlace_contract::protocol::{Kind, DEFAULT_PORT};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -169,7 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::ExitStatus { log } => {
             let bytes = std::fs::read(&log).with_context(|| format!("read {}", log.display()))?;
-            match bootlace_agent::report::parse_exit_status(&String::from_utf8_lossy(&bytes)) {
+            match bootlace_contract::status::parse_exit_status(&String::from_utf8_lossy(&bytes)) {
                 Some(s) => {
                     println!("{s}");
                     Ok(ExitCode::SUCCESS)

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bootlace_agent::client::{Client, Retry, Stream};
-use bootlace_agent::protocol::Kind;
+use bootlace_contract::protocol::Kind;
 
 fn wait_ready(uds: &Path, timeout: u64) -> Child {
     Command::new(env!("CARGO_BIN_EXE_bootlace-agent"))

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use bootlace_agent::client::{sha256_hex, Client, ClientError, Connector, Retry};
+use bootlace_agent::client::{Client, ClientError, Connector, Retry};
 use bootlace_agent::host::{hybrid_path, BundleSource, Event, Faults, GuestEvent, Host};
-use bootlace_agent::protocol::Kind;
+use bootlace_contract::protocol::Kind;
 
 fn start(
     dir: &Path,
@@ -76,7 +76,10 @@ fn hello_steps_bundle_ready() {
     let mut got = Vec::new();
     let r = c.fetch_bundle(&mut got, 1 << 20).expect("bundle");
     assert_eq!(got, bytes);
-    assert_eq!(r.sha256, sha256_hex(&bytes));
+    assert_eq!(
+        r.sha256,
+        bootlace_contract::digest::of_bytes(&bytes).hex().to_owned()
+    );
     c.send(
         Kind::Step,
         &[("STEP", "bootstrap".into()), ("STATE", "finished".into())],

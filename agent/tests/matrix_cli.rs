@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bootlace_agent::client::{Client, Retry, Stream};
-use bootlace_agent::protocol::Kind;
+use bootlace_contract::protocol::Kind;
 
 #[test]
 fn bad_faults_are_refused_with_the_list_of_kinds() {

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bootlace_agent::client::{sha256_hex, Client, ClientError, Connector, Retry};
+use bootlace_agent::client::{Client, ClientError, Connector, Retry};
 use bootlace_agent::host::{hybrid_path, BundleSource, Event, Faults, GuestEvent, Host};
-use bootlace_agent::protocol::{Frame, Kind};
+use bootlace_contract::protocol::{Frame, Kind};
 
 type Events = Arc<Mutex<Vec<GuestEvent>>>;
 
@@ -287,7 +287,7 @@ fn guests_are_known_by_their_socket_not_by_what_they_claim() {
 fn the_host_survives_disconnects_slow_readers_and_garbage() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
-    let sha = sha256_hex(&bytes);
+    let sha = bootlace_contract::digest::of_bytes(&bytes).hex().to_owned();
     let (paths, events) = host(
         dir.path(),
         &["chaos", "calm"],

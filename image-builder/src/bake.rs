@@ -13,98 +13,35 @@
 //!    own parser first) and the kernel-module closure under `/lib/modules/<release>` (through
 //!    the image's own `/lib` symlink on merged-/usr images);
 //! 3. the image tool runs on `work/root` (reproducible arguments: see [`crate::fsimage`]);
-//! 4. the image's sha256 goes into the metadata ([`crate::meta::ImageMeta`]); the metadata is
+//! 4. the image's sha256 goes into the metadata ([`ImageMeta`]); the metadata is
 //!    written, then the image is renamed to the output path and the metadata beside it.
 //!
 //! On any error the output path and the metadata path are left as they were and nothing else
 //! remains.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
+
 use std::time::{Duration, Instant};
 
-use bootlace_init::config::{ConfigError, InitConfig, RootSpec, Stage1, TargetPath, CONFIG_PATH};
+use bootlace_contract::config::{
+    ConfigError, InitConfig, RootSpec, Stage1, TargetPath, CONFIG_PATH,
+};
 use sha2::{Digest, Sha256};
 
 use crate::fsimage::{self, FsFormat, FsImageError, FsOptions, FsSpec};
 use crate::initramfs::{self, BuildError, Modules};
-use crate::meta::{self, ImageMeta, InitInfo, Input, InputKind, MetaError};
 use crate::oci::{self, Image, LayerCache, OciError};
 use crate::stage::{self, Confined, Kind, Meta, StageError, Writer};
 use crate::tree::{Content, Node, Tree};
+use bootlace_contract::digest::hex;
+use bootlace_contract::fs::FsType;
+pub use bootlace_contract::image::Format;
+use bootlace_contract::image::{self as meta, ImageMeta, InitInfo, Input, InputKind, MetaError};
 
-/// What to bake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// A newc cpio archive (gzip, zstd or plain).
-    Initramfs,
-    /// A read-only erofs root filesystem.
-    Erofs,
-    /// An ext4 root filesystem.
-    Ext4,
-    /// A read-only squashfs root filesystem.
-    Squashfs,
-    /// A qcow2 disk image of an erofs or ext4 root filesystem.
-    Qcow2,
-}
-
-impl Format {
-    /// Every format.
-    pub const ALL: [Format; 5] = [
-        Format::Initramfs,
-        Format::Erofs,
-        Format::Ext4,
-        Format::Squashfs,
-        Format::Qcow2,
-    ];
-
-    /// Its name on the command line and in the metadata.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Initramfs => "initramfs",
-            Format::Erofs => "erofs",
-            Format::Ext4 => "ext4",
-            Format::Squashfs => "squashfs",
-            Format::Qcow2 => "qcow2",
-        }
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Format {
-    type Err = BakeError;
-    fn from_str(s: &str) -> Result<Format, BakeError> {
-        Format::ALL
-            .into_iter()
-            .find(|f| f.as_str() == s)
-            .ok_or_else(|| {
-                BakeError::Spec(format!(
-                    "unknown format {s:?} (expected one of: initramfs, erofs, ext4, squashfs, qcow2)"
-                ))
-            })
-    }
-}
-
-/// Compression of an initramfs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Compress {
-    /// Plain newc.
-    None,
-    /// gzip (level 6, no name, mtime 0).
-    #[default]
-    Gzip,
-    /// zstd (level [`ZSTD_LEVEL`], with a checksum).
-    Zstd,
-}
+pub use bootlace_contract::compression::Compression;
 
 /// The zstd level of an initramfs.
 pub const ZSTD_LEVEL: i32 = 9;
@@ -114,17 +51,6 @@ pub const DEFAULT_WRITABLE: &[&str] = &["/etc", "/var", "/tmp", "/home"];
 
 /// The default filesystem label of root images.
 pub const DEFAULT_LABEL: &str = "bootlace-root";
-
-/// The modules a stage-1 initramfs carries (not loaded at boot: the init loads the block
-/// drivers, then the module of the filesystem it finds).
-pub const STAGE1_MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_blk",
-    "ext4",
-    "erofs",
-    "squashfs",
-    "crc32c_generic",
-];
 
 /// Everything a bake is made from.
 #[derive(Debug, Clone)]
@@ -157,7 +83,7 @@ pub struct BakeSpec {
     /// The filesystem label of erofs/ext4 images (and of the filesystem inside a qcow2).
     pub label: String,
     /// Compression of an initramfs.
-    pub compress: Compress,
+    pub compress: Compression,
     /// The filesystem inside a qcow2 image (erofs or ext4).
     pub qcow2_fs: FsFormat,
     /// Image name for the metadata (default: the output's file stem).
@@ -188,7 +114,7 @@ impl BakeSpec {
             modules: None,
             all_root: false,
             label: DEFAULT_LABEL.to_owned(),
-            compress: Compress::Gzip,
+            compress: Compression::Gzip,
             qcow2_fs: FsFormat::Erofs,
             name: None,
             version: "0".to_owned(),
@@ -198,19 +124,13 @@ impl BakeSpec {
     }
 
     /// The filesystem inside the output (`None` for an initramfs).
-    pub fn fstype(&self) -> Option<&'static str> {
-        match self.format {
-            Format::Initramfs => None,
-            Format::Erofs => Some("erofs"),
-            Format::Ext4 => Some("ext4"),
-            Format::Squashfs => Some("squashfs"),
-            Format::Qcow2 => Some(self.qcow2_fs.name()),
-        }
+    pub fn fstype(&self) -> Option<FsType> {
+        self.format.fstype(self.qcow2_fs.fs_type())
     }
 
     /// Whether the root is read-only at boot (erofs, squashfs, qcow2 of erofs).
     pub fn read_only(&self) -> bool {
-        matches!(self.fstype(), Some("erofs" | "squashfs"))
+        matches!(self.fstype(), Some(FsType::Erofs | FsType::Squashfs))
     }
 }
 
@@ -437,8 +357,10 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
         String::from("# Written by bootlace-image bake; see docs/boot.md for the schema.\n");
     config_text.push_str(&config.to_toml());
     InitConfig::from_toml(&config_text, Path::new(CONFIG_PATH)).map_err(BakeError::Config)?;
-    let implied: &[&'static str] = if spec.stage1 { STAGE1_MODULES } else { &[] };
-    let plan = initramfs::module_plan(&config, spec.modules.as_ref(), implied)?;
+    config
+        .validate()
+        .map_err(|e| BakeError::Config(ConfigError::from(e)))?;
+    let plan = initramfs::module_plan(&config, spec.modules.as_ref())?;
 
     // The work directory beside the output.
     let out_dir = match spec.out.parent() {
@@ -559,7 +481,7 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
                 hash: Sha256::new(),
             };
             w.put(&init_path, Kind::File(&mut hashing), &Meta::root(0o755))?;
-            let init_sha = meta::hex(&hashing.hash.finalize());
+            let init_sha = hex(&hashing.hash.finalize());
             if spec.format == Format::Initramfs {
                 w.put(
                     "init",
@@ -709,11 +631,11 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
                 .to_owned()
         }),
         version: spec.version.clone(),
-        format: spec.format.as_str().to_owned(),
+        format: spec.format,
         file: out_name.clone(),
         sha256,
         size,
-        fstype: spec.fstype().map(str::to_owned),
+        fstype: spec.fstype(),
         label: fs_format.map(|_| spec.label.clone()),
         stage1: spec.stage1,
         read_only: spec.read_only(),
@@ -731,7 +653,7 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
         tool_versions,
     };
     let meta_tmp = work.path().join("meta.json");
-    meta.write(&meta_tmp)?;
+    write_meta(&meta, &meta_tmp)?;
     let meta_path = ImageMeta::path_for(&spec.out);
     std::fs::rename(&image, &spec.out).map_err(out_err)?;
     if let Err(source) = std::fs::rename(&meta_tmp, &meta_path) {
@@ -756,6 +678,32 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
     })
 }
 
+/// Writes metadata atomically: a temporary file in the same directory, synced, renamed.
+pub fn write_meta(meta: &ImageMeta, path: &Path) -> Result<(), MetaError> {
+    use std::io::Write as _;
+    let err = |source| MetaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".bootlace-meta.")
+        .tempfile_in(dir)
+        .map_err(err)?;
+    tmp.write_all(meta.to_json().as_bytes()).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+            .map_err(err)?;
+    }
+    tmp.persist(path).map_err(|e| err(e.error))?;
+    Ok(())
+}
+
 /// `/sbin/x` or `sbin/x` -> `sbin/x`; `None` for the root, `..` or empty components.
 fn normalise_abs(p: &str) -> Option<String> {
     let rel = p.strip_prefix('/')?;
@@ -765,7 +713,7 @@ fn normalise_abs(p: &str) -> Option<String> {
 /// Unpacks a tarball (tar, gzip or zstd by its first bytes) into the staging tree; returns the
 /// file's digest.
 fn stage_tarball(root: &Confined, path: &Path) -> Result<(String, stage::Stats), BakeError> {
-    use bootlace_init::extract::{sniff, Compression};
+    use bootlace_contract::compression::{sniff, Compression};
     let io_err = |source| BakeError::InputIo {
         path: path.to_owned(),
         source,
@@ -787,10 +735,7 @@ fn stage_tarball(root: &Confined, path: &Path) -> Result<(String, stage::Stats),
     let mut w = Writer::new(root, origin.clone(), false);
     oci::unpack_stream(&mut w, &mut h, compression, &origin)?;
     io::copy(&mut h, &mut io::sink()).map_err(io_err)?;
-    Ok((
-        format!("sha256:{}", meta::hex(&h.hash.finalize())),
-        w.stats(),
-    ))
+    Ok((format!("sha256:{}", hex(&h.hash.finalize())), w.stats()))
 }
 
 fn write_initramfs(spec: &BakeSpec, root: &Path, out: &Path) -> Result<(), BakeError> {
@@ -808,8 +753,8 @@ fn write_initramfs(spec: &BakeSpec, root: &Path, out: &Path) -> Result<(), BakeE
     let file = File::create(out).map_err(err)?;
     let buf = BufWriter::with_capacity(1 << 20, file);
     let buf = match spec.compress {
-        Compress::None => initramfs::write_cpio(&tree, mtime, buf).map_err(err)?,
-        Compress::Gzip => {
+        Compression::None => initramfs::write_cpio(&tree, mtime, buf).map_err(err)?,
+        Compression::Gzip => {
             let gz = flate2::GzBuilder::new()
                 .mtime(0)
                 .operating_system(3)
@@ -818,7 +763,7 @@ fn write_initramfs(spec: &BakeSpec, root: &Path, out: &Path) -> Result<(), BakeE
                 .and_then(|gz| gz.finish())
                 .map_err(err)?
         }
-        Compress::Zstd => {
+        Compression::Zstd => {
             let mut enc = zstd::stream::write::Encoder::new(buf, ZSTD_LEVEL).map_err(err)?;
             enc.include_checksum(true).map_err(err)?;
             initramfs::write_cpio(&tree, mtime, enc)
@@ -837,7 +782,7 @@ pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
     let mut f = File::open(path)?;
     let mut h = Sha256::new();
     let n = io::copy(&mut f, &mut h)?;
-    Ok((meta::hex(&h.finalize()), n))
+    Ok((hex(&h.finalize()), n))
 }
 
 /// `bootlace-init --version` of the binary (`0.1.0`), run with a 5 s limit; `unknown` when it

@@ -4,7 +4,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use bootlace_agent::manifest::{check_bundle_dir, ManifestError};
+use bootlace_contract::manifest::{check_bundle_dir, ManifestError};
 
 use crate::fsimage::{self, FsFormat, FsImageError, FsSpec};
 
@@ -117,7 +117,7 @@ pub fn build(
                 source,
             })?;
             summary.bytes = bytes.len() as u64;
-            summary.sha256 = Some(bootlace_agent::client::sha256_hex(&bytes));
+            summary.sha256 = Some(bootlace_contract::digest::of_bytes(&bytes).hex().to_owned());
         }
     }
     Ok(summary)

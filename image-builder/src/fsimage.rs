@@ -106,6 +106,14 @@ impl FsFormat {
         self.backend().name
     }
 
+    /// The filesystem type.
+    pub fn fs_type(self) -> bootlace_contract::fs::FsType {
+        match self {
+            FsFormat::Ext4 => bootlace_contract::fs::FsType::Ext4,
+            FsFormat::Erofs => bootlace_contract::fs::FsType::Erofs,
+        }
+    }
+
     /// The longest label this format takes, in bytes.
     pub fn max_label_len(self) -> usize {
         self.backend().max_label

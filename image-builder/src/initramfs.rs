@@ -6,9 +6,9 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use bootlace_init::bootstrap;
-use bootlace_init::config::{InitConfig, ModuleName, CONFIG_PATH};
-use bootlace_init::kmod::{KmodError, Module, ModuleIndex, Resolved};
+use bootlace_contract::config::{InitConfig, ModuleName, CONFIG_PATH};
+use bootlace_contract::drivers;
+use bootlace_contract::kmod::{KmodError, Module, ModuleIndex, Resolved};
 
 use crate::cpio::{self, Header, Kind};
 use crate::tree::{Content, Node, Tree, TreeError};
@@ -79,6 +79,9 @@ pub enum BuildError {
         #[source]
         source: io::Error,
     },
+    /// The config would be refused at boot.
+    #[error("the config to bake")]
+    Config(#[source] bootlace_contract::config::Inconsistency),
     /// The rootfs could not be read, or something could not be placed in it.
     #[error("rootfs")]
     Tree(#[source] TreeError),
@@ -88,6 +91,20 @@ pub enum BuildError {
     /// A module needed for the config has no file (or modules were requested with no kernel).
     #[error("kernel modules: {0}")]
     ModulesSpec(String),
+    /// The kernel has no driver for a configured bootstrap source.
+    #[error(
+        "the {which} source needs kernel modules that {release} does not have ({missing}): \
+         a guest booted on it would wait out the source's timeout; use a kernel with them \
+         (the Debian cloud kernel has no 9p) or another source"
+    )]
+    SourceDrivers {
+        /// The source.
+        which: bootlace_contract::config::Source,
+        /// The kernel release.
+        release: String,
+        /// The modules it lacks.
+        missing: String,
+    },
     /// Writing the output failed.
     #[error("write {}", path.display())]
     Output {
@@ -101,6 +118,7 @@ pub enum BuildError {
 
 /// Assembles the tree of the image (without writing anything).
 pub fn assemble(spec: &Spec) -> Result<(Tree, Vec<String>), BuildError> {
+    spec.config.validate().map_err(BuildError::Config)?;
     let mut tree = Tree::new();
     if let Some(rootfs) = &spec.rootfs {
         tree.add_host_dir(rootfs, spec.keep_owners)
@@ -177,26 +195,19 @@ pub struct ModulePlan {
     pub names: Vec<String>,
 }
 
-/// Works out the modules `config` needs (its `modules`, the drivers its bootstrap sources and
-/// host link need) plus `spec.extra`, plus `implied` (copied when the kernel has them, with a
-/// warning otherwise), with their dependency closure.
-pub fn module_plan(
-    config: &InitConfig,
-    spec: Option<&Modules>,
-    implied_extra: &[&'static str],
-) -> Result<ModulePlan, BuildError> {
+/// Works out the modules `config` needs (its `modules`, the drivers its bootstrap sources, host
+/// link and stage 1 need: [`drivers::implied_by`]) plus `spec.extra`, with their dependency
+/// closure. A source whose drivers the kernel does not have is an error (the init would wait
+/// out its timeout at boot); an implied filesystem module the kernel lacks is a warning.
+pub fn module_plan(config: &InitConfig, spec: Option<&Modules>) -> Result<ModulePlan, BuildError> {
     let mut wanted: Vec<&str> = config
         .modules
         .iter()
         .chain(spec.iter().flat_map(|m| m.extra.iter()))
         .map(ModuleName::as_str)
         .collect();
-    // The drivers and filesystems the configured bootstrap sources may need.
-    let mut implied = bootstrap::all_modules(&config.bootstrap.sources);
-    if config.host.address.is_some() {
-        implied.extend(bootlace_init::hostlink::VSOCK_MODULES);
-    }
-    implied.extend(implied_extra);
+    // The drivers and filesystems the configured sources, host link and stage 1 may need.
+    let implied = drivers::implied_by(config);
     let Some(mspec) = spec else {
         if wanted.is_empty() && implied.is_empty() {
             return Ok(ModulePlan::default());
@@ -212,8 +223,23 @@ pub fn module_plan(
     };
     let dir = mspec.root.join(&mspec.release);
     let index = ModuleIndex::read(&dir).map_err(BuildError::Modules)?;
+    let has = |m: &str| index.get(m).is_some() || index.is_builtin(m);
+    for source in &config.bootstrap.sources {
+        let missing: Vec<&str> = drivers::source(*source)
+            .iter()
+            .copied()
+            .filter(|m| !has(m))
+            .collect();
+        if !missing.is_empty() {
+            return Err(BuildError::SourceDrivers {
+                which: *source,
+                release: mspec.release.clone(),
+                missing: missing.join(", "),
+            });
+        }
+    }
     for m in implied {
-        if index.get(m).is_some() || index.is_builtin(m) {
+        if has(m) {
             if !wanted.contains(&m) {
                 wanted.push(m);
             }
@@ -248,7 +274,7 @@ pub fn module_plan(
 }
 
 fn add_modules(tree: &mut Tree, spec: &Spec) -> Result<Vec<String>, BuildError> {
-    let plan = module_plan(&spec.config, spec.modules.as_ref(), &[])?;
+    let plan = module_plan(&spec.config, spec.modules.as_ref())?;
     for (path, host) in &plan.files {
         let meta = std::fs::metadata(host)
             .map_err(|e| BuildError::ModulesSpec(format!("module file {}: {e}", host.display())))?;

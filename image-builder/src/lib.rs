@@ -9,7 +9,6 @@
 //!   a squashfs image (mksquashfs), a qcow2 of a raw image (qemu-img);
 //! - [`stage`]: a root filesystem staged on disk from a directory, tarballs or layers, confined;
 //! - [`oci`]: OCI image layouts (index, manifest, layers; digests checked) and the layer cache;
-//! - [`meta`]: the metadata file beside every baked image ([`meta::ImageMeta`]);
 //! - [`bake`]: `bootlace-image bake`: input -> staged root + init + config + modules -> image.
 
 #![deny(unsafe_code)]
@@ -19,7 +18,6 @@ pub mod bundle;
 pub mod cpio;
 pub mod fsimage;
 pub mod initramfs;
-pub mod meta;
 pub mod oci;
 pub mod stage;
 pub mod tree;

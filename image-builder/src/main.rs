@@ -4,8 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
+use bootlace_contract::config::{
+    self, parse_command, Command, ExecString, FailurePolicy, HandoffMode, HostAddress, InitConfig,
+    LogLevel, ModuleName, Overrides, Sha256Digest, Source,
+};
 use bootlace_image::initramfs::{self, Compression, Modules, Spec};
-use bootlace_init::config::{self, InitConfig, ModuleName};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
@@ -70,54 +73,77 @@ enum Compress {
     Gzip,
 }
 
-/// The config flags shared by `initramfs` and `bake`.
+/// The config flags shared by `initramfs` and `bake`: each is parsed into its typed value by
+/// the contract's own parser, so a bad value is refused here with the same message the init
+/// would give.
 #[derive(clap::Args, Debug)]
 struct ConfigArgs {
     /// Base init.toml to bake (validated); the flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Hand-off mode: exec (replace PID 1) or supervise (run as child, stay PID 1).
-    #[arg(long, value_parser = ["exec", "supervise"])]
-    handoff: Option<String>,
+    #[arg(long, value_name = "exec|supervise")]
+    handoff: Option<HandoffMode>,
     /// Hand-off command, shell-style words: "/sbin/init" or "/bin/app --flag".
-    #[arg(long)]
-    exec: Option<String>,
+    #[arg(long, value_parser = parse_command)]
+    exec: Option<Command>,
     /// Failure policy: poweroff, continue or shell.
-    #[arg(long, value_parser = ["poweroff", "continue", "shell"])]
-    on_failure: Option<String>,
+    #[arg(long, value_name = "poweroff|continue|shell")]
+    on_failure: Option<FailurePolicy>,
     /// Console log level: error, warn, info, debug, trace.
-    #[arg(long, value_parser = ["error", "warn", "info", "debug", "trace"])]
-    log: Option<String>,
-    /// Bootstrap sources to try in order (disk, 9p), comma-separated.
-    #[arg(long)]
-    source: Option<String>,
+    #[arg(long, value_name = "LEVEL")]
+    log: Option<LogLevel>,
+    /// Bootstrap sources to try in order: disk, 9p, vsock (comma-separated; vsock needs --host
+    /// and --digest).
+    #[arg(long, value_delimiter = ',', value_name = "disk|9p|vsock")]
+    source: Option<Vec<Source>>,
     /// Boot on when no bootstrap is found (default: a missing bootstrap is a failure).
     #[arg(long)]
     bootstrap_optional: bool,
     /// Filesystem label of the bootstrap disk (default BOOTLACE).
     #[arg(long)]
-    label: Option<String>,
+    label: Option<ExecString>,
     /// Mount tag of the bootstrap 9p share (default bootlace).
     #[arg(long)]
-    tag: Option<String>,
+    tag: Option<ExecString>,
     /// Host configuration manager to report to: vsock:2:PORT.
     #[arg(long)]
-    host: Option<String>,
+    host: Option<HostAddress>,
     /// Pinned digest of the vsock bundle: sha256:HEX (as `bootlace-image bundle` prints).
     #[arg(long)]
-    digest: Option<String>,
+    digest: Option<Sha256Digest>,
     /// Kernel module to load at boot (with its dependencies); repeatable.
     #[arg(long = "module")]
-    modules: Vec<String>,
+    modules: Vec<ModuleName>,
     /// Kernel module to copy in without loading it at boot; repeatable.
     #[arg(long = "extra-module")]
-    extra_modules: Vec<String>,
+    extra_modules: Vec<ModuleName>,
     /// Kernel release whose modules to copy (default: the only one under --modules-root).
     #[arg(long)]
     kernel_release: Option<String>,
     /// Directory of module trees.
     #[arg(long, default_value = "/lib/modules")]
     modules_root: PathBuf,
+}
+
+impl ConfigArgs {
+    /// The flags as typed overrides of the config.
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            log: self.log,
+            on_failure: self.on_failure,
+            handoff: self.handoff,
+            exec: self.exec.clone(),
+            modules: self.modules.clone(),
+            sources: self.source.clone(),
+            required: self.bootstrap_optional.then_some(false),
+            label: self.label.clone(),
+            tag: self.tag.clone(),
+            host: self.host,
+            digest: self.digest.clone(),
+            root: None,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -223,53 +249,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Applies the flags as `bootlace.*`-style overrides, through the init's own validation.
+/// The base config (a file or the defaults) with the flags applied.
 fn build_config(a: &ConfigArgs) -> anyhow::Result<InitConfig> {
     let mut cfg = match &a.config {
         Some(path) => InitConfig::read(path)?
             .ok_or_else(|| anyhow!("config file {} does not exist", path.display()))?,
         None => InitConfig::default(),
     };
-    let mut set = |key: &str, value: &str| -> anyhow::Result<()> {
-        let param = bootlace_init::cmdline::Param {
-            key: key.to_owned(),
-            value: Some(value.to_owned()),
-        };
-        cfg.apply_param(&param).map_err(|e| anyhow!("{e}"))
-    };
-    if let Some(v) = &a.handoff {
-        set("bootlace.handoff", v)?;
-    }
-    if let Some(v) = &a.exec {
-        set("bootlace.exec", v)?;
-    }
-    if let Some(v) = &a.on_failure {
-        set("bootlace.failure", v)?;
-    }
-    if let Some(v) = &a.log {
-        set("bootlace.log", v)?;
-    }
-    if !a.modules.is_empty() {
-        set("bootlace.modules", &a.modules.join(","))?;
-    }
-    if let Some(v) = &a.source {
-        set("bootlace.source", v)?;
-    }
-    if a.bootstrap_optional {
-        set("bootlace.bootstrap", "optional")?;
-    }
-    if let Some(v) = &a.label {
-        set("bootlace.label", v)?;
-    }
-    if let Some(v) = &a.tag {
-        set("bootlace.tag", v)?;
-    }
-    if let Some(v) = &a.host {
-        set("bootlace.host", v)?;
-    }
-    if let Some(v) = &a.digest {
-        set("bootlace.digest", v)?;
-    }
+    cfg.apply(&a.overrides());
     Ok(cfg)
 }
 
@@ -310,15 +297,10 @@ fn modules_for(
     if !wants_modules {
         return Ok(None);
     }
-    let extra = a
-        .extra_modules
-        .iter()
-        .map(|m| ModuleName::try_from(m.clone()).map_err(|e| anyhow!("--extra-module: {e}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Some(Modules {
         root: a.modules_root.clone(),
         release: kernel_release(a)?,
-        extra,
+        extra: a.extra_modules.clone(),
     }))
 }
 
@@ -358,7 +340,7 @@ fn initramfs_cmd(a: InitramfsArgs) -> anyhow::Result<()> {
 }
 
 fn bake_cmd(a: BakeArgs) -> anyhow::Result<()> {
-    use bootlace_image::bake::{self, BakeSpec, Compress as C, Format};
+    use bootlace_image::bake::{self, BakeSpec, Compression as C, Format};
     let format: Format = a.format.parse()?;
     let config = build_config(&a.cfg)?;
     let modules = modules_for(&a.cfg, &config, a.stage1)?;
@@ -404,8 +386,7 @@ fn bake_cmd(a: BakeArgs) -> anyhow::Result<()> {
         a.out.display(),
         m.format,
         m.fstype
-            .as_deref()
-            .filter(|f| *f != m.format)
+            .filter(|f| f.as_str() != m.format.as_str())
             .map(|f| format!(" of {f}"))
             .unwrap_or_default(),
         m.label

@@ -138,8 +138,8 @@ const INDEX_TYPES: &[&str] = &[
 ];
 
 /// How a layer blob is compressed, from its media type.
-fn layer_compression(media_type: &str) -> Option<bootlace_init::extract::Compression> {
-    use bootlace_init::extract::Compression as C;
+fn layer_compression(media_type: &str) -> Option<bootlace_contract::compression::Compression> {
+    use bootlace_contract::compression::Compression as C;
     let t = media_type.replace(".nondistributable", "");
     match t.as_str() {
         "application/vnd.oci.image.layer.v1.tar" => Some(C::None),
@@ -325,12 +325,15 @@ impl Image {
             bytes: 0,
         };
         let compression = layer_compression(&layer.media_type)
-            .unwrap_or(bootlace_init::extract::Compression::None);
+            .unwrap_or(bootlace_contract::compression::Compression::None);
         let origin = format!("layer {}", layer.digest);
         let result = unpack_stream(w, &mut h, compression, &origin);
         // Whatever happened, a digest mismatch is the clearer error: read the rest and check.
         let rest = io::copy(&mut h, &mut io::sink());
-        let actual = format!("sha256:{}", crate::meta::hex(&h.hash.finalize()));
+        let actual = format!(
+            "sha256:{}",
+            bootlace_contract::digest::hex(&h.hash.finalize())
+        );
         if rest.is_ok() && actual != layer.digest {
             return Err(self.mismatch(layer, "digest", layer.digest.clone(), actual));
         }
@@ -355,10 +358,10 @@ impl Image {
 pub fn unpack_stream<R: Read>(
     w: &mut Writer<'_>,
     r: R,
-    compression: bootlace_init::extract::Compression,
+    compression: bootlace_contract::compression::Compression,
     origin: &str,
 ) -> Result<(), StageError> {
-    use bootlace_init::extract::Compression as C;
+    use bootlace_contract::compression::Compression as C;
     let archive_err = |source| StageError::Archive {
         origin: origin.to_owned(),
         source,
@@ -465,7 +468,10 @@ fn read_json_blob(layout: &Path, d: &Descriptor) -> Result<Vec<u8>, OciError> {
             bytes.len().to_string(),
         ));
     }
-    let actual = format!("sha256:{}", crate::meta::hex(&Sha256::digest(&bytes)));
+    let actual = format!(
+        "sha256:{}",
+        bootlace_contract::digest::hex(&Sha256::digest(&bytes))
+    );
     if actual != d.digest {
         return Err(mismatch("digest", d.digest.clone(), actual));
     }
@@ -625,7 +631,7 @@ mod tests {
 
     #[test]
     fn media_types() {
-        use bootlace_init::extract::Compression as C;
+        use bootlace_contract::compression::Compression as C;
         assert_eq!(
             layer_compression("application/vnd.oci.image.layer.v1.tar+gzip"),
             Some(C::Gzip)

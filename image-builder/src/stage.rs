@@ -1092,7 +1092,7 @@ pub fn digest_dir(src: &Path, cancel: &std::sync::atomic::AtomicBool) -> io::Res
             } else if ft.is_file() {
                 let mut fh = Sha256::new();
                 io::copy(&mut std::fs::File::open(&host)?, &mut fh)?;
-                h.update(crate::meta::hex(&fh.finalize()).as_bytes());
+                h.update(bootlace_contract::digest::hex(&fh.finalize()).as_bytes());
             }
             h.update(b"\n");
             if ft.is_dir() {
@@ -1103,7 +1103,10 @@ pub fn digest_dir(src: &Path, cancel: &std::sync::atomic::AtomicBool) -> io::Res
     }
     let mut h = Sha256::new();
     walk(src, "", &mut h, cancel)?;
-    Ok(format!("sha256:{}", crate::meta::hex(&h.finalize())))
+    Ok(format!(
+        "sha256:{}",
+        bootlace_contract::digest::hex(&h.finalize())
+    ))
 }
 
 #[cfg(test)]

@@ -5,9 +5,9 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
+use bootlace_contract::config::{InitConfig, ModuleName};
 use bootlace_image::cpio::{self, Kind};
 use bootlace_image::initramfs::{build, Compression, Modules, Spec};
-use bootlace_init::config::{InitConfig, ModuleName};
 
 fn write(path: &Path, data: &[u8], mode: u32) {
     std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");

@@ -11,17 +11,17 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
-use bootlace_agent::manifest::{Frequency, Manifest, Mount, OnFailure, TmpfsMount};
-use bootlace_agent::types::TargetPath;
+use bootlace_contract::manifest::{Frequency, Manifest, Mount, OnFailure, TmpfsMount};
+use bootlace_contract::types::TargetPath;
 
 use crate::blkprobe;
 use crate::boot::handoff_env;
-use crate::bootstrap::fs_modules;
-use crate::config::InitConfig;
 use crate::modload::{ModLoadError, ModuleLoader};
 use crate::supervise::{self, StepEnd};
 use crate::sys::root::{fd_path, Root, RootError};
 use crate::sys::{self, Ended, Flags};
+use bootlace_contract::config::InitConfig;
+use bootlace_contract::drivers;
 
 /// How long a `disk` mount waits for its device to appear.
 const DISK_WAIT: Duration = Duration::from_secs(5);
@@ -393,9 +393,7 @@ fn apply_mount(
             log::info!("{origin}: tmpfs on {path} ({copied} default entries copied)");
         }
         Mount::Disk(d) => {
-            loader.load_best_effort(crate::bootstrap::source_modules(
-                crate::config::Source::Disk,
-            ));
+            loader.load_best_effort(drivers::source(bootlace_contract::config::Source::Disk));
             let find = || {
                 blkprobe::scan(Path::new("/sys/class/block"), Path::new("/dev"))
                     .into_iter()
@@ -422,7 +420,7 @@ fn apply_mount(
                     source: None,
                 });
             };
-            loader.load_best_effort(fs_modules(fstype));
+            loader.load_best_effort(drivers::filesystem(fstype));
             let what = format!("{} ({})", dev.display(), fstype.as_str());
             sys::mount(
                 &dev.to_string_lossy(),
@@ -435,9 +433,7 @@ fn apply_mount(
             log::info!("{origin}: {what} on {path}");
         }
         Mount::NineP(n) => {
-            loader.load_best_effort(crate::bootstrap::source_modules(
-                crate::config::Source::NineP,
-            ));
+            loader.load_best_effort(drivers::source(bootlace_contract::config::Source::NineP));
             let what = format!("9p share {:?}", n.tag.as_str());
             sys::mount(
                 n.tag.as_str(),

@@ -11,33 +11,7 @@ use std::path::{Path, PathBuf};
 /// is at 32768).
 pub const PROBE_BYTES: usize = 64 * 1024;
 
-/// A recognised filesystem type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsType {
-    /// ext2, ext3 or ext4: they share the superblock and the ext4 driver mounts all three.
-    Ext4,
-    /// EROFS.
-    Erofs,
-    /// FAT12, FAT16 or FAT32.
-    Vfat,
-    /// ISO 9660.
-    Iso9660,
-    /// squashfs (which has no label).
-    Squashfs,
-}
-
-impl FsType {
-    /// The kernel's name for the type, as given to mount(2).
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            FsType::Ext4 => "ext4",
-            FsType::Erofs => "erofs",
-            FsType::Vfat => "vfat",
-            FsType::Iso9660 => "iso9660",
-            FsType::Squashfs => "squashfs",
-        }
-    }
-}
+pub use bootlace_contract::fs::FsType;
 
 /// What [`probe`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,7 +232,7 @@ mod tests {
     #[test]
     fn mount_type_names() {
         let all = [Ext4, Erofs, Vfat, Iso9660, Squashfs];
-        let names: Vec<_> = all.iter().map(FsType::as_str).collect();
+        let names: Vec<_> = all.iter().map(|t| t.as_str()).collect();
         assert_eq!(names, ["ext4", "erofs", "vfat", "iso9660", "squashfs"]);
     }
 

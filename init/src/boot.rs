@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::bootstrap::{self, BootstrapError};
-use crate::config::{self, ConfigError, FailurePolicy, HandoffMode, InitConfig};
 use crate::hostlink::HostLink;
 use crate::modload::{ModLoadError, ModuleLoader};
 use crate::mounts::{self, MountError};
 use crate::supervise::{self, AppEnd};
 use crate::{logger, sys};
-use bootlace_agent::protocol::Kind;
-use bootlace_agent::report;
+use bootlace_contract::config::{self, ConfigError, FailurePolicy, HandoffMode, InitConfig};
+use bootlace_contract::protocol::Kind;
+use bootlace_contract::status::{self, ExitStatus};
 
 /// The init's version, printed at start.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -65,10 +65,10 @@ pub enum BootError {
 
 impl BootError {
     /// The status reported when this error ends the boot.
-    pub fn status(&self) -> u8 {
+    pub fn status(&self) -> ExitStatus {
         match self {
-            BootError::Cmdline(_) | BootError::Config(_) => report::STATUS_CONFIG,
-            BootError::Bootstrap(e) if e.is_config() => report::STATUS_CONFIG,
+            BootError::Cmdline(_) | BootError::Config(_) => ExitStatus::Config,
+            BootError::Bootstrap(e) if e.is_config() => ExitStatus::Config,
             BootError::Exec { source, .. } => supervise::spawn_error_status(source),
             BootError::Mount(_)
             | BootError::Modules(_)
@@ -76,22 +76,12 @@ impl BootError {
             | BootError::Host(_)
             | BootError::Supervise(_)
             | BootError::Stage1(_)
-            | BootError::Writable(_) => report::STATUS_BOOT_STEP,
+            | BootError::Writable(_) => ExitStatus::BootStep,
         }
     }
 }
 
-/// An error and its sources on one line: `modules: load x from y: No such file or directory`.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
-}
+pub use bootlace_contract::chain;
 
 /// CLOCK_BOOTTIME stamps of the boot's milestones.
 #[derive(Debug, Default, Clone)]
@@ -121,8 +111,8 @@ impl Timeline {
 }
 
 /// Prints the power-off line and powers off.
-pub fn finish(status: u8, summary: &str) -> ! {
-    logger::line(&report::line(status, summary));
+pub fn finish(status: ExitStatus, summary: &str) -> ! {
+    logger::line(&status::line(status, summary));
     sys::power_off()
 }
 
@@ -131,7 +121,7 @@ pub fn finish(status: u8, summary: &str) -> ! {
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         logger::line(&format!("error: bootlace-init panicked: {info}"));
-        finish(report::STATUS_INTERNAL, "bootlace-init panicked")
+        finish(ExitStatus::Internal, "bootlace-init panicked")
     }));
 }
 
@@ -238,6 +228,7 @@ pub fn pid1() -> ! {
     let loaded = config::load(
         Path::new(config::CONFIG_PATH),
         cmdline.as_deref().unwrap_or(""),
+        config::IfMissing::Defaults,
     );
     log::set_max_level(loaded.config.log.filter());
     timeline.mark("config");

@@ -6,64 +6,19 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bootlace_agent::manifest::{Manifest, ManifestError, MANIFEST_NAME};
+use bootlace_contract::drivers;
+use bootlace_contract::manifest::{Manifest, ManifestError, MANIFEST_NAME};
 
 use crate::apply::{self, Applied, ApplyError};
 use crate::blkprobe::{self, FsType};
 use crate::boot::Timeline;
-use crate::config::{Bootstrap, InitConfig, Source};
 use crate::hostlink::HostLink;
 use crate::modload::ModuleLoader;
 use crate::sys::{self, root::Root, Flags};
+use bootlace_contract::config::{Bootstrap, InitConfig, Source};
 
 /// Where the bootstrap filesystem is mounted while its manifest runs.
 pub const BOOTSTRAP_DIR: &str = "/.bootstrap";
-
-/// Drivers each source needs before its devices can appear.
-pub fn source_modules(source: Source) -> &'static [&'static str] {
-    match source {
-        Source::Disk => &["virtio_pci", "virtio_blk"],
-        Source::NineP => &["virtio_pci", "9pnet_virtio", "9p"],
-        Source::Vsock => crate::hostlink::VSOCK_MODULES,
-    }
-}
-
-/// Modules a filesystem type needs (none when built in).
-pub fn fs_modules(fstype: FsType) -> &'static [&'static str] {
-    match fstype {
-        // Built into some kernels, a module in others (Debian 12's 6.1): the loader skips
-        // built-in ones.
-        // ext4 and erofs (through libcrc32c) need the crc32c algorithm, a soft dependency
-        // (`crypto-crc32c`) that modules.dep does not list: name its generic driver.
-        FsType::Ext4 => &["crc32c_generic", "ext4"],
-        FsType::Erofs => &["crc32c_generic", "erofs"],
-        FsType::Vfat => &["vfat", "nls_cp437", "nls_ascii"],
-        FsType::Iso9660 => &["isofs"],
-        FsType::Squashfs => &["squashfs"],
-    }
-}
-
-/// Every module a bootstrap from these sources may need (what the image builder copies in).
-pub fn all_modules(sources: &[Source]) -> Vec<&'static str> {
-    let mut out: Vec<&'static str> = Vec::new();
-    for s in sources {
-        out.extend(source_modules(*s));
-        if *s == Source::Disk {
-            for fs in [
-                FsType::Ext4,
-                FsType::Erofs,
-                FsType::Vfat,
-                FsType::Iso9660,
-                FsType::Squashfs,
-            ] {
-                out.extend(fs_modules(fs));
-            }
-        }
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    out.retain(|m| seen.insert(*m));
-    out
-}
 
 /// Why the bootstrap failed. Messages name the step, device and path.
 #[derive(Debug, thiserror::Error)]
@@ -244,7 +199,7 @@ pub fn find(
             probed.push("vsock (no host connected)".to_owned());
             continue;
         }
-        let loaded = loader.load_best_effort(source_modules(source));
+        let loaded = loader.load_best_effort(drivers::source(source));
         if !loaded.is_empty() {
             log::debug!("{} source: loaded {}", source.as_str(), loaded.join(" "));
         }
@@ -312,7 +267,7 @@ fn mount(
     };
     match found {
         Found::Disk { dev, fstype } => {
-            loader.load_best_effort(fs_modules(*fstype));
+            loader.load_best_effort(drivers::filesystem(*fstype));
             let dev = dev.to_string_lossy();
             sys::mount(&dev, dir, fstype.as_str(), flags, c"").map_err(err)
         }
@@ -365,14 +320,12 @@ fn fetch_and_unpack(config: &InitConfig, link: &mut HostLink) -> Result<(), Boot
             pinned: pinned.hex().to_owned(),
         });
     }
-    let compression: crate::extract::Compression =
-        got.header
-            .compression
-            .parse()
-            .map_err(|e: String| BootstrapError::Mount {
-                what: format!("bundle compression {:?}", got.header.compression),
-                source: std::io::Error::other(e),
-            })?;
+    let compression: crate::extract::Compression = got.header.compression.parse().map_err(
+        |e: bootlace_contract::compression::UnknownCompression| BootstrapError::Mount {
+            what: format!("bundle compression {:?}", got.header.compression),
+            source: std::io::Error::other(e),
+        },
+    )?;
     let opts = std::ffi::CString::new(format!("mode=0700,size={}", max.saturating_add(1 << 20)))
         .map_err(|e| BootstrapError::Mount {
             what: "tmpfs".to_owned(),

@@ -29,9 +29,7 @@
 //! are verified; an archive that ends without the marker is an error.
 
 use std::cell::Cell;
-use std::fmt;
 use std::io::{self, BufRead, BufReader, Read};
-use std::str::FromStr;
 
 use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
 use ruzstd::decoding::{BlockDecodingStrategy, FrameDecoder};
@@ -39,59 +37,7 @@ use tar::EntryType;
 
 use crate::sys::root::{Root, RootError};
 
-/// How a bundle is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    /// A plain tar stream.
-    None,
-    /// gzip (concatenated members are accepted, as `gunzip` does).
-    Gzip,
-    /// Zstandard (several frames and skippable frames are accepted, as `zstd -d` does).
-    Zstd,
-}
-
-impl Compression {
-    /// The name: `none`, `gzip` or `zstd`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Compression::None => "none",
-            Compression::Gzip => "gzip",
-            Compression::Zstd => "zstd",
-        }
-    }
-}
-
-impl fmt::Display for Compression {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Compression {
-    type Err = String;
-    /// `none`, `gzip` or `zstd`; the error says what was expected.
-    fn from_str(s: &str) -> Result<Compression, String> {
-        match s {
-            "none" => Ok(Compression::None),
-            "gzip" => Ok(Compression::Gzip),
-            "zstd" => Ok(Compression::Zstd),
-            other => Err(format!(
-                "unknown bundle compression {other:?} (expected none, gzip or zstd)"
-            )),
-        }
-    }
-}
-
-/// The compression the first bytes of a stream show: gzip (`1f 8b`), zstd (`28 b5 2f fd`, or
-/// a skippable frame `5x 2a 4d 18` as `pzstd` writes first), otherwise [`Compression::None`].
-pub fn sniff(first_bytes: &[u8]) -> Compression {
-    match first_bytes {
-        [0x1f, 0x8b, ..] => Compression::Gzip,
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
-        [m, 0x2a, 0x4d, 0x18, ..] if m & 0xf0 == 0x50 => Compression::Zstd,
-        _ => Compression::None,
-    }
-}
+pub use bootlace_contract::compression::{sniff, Compression};
 
 /// Allowance per entry, in the decompressed stream, for what is not file data: the header, the
 /// padding to 512 bytes, GNU long name/link and pax headers.

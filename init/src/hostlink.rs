@@ -6,14 +6,11 @@
 use std::time::Duration;
 
 use bootlace_agent::client::{Client, ClientError, Connector, Retry, Stream};
-use bootlace_agent::protocol::Kind;
+use bootlace_contract::protocol::Kind;
 
-use crate::config::Host;
 use crate::modload::ModuleLoader;
 use crate::sys;
-
-/// The drivers a guest needs to reach its host over vsock.
-pub const VSOCK_MODULES: &[&str] = &["virtio_pci", "vmw_vsock_virtio_transport"];
+use bootlace_contract::config::Host;
 
 /// The link (possibly absent).
 #[derive(Debug, Default)]
@@ -52,7 +49,7 @@ impl HostLink {
         let Some(addr) = cfg.address else {
             return Ok(HostLink::none());
         };
-        loader.load_best_effort(VSOCK_MODULES);
+        loader.load_best_effort(bootlace_contract::drivers::VSOCK);
         let io_timeout = Duration::from_millis(cfg.io_timeout_ms.max(1));
         let connector: Connector = Box::new(move |left: Duration| {
             sys::vsock_connect(addr.cid, addr.port, left.min(io_timeout), io_timeout)

@@ -1,5 +1,8 @@
 //! `bootlace-init`: as PID 1 it boots the guest and never returns; run by hand it checks a
 //! configuration (`bootlace-init check [--config FILE] [--cmdline LINE]`).
+//!
+//! Exit codes when run by hand: 0 the configuration is valid (it is printed), 1 it is refused
+//! (the reason is printed), 2 the command line is wrong.
 
 #![deny(
     unsafe_code,
@@ -9,53 +12,104 @@
     clippy::indexing_slicing
 )]
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use bootlace_init::{boot, config};
+use bootlace_contract::config::{self, IfMissing};
+use bootlace_init::boot;
 
 const USAGE: &str = "\
-usage: bootlace-init                 (as PID 1: boot this machine)
+usage: bootlace-init                 as PID 1: boot this machine
        bootlace-init check [--config FILE] [--cmdline LINE]
                                      print the effective configuration, or why it is refused
-       bootlace-init --version";
+                                     (FILE defaults to /etc/bootlace/init.toml, where a missing
+                                     file means the built-in defaults; a FILE named that does
+                                     not exist is an error)
+       bootlace-init --version
+       bootlace-init --help
+
+exit codes: 0 valid, 1 refused, 2 usage error";
+
+/// A command line that is not one of the forms in [`USAGE`].
+#[derive(Debug)]
+struct Usage(String);
+
+/// What was asked for.
+#[derive(Debug)]
+enum Request {
+    Help,
+    Version,
+    Check {
+        config: Option<PathBuf>,
+        cmdline: String,
+    },
+}
 
 fn main() -> ExitCode {
     if bootlace_init::sys::is_pid1() {
         boot::pid1();
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("--version") => {
+    match parse(std::env::args_os().skip(1).collect()) {
+        Ok(Request::Help) => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Ok(Request::Version) => {
             println!("bootlace-init {}", boot::VERSION);
             ExitCode::SUCCESS
         }
-        Some("check") => check(args.get(1..).unwrap_or_default()),
-        _ => {
-            eprintln!("bootlace-init: not PID 1\n{USAGE}");
+        Ok(Request::Check { config, cmdline }) => check(config, &cmdline),
+        Err(Usage(why)) => {
+            eprintln!("bootlace-init: {why}\n{USAGE}");
             ExitCode::from(2)
         }
     }
 }
 
-fn check(args: &[String]) -> ExitCode {
-    let mut path = PathBuf::from(config::CONFIG_PATH);
-    let mut cmdline = String::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match (a.as_str(), it.next()) {
-            ("--config", Some(v)) => path = PathBuf::from(v),
-            ("--cmdline", Some(v)) => cmdline = v.clone(),
-            _ => {
-                eprintln!("{USAGE}");
-                return ExitCode::from(2);
-            }
+fn parse(args: Vec<OsString>) -> Result<Request, Usage> {
+    let utf8 = |a: OsString| {
+        a.into_string()
+            .map_err(|a| Usage(format!("argument {a:?} is not UTF-8")))
+    };
+    let mut it = args.into_iter();
+    let first = match it.next() {
+        None => return Err(Usage("not PID 1: nothing to do".to_owned())),
+        Some(a) => utf8(a)?,
+    };
+    match first.as_str() {
+        "--help" | "-h" | "help" => return Ok(Request::Help),
+        "--version" | "-V" => return Ok(Request::Version),
+        "check" => {}
+        other => return Err(Usage(format!("unknown command {other:?}"))),
+    }
+    let (mut config, mut cmdline) = (None, String::new());
+    while let Some(flag) = it.next() {
+        let flag = utf8(flag)?;
+        if flag == "--help" || flag == "-h" {
+            return Ok(Request::Help);
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| Usage(format!("{flag} needs a value")))?;
+        match flag.as_str() {
+            "--config" => config = Some(PathBuf::from(value)),
+            "--cmdline" => cmdline = utf8(value)?,
+            _ => return Err(Usage(format!("unknown option {flag:?}"))),
         }
     }
-    let loaded = config::load(&path, &cmdline);
+    Ok(Request::Check { config, cmdline })
+}
+
+fn check(path: Option<PathBuf>, cmdline: &str) -> ExitCode {
+    let (path, if_missing) = match path {
+        Some(p) => (p, IfMissing::Error),
+        None => (PathBuf::from(config::CONFIG_PATH), IfMissing::Defaults),
+    };
+    let loaded = config::load(&path, cmdline, if_missing);
     match loaded.error {
         Some(e) => {
-            eprintln!("bootlace-init: {}", boot::chain(&e));
+            eprintln!("bootlace-init: {}", bootlace_contract::chain(&e));
             ExitCode::FAILURE
         }
         None => {

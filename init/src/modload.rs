@@ -4,8 +4,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::kmod::{KmodError, ModuleIndex, Resolved};
 use crate::sys;
+use bootlace_contract::kmod::{KmodError, ModuleIndex, Resolved};
 
 /// A module that could not be loaded.
 #[derive(Debug, thiserror::Error)]

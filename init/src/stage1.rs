@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::blkprobe::{self, FsType};
-use crate::bootstrap::{fs_modules, source_modules};
-use crate::config::{RootSpec, Source, Stage1};
 use crate::modload::ModuleLoader;
 use crate::mounts;
 use crate::sys::{self, root::Root, Flags};
+use bootlace_contract::config::{RootSpec, Source, Stage1};
+use bootlace_contract::drivers;
 
 /// Where the real root is mounted before the switch.
 pub const SYSROOT: &str = "/sysroot";
@@ -143,7 +143,7 @@ pub fn switch_root(cfg: &Stage1, loader: &mut ModuleLoader) -> Stage1Error {
 
 fn prepare(cfg: &Stage1, loader: &mut ModuleLoader) -> Result<Found, Stage1Error> {
     let spec = cfg.root.as_ref().ok_or(Stage1Error::NoRoot)?;
-    let loaded = loader.load_best_effort(source_modules(Source::Disk));
+    let loaded = loader.load_best_effort(drivers::source(Source::Disk));
     if !loaded.is_empty() {
         log::debug!("stage1: loaded {}", loaded.join(" "));
     }
@@ -162,7 +162,7 @@ fn prepare(cfg: &Stage1, loader: &mut ModuleLoader) -> Result<Found, Stage1Error
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     };
-    loader.load_best_effort(fs_modules(found.fstype));
+    loader.load_best_effort(drivers::filesystem(found.fstype));
     let read_only = !(cfg.read_write && found.fstype == FsType::Ext4);
     if let Err(e) = std::fs::create_dir(SYSROOT) {
         if e.kind() != io::ErrorKind::AlreadyExists {

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use crate::config::Command;
 use crate::sys::{self, Ended};
-use bootlace_agent::report;
+use bootlace_contract::config::Command;
+use bootlace_contract::status::ExitStatus;
 
 /// How the application ended.
 #[derive(Debug)]
@@ -29,10 +29,10 @@ pub enum AppEnd {
 
 impl AppEnd {
     /// The status reported on the console and to the host.
-    pub fn status(&self) -> u8 {
+    pub fn status(&self) -> ExitStatus {
         match self {
-            AppEnd::Ended(Ended::Exited(code)) => report::exit_code_status(*code),
-            AppEnd::Ended(Ended::Signaled(sig)) => report::signal_status(*sig),
+            AppEnd::Ended(Ended::Exited(code)) => ExitStatus::from_exit_code(*code),
+            AppEnd::Ended(Ended::Signaled(sig)) => ExitStatus::Signaled(*sig),
             AppEnd::SpawnFailed(e) => spawn_error_status(e),
         }
     }
@@ -54,11 +54,11 @@ impl AppEnd {
 }
 
 /// The status for a command that could not be executed: 127 when it does not exist, else 126.
-pub fn spawn_error_status(e: &io::Error) -> u8 {
+pub fn spawn_error_status(e: &io::Error) -> ExitStatus {
     if e.kind() == io::ErrorKind::NotFound {
-        report::STATUS_NOT_FOUND
+        ExitStatus::NotFound
     } else {
-        report::STATUS_CANNOT_EXEC
+        ExitStatus::CannotExec
     }
 }
 

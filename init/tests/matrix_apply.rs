@@ -9,9 +9,9 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use bootlace_contract::config::InitConfig;
 use bootlace_init::boot::chain;
 use bootlace_init::bootstrap::{self, BootstrapError};
-use bootlace_init::config::InitConfig;
 use bootlace_init::modload::ModuleLoader;
 use bootlace_init::sys::root::Root;
 

@@ -8,9 +8,9 @@ use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bootlace_agent::manifest::Manifest;
+use bootlace_contract::config::InitConfig;
+use bootlace_contract::manifest::Manifest;
 use bootlace_init::apply;
-use bootlace_init::config::InitConfig;
 use bootlace_init::modload::ModuleLoader;
 use bootlace_init::sys::root::{Root, RootError};
 

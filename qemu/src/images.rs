@@ -7,52 +7,10 @@
 //! exists, else the highest version (numeric parts compared as numbers: `1.10` > `1.9`).
 
 use std::cmp::Ordering;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
-
-/// Suffix of the metadata files.
-pub const META_SUFFIX: &str = ".meta.json";
-
-/// The fields of an image's metadata that booting needs (the file has more; they are ignored).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct ImageMeta {
-    /// Metadata schema version; 1.
-    pub schema: u32,
-    /// The image's name.
-    pub name: String,
-    /// Its version.
-    pub version: String,
-    /// `initramfs`, `erofs`, `ext4`, `squashfs` or `qcow2`.
-    pub format: String,
-    /// The image file, relative to the metadata's directory.
-    pub file: String,
-    /// sha256 of the image file, hex.
-    pub sha256: String,
-    /// The filesystem inside a disk image.
-    #[serde(default)]
-    pub fstype: Option<String>,
-    /// The filesystem label of a disk image.
-    #[serde(default)]
-    pub label: Option<String>,
-    /// Whether this is a stage-1 initramfs (boots disk-root images).
-    #[serde(default)]
-    pub stage1: bool,
-}
-
-impl ImageMeta {
-    /// Whether the image is a root filesystem on a disk (it needs a stage-1 initramfs).
-    pub fn is_disk(&self) -> bool {
-        self.format != "initramfs"
-    }
-
-    /// `name@version`.
-    pub fn id(&self) -> String {
-        format!("{}@{}", self.name, self.version)
-    }
-}
+pub use bootlace_contract::image::ImageMeta;
+use bootlace_contract::image::SUFFIX as META_SUFFIX;
 
 /// Why no image could be chosen.
 #[derive(Debug, thiserror::Error)]
@@ -104,34 +62,67 @@ impl Entry {
             .join(&self.meta.file)
     }
 
-    /// Checks the image file against the recorded sha256 and size of nothing else; `Err`
-    /// says what is wrong.
-    pub fn verify(&self) -> Result<(), String> {
+    /// Checks the image file against the recorded sha256 and size.
+    pub fn verify(&self) -> Result<(), Damaged> {
         let path = self.path();
-        let mut f = std::fs::File::open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            h.update(buf.get(..n).unwrap_or_default());
+        let io = |source| Damaged::Unreadable {
+            path: path.clone(),
+            source,
+        };
+        let f = std::fs::File::open(&path).map_err(io)?;
+        let (got, size) =
+            bootlace_contract::digest::of_reader(std::io::BufReader::with_capacity(1 << 20, f))
+                .map_err(io)?;
+        if !got.matches_hex(&self.meta.sha256) {
+            return Err(Damaged::Digest {
+                path,
+                got: got.hex().to_owned(),
+                want: self.meta.sha256.clone(),
+            });
         }
-        let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        if got.eq_ignore_ascii_case(&self.meta.sha256) {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} has sha256 {got}, its metadata says {}",
-                path.display(),
-                self.meta.sha256
-            ))
+        if size != self.meta.size {
+            return Err(Damaged::Size {
+                path,
+                got: size,
+                want: self.meta.size,
+            });
         }
+        Ok(())
     }
+}
+
+/// An image file that does not match its metadata.
+#[derive(Debug, thiserror::Error)]
+pub enum Damaged {
+    /// It cannot be read.
+    #[error("cannot read {}", path.display())]
+    Unreadable {
+        /// The image file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Its sha256 is not the recorded one.
+    #[error("{} has sha256 {got}, its metadata says {want}", path.display())]
+    Digest {
+        /// The image file.
+        path: PathBuf,
+        /// What it has.
+        got: String,
+        /// What the metadata says.
+        want: String,
+    },
+    /// Its size is not the recorded one.
+    #[error("{} has {got} bytes, its metadata says {want}", path.display())]
+    Size {
+        /// The image file.
+        path: PathBuf,
+        /// What it has.
+        got: u64,
+        /// What the metadata says.
+        want: u64,
+    },
 }
 
 /// The images of `dir` (every `*.meta.json` that parses; the others are returned as
@@ -153,24 +144,9 @@ pub fn catalog(dir: &Path) -> Result<(Vec<Entry>, Vec<String>), ImagesError> {
         .collect();
     names.sort();
     for meta_path in names {
-        let parsed = std::fs::read(&meta_path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<ImageMeta>(&b).map_err(|e| e.to_string()));
-        match parsed {
-            Ok(meta) if meta.schema != 1 => warnings.push(format!(
-                "{}: metadata schema {} is not supported; skipped",
-                meta_path.display(),
-                meta.schema
-            )),
-            Ok(meta) if meta.file.contains('/') || meta.file.starts_with('.') => {
-                warnings.push(format!(
-                    "{}: file {:?} is not a plain file name beside it; skipped",
-                    meta_path.display(),
-                    meta.file
-                ))
-            }
+        match ImageMeta::read(&meta_path) {
             Ok(meta) => entries.push(Entry { meta_path, meta }),
-            Err(e) => warnings.push(format!("{}: {e}; skipped", meta_path.display())),
+            Err(e) => warnings.push(format!("{}; skipped", bootlace_contract::chain(&e))),
         }
     }
     Ok((entries, warnings))
@@ -250,7 +226,9 @@ pub fn choose(dir: &Path, name: &str, version: Option<&str>) -> Result<Chosen, I
                         warnings,
                     })
                 }
-                Err(why) => warnings.push(format!("{name}@{v}: {why}")),
+                Err(why) => {
+                    warnings.push(format!("{name}@{v}: {}", bootlace_contract::chain(&why)))
+                }
             },
             None => warnings.push(format!("{name}@{v}: no such version in {}", dir.display())),
         }
@@ -260,9 +238,12 @@ pub fn choose(dir: &Path, name: &str, version: Option<&str>) -> Result<Chosen, I
         .iter()
         .find(|e| e.meta.version == default)
         .ok_or_else(|| not_found(format!("its default version {default} has no metadata")))?;
-    entry
-        .verify()
-        .map_err(|why| not_found(format!("default version {default}: {why}")))?;
+    entry.verify().map_err(|why| {
+        not_found(format!(
+            "default version {default}: {}",
+            bootlace_contract::chain(&why)
+        ))
+    })?;
     if let Some(v) = version {
         warnings.push(format!(
             "booting the default version {name}@{default} instead of {v}"
@@ -306,7 +287,7 @@ pub fn stage1(dir: &Path) -> Result<Entry, ImagesError> {
     for e in entries {
         match e.verify() {
             Ok(()) => return Ok(e),
-            Err(w) => why.push(w),
+            Err(w) => why.push(bootlace_contract::chain(&w)),
         }
     }
     Err(ImagesError::NotFound {
@@ -342,21 +323,35 @@ mod tests {
     }
 
     fn write_image(dir: &Path, name: &str, version: &str, body: &[u8], stage1: bool) {
+        use bootlace_contract::image::{Format, InitInfo};
         let file = format!("{name}-{version}.img");
         std::fs::write(dir.join(&file), body).expect("write");
-        let sha: String = Sha256::digest(body)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let meta = serde_json::json!({
-            "schema": 1, "name": name, "version": version, "format": "initramfs",
-            "file": file, "sha256": sha, "stage1": stage1, "extra": "ignored",
-        });
-        std::fs::write(
-            dir.join(format!("{file}{META_SUFFIX}")),
-            serde_json::to_vec(&meta).expect("json"),
-        )
-        .expect("write");
+        let meta = ImageMeta {
+            schema: bootlace_contract::image::SCHEMA,
+            name: name.to_owned(),
+            version: version.to_owned(),
+            format: Format::Initramfs,
+            file: file.clone(),
+            sha256: bootlace_contract::digest::of_bytes(body).hex().to_owned(),
+            size: body.len() as u64,
+            fstype: None,
+            label: None,
+            stage1,
+            read_only: false,
+            writable: Vec::new(),
+            inputs: Vec::new(),
+            init: InitInfo {
+                path: "/sbin/bootlace-init".to_owned(),
+                version: "0".to_owned(),
+                sha256: "00".repeat(32),
+            },
+            kernel_release: None,
+            modules: Vec::new(),
+            source_date_epoch: 0,
+            built: bootlace_contract::image::rfc3339(0),
+            tool_versions: Default::default(),
+        };
+        std::fs::write(dir.join(format!("{file}{META_SUFFIX}")), meta.to_json()).expect("write");
     }
 
     #[test]

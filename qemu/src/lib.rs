@@ -241,11 +241,10 @@ pub fn boot_image(
             m.format
         ),
     })?;
-    let fstype = m.fstype.as_deref().unwrap_or(m.format.as_str());
-    let writable = fstype == "ext4";
+    let writable = m.fstype == Some(bootlace_contract::fs::FsType::Ext4);
     spec.root_disk = Some(RootDisk {
         path: image.path(),
-        qcow2: m.format == "qcow2",
+        qcow2: m.format == bootlace_contract::image::Format::Qcow2,
         read_only: !writable,
         snapshot: writable,
     });
@@ -518,7 +517,7 @@ pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
             .unwrap_or_default()
     };
     let console = text(&console);
-    let exit_status = bootlace_agent::report::parse_exit_status(&console);
+    let exit_status = bootlace_contract::status::parse_exit_status(&console);
     let end = match status {
         None => End::TimedOut,
         Some(s) if !s.success() => {

@@ -106,7 +106,7 @@ struct RunArgs {
     #[arg(long)]
     host_agent: bool,
     /// The port the guest dials for its host agent.
-    #[arg(long, default_value_t = bootlace_agent::protocol::DEFAULT_PORT)]
+    #[arg(long, default_value_t = bootlace_contract::protocol::DEFAULT_PORT)]
     host_port: u32,
     /// Make the host agent misbehave on purpose (repeatable); `--help` lists the kinds.
     #[arg(long = "fault", value_name = "KIND[=ARG]", value_parser = parse_fault,

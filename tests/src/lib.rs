@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use bootlace_contract::config::InitConfig;
 use bootlace_image::initramfs::{self, Compression, Modules, Spec};
-use bootlace_init::config::InitConfig;
 use bootlace_vm::{kernel, Outcome, VmSpec};
 
 /// The workspace root.

@@ -1,7 +1,9 @@
 //! VM tests of the foundation: real QEMU guests booting the Debian kernel with bootlace-init as
 //! PID 1 from a baked initramfs.
 
-use bootlace_init::config::{Command, EnvName, ExecString, HandoffMode, InitConfig, ModuleName};
+use bootlace_contract::config::{
+    Command, EnvName, ExecString, HandoffMode, InitConfig, ModuleName,
+};
 use bootlace_tests::{artifact, bake, boot, busybox_rootfs, probe_value, scratch, tail};
 use bootlace_vm::End;
 
@@ -170,7 +172,7 @@ exit 1
     )
     .expect("app");
     let config = InitConfig {
-        handoff: bootlace_init::config::Handoff {
+        handoff: bootlace_contract::config::Handoff {
             mode: HandoffMode::Supervise,
             command: command(&["/bin/sh", "/app.sh"]),
             shutdown_grace_ms: 3000,

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use bootlace_init::config::{Command as Argv, InitConfig, Source};
+use bootlace_contract::config::{Command as Argv, InitConfig, Source};
 use bootlace_tests::{bake, boot_with, probe_rootfs, probe_value, run_tool, scratch, tail};
 use bootlace_vm::{Disk, End, Outcome, Share};
 
@@ -157,7 +157,7 @@ fn disk_bootstrap_end_to_end() {
 fn bad_manifests_are_reported_and_change_nothing() {
     let dir = scratch().expect("scratch");
     let mut cfg = config(&[Source::NineP]);
-    cfg.on_failure = bootlace_init::config::FailurePolicy::Continue;
+    cfg.on_failure = bootlace_contract::config::FailurePolicy::Continue;
     let img = image(dir.path(), cfg);
     let cases: &[(&str, &str, &str)] = &[
         (

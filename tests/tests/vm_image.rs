@@ -10,10 +10,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use bootlace_contract::config::{Command as Argv, HandoffMode, InitConfig};
 use bootlace_image::bake::{self, BakeSpec, Format};
 use bootlace_image::fsimage::FsFormat;
 use bootlace_image::initramfs::Modules;
-use bootlace_init::config::{Command as Argv, HandoffMode, InitConfig};
 use bootlace_tests::{artifact, probe_rootfs, probe_value, scratch, tail, test_kernel, workspace};
 use bootlace_vm::{images, Outcome, VmSpec};
 

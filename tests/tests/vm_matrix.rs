@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bootlace_agent::host::{hybrid_path, BundleSource, Event, Faults, GuestEvent, Host};
-use bootlace_agent::protocol::Kind;
-use bootlace_image::bundle::{self, BundleFormat};
-use bootlace_init::config::{
+use bootlace_contract::config::{
     Command as Argv, FailurePolicy, HandoffMode, HostAddress, InitConfig, Sha256Digest, Source,
 };
+use bootlace_contract::protocol::Kind;
+use bootlace_image::bundle::{self, BundleFormat};
 use bootlace_tests::{
     bake, boot_with, busybox_rootfs, probe_rootfs, probe_value, scratch, tail, test_disk,
     tree_snapshot, workspace, TestDisk,

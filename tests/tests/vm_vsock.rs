@@ -7,9 +7,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use bootlace_agent::host::{hybrid_path, BundleSource, Event, GuestEvent, Host};
-use bootlace_agent::protocol::{Frame, Kind};
+use bootlace_contract::config::{Command as Argv, HostAddress, InitConfig, Sha256Digest, Source};
+use bootlace_contract::protocol::{Frame, Kind};
 use bootlace_image::bundle::{self, BundleFormat};
-use bootlace_init::config::{Command as Argv, HostAddress, InitConfig, Sha256Digest, Source};
 use bootlace_tests::{bake, boot_with, probe_rootfs, probe_value, scratch, tail};
 use bootlace_vm::vsock::VsockSpec;
 use bootlace_vm::{Disk, End, Outcome};

@@ -36,9 +36,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bootlace_agent::client::{sha256_hex, Client, Connector, Retry, Stream};
+use bootlace_agent::client::{Client, Connector, Retry, Stream};
 use bootlace_agent::host::hybrid_path;
-use bootlace_agent::protocol::Kind;
+use bootlace_contract::protocol::Kind;
 
 /// The port guests dial (the hybrid-vsock socket is `<base>_<port>`).
 const PORT: u32 = 1024;
@@ -357,7 +357,7 @@ fn real_main() -> anyhow::Result<bool> {
         .context("temp dir")?;
     let bundle = work.path().join("bundle.bin");
     let bytes = prng_bytes(usize::try_from(len).context("bundle size")?, 0x5eed);
-    let pinned = sha256_hex(&bytes);
+    let pinned = bootlace_contract::digest::of_bytes(&bytes).hex().to_owned();
     std::fs::write(&bundle, &bytes).context("write bundle")?;
     drop(bytes);
 

@@ -44,9 +44,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bootlace_bench::median_p95;
+use bootlace_contract::config::InitConfig;
 use bootlace_image::fsimage::{make_image, FsFormat, FsSpec};
 use bootlace_image::initramfs::{self, Compression};
-use bootlace_init::config::InitConfig;
 
 #[derive(clap::Parser)]
 #[command(
@@ -593,7 +593,7 @@ fn bake_section(args: &Args, init: &Path, init_from: &str) -> anyhow::Result<()>
             ));
             rows.push(row);
             let _ = std::fs::remove_file(&ob);
-            let _ = std::fs::remove_file(bootlace_image::meta::ImageMeta::path_for(&ob));
+            let _ = std::fs::remove_file(bootlace_contract::image::ImageMeta::path_for(&ob));
             let _ = std::fs::remove_file(&or);
         }
         writeln!(

@@ -21,14 +21,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bootlace_agent::host::{hybrid_path, BundleSource, Event, Host};
-use bootlace_agent::protocol::{Frame, Kind};
 use bootlace_bench::median_p95;
-use bootlace_image::bundle::{self, BundleFormat};
-use bootlace_image::initramfs::{self, Compression, Modules, Spec};
-use bootlace_init::config::{
+use bootlace_contract::config::{
     Command as Argv, HandoffMode, HostAddress, InitConfig, Sha256Digest, Source,
 };
-use bootlace_init::kmod::{ModuleIndex, Resolved};
+use bootlace_contract::kmod::{ModuleIndex, Resolved};
+use bootlace_contract::protocol::{Frame, Kind};
+use bootlace_image::bundle::{self, BundleFormat};
+use bootlace_image::initramfs::{self, Compression, Modules, Spec};
 use bootlace_tests::{artifact, busybox_rootfs, test_kernel};
 use bootlace_vm::vsock::VsockSpec;
 use bootlace_vm::{Disk, Share, VmSpec};
@@ -256,13 +256,12 @@ fn main() -> Result<()> {
     let floor = artifact("bootlace-floor")?;
     // Each floor loads exactly the modules bootlace loads for that source: the vsock
     // transport, then the source's stack (for the disk, the erofs the bundle is made in).
-    use bootlace_init::bootstrap::{fs_modules, source_modules};
-    use bootlace_init::hostlink::VSOCK_MODULES;
-    let ninep: Vec<&str> = [VSOCK_MODULES, source_modules(Source::NineP)].concat();
+    use bootlace_contract::drivers::{self, VSOCK as VSOCK_MODULES};
+    let ninep: Vec<&str> = [VSOCK_MODULES, drivers::source(Source::NineP)].concat();
     let disk_mods: Vec<&str> = [
         VSOCK_MODULES,
-        source_modules(Source::Disk),
-        fs_modules(bootlace_init::blkprobe::FsType::Erofs),
+        drivers::source(Source::Disk),
+        drivers::filesystem(bootlace_contract::fs::FsType::Erofs),
     ]
     .concat();
     // The script init reads /floor-modules too.

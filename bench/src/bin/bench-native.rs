@@ -12,10 +12,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bootlace_agent::manifest::Manifest;
 use bootlace_bench::median_p95;
+use bootlace_contract::config::{HostAddress, InitConfig, Source};
+use bootlace_contract::manifest::Manifest;
 use bootlace_init::apply;
-use bootlace_init::config::{HostAddress, InitConfig, Source};
 use bootlace_init::modload::ModuleLoader;
 use bootlace_init::sys::root::Root;
 

@@ -15,7 +15,8 @@
 
 use std::io::Read;
 
-use bootlace_init::extract::{self, Compression, ExtractError};
+use bootlace_contract::compression::Compression;
+use bootlace_init::extract::{self, ExtractError};
 
 /// A reader that counts what is taken from it.
 struct Counting<'a> {

@@ -18,7 +18,8 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use bootlace_init::extract::{self, Compression, Limits};
+use bootlace_contract::compression::Compression;
+use bootlace_init::extract::{self, Limits};
 use bootlace_init::sys::root::Root;
 
 use crate::tree::{assert_same, snapshot, Snapshot};

@@ -11,7 +11,7 @@
 //!
 //! Large allocations are caught by the fuzzer's `-malloc_limit_mb` (see `docs/fuzzing.md`).
 
-use bootlace_agent::protocol::{
+use bootlace_contract::protocol::{
     read_frame, Decoder, Frame, ProtocolError, MAX_HEADER, MAX_PAYLOAD,
 };
 

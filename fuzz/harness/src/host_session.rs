@@ -21,9 +21,8 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
 
-use bootlace_agent::client::sha256_hex;
 use bootlace_agent::host::{BundleSource, Event, GuestEvent, Host};
-use bootlace_agent::protocol::{BundleHeader, Decoder, Frame, Kind};
+use bootlace_contract::protocol::{BundleHeader, Decoder, Frame, Kind};
 
 use crate::frames::decode_pieces;
 use crate::Input;
@@ -198,9 +197,9 @@ fn parse_sent(mut out: &[u8]) -> (Vec<Sent>, bool) {
     let mut msgs = Vec::new();
     let mut dec = Decoder::new();
     loop {
-        let f = match bootlace_agent::protocol::read_frame(&mut out, &mut dec) {
+        let f = match bootlace_contract::protocol::read_frame(&mut out, &mut dec) {
             Ok(f) => f,
-            Err(bootlace_agent::protocol::ProtocolError::Closed { mid_frame }) => {
+            Err(bootlace_contract::protocol::ProtocolError::Closed { mid_frame }) => {
                 return (msgs, !mid_frame)
             }
             Err(e) => panic!("the host sent something that is not a frame: {e}"),
@@ -221,7 +220,11 @@ fn parse_sent(mut out: &[u8]) -> (Vec<Sent>, bool) {
                     return (msgs, false);
                 }
                 let rest = bytes.split_off(size);
-                assert_eq!(sha256_hex(&bytes), header.sha256, "BUNDLE bytes and SHA256");
+                assert_eq!(
+                    bootlace_contract::digest::of_bytes(&bytes).hex().to_owned(),
+                    header.sha256,
+                    "BUNDLE bytes and SHA256"
+                );
                 msgs.push(Sent::Bundle {
                     seq: f.seq,
                     header,

@@ -11,8 +11,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use bootlace_agent::manifest::{Frequency, Manifest, MAX_MANIFEST_BYTES, MAX_TIMEOUT_S};
-use bootlace_agent::types::{FORBIDDEN_ROOTS, PATH_MAX};
+use bootlace_contract::manifest::{Frequency, Manifest, MAX_MANIFEST_BYTES, MAX_TIMEOUT_S};
+use bootlace_contract::types::{FORBIDDEN_ROOTS, PATH_MAX};
 
 /// The check.
 pub fn run(data: &[u8]) {
@@ -85,10 +85,10 @@ pub fn check(m: &Manifest) {
     for mount in &m.mounts {
         check_target(mount.path().as_str());
         assert!(mounts.insert(mount.path().as_str()), "mounted twice");
-        if let bootlace_agent::manifest::Mount::Bind(b) = mount {
+        if let bootlace_contract::manifest::Mount::Bind(b) = mount {
             check_target(b.source.as_str());
         }
-        if let bootlace_agent::manifest::Mount::Tmpfs(t) = mount {
+        if let bootlace_contract::manifest::Mount::Tmpfs(t) = mount {
             assert!(t.mode.is_none_or(|m| m.bits() <= 0o7777));
         }
     }

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use bootlace_agent::protocol::{Frame, Kind};
+use bootlace_contract::protocol::{Frame, Kind};
 use tar::{EntryType, Header};
 
 fn corpus(target: &str) -> PathBuf {

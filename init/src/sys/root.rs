@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
-use bootlace_agent::types::FORBIDDEN_ROOTS;
+use bootlace_contract::types::FORBIDDEN_ROOTS;
 
 /// A failed confined operation. The message names the path as the manifest wrote it.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use bootlace_agent::manifest::Manifest;
+use bootlace_contract::manifest::Manifest;
 
 fn toml_blocks(markdown: &str) -> Vec<String> {
     let mut blocks = Vec::new();
@@ -36,7 +36,7 @@ fn manifest_doc_examples_are_valid() {
 
 #[test]
 fn protocol_doc_frames_decode() {
-    use bootlace_agent::protocol::{Decoder, Kind};
+    use bootlace_contract::protocol::{Decoder, Kind};
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md");
     let text = std::fs::read_to_string(&path).expect("docs/protocol.md");
     let block = text

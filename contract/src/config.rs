@@ -1,19 +1,25 @@
 //! The init's configuration: `/etc/bootlace/init.toml` (schema version 1), overridden by
-//! `bootlace.*` keys on the kernel command line.
+//! `bootlace.*` keys on the kernel command line or by the image builder's flags.
 //!
 //! Every value is validated while it is parsed (newtypes with `try_from`), so an
-//! [`InitConfig`] that exists is a valid one. The image builder writes this file with the same
-//! types, so what it bakes is what the init accepts.
+//! [`InitConfig`] that exists is a valid one. Overrides are typed ([`Overrides`]): the kernel
+//! command line is parsed into them key by key, the image builder fills them from its flags,
+//! and both apply them the same way. [`InitConfig::validate`] checks what only holds for the
+//! whole, effective configuration (a vsock source needs a host and a digest); the init runs it
+//! at boot and the image builder at bake time, so an image the builder accepts is one the init
+//! accepts.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::cmdline::{self, Param};
-pub use bootlace_agent::types::{
-    Command, EnvName, ExecString, HandoffMode, ModuleName, TargetPath,
+pub use crate::digest::Sha256Digest;
+pub use crate::types::{
+    Command, EnvName, ExecString, HandoffMode, InvalidValue, ModuleName, TargetPath,
 };
 
 /// Where the image builder bakes the config and where the init reads it.
@@ -39,6 +45,12 @@ pub enum ConfigError {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// A config file that was named does not exist.
+    #[error("{} does not exist", path.display())]
+    Missing {
+        /// The file.
+        path: PathBuf,
     },
     /// The config file is over [`MAX_CONFIG_BYTES`].
     #[error("{} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit", path.display())]
@@ -80,6 +92,25 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The effective configuration is inconsistent (see [`InitConfig::validate`]).
+    #[error("{0}")]
+    Inconsistent(#[from] Inconsistency),
+}
+
+/// A configuration whose values are each valid but do not work together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Inconsistency {
+    /// The vsock source without a host to fetch from.
+    #[error("the vsock source needs a host (host.address, bootlace.host= or --host vsock:2:PORT)")]
+    VsockWithoutHost,
+    /// The vsock source with a host that is only listened to (`vsock-notify:`).
+    #[error("the vsock source needs a host that answers: {0} is notify-only")]
+    VsockNotifyHost(String),
+    /// The vsock source without a way to trust the bundle.
+    #[error(
+        "the vsock source needs a pinned digest (host.digest, bootlace.digest=sha256:… or --digest)"
+    )]
+    VsockWithoutDigest,
 }
 
 /// The `bootlace.*` kernel command line keys, in the order they are documented.
@@ -99,7 +130,7 @@ pub const CMDLINE_KEYS: &[&str] = &[
 ];
 
 /// Where a bootstrap filesystem can come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Source {
     /// A block device whose filesystem label matches `bootstrap.label`.
     #[serde(rename = "disk")]
@@ -113,6 +144,9 @@ pub enum Source {
 }
 
 impl Source {
+    /// Every source, in the order they are documented.
+    pub const ALL: [Source; 3] = [Source::Disk, Source::NineP, Source::Vsock];
+
     /// The name used in config and on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -123,15 +157,25 @@ impl Source {
     }
 }
 
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl FromStr for Source {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "disk" => Ok(Source::Disk),
-            "9p" => Ok(Source::NineP),
-            "vsock" => Ok(Source::Vsock),
-            _ => Err(format!("not a bootstrap source: {s:?} (disk, 9p, vsock)")),
-        }
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        Source::ALL
+            .into_iter()
+            .find(|src| src.as_str() == s)
+            .ok_or_else(|| {
+                InvalidValue::new(
+                    "bootstrap source",
+                    s,
+                    "is not a bootstrap source (known: disk, 9p, vsock)",
+                )
+            })
     }
 }
 
@@ -165,9 +209,15 @@ pub struct HostAddress {
 }
 
 impl TryFrom<String> for HostAddress {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        let bad = || format!("host address {s:?} must be vsock:<cid>:<port>, e.g. vsock:2:1024");
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
+        let bad = || {
+            InvalidValue::new(
+                "host address",
+                &s,
+                "must be vsock:<cid>:<port>, e.g. vsock:2:1024",
+            )
+        };
         let (notify, rest) = match s.strip_prefix("vsock-notify:") {
             Some(rest) => (true, rest),
             None => (false, s.strip_prefix("vsock:").ok_or_else(bad)?),
@@ -182,39 +232,23 @@ impl TryFrom<String> for HostAddress {
     }
 }
 
+impl FromStr for HostAddress {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        HostAddress::try_from(s.to_owned())
+    }
+}
+
 impl From<HostAddress> for String {
     fn from(a: HostAddress) -> String {
-        let scheme = if a.notify { "vsock-notify" } else { "vsock" };
-        format!("{scheme}:{}:{}", a.cid, a.port)
+        a.to_string()
     }
 }
 
-/// A pinned sha256: `sha256:<64 lower-case hex digits>`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Sha256Digest(String);
-
-impl Sha256Digest {
-    /// The 64 hex digits.
-    pub fn hex(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for Sha256Digest {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        let hex = s.strip_prefix("sha256:").unwrap_or("");
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("digest {s:?} must be sha256:<64 hex digits>"));
-        }
-        Ok(Sha256Digest(hex.to_ascii_lowercase()))
-    }
-}
-
-impl From<Sha256Digest> for String {
-    fn from(d: Sha256Digest) -> String {
-        format!("sha256:{}", d.0)
+impl fmt::Display for HostAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.notify { "vsock-notify" } else { "vsock" };
+        write!(f, "{scheme}:{}:{}", self.cid, self.port)
     }
 }
 
@@ -353,12 +387,12 @@ impl FailurePolicy {
 macro_rules! impl_from_str_serde_enum {
     ($t:ty, $what:literal) => {
         impl FromStr for $t {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
+            type Err = InvalidValue;
+            fn from_str(s: &str) -> Result<Self, InvalidValue> {
                 <$t>::deserialize(
                     serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s),
                 )
-                .map_err(|e| format!("not a {}: {e}", $what))
+                .map_err(|e| InvalidValue::new($what, s, format!("is not a {}: {e}", $what)))
             }
         }
     };
@@ -426,12 +460,14 @@ pub enum RootSpec {
 }
 
 impl TryFrom<String> for RootSpec {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
         if let Some(label) = s.strip_prefix("LABEL=") {
             if label.is_empty() || label.len() > 255 || label.contains('\0') {
-                return Err(format!(
-                    "root {s:?}: the label must be 1 to 255 bytes, no NUL"
+                return Err(InvalidValue::new(
+                    "root",
+                    &s,
+                    "has a label that is not 1 to 255 bytes without NUL",
                 ));
             }
             return Ok(RootSpec::Label(label.to_owned()));
@@ -444,8 +480,10 @@ impl TryFrom<String> for RootSpec {
         });
         match dev {
             Some(_) if !s.contains('\0') => Ok(RootSpec::Device(PathBuf::from(s))),
-            _ => Err(format!(
-                "root {s:?} must be LABEL=<label> or a device node under /dev"
+            _ => Err(InvalidValue::new(
+                "root",
+                &s,
+                "must be LABEL=<label> or a device node under /dev",
             )),
         }
     }
@@ -463,6 +501,13 @@ impl From<RootSpec> for String {
 impl std::fmt::Display for RootSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&String::from(self.clone()))
+    }
+}
+
+impl FromStr for RootSpec {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        RootSpec::try_from(s.to_owned())
     }
 }
 
@@ -566,9 +611,9 @@ impl InitConfig {
         }
         let parse_err = |e: toml::de::Error| ConfigError::Parse {
             path: path.to_owned(),
-            message: bootlace_agent::types::toml_error(text, &e),
+            message: crate::types::toml_error(text, &e),
         };
-        use bootlace_agent::types::{parse_versioned, VersionedError};
+        use crate::types::{parse_versioned, VersionedError};
         let config: InitConfig = parse_versioned(text, SUPPORTED_VERSIONS, |c: &InitConfig| {
             c.version
         })
@@ -637,7 +682,7 @@ impl InitConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(read_err(e)),
         };
-        let text = bootlace_agent::types::read_capped(file, MAX_CONFIG_BYTES).map_err(read_err)?;
+        let text = crate::types::read_capped(file, MAX_CONFIG_BYTES).map_err(read_err)?;
         Self::from_toml(&text, path).map(Some)
     }
 
@@ -648,8 +693,101 @@ impl InitConfig {
         toml::to_string(self).unwrap_or_default()
     }
 
-    /// Applies one `bootlace.*` kernel command line parameter. Other parameters are ignored.
-    pub fn apply_param(&mut self, param: &Param) -> Result<(), ConfigError> {
+    /// Applies typed overrides (from the kernel command line or the image builder's flags).
+    /// `bootlace.root` / `--root` only applies to a stage-1 config: the real root's init sees
+    /// the same command line and ignores it.
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = o.log {
+            self.log = v;
+        }
+        if let Some(v) = o.on_failure {
+            self.on_failure = v;
+        }
+        if let Some(v) = o.handoff {
+            self.handoff.mode = v;
+        }
+        if let Some(v) = &o.exec {
+            self.handoff.command = v.clone();
+        }
+        for m in &o.modules {
+            if !self.modules.contains(m) {
+                self.modules.push(m.clone());
+            }
+        }
+        if let Some(v) = &o.sources {
+            self.bootstrap.sources = v.clone();
+        }
+        if let Some(v) = o.required {
+            self.bootstrap.required = v;
+        }
+        if let Some(v) = &o.label {
+            self.bootstrap.label = v.clone();
+        }
+        if let Some(v) = &o.tag {
+            self.bootstrap.tag = v.clone();
+        }
+        if let Some(v) = o.host {
+            self.host.address = Some(v);
+        }
+        if let Some(v) = &o.digest {
+            self.host.digest = Some(v.clone());
+        }
+        if let (Some(v), Some(stage1)) = (&o.root, &mut self.stage1) {
+            stage1.root = Some(v.clone());
+        }
+    }
+
+    /// The checks that only hold for the whole, effective configuration (file and overrides
+    /// together): the init runs them at boot, the image builder before it bakes.
+    pub fn validate(&self) -> Result<(), Inconsistency> {
+        if self.bootstrap.sources.contains(&Source::Vsock) {
+            match self.host.address {
+                None => return Err(Inconsistency::VsockWithoutHost),
+                Some(a) if a.notify => return Err(Inconsistency::VsockNotifyHost(a.to_string())),
+                Some(_) => {}
+            }
+            if self.host.digest.is_none() {
+                return Err(Inconsistency::VsockWithoutDigest);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Typed overrides of a configuration: what the `bootlace.*` kernel command line keys and the
+/// image builder's flags can change. Later values win; modules accumulate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `bootlace.log=`.
+    pub log: Option<LogLevel>,
+    /// `bootlace.failure=`.
+    pub on_failure: Option<FailurePolicy>,
+    /// `bootlace.handoff=`.
+    pub handoff: Option<HandoffMode>,
+    /// `bootlace.exec=`.
+    pub exec: Option<Command>,
+    /// `bootlace.modules=` (added to the config's).
+    pub modules: Vec<ModuleName>,
+    /// `bootlace.source=` (replaces the config's).
+    pub sources: Option<Vec<Source>>,
+    /// `bootlace.bootstrap=required|optional`.
+    pub required: Option<bool>,
+    /// `bootlace.label=`.
+    pub label: Option<ExecString>,
+    /// `bootlace.tag=`.
+    pub tag: Option<ExecString>,
+    /// `bootlace.host=`.
+    pub host: Option<HostAddress>,
+    /// `bootlace.digest=`.
+    pub digest: Option<Sha256Digest>,
+    /// `bootlace.root=` (stage 1 only).
+    pub root: Option<RootSpec>,
+}
+
+impl Overrides {
+    /// Reads one `bootlace.*` kernel command line parameter into the overrides; parameters of
+    /// other namespaces are not bootlace's business and are ignored. The error names the key.
+    pub fn set_param(&mut self, param: &Param) -> Result<(), ConfigError> {
         if !param.key.starts_with("bootlace.") {
             return Ok(());
         }
@@ -668,65 +806,66 @@ impl InitConfig {
         if param.value.is_none() {
             return Err(bad("needs a value (key=value)".to_owned()));
         }
+        self.set(key, value).map_err(|e| bad(e.to_string()))
+    }
+
+    fn set(&mut self, key: &str, value: &str) -> Result<(), InvalidValue> {
         match key {
-            "bootlace.log" => self.log = value.parse().map_err(bad)?,
-            "bootlace.failure" => self.on_failure = value.parse().map_err(bad)?,
-            "bootlace.handoff" => self.handoff.mode = value.parse().map_err(bad)?,
+            "bootlace.log" => self.log = Some(value.parse()?),
+            "bootlace.failure" => self.on_failure = Some(value.parse()?),
+            "bootlace.handoff" => self.handoff = Some(value.parse()?),
             "bootlace.modules" => {
                 for name in value.split(',').filter(|n| !n.is_empty()) {
-                    let name = ModuleName::try_from(name.to_owned()).map_err(bad)?;
+                    let name = ModuleName::try_from(name.to_owned())?;
                     if !self.modules.contains(&name) {
                         self.modules.push(name);
                     }
                 }
             }
-            "bootlace.source" => {
-                self.bootstrap.sources = value
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()
-                    .map_err(bad)?;
-            }
+            "bootlace.source" => self.sources = Some(parse_sources(value)?),
             "bootlace.bootstrap" => {
-                self.bootstrap.required = match value {
+                self.required = Some(match value {
                     "required" => true,
                     "optional" => false,
-                    _ => return Err(bad("must be required or optional".to_owned())),
-                }
-            }
-            "bootlace.label" => {
-                self.bootstrap.label = ExecString::try_from(value.to_owned()).map_err(bad)?
-            }
-            "bootlace.tag" => {
-                self.bootstrap.tag = ExecString::try_from(value.to_owned()).map_err(bad)?
-            }
-            "bootlace.host" => {
-                self.host.address = Some(HostAddress::try_from(value.to_owned()).map_err(bad)?)
-            }
-            "bootlace.digest" => {
-                self.host.digest = Some(Sha256Digest::try_from(value.to_owned()).map_err(bad)?)
-            }
-            "bootlace.root" => {
-                // Only a stage-1 initramfs acts on it; the real root's init sees the same
-                // command line and ignores it.
-                let spec = RootSpec::try_from(value.to_owned()).map_err(bad)?;
-                if let Some(stage1) = &mut self.stage1 {
-                    stage1.root = Some(spec);
-                }
-            }
-            "bootlace.exec" => {
-                let words = cmdline::split_command(value).map_err(|e| bad(e.to_string()))?;
-                self.handoff.command = Command::try_from(words).map_err(bad)?;
-            }
-            _ => {
-                return Err(ConfigError::UnknownKey {
-                    key: key.to_owned(),
+                    _ => {
+                        return Err(InvalidValue::new(
+                            "bootstrap",
+                            value,
+                            "must be required or optional",
+                        ))
+                    }
                 })
             }
+            "bootlace.label" => self.label = Some(ExecString::try_from(value.to_owned())?),
+            "bootlace.tag" => self.tag = Some(ExecString::try_from(value.to_owned())?),
+            "bootlace.host" => self.host = Some(value.parse()?),
+            "bootlace.digest" => {
+                self.digest = Some(value.parse().map_err(|e: crate::digest::BadDigest| {
+                    InvalidValue::new("digest", value, e.to_string())
+                })?)
+            }
+            "bootlace.root" => self.root = Some(value.parse()?),
+            "bootlace.exec" => self.exec = Some(parse_command(value)?),
+            _ => {}
         }
         Ok(())
     }
+}
+
+/// A comma-separated list of bootstrap sources (`disk,9p`); empty entries are skipped.
+pub fn parse_sources(value: &str) -> Result<Vec<Source>, InvalidValue> {
+    value
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::parse)
+        .collect()
+}
+
+/// A command written shell-style (`/bin/app --flag 'a b'`), split into argv words.
+pub fn parse_command(value: &str) -> Result<Command, InvalidValue> {
+    let words = cmdline::split_command(value)
+        .map_err(|e| InvalidValue::new("command", value, e.to_string()))?;
+    Command::try_from(words)
 }
 
 /// The outcome of loading the configuration: the config to boot with, and the first error met.
@@ -744,13 +883,32 @@ pub struct Loaded {
     pub error: Option<ConfigError>,
 }
 
-/// Loads the effective configuration from the file at `path` and the kernel command line.
-pub fn load(path: &Path, cmdline: &str) -> Loaded {
+/// Whether a missing config file is an error (a file named by hand) or means the defaults
+/// (the image's own `/etc/bootlace/init.toml`, which a bare initramfs may not have).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfMissing {
+    /// Boot with the built-in defaults.
+    Defaults,
+    /// Refuse: the file was asked for.
+    Error,
+}
+
+/// Loads the effective configuration from the file at `path` and the kernel command line,
+/// then validates the whole.
+pub fn load(path: &Path, cmdline: &str, if_missing: IfMissing) -> Loaded {
     let (mut config, from_file, mut error) = match InitConfig::read(path) {
         Ok(Some(c)) => (c, true, None),
-        Ok(None) => (InitConfig::default(), false, None),
+        Ok(None) if if_missing == IfMissing::Defaults => (InitConfig::default(), false, None),
+        Ok(None) => (
+            InitConfig::default(),
+            false,
+            Some(ConfigError::Missing {
+                path: path.to_owned(),
+            }),
+        ),
         Err(e) => (InitConfig::default(), true, Some(e)),
     };
+    let mut overrides = Overrides::default();
     let mut kernel_root = None;
     for param in cmdline::parse(cmdline) {
         match (param.key.as_str(), param.value.as_deref()) {
@@ -762,10 +920,11 @@ pub fn load(path: &Path, cmdline: &str) -> Loaded {
             }
             _ => {}
         }
-        if let Err(e) = config.apply_param(&param) {
+        if let Err(e) = overrides.set_param(&param) {
             error.get_or_insert(e);
         }
     }
+    config.apply(&overrides);
     // Stage 1 falls back on the kernel's own `root=` when neither the file nor
     // `bootlace.root=` names the root.
     if let (Some(s1), Some(v)) = (&mut config.stage1, kernel_root) {
@@ -776,11 +935,14 @@ pub fn load(path: &Path, cmdline: &str) -> Loaded {
                     error.get_or_insert(ConfigError::BadValue {
                         key: "root".to_owned(),
                         value: v,
-                        reason,
+                        reason: reason.to_string(),
                     });
                 }
             }
         }
+    }
+    if error.is_none() {
+        error = config.validate().err().map(ConfigError::from);
     }
     Loaded {
         config,
@@ -938,9 +1100,11 @@ shutdown_grace_ms = 250
         ];
         for (line, check) in cases {
             let mut c = base.clone();
+            let mut o = Overrides::default();
             for p in cmdline::parse(line) {
-                c.apply_param(&p).unwrap_or_else(|e| panic!("{line}: {e}"));
+                o.set_param(&p).unwrap_or_else(|e| panic!("{line}: {e}"));
             }
+            c.apply(&o);
             assert!(check(&c), "{line}: {c:?}");
         }
     }
@@ -964,10 +1128,10 @@ shutdown_grace_ms = 250
             ("bootlace.digest=md5:abc", "sha256:<64 hex digits>"),
         ];
         for (line, want) in cases {
-            let mut c = InitConfig::default();
+            let mut o = Overrides::default();
             let errs: Vec<String> = cmdline::parse(line)
                 .iter()
-                .filter_map(|p| c.apply_param(p).err())
+                .filter_map(|p| o.set_param(p).err())
                 .map(|e| e.to_string())
                 .collect();
             assert_eq!(errs.len(), 1, "{line}: {errs:?}");
@@ -980,21 +1144,25 @@ shutdown_grace_ms = 250
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("init.toml");
         std::fs::write(&path, "version = 1\non_failure = \"continue\"\n").expect("write");
-        let l = load(&path, "bootlace.nope=1 bootlace.log=debug bootlace.log=x");
+        let l = load(
+            &path,
+            "bootlace.nope=1 bootlace.log=debug bootlace.log=x",
+            IfMissing::Defaults,
+        );
         assert!(l.from_file);
         assert_eq!(l.config.on_failure, FailurePolicy::Continue);
         assert_eq!(l.config.log, LogLevel::Debug);
         assert!(matches!(l.error, Some(ConfigError::UnknownKey { .. })));
 
         std::fs::write(&path, "version = 9\n").expect("write");
-        let l = load(&path, "bootlace.failure=shell");
+        let l = load(&path, "bootlace.failure=shell", IfMissing::Defaults);
         assert_eq!(l.config.on_failure, FailurePolicy::Shell);
         assert!(matches!(
             l.error,
             Some(ConfigError::Version { found: 9, .. })
         ));
 
-        let l = load(&dir.path().join("absent.toml"), "");
+        let l = load(&dir.path().join("absent.toml"), "", IfMissing::Defaults);
         assert!(!l.from_file && l.error.is_none());
         assert_eq!(l.config, InitConfig::default());
     }
@@ -1035,23 +1203,31 @@ shutdown_grace_ms = 250
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("init.toml");
         std::fs::write(&path, "version = 1\n[stage1]\n").expect("write");
-        let l = load(&path, "root=/dev/vda rw");
+        let l = load(&path, "root=/dev/vda rw", IfMissing::Defaults);
         assert!(l.error.is_none(), "{:?}", l.error);
         let s1 = l.config.stage1.expect("stage1");
         assert_eq!(s1.root, Some(RootSpec::Device("/dev/vda".into())));
         assert!(s1.read_write);
         // bootlace.root= wins over root=, in any order.
-        let l = load(&path, "bootlace.root=LABEL=R root=/dev/vda");
+        let l = load(
+            &path,
+            "bootlace.root=LABEL=R root=/dev/vda",
+            IfMissing::Defaults,
+        );
         assert_eq!(
             l.config.stage1.expect("stage1").root,
             Some(RootSpec::Label("R".to_owned()))
         );
         // Outside stage 1 both are ignored (the real root's init sees the same line).
         std::fs::write(&path, "version = 1\n").expect("write");
-        let l = load(&path, "bootlace.root=LABEL=R root=/dev/vda rw");
+        let l = load(
+            &path,
+            "bootlace.root=LABEL=R root=/dev/vda rw",
+            IfMissing::Defaults,
+        );
         assert!(l.error.is_none() && l.config.stage1.is_none());
         // ... but a malformed bootlace.root= is still an error.
-        let l = load(&path, "bootlace.root=UUID=x");
+        let l = load(&path, "bootlace.root=UUID=x", IfMissing::Defaults);
         assert!(l.error.is_some());
     }
 

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
-    BundlePath, Command, EnvName, ExecString, HandoffMode, Mode, ModuleName, TargetPath,
+    BundlePath, Command, EnvName, ExecString, HandoffMode, InvalidValue, Mode, ModuleName,
+    TargetPath,
 };
 
 /// The manifest's file name at the bundle root.
@@ -82,8 +83,8 @@ impl Hostname {
 }
 
 impl TryFrom<String> for Hostname {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
         let ok = !s.is_empty()
             && s.len() <= 64
             && s.bytes()
@@ -93,7 +94,11 @@ impl TryFrom<String> for Hostname {
         if ok {
             Ok(Hostname(s))
         } else {
-            Err(format!("hostname {s:?} must be 1-64 characters of [A-Za-z0-9.-], not starting or ending with - or ."))
+            Err(InvalidValue::new(
+                "hostname",
+                &s,
+                "must be 1-64 characters of [A-Za-z0-9.-], not starting or ending with - or .",
+            ))
         }
     }
 }
@@ -122,8 +127,8 @@ impl SysctlKey {
 }
 
 impl TryFrom<String> for SysctlKey {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
         let ok = !s.is_empty()
             && s.len() <= 256
             && s.split('.').all(|c| {
@@ -134,8 +139,10 @@ impl TryFrom<String> for SysctlKey {
         if ok {
             Ok(SysctlKey(s))
         } else {
-            Err(format!(
-                "sysctl key {s:?} must be dotted words of [A-Za-z0-9_-]"
+            Err(InvalidValue::new(
+                "sysctl key",
+                &s,
+                "must be dotted words of [A-Za-z0-9_-]",
             ))
         }
     }
@@ -160,8 +167,8 @@ impl Name {
 }
 
 impl TryFrom<String> for Name {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
         let ok = !s.is_empty()
             && s.len() <= 128
             && s != "."
@@ -171,8 +178,10 @@ impl TryFrom<String> for Name {
         if ok {
             Ok(Name(s))
         } else {
-            Err(format!(
-                "name {s:?} must be 1-128 characters of [A-Za-z0-9._-]"
+            Err(InvalidValue::new(
+                "name",
+                &s,
+                "must be 1-128 characters of [A-Za-z0-9._-]",
             ))
         }
     }
@@ -204,8 +213,8 @@ impl TmpfsSize {
 }
 
 impl TryFrom<String> for TmpfsSize {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
         let digits = s.trim_end_matches(['k', 'm', 'g', 'K', 'M', 'G', '%']);
         let ok = !digits.is_empty()
             && digits.len() <= 18
@@ -214,8 +223,10 @@ impl TryFrom<String> for TmpfsSize {
         if ok {
             Ok(TmpfsSize(s))
         } else {
-            Err(format!(
-                "tmpfs size {s:?} must be a number with an optional k, m, g or % suffix"
+            Err(InvalidValue::new(
+                "tmpfs size",
+                &s,
+                "must be a number with an optional k, m, g or % suffix",
             ))
         }
     }
@@ -424,8 +435,8 @@ impl TargetPathOrRoot {
 }
 
 impl TryFrom<String> for TargetPathOrRoot {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
         if s == "/" {
             Ok(TargetPathOrRoot::Root)
         } else {

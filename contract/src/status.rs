@@ -15,19 +15,53 @@
 /// Marker that precedes the status in the console line.
 pub const MARKER: &str = "power-off EXIT_STATUS=";
 
-/// The init itself failed (a panic): EX_SOFTWARE.
-pub const STATUS_INTERNAL: u8 = 70;
-/// A boot step failed (mount, module, device): EX_OSERR.
-pub const STATUS_BOOT_STEP: u8 = 71;
-/// The configuration was refused: EX_CONFIG.
-pub const STATUS_CONFIG: u8 = 78;
-/// The hand-off command exists but could not be executed.
-pub const STATUS_CANNOT_EXEC: u8 = 126;
-/// The hand-off command does not exist.
-pub const STATUS_NOT_FOUND: u8 = 127;
+/// An exit status a guest reports (`EXIT_STATUS=` on the console and to the host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// The supervised application exited with this code.
+    Exited(u8),
+    /// The supervised application was killed by this signal (reported as 128 + the signal).
+    Signaled(i32),
+    /// The init itself failed (a panic): 70, EX_SOFTWARE.
+    Internal,
+    /// A boot step failed (mount, module, device, host, bootstrap): 71, EX_OSERR.
+    BootStep,
+    /// The configuration or the manifest was refused: 78, EX_CONFIG.
+    Config,
+    /// The hand-off command exists but could not be executed: 126.
+    CannotExec,
+    /// The hand-off command does not exist: 127.
+    NotFound,
+}
+
+impl ExitStatus {
+    /// The number reported.
+    pub fn code(self) -> u8 {
+        match self {
+            ExitStatus::Exited(c) => c,
+            ExitStatus::Signaled(sig) => u8::try_from(128 + sig.clamp(0, 127)).unwrap_or(255),
+            ExitStatus::Internal => 70,
+            ExitStatus::BootStep => 71,
+            ExitStatus::Config => 78,
+            ExitStatus::CannotExec => 126,
+            ExitStatus::NotFound => 127,
+        }
+    }
+
+    /// The status of an exit code (the kernel keeps only the low 8 bits).
+    pub fn from_exit_code(code: i32) -> ExitStatus {
+        ExitStatus::Exited(u8::try_from(code & 0xff).unwrap_or(255))
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.code())
+    }
+}
 
 /// Formats the power-off line (without the logger's stamp and prefix).
-pub fn line(status: u8, summary: &str) -> String {
+pub fn line(status: ExitStatus, summary: &str) -> String {
     format!(
         "{MARKER}{status} STATUS={}",
         summary.replace(['\n', '\r'], " ")
@@ -41,16 +75,6 @@ pub fn parse_exit_status(console: &str) -> Option<u8> {
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         digits.parse().ok()
     })
-}
-
-/// The status for a child that was killed by signal `sig`.
-pub fn signal_status(sig: i32) -> u8 {
-    u8::try_from(128 + sig.clamp(0, 127)).unwrap_or(255)
-}
-
-/// The status for an exit code (the kernel keeps only the low 8 bits).
-pub fn exit_code_status(code: i32) -> u8 {
-    u8::try_from(code & 0xff).unwrap_or(255)
 }
 
 #[cfg(test)]
@@ -77,9 +101,17 @@ mod tests {
 
     #[test]
     fn formats_a_single_line() {
-        assert_eq!(line(9, "a\nb"), "power-off EXIT_STATUS=9 STATUS=a b");
-        assert_eq!(parse_exit_status(&line(78, "config")), Some(78));
-        assert_eq!(signal_status(9), 137);
-        assert_eq!(exit_code_status(256 + 3), 3);
+        assert_eq!(
+            line(ExitStatus::Exited(9), "a\nb"),
+            "power-off EXIT_STATUS=9 STATUS=a b"
+        );
+        assert_eq!(
+            parse_exit_status(&line(ExitStatus::Config, "config")),
+            Some(78)
+        );
+        assert_eq!(ExitStatus::Signaled(9).code(), 137);
+        assert_eq!(ExitStatus::from_exit_code(256 + 3).code(), 3);
+        assert_eq!(ExitStatus::Config.code(), 78);
+        assert_eq!(ExitStatus::NotFound.to_string(), "127");
     }
 }

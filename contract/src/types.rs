@@ -2,6 +2,7 @@
 //! builder. Each checks its invariant in `try_from`, which serde calls while parsing, so an
 //! invalid value never exists.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -12,6 +13,42 @@ use serde::{Deserialize, Serialize};
 const MAX_MODULE_NAME: usize = 56;
 /// Longest single value (argv word, env value) accepted, in bytes.
 const MAX_VALUE_BYTES: usize = 4096;
+
+/// A value that does not fit its type: which kind of value, the value, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidValue {
+    /// The kind of value (`module name`, `path`, `host address`, …).
+    pub what: &'static str,
+    /// The value as given, shortened to 80 characters.
+    pub value: String,
+    /// Why it does not fit (`must be 1 to 56 bytes`).
+    pub why: Cow<'static, str>,
+}
+
+impl InvalidValue {
+    /// `what` `value` does not fit because `why`.
+    pub fn new(what: &'static str, value: &str, why: impl Into<Cow<'static, str>>) -> Self {
+        let value = match value.char_indices().nth(80) {
+            Some((i, _)) => format!("{}…", value.get(..i).unwrap_or(value)),
+            None => value.to_owned(),
+        };
+        InvalidValue {
+            what,
+            value,
+            why: why.into(),
+        }
+    }
+}
+
+impl fmt::Display for InvalidValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.value.is_empty() {
+            write!(f, "{} {}", self.what, self.why)
+        } else {
+            write!(f, "{} {:?} {}", self.what, self.value, self.why)
+        }
+    }
+}
 
 /// How the init hands the machine over once booted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -25,12 +62,26 @@ pub enum HandoffMode {
 }
 
 impl FromStr for HandoffMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
         match s {
             "exec" => Ok(HandoffMode::Exec),
             "supervise" => Ok(HandoffMode::Supervise),
-            _ => Err(format!("not a hand-off mode: {s:?} (exec, supervise)")),
+            _ => Err(InvalidValue::new(
+                "hand-off mode",
+                s,
+                "is not one of exec, supervise",
+            )),
+        }
+    }
+}
+
+impl HandoffMode {
+    /// The mode's name in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandoffMode::Exec => "exec",
+            HandoffMode::Supervise => "supervise",
         }
     }
 }
@@ -48,19 +99,23 @@ impl ModuleName {
 }
 
 impl TryFrom<String> for ModuleName {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
         if s.is_empty() || s.len() > MAX_MODULE_NAME {
-            return Err(format!(
-                "module name {s:?} must be 1 to {MAX_MODULE_NAME} bytes"
+            return Err(InvalidValue::new(
+                "module name",
+                &s,
+                format!("must be 1 to {MAX_MODULE_NAME} bytes"),
             ));
         }
         if !s
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
-            return Err(format!(
-                "module name {s:?} may hold only letters, digits, '_' and '-'"
+            return Err(InvalidValue::new(
+                "module name",
+                &s,
+                "may hold only letters, digits, '_' and '-'",
             ));
         }
         Ok(ModuleName(s.replace('-', "_")))
@@ -92,15 +147,17 @@ impl EnvName {
 }
 
 impl TryFrom<String> for EnvName {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
         let mut bytes = s.bytes();
         let first_ok = bytes
             .next()
             .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
         if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') || s.len() > 256 {
-            return Err(format!(
-                "environment variable name {s:?} must match [A-Za-z_][A-Za-z0-9_]* (at most 256 bytes)"
+            return Err(InvalidValue::new(
+                "environment variable name",
+                &s,
+                "must match [A-Za-z_][A-Za-z0-9_]* (at most 256 bytes)",
             ));
         }
         Ok(EnvName(s))
@@ -131,18 +188,33 @@ impl ExecString {
 }
 
 impl TryFrom<String> for ExecString {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
         if s.contains('\0') {
-            return Err(format!("{s:?} contains a NUL byte"));
+            return Err(InvalidValue::new("value", &s, "contains a NUL byte"));
         }
         if s.len() > MAX_VALUE_BYTES {
-            return Err(format!(
-                "value is {} bytes, over {MAX_VALUE_BYTES}",
-                s.len()
+            return Err(InvalidValue::new(
+                "value",
+                &s,
+                format!("is {} bytes, over {MAX_VALUE_BYTES}", s.len()),
             ));
         }
         Ok(ExecString(s))
+    }
+}
+
+impl FromStr for ExecString {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        ExecString::try_from(s.to_owned())
+    }
+}
+
+impl FromStr for ModuleName {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        ModuleName::try_from(s.to_owned())
     }
 }
 
@@ -175,20 +247,26 @@ impl Command {
 }
 
 impl TryFrom<Vec<String>> for Command {
-    type Error = String;
-    fn try_from(words: Vec<String>) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(words: Vec<String>) -> Result<Self, InvalidValue> {
         if words.len() > 256 {
-            return Err(format!("command has {} words, over 256", words.len()));
+            return Err(InvalidValue::new(
+                "command",
+                &words.join(" "),
+                format!("has {} words, over 256", words.len()),
+            ));
         }
         let words = words
             .into_iter()
             .map(ExecString::try_from)
             .collect::<Result<Vec<_>, _>>()?;
         match words.first() {
-            None => Err("command is empty".to_owned()),
-            Some(p) if !p.as_str().starts_with('/') => {
-                Err(format!("command {:?} must be an absolute path", p.as_str()))
-            }
+            None => Err(InvalidValue::new("command", "", "is empty")),
+            Some(p) if !p.as_str().starts_with('/') => Err(InvalidValue::new(
+                "command",
+                p.as_str(),
+                "must be an absolute path",
+            )),
             Some(_) => Ok(Command(words)),
         }
     }
@@ -226,25 +304,20 @@ pub const PATH_MAX: usize = 4095;
 /// the bootstrap itself.
 pub const FORBIDDEN_ROOTS: &[&str] = &["/proc", "/sys", "/dev", "/.bootstrap"];
 
-fn check_components(s: &str, what: &str) -> Result<(), String> {
+fn check_components(s: &str, what: &'static str) -> Result<(), InvalidValue> {
+    let bad = |why: Cow<'static, str>| Err(InvalidValue::new(what, s, why));
     if s.contains('\0') {
-        return Err(format!("{what} {s:?} contains a NUL byte"));
+        return bad("contains a NUL byte".into());
     }
     if s.len() > PATH_MAX {
-        return Err(format!("{what} is {} bytes, over {PATH_MAX}", s.len()));
+        return bad(format!("is {} bytes, over {PATH_MAX}", s.len()).into());
     }
     // One leading `/` (for a target path); any other is an empty component.
     for comp in s.strip_prefix('/').unwrap_or(s).split('/') {
         match comp {
-            "" => {
-                return Err(format!(
-                    "{what} {s:?} has an empty component (// or a trailing /)"
-                ))
-            }
-            "." | ".." => return Err(format!("{what} {s:?} has a {comp:?} component")),
-            c if c.len() > 255 => {
-                return Err(format!("{what} {s:?} has a component over 255 bytes"))
-            }
+            "" => return bad("has an empty component (// or a trailing /)".into()),
+            "." | ".." => return bad(format!("has a {comp:?} component").into()),
+            c if c.len() > 255 => return bad("has a component over 255 bytes".into()),
             _ => {}
         }
     }
@@ -290,19 +363,25 @@ impl TargetPath {
 }
 
 impl TryFrom<String> for TargetPath {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
         if !s.starts_with('/') {
-            return Err(format!("path {s:?} must be absolute"));
+            return Err(InvalidValue::new("path", &s, "must be absolute"));
         }
         if s == "/" {
-            return Err("path \"/\" (the root itself) cannot be a target".to_owned());
+            return Err(InvalidValue::new(
+                "path",
+                &s,
+                "(the root itself) cannot be a target",
+            ));
         }
         check_components(&s, "path")?;
         for root in FORBIDDEN_ROOTS {
             if s == *root || s.strip_prefix(root).is_some_and(|r| r.starts_with('/')) {
-                return Err(format!(
-                    "path {s:?} is under {root}, which a manifest may not change"
+                return Err(InvalidValue::new(
+                    "path",
+                    &s,
+                    format!("is under {root}, which a manifest may not change"),
                 ));
             }
         }
@@ -336,15 +415,17 @@ impl BundlePath {
 }
 
 impl TryFrom<String> for BundlePath {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
         if s.starts_with('/') {
-            return Err(format!(
-                "bundle path {s:?} must be relative to the bundle root"
+            return Err(InvalidValue::new(
+                "bundle path",
+                &s,
+                "must be relative to the bundle root",
             ));
         }
         if s.is_empty() {
-            return Err("bundle path is empty".to_owned());
+            return Err(InvalidValue::new("bundle path", "", "is empty"));
         }
         check_components(&s, "bundle path")?;
         Ok(BundlePath(s))
@@ -375,10 +456,14 @@ impl Mode {
 }
 
 impl TryFrom<u32> for Mode {
-    type Error = String;
-    fn try_from(v: u32) -> Result<Self, String> {
+    type Error = InvalidValue;
+    fn try_from(v: u32) -> Result<Self, InvalidValue> {
         if v > 0o7777 {
-            return Err(format!("mode {v:#o} is over 0o7777"));
+            return Err(InvalidValue::new(
+                "mode",
+                &format!("{v:#o}"),
+                "is over 0o7777",
+            ));
         }
         Ok(Mode(v))
     }
@@ -500,7 +585,9 @@ mod tests {
             (&long, "over 4095"),
         ];
         for (bad, want) in cases {
-            let err = TargetPath::try_from((*bad).to_owned()).expect_err(bad);
+            let err = TargetPath::try_from((*bad).to_owned())
+                .expect_err(bad)
+                .to_string();
             assert!(err.contains(want), "{bad:?}: {err} lacks {want}");
         }
         let a = TargetPath::try_from("/var/lib".to_owned()).expect("ok");

@@ -1,0 +1,451 @@
+//! The metadata file written beside every baked image (`<image>.meta.json`): what the image
+//! is (name, version, format), how to check it (sha256, size), what it was made from (input
+//! digests, init, kernel modules, tool versions) and when (SOURCE_DATE_EPOCH). The builder
+//! writes it; `bootlace-vm` reads it to boot an image by name and version. Schema 1;
+//! docs/image.md lists the fields.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fs::FsType;
+
+/// The schema version of the metadata.
+pub const SCHEMA: u32 = 1;
+
+/// The suffix appended to the image's file name: `root.erofs` -> `root.erofs.meta.json`.
+pub const SUFFIX: &str = ".meta.json";
+
+/// What `bootlace-image bake` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A newc cpio archive (gzip, zstd or plain), booted with `-initrd`.
+    Initramfs,
+    /// A read-only erofs root filesystem.
+    Erofs,
+    /// An ext4 root filesystem.
+    Ext4,
+    /// A read-only squashfs root filesystem.
+    Squashfs,
+    /// A qcow2 disk image of an erofs or ext4 root filesystem.
+    Qcow2,
+}
+
+impl Format {
+    /// Every format.
+    pub const ALL: [Format; 5] = [
+        Format::Initramfs,
+        Format::Erofs,
+        Format::Ext4,
+        Format::Squashfs,
+        Format::Qcow2,
+    ];
+
+    /// Its name on the command line and in the metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Initramfs => "initramfs",
+            Format::Erofs => "erofs",
+            Format::Ext4 => "ext4",
+            Format::Squashfs => "squashfs",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+
+    /// Whether the image is a root filesystem on a disk (booted through a stage-1 initramfs).
+    pub fn is_disk(self) -> bool {
+        self != Format::Initramfs
+    }
+
+    /// The filesystem inside an image of this format; `qcow2_fs` for a qcow2 (which holds an
+    /// erofs or ext4 image); `None` for an initramfs.
+    pub fn fstype(self, qcow2_fs: FsType) -> Option<FsType> {
+        match self {
+            Format::Initramfs => None,
+            Format::Erofs => Some(FsType::Erofs),
+            Format::Ext4 => Some(FsType::Ext4),
+            Format::Squashfs => Some(FsType::Squashfs),
+            Format::Qcow2 => Some(qcow2_fs),
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A format name that is not one of [`Format::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown format {0:?} (expected one of: initramfs, erofs, ext4, squashfs, qcow2)")]
+pub struct UnknownFormat(pub String);
+
+impl FromStr for Format {
+    type Err = UnknownFormat;
+    fn from_str(s: &str) -> Result<Format, UnknownFormat> {
+        Format::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s)
+            .ok_or_else(|| UnknownFormat(s.to_owned()))
+    }
+}
+
+/// What an input was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputKind {
+    /// A root filesystem directory.
+    Dir,
+    /// A tarball (tar, tar.gz, tar.zst).
+    Tar,
+    /// An OCI image layout.
+    Oci,
+}
+
+/// One input of the bake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    /// Its kind.
+    pub kind: InputKind,
+    /// The path given.
+    pub path: String,
+    /// `sha256:<hex>`: of the file (tar), of the manifest (oci), or of a canonical listing of
+    /// paths, modes, owners, link targets and file contents (dir).
+    pub digest: String,
+}
+
+/// The init baked in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitInfo {
+    /// Where it is in the image (`/sbin/bootlace-init`).
+    pub path: String,
+    /// Its version (`bootlace-init --version`), or `unknown` when it cannot be run.
+    pub version: String,
+    /// sha256 hex of the binary.
+    pub sha256: String,
+}
+
+/// The metadata of one image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageMeta {
+    /// Schema version ([`SCHEMA`]).
+    pub schema: u32,
+    /// Image name (default: the output file's stem).
+    pub name: String,
+    /// Image version (default `"0"`).
+    pub version: String,
+    /// The format.
+    pub format: Format,
+    /// The image's file name, relative to the metadata file's directory.
+    pub file: String,
+    /// sha256 hex of the image file.
+    pub sha256: String,
+    /// Bytes of the image file.
+    pub size: u64,
+    /// The filesystem inside (`erofs`, `ext4`, `squashfs`); `None` for an initramfs.
+    pub fstype: Option<FsType>,
+    /// The filesystem label (`None` for squashfs and initramfs).
+    pub label: Option<String>,
+    /// A stage-1 initramfs (mounts a real root and switches to it).
+    pub stage1: bool,
+    /// The root filesystem is read-only at boot (erofs, squashfs).
+    pub read_only: bool,
+    /// Directories the init backs with tmpfs at boot (`[root] writable`).
+    pub writable: Vec<String>,
+    /// What the image was made from.
+    pub inputs: Vec<Input>,
+    /// The init baked in.
+    pub init: InitInfo,
+    /// The kernel release whose modules were copied in; `None` when none were.
+    pub kernel_release: Option<String>,
+    /// The kernel modules copied in, in load order.
+    pub modules: Vec<String>,
+    /// SOURCE_DATE_EPOCH of the bake (every timestamp in the image).
+    pub source_date_epoch: u64,
+    /// The same as RFC 3339 UTC (`2023-11-14T22:13:20Z`).
+    pub built: String,
+    /// The versions of the tools that made the image, by tool name.
+    pub tool_versions: BTreeMap<String, String>,
+}
+
+/// Why a metadata file could not be read or used.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// Reading or writing failed.
+    #[error("metadata file {}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid metadata (or a field has a value that cannot be used).
+    #[error("metadata file {}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ImageMeta {
+    /// The metadata path for an image path: the image's name plus [`SUFFIX`].
+    pub fn path_for(image: &Path) -> PathBuf {
+        let mut name = image.file_name().unwrap_or_default().to_os_string();
+        name.push(SUFFIX);
+        image.with_file_name(name)
+    }
+
+    /// The image file this metadata describes (`file` joined to the metadata's directory).
+    pub fn image_path(&self, meta_path: &Path) -> PathBuf {
+        meta_path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(&self.file)
+    }
+
+    /// `name@version`.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+
+    /// Whether the image is a root filesystem on a disk (it needs a stage-1 initramfs).
+    pub fn is_disk(&self) -> bool {
+        self.format.is_disk()
+    }
+
+    /// The checks a reader relies on beyond the types: the schema, a file name that stays
+    /// beside the metadata, a sha256 of 64 hex digits, a filesystem type where there is a disk.
+    pub fn check(&self) -> Result<(), BadMeta> {
+        if self.schema != SCHEMA {
+            return Err(BadMeta::Schema(self.schema));
+        }
+        if self.file.is_empty() || self.file.contains('/') || self.file.starts_with('.') {
+            return Err(BadMeta::File(self.file.clone()));
+        }
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BadMeta::Sha256(self.sha256.clone()));
+        }
+        if self.format.is_disk() != self.fstype.is_some() {
+            return Err(BadMeta::FsType {
+                format: self.format,
+                fstype: self.fstype,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A metadata value that parses but cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadMeta {
+    /// A schema this code does not know.
+    #[error("metadata schema {0} is not supported (this is schema {SCHEMA})")]
+    Schema(u32),
+    /// The image file is not a plain name beside the metadata.
+    #[error("file {0:?} is not a plain file name beside the metadata")]
+    File(String),
+    /// The sha256 is not 64 hex digits.
+    #[error("sha256 {0:?} is not 64 hex digits")]
+    Sha256(String),
+    /// A disk format without a filesystem, or an initramfs with one.
+    #[error("format {format} with filesystem {}", fstype.map_or("none", FsType::as_str))]
+    FsType {
+        /// The format.
+        format: Format,
+        /// The filesystem given.
+        fstype: Option<FsType>,
+    },
+}
+
+#[cfg(feature = "json")]
+impl ImageMeta {
+    /// Parses and checks metadata text (schema 1, known fields only); `path` names the file
+    /// in errors.
+    pub fn from_json(text: &[u8], path: &Path) -> Result<ImageMeta, MetaError> {
+        let parse = |message: String| MetaError::Parse {
+            path: path.to_owned(),
+            message,
+        };
+        // The schema first, so that a newer schema is named as such and not as an unknown field.
+        #[derive(Deserialize)]
+        struct Probe {
+            schema: Option<u32>,
+        }
+        if let Ok(Probe {
+            schema: Some(schema),
+        }) = serde_json::from_slice::<Probe>(text)
+        {
+            if schema != SCHEMA {
+                return Err(parse(BadMeta::Schema(schema).to_string()));
+            }
+        }
+        let meta: ImageMeta = serde_json::from_slice(text).map_err(|e| parse(e.to_string()))?;
+        meta.check().map_err(|e| parse(e.to_string()))?;
+        Ok(meta)
+    }
+
+    /// Reads and checks a metadata file.
+    pub fn read(path: &Path) -> Result<ImageMeta, MetaError> {
+        let text = std::fs::read(path).map_err(|source| MetaError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        ImageMeta::from_json(&text, path)
+    }
+
+    /// The JSON text (pretty, fields in schema order, a final newline).
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).unwrap_or_default();
+        s.push('\n');
+        s
+    }
+}
+
+/// RFC 3339 UTC for seconds since the epoch (`1970-01-01T00:00:00Z`).
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        for (secs, want) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (1_700_000_000, "2023-11-14T22:13:20Z"),
+            (4_294_967_295, "2106-02-07T06:28:15Z"),
+        ] {
+            assert_eq!(rfc3339(secs), want);
+        }
+    }
+
+    /// A valid metadata value for tests.
+    pub fn sample() -> ImageMeta {
+        ImageMeta {
+            schema: SCHEMA,
+            name: "root".into(),
+            version: "1.2".into(),
+            format: Format::Erofs,
+            file: "root.erofs".into(),
+            sha256: "00".repeat(32),
+            size: 4096,
+            fstype: Some(FsType::Erofs),
+            label: Some("bootlace-root".into()),
+            stage1: false,
+            read_only: true,
+            writable: vec!["/etc".into()],
+            inputs: vec![Input {
+                kind: InputKind::Oci,
+                path: "layout".into(),
+                digest: format!("sha256:{}", "11".repeat(32)),
+            }],
+            init: InitInfo {
+                path: "/sbin/bootlace-init".into(),
+                version: "0.1.0".into(),
+                sha256: "22".repeat(32),
+            },
+            kernel_release: None,
+            modules: vec![],
+            source_date_epoch: 0,
+            built: rfc3339(0),
+            tool_versions: [("mkfs.erofs".to_owned(), "1.5".to_owned())].into(),
+        }
+    }
+
+    #[test]
+    fn checks() {
+        let m = sample();
+        assert!(m.check().is_ok());
+        assert!(m.is_disk() && m.id() == "root@1.2");
+        let dir = Path::new("/images");
+        assert_eq!(
+            ImageMeta::path_for(&dir.join("root.erofs")),
+            dir.join("root.erofs.meta.json")
+        );
+        assert_eq!(
+            m.image_path(&dir.join("root.erofs.meta.json")),
+            dir.join("root.erofs")
+        );
+        for (bad, want) in [
+            (
+                ImageMeta {
+                    schema: 2,
+                    ..sample()
+                },
+                "schema 2",
+            ),
+            (
+                ImageMeta {
+                    file: "../x".into(),
+                    ..sample()
+                },
+                "plain file name",
+            ),
+            (
+                ImageMeta {
+                    sha256: "ab".into(),
+                    ..sample()
+                },
+                "64 hex digits",
+            ),
+            (
+                ImageMeta {
+                    fstype: None,
+                    ..sample()
+                },
+                "format erofs",
+            ),
+        ] {
+            let e = bad.check().expect_err(want).to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        assert_eq!("qcow2".parse::<Format>(), Ok(Format::Qcow2));
+        assert!("iso".parse::<Format>().is_err());
+    }
+
+    #[cfg(feature = "json")]
+    #[test]
+    fn json_round_trip_and_strict() {
+        let m = sample();
+        let text = m.to_json();
+        let p = Path::new("root.erofs.meta.json");
+        assert_eq!(ImageMeta::from_json(text.as_bytes(), p).expect("parse"), m);
+        assert!(text.contains("\"kind\": \"oci\"") && text.contains("\"format\": \"erofs\""));
+        let newer = text.replace("\"schema\": 1", "\"schema\": 2, \"new\": 1");
+        let e = ImageMeta::from_json(newer.as_bytes(), p).expect_err("schema 2");
+        assert!(e.to_string().contains("schema 2 is not supported"), "{e}");
+        let extra = text.replace("\"schema\": 1", "\"schema\": 1, \"x\": 1");
+        assert!(ImageMeta::from_json(extra.as_bytes(), p).is_err());
+    }
+}
