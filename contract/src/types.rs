@@ -28,13 +28,17 @@ pub struct InvalidValue {
 impl InvalidValue {
     /// `what` `value` does not fit because `why`.
     pub fn new(what: &'static str, value: &str, why: impl Into<Cow<'static, str>>) -> Self {
-        let value = match value.char_indices().nth(80) {
-            Some((i, _)) => format!("{}…", value.get(..i).unwrap_or(value)),
-            None => value.to_owned(),
-        };
+        let mut end = value.len().min(80);
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut shown = value.get(..end).unwrap_or_default().to_owned();
+        if end < value.len() {
+            shown.push('…');
+        }
         InvalidValue {
             what,
-            value,
+            value: shown,
             why: why.into(),
         }
     }

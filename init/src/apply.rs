@@ -14,10 +14,9 @@ use std::time::Duration;
 use bootlace_contract::manifest::{Frequency, Manifest, Mount, OnFailure, TmpfsMount};
 use bootlace_contract::types::TargetPath;
 
-use crate::blkprobe;
-use crate::boot::handoff_env;
+use crate::devices::{self, Block, Want};
 use crate::modload::{ModLoadError, ModuleLoader};
-use crate::supervise::{self, StepEnd};
+use crate::supervise::{self, handoff_env, StepEnd};
 use crate::sys::root::{fd_path, Root, RootError};
 use crate::sys::{self, Ended, Flags};
 use bootlace_contract::config::InitConfig;
@@ -394,32 +393,18 @@ fn apply_mount(
         }
         Mount::Disk(d) => {
             loader.load_best_effort(drivers::source(bootlace_contract::config::Source::Disk));
-            let find = || {
-                blkprobe::scan(Path::new("/sys/class/block"), Path::new("/dev"))
-                    .into_iter()
-                    .find_map(|c| {
-                        let p = c.probed?;
-                        (p.label.as_deref() == Some(d.label.as_str())).then_some((c.dev, p.fstype))
-                    })
-            };
-            // Devices appear shortly after their driver loads: wait a bounded time.
-            let deadline = std::time::Instant::now() + DISK_WAIT;
-            let mut found = find();
-            while found.is_none() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-                found = find();
-            }
-            let Some((dev, fstype)) = found else {
-                return Err(ApplyError::Mount {
-                    path: path.to_owned(),
-                    what: format!(
-                        "disk labelled {:?}: no such block device after {} s",
-                        d.label.as_str(),
-                        DISK_WAIT.as_secs()
-                    ),
-                    source: None,
-                });
-            };
+            let found = devices::wait_for(DISK_WAIT, || {
+                devices::find_block(Want::Label(d.label.as_str()))
+            });
+            let Block { dev, fstype } = found.map_err(|seen| ApplyError::Mount {
+                path: path.to_owned(),
+                what: format!(
+                    "disk labelled {:?}: no such block device after {} s (saw {seen})",
+                    d.label.as_str(),
+                    DISK_WAIT.as_secs()
+                ),
+                source: None,
+            })?;
             loader.load_best_effort(drivers::filesystem(fstype));
             let what = format!("{} ({})", dev.display(), fstype.as_str());
             sys::mount(
@@ -440,7 +425,7 @@ fn apply_mount(
                 &target_path,
                 "9p",
                 rw(n.read_only),
-                c"trans=virtio,version=9p2000.L,msize=262144",
+                crate::mounts::NINEP_OPTIONS,
             )
             .map_err(merr(what.clone()))?;
             log::info!("{origin}: {what} on {path}");

@@ -1,26 +1,38 @@
-//! The boot sequence of PID 1: early mounts, configuration, modules, hand-off — and the one
-//! place that turns a failed step into a report and the configured failure policy.
+//! The boot of PID 1, top to bottom — [`run`] reads as the boot does:
+//!
+//! 1. early mounts, the kernel command line and the configuration (the first failure wins,
+//!    and waits until the host is reachable to be reported);
+//! 2. the host link, first, so that every later failure is reported to the host too;
+//! 3. the configured kernel modules;
+//! 4. stage 1 only: mount the real root and switch to it (returns only on failure);
+//! 5. the writable locations of a read-only root;
+//! 6. the bootstrap: find, mount, apply the manifest, READY, unmount and remove — the cleanup
+//!    runs whenever something was mounted, whatever failed;
+//! 7. the hand-off: exec the real init, or supervise the application and power off.
+//!
+//! Every failure goes through one place, [`Boot::fail`]: console first, then the host, then
+//! the failure policy (power off, continue, or a shell then power off). Every effect goes
+//! through [`Machine`], so these decisions are unit-tested with a recording fake.
 
 use std::io;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::bootstrap::{self, BootstrapError};
-use crate::hostlink::HostLink;
-use crate::modload::{ModLoadError, ModuleLoader};
-use crate::mounts::{self, MountError};
-use crate::supervise::{self, AppEnd};
-use crate::{logger, sys};
-use bootlace_contract::config::{self, ConfigError, FailurePolicy, HandoffMode, InitConfig};
+use bootlace_contract::chain;
+use bootlace_contract::config::{ConfigError, FailurePolicy, HandoffMode, InitConfig, Stage1};
+use bootlace_contract::manifest::MANIFEST_NAME;
 use bootlace_contract::protocol::Kind;
 use bootlace_contract::status::{self, ExitStatus};
 
-/// The init's version, printed at start.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// Default PATH given to the hand-off.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use crate::apply::ApplyError;
+use crate::bootstrap::{BootstrapError, Cleaned, BOOTSTRAP_DIR};
+use crate::machine::{Machine, RealMachine};
+use crate::modload::ModLoadError;
+use crate::mounts::MountError;
+use crate::stage1::Stage1Error;
+use crate::supervise::{handoff_env, AppEnd};
+use crate::timeline::Timeline;
+use crate::{logger, sys, VERSION};
 
 /// A failed boot step. The message names the step; the source says why.
 #[derive(Debug, thiserror::Error)]
@@ -34,9 +46,9 @@ pub enum BootError {
     /// The configuration was refused.
     #[error("config")]
     Config(#[source] ConfigError),
-    /// A configured module could not be loaded.
-    #[error("config")]
-    Modules(#[source] ModLoadError),
+    /// A configured module could not be loaded (the message starts with `modules`).
+    #[error(transparent)]
+    Modules(ModLoadError),
     /// The bootstrap failed.
     #[error("bootstrap")]
     Bootstrap(#[source] BootstrapError),
@@ -57,10 +69,10 @@ pub enum BootError {
     Supervise(#[source] io::Error),
     /// Stage 1 could not switch to the real root.
     #[error("stage1")]
-    Stage1(#[source] crate::stage1::Stage1Error),
+    Stage1(#[source] Stage1Error),
     /// A writable location of the root could not be set up.
     #[error("root")]
-    Writable(#[source] crate::apply::ApplyError),
+    Writable(#[source] ApplyError),
 }
 
 impl BootError {
@@ -69,7 +81,7 @@ impl BootError {
         match self {
             BootError::Cmdline(_) | BootError::Config(_) => ExitStatus::Config,
             BootError::Bootstrap(e) if e.is_config() => ExitStatus::Config,
-            BootError::Exec { source, .. } => supervise::spawn_error_status(source),
+            BootError::Exec { source, .. } => crate::supervise::spawn_error_status(source),
             BootError::Mount(_)
             | BootError::Modules(_)
             | BootError::Bootstrap(_)
@@ -81,39 +93,13 @@ impl BootError {
     }
 }
 
-pub use bootlace_contract::chain;
-
-/// CLOCK_BOOTTIME stamps of the boot's milestones.
-#[derive(Debug, Default, Clone)]
-pub struct Timeline {
-    stamps: Vec<(&'static str, Duration)>,
-}
-
-impl Timeline {
-    /// Records a milestone now.
-    pub fn mark(&mut self, what: &'static str) {
-        self.stamps.push((what, sys::boottime()));
-    }
-
-    /// The stamp of the latest milestone (zero before the first).
-    pub fn last(&self) -> Duration {
-        self.stamps.last().map_or(Duration::ZERO, |(_, t)| *t)
-    }
-
-    /// `entry=0.912s config=0.915s … handoff=0.950s`.
-    pub fn render(&self) -> String {
-        self.stamps
-            .iter()
-            .map(|(w, t)| format!("{w}={}.{:03}s", t.as_secs(), t.subsec_millis()))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
-/// Prints the power-off line and powers off.
-pub fn finish(status: ExitStatus, summary: &str) -> ! {
-    logger::line(&status::line(status, summary));
-    sys::power_off()
+/// PID 1: installs the console logger and the panic hook, then boots this machine. Never
+/// returns.
+pub fn pid1() -> ! {
+    let entry = sys::boottime();
+    logger::install();
+    install_panic_hook();
+    run(&mut RealMachine::new(), entry)
 }
 
 /// Installs the panic hook of PID 1: report, then power off. A panic must never unwind out of
@@ -121,27 +107,243 @@ pub fn finish(status: ExitStatus, summary: &str) -> ! {
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         logger::line(&format!("error: bootlace-init panicked: {info}"));
-        finish(ExitStatus::Internal, "bootlace-init panicked")
+        logger::line(&status::line(
+            ExitStatus::Internal,
+            "bootlace-init panicked",
+        ));
+        sys::power_off()
     }));
 }
 
+/// The whole boot on `m`, which PID 1 entered at `entry` (CLOCK_BOOTTIME). Never returns: it
+/// ends in a hand-off or a deliberate power-off.
+pub fn run<M: Machine>(m: &mut M, entry: Duration) -> ! {
+    let mut boot = Boot::configure(m, entry);
+    boot.connect_host();
+    boot.load_modules();
+    if let Some(stage1) = boot.config.stage1.clone() {
+        boot.switch_root(&stage1);
+    }
+    boot.writable();
+    boot.bootstrap();
+    boot.handoff()
+}
+
 /// The state of one boot: what every step needs to report, fail and hand off.
-struct Boot {
+struct Boot<'m, M: Machine> {
+    m: &'m mut M,
     config: InitConfig,
     timeline: Timeline,
-    link: HostLink,
-    loader: ModuleLoader,
+    /// The first failure of the early steps, reported once the host is reachable.
+    first_error: Option<BootError>,
     /// READY has been reported (after the manifest, before the cleanup).
     ready_sent: bool,
 }
 
-impl Boot {
+impl<'m, M: Machine> Boot<'m, M> {
+    /// Step 1: early mounts, the command line and the config. The first failure wins (a broken
+    /// /proc explains a missing command line) and is kept for [`Boot::connect_host`].
+    fn configure(m: &'m mut M, entry: Duration) -> Self {
+        let mut timeline = Timeline::default();
+        timeline.mark("entry", entry);
+        let early = m.early_setup();
+        log::info!("bootlace-init {VERSION} started as PID 1");
+        match &early {
+            Ok(mounted) if mounted.is_empty() => log::info!("early mounts already in place"),
+            Ok(mounted) => log::info!("mounted {}", mounted.join(" ")),
+            Err(_) => {}
+        }
+        let cmdline = m.cmdline();
+        let loaded = m.load_config(cmdline.as_deref().unwrap_or(""));
+        log::set_max_level(loaded.config.log.filter());
+        timeline.mark("config", m.now());
+        let first_error = match (early, cmdline, loaded.error) {
+            (Err(e), _, _) => Some(BootError::Mount(e)),
+            (_, Err(e), _) => Some(BootError::Cmdline(e)),
+            (_, _, Some(e)) => Some(BootError::Config(e)),
+            _ => None,
+        };
+        let c = &loaded.config;
+        log::info!(
+            "config: {} ({} mode, failure policy {}, log {:?})",
+            if loaded.from_file {
+                bootlace_contract::config::CONFIG_PATH
+            } else {
+                "built-in defaults"
+            },
+            c.handoff.mode.as_str(),
+            c.on_failure.as_str(),
+            c.log,
+        );
+        Boot {
+            m,
+            config: loaded.config,
+            timeline,
+            first_error,
+            ready_sent: false,
+        }
+    }
+
+    /// Step 2: the host first, so that every later failure (a bad config included) is
+    /// reported; then the failure of step 1, if any.
+    fn connect_host(&mut self) {
+        if self.config.host.address.is_some() {
+            if let Err(e) = self.m.connect_host(&self.config.host) {
+                self.fail(&BootError::Host(e));
+            }
+            self.step_done("host");
+        }
+        if let Some(e) = self.first_error.take() {
+            self.fail(&e);
+        }
+        self.report_step("config", true, Duration::ZERO);
+    }
+
+    /// Step 3: the modules the config names, with their dependencies.
+    fn load_modules(&mut self) {
+        match self.m.load_modules(&self.config.modules) {
+            Ok(loaded) if !loaded.is_empty() => {
+                log::info!("loaded {} modules: {}", loaded.len(), loaded.join(" "))
+            }
+            Ok(_) => {}
+            Err(e) => self.fail(&BootError::Modules(e)),
+        }
+        self.step_done("modules");
+    }
+
+    /// Step 4 (a stage-1 initramfs): switch to the real root; returns only on failure, and
+    /// `continue` has nothing to continue with (an initramfs without its real root).
+    fn switch_root(&mut self, stage1: &Stage1) -> ! {
+        let e = BootError::Stage1(self.m.switch_root(stage1));
+        self.fail(&e);
+        self.m.power_off(e.status(), &chain(&e))
+    }
+
+    /// Step 5: a tmpfs over each writable location of a read-only root.
+    fn writable(&mut self) {
+        if self.config.root.writable.is_empty() {
+            return;
+        }
+        if let Err(e) = self.m.writable(&self.config.root.writable) {
+            self.fail(&BootError::Writable(e));
+        }
+        self.step_done("writable");
+    }
+
+    /// Step 6: the bootstrap, when sources are configured. On success the hand-off takes the
+    /// manifest's environment and hand-off overrides.
+    fn bootstrap(&mut self) {
+        if self.config.bootstrap.sources.is_empty() {
+            return;
+        }
+        match self.run_bootstrap() {
+            Ok(Some(cfg)) => self.config = cfg,
+            Ok(None) => {}
+            Err(e) => self.fail(&BootError::Bootstrap(e)),
+        }
+    }
+
+    /// Find, mount, apply, READY, clean up. Once anything may be mounted, the cleanup runs on
+    /// every path; a cleanup failure after another failure is logged, the first one returned.
+    fn run_bootstrap(&mut self) -> Result<Option<InitConfig>, BootstrapError> {
+        let Some(found) = self.m.find_bootstrap(&self.config.bootstrap)? else {
+            return Ok(None);
+        };
+        self.step_done("bootstrap_found");
+        log::info!("bootstrap: found {found}");
+        if let Err(e) = self.m.mount_bootstrap(&found, &self.config) {
+            self.step("bootstrap_mounted", false);
+            if let Err(c) = self.m.cleanup_bootstrap() {
+                log::error!("{}", chain(&c));
+            }
+            return Err(e);
+        }
+        self.step_done("bootstrap_mounted");
+        log::info!("bootstrap: mounted {found} read-only on {BOOTSTRAP_DIR}");
+        let applied = self.m.apply_bootstrap(&self.config);
+        self.step("manifest_done", applied.is_ok());
+        if let Ok((cfg, _)) = &applied {
+            // The host learns of READY without waiting for the unmount.
+            self.report_ready(cfg);
+        }
+        let cleaned = self.m.cleanup_bootstrap();
+        self.step("cleanup_done", cleaned.is_ok());
+        match (applied, cleaned) {
+            (Ok((cfg, applied)), Ok(cleaned)) => {
+                log::info!(
+                    "bootstrap: applied {MANIFEST_NAME} ({}); {BOOTSTRAP_DIR} unmounted{}",
+                    applied.summary(),
+                    match cleaned {
+                        Cleaned::Removed => " and removed",
+                        Cleaned::MountPointStays =>
+                            " (its empty mount point stays on the read-only root)",
+                    }
+                );
+                Ok(Some(cfg))
+            }
+            (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+            (Err(e), Err(c)) => {
+                log::error!("{}", chain(&c));
+                Err(e)
+            }
+        }
+    }
+
+    /// Step 7: READY (unless the bootstrap sent it), the timeline, then exec or supervise.
+    fn handoff(mut self) -> ! {
+        if !self.ready_sent {
+            let config = self.config.clone();
+            self.report_ready(&config);
+        }
+        self.timeline.mark("handoff", self.m.now());
+        log::info!(
+            "timeline: {} (VmHWM {} KiB)",
+            self.timeline.render(),
+            self.m.vm_hwm_kb()
+        );
+        let env = handoff_env(&self.config);
+        let cmd = self.config.handoff.command.clone();
+        log::info!("hand-off: {}", handoff_what(&self.config));
+        let e = match self.config.handoff.mode {
+            HandoffMode::Exec => BootError::Exec {
+                path: cmd.program().to_owned(),
+                source: self.m.exec(&cmd, &env),
+            },
+            HandoffMode::Supervise => {
+                let grace = Duration::from_millis(self.config.handoff.shutdown_grace_ms);
+                match self.m.supervise(&cmd, &env, grace) {
+                    Ok(end) => self.app_ended(&end, &cmd),
+                    Err(e) => BootError::Supervise(e),
+                }
+            }
+        };
+        // `continue` has nothing left to continue to.
+        self.fail(&e);
+        self.m.power_off(e.status(), &chain(&e))
+    }
+
+    /// The supervised application has ended (or never started): EXIT to the host, power off.
+    fn app_ended(&mut self, end: &AppEnd, cmd: &bootlace_contract::config::Command) -> ! {
+        if let AppEnd::SpawnFailed(e) = end {
+            log::error!("hand-off: cannot execute {}: {e}", cmd.program().display());
+        }
+        self.m.sync();
+        self.m.report(
+            Kind::Exit,
+            &[
+                ("EXIT_STATUS", end.status().to_string()),
+                ("STATUS", end.summary(cmd)),
+            ],
+        );
+        self.m.power_off(end.status(), &end.summary(cmd))
+    }
+
     /// Reports a failed step (console, then host) and applies the failure policy. Returns
     /// only under `continue`.
     fn fail(&mut self, e: &BootError) {
         let text = chain(e);
         log::error!("{text}");
-        self.link.report(
+        self.m.report(
             Kind::Failed,
             &[
                 ("STATUS", text.clone()),
@@ -151,256 +353,61 @@ impl Boot {
         );
         match self.config.on_failure {
             FailurePolicy::Continue => log::warn!("failure policy is continue: going on"),
-            FailurePolicy::Poweroff => finish(e.status(), &text),
+            FailurePolicy::Poweroff => self.m.power_off(e.status(), &text),
             FailurePolicy::Shell => {
                 log::warn!("failure policy is shell: starting /bin/sh on the console");
-                if let Ok(shell) = config::Command::try_from(vec!["/bin/sh".to_owned()]) {
-                    let grace = Duration::from_millis(self.config.handoff.shutdown_grace_ms);
-                    if let Err(e) = supervise::run(&shell, &handoff_env(&self.config), grace) {
-                        log::error!("shell: {e}");
-                    }
-                }
+                let grace = Duration::from_millis(self.config.handoff.shutdown_grace_ms);
+                self.m.shell(&handoff_env(&self.config), grace);
                 log::info!("timeline: {}", self.timeline.render());
-                finish(e.status(), &text)
+                self.m.power_off(e.status(), &text)
             }
         }
     }
 
-    /// Records a milestone and reports the step that ended there to the host.
+    /// Stamps `ready` and reports READY with the timeline so far, the boot time and VmHWM;
+    /// `config` is the one the hand-off will use.
+    fn report_ready(&mut self, config: &InitConfig) {
+        let now = self.m.now();
+        self.timeline.mark("ready", now);
+        let fields = [
+            ("READY", "1".to_owned()),
+            ("STATUS", format!("hand-off: {}", handoff_what(config))),
+            ("TIMELINE", self.timeline.render()),
+            ("BOOTTIME_NS", now.as_nanos().to_string()),
+            ("VMHWM_KB", self.m.vm_hwm_kb().to_string()),
+        ];
+        self.m.report(Kind::Ready, &fields);
+        self.ready_sent = true;
+    }
+
+    /// Records a milestone that ended a step that worked, and reports it.
     fn step_done(&mut self, name: &'static str) {
+        self.step(name, true);
+    }
+
+    /// Records a milestone and reports the step that ended there (and how long it took).
+    fn step(&mut self, name: &'static str, ok: bool) {
         let before = self.timeline.last();
-        self.timeline.mark(name);
+        self.timeline.mark(name, self.m.now());
         let took = self.timeline.last().saturating_sub(before);
-        self.link.step(name, "finished", took, None);
-    }
-}
-
-/// The environment of the hand-off: PATH, HOME, TERM (the kernel's, else `linux`), then the
-/// configured variables, which may override those three.
-pub fn handoff_env(config: &InitConfig) -> Vec<(String, String)> {
-    let term = std::env::var("TERM").unwrap_or_else(|_| "linux".to_owned());
-    let mut env: Vec<(String, String)> = vec![
-        ("PATH".to_owned(), DEFAULT_PATH.to_owned()),
-        ("HOME".to_owned(), "/".to_owned()),
-        ("TERM".to_owned(), term),
-    ];
-    for (k, v) in &config.handoff.env {
-        env.retain(|(name, _)| name != k.as_str());
-        env.push((k.as_str().to_owned(), v.as_str().to_owned()));
-    }
-    env
-}
-
-/// Peak resident memory of this process (VmHWM), in KiB; 0 when unknown.
-pub fn vm_hwm_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// The whole boot of PID 1. Never returns.
-pub fn pid1() -> ! {
-    let mut timeline = Timeline::default();
-    timeline.mark("entry");
-    logger::install();
-    install_panic_hook();
-
-    let early = mounts::early_mounts();
-    if let Err(e) = sys::ensure_stdio(Path::new("/dev/console")) {
-        log::warn!("cannot open /dev/console for stdio: {e}");
-    }
-    log::info!("bootlace-init {VERSION} started as PID 1");
-    match &early {
-        Ok(m) if m.is_empty() => log::info!("early mounts already in place"),
-        Ok(m) => log::info!("mounted {}", m.join(" ")),
-        Err(_) => {}
-    }
-    if let Err(e) = sys::disable_ctrl_alt_del() {
-        log::warn!("cannot route ctrl-alt-del to PID 1: {e}");
+        self.report_step(name, ok, took);
     }
 
-    let cmdline = std::fs::read_to_string("/proc/cmdline");
-    let loaded = config::load(
-        Path::new(config::CONFIG_PATH),
-        cmdline.as_deref().unwrap_or(""),
-        config::IfMissing::Defaults,
-    );
-    log::set_max_level(loaded.config.log.filter());
-    timeline.mark("config");
-    let mut boot = Boot {
-        config: loaded.config,
-        timeline,
-        link: HostLink::none(),
-        loader: ModuleLoader::new(),
-        ready_sent: false,
-    };
-    // The first failure wins: a broken /proc explains a missing command line.
-    let first_error = match (early, cmdline, loaded.error) {
-        (Err(e), _, _) => Some(BootError::Mount(e)),
-        (_, Err(e), _) => Some(BootError::Cmdline(e)),
-        (_, _, Some(e)) => Some(BootError::Config(e)),
-        _ => None,
-    };
-    let c = &boot.config;
-    log::info!(
-        "config: {} ({} mode, failure policy {}, log {:?})",
-        if loaded.from_file {
-            config::CONFIG_PATH
-        } else {
-            "built-in defaults"
-        },
-        match c.handoff.mode {
-            HandoffMode::Exec => "exec",
-            HandoffMode::Supervise => "supervise",
-        },
-        c.on_failure.as_str(),
-        c.log,
-    );
-
-    // Reach the host first, so that every later failure (a bad config included) is reported.
-    if boot.config.host.address.is_some() {
-        match HostLink::connect(&boot.config.host, &mut boot.loader) {
-            Ok(link) => boot.link = link,
-            Err(e) => boot.fail(&BootError::Host(e)),
-        }
-        boot.step_done("host");
+    fn report_step(&mut self, name: &str, ok: bool, took: Duration) {
+        let fields = [
+            ("STEP", name.to_owned()),
+            ("STATE", if ok { "finished" } else { "failed" }.to_owned()),
+            ("DURATION_MS", took.as_millis().to_string()),
+        ];
+        self.m.report(Kind::Step, &fields);
     }
-    if let Some(e) = first_error {
-        boot.fail(&e);
-    }
-    boot.link.step("config", "finished", Duration::ZERO, None);
-
-    match boot
-        .loader
-        .load(boot.config.modules.iter().map(|m| m.as_str()))
-    {
-        Ok(loaded) if !loaded.is_empty() => {
-            log::info!("loaded {} modules: {}", loaded.len(), loaded.join(" "))
-        }
-        Ok(_) => {}
-        Err(e) => boot.fail(&BootError::Modules(e)),
-    }
-    boot.step_done("modules");
-
-    if let Some(stage1) = boot.config.stage1.clone() {
-        // Returns only when the switch failed.
-        let e = BootError::Stage1(crate::stage1::switch_root(&stage1, &mut boot.loader));
-        boot.fail(&e);
-        // `continue` has nothing to continue with: an initramfs without its real root.
-        finish(e.status(), &chain(&e))
-    }
-
-    if !boot.config.root.writable.is_empty() {
-        let paths = boot.config.root.writable.clone();
-        if let Err(e) = crate::apply::writable_locations(&paths, &mut boot.loader) {
-            boot.fail(&BootError::Writable(e));
-        }
-        boot.step_done("writable");
-    }
-
-    if !boot.config.bootstrap.sources.is_empty() {
-        match bootstrap::run(
-            &boot.config,
-            &mut boot.loader,
-            &mut boot.timeline,
-            &mut boot.link,
-            &mut report_ready,
-        ) {
-            Ok((c, ready)) => {
-                boot.config = c;
-                boot.ready_sent = ready;
-            }
-            Err(e) => boot.fail(&BootError::Bootstrap(e)),
-        }
-    }
-
-    handoff(boot)
 }
 
 /// `exec /sbin/init` or `supervise /bin/app --flag`.
 fn handoff_what(config: &InitConfig) -> String {
-    let cmd = &config.handoff.command;
-    match config.handoff.mode {
-        HandoffMode::Exec => format!("exec {cmd}"),
-        HandoffMode::Supervise => format!("supervise {cmd}"),
-    }
-}
-
-/// Stamps `ready` and reports READY with the timeline so far, the boot time and VmHWM.
-fn report_ready(config: &InitConfig, timeline: &mut Timeline, link: &mut HostLink) {
-    timeline.mark("ready");
-    link.report(
-        Kind::Ready,
-        &[
-            ("READY", "1".to_owned()),
-            ("STATUS", format!("hand-off: {}", handoff_what(config))),
-            ("TIMELINE", timeline.render()),
-            ("BOOTTIME_NS", sys::boottime().as_nanos().to_string()),
-            ("VMHWM_KB", vm_hwm_kb().to_string()),
-        ],
-    );
-}
-
-fn handoff(mut boot: Boot) -> ! {
-    let env = handoff_env(&boot.config);
-    let cmd = boot.config.handoff.command.clone();
-    if !boot.ready_sent {
-        report_ready(&boot.config, &mut boot.timeline, &mut boot.link);
-    }
-    boot.timeline.mark("handoff");
-    log::info!(
-        "timeline: {} (VmHWM {} KiB)",
-        boot.timeline.render(),
-        vm_hwm_kb()
-    );
-    let mode = boot.config.handoff.mode;
-    let what = handoff_what(&boot.config);
-    match mode {
-        HandoffMode::Exec => {
-            // Kernel arguments meant for init (after `--`, or unknown bare words) go on to
-            // the real init, as if it had been started by the kernel itself.
-            let kernel_args: Vec<String> = std::env::args().skip(1).collect();
-            log::info!("hand-off: {what}");
-            if let Err(e) = sys::cloexec_all_but_stdio() {
-                log::warn!("cannot mark fds close-on-exec: {e}");
-            }
-            let source = supervise::command(&cmd, &kernel_args, &env).exec();
-            let e = BootError::Exec {
-                path: cmd.program().to_owned(),
-                source,
-            };
-            boot.fail(&e);
-            // `continue` has nothing left to continue to.
-            finish(e.status(), &chain(&e))
-        }
-        HandoffMode::Supervise => {
-            let grace = Duration::from_millis(boot.config.handoff.shutdown_grace_ms);
-            match supervise::run(&cmd, &env, grace) {
-                Ok(end) => {
-                    if let AppEnd::SpawnFailed(e) = &end {
-                        log::error!("hand-off: cannot execute {}: {e}", cmd.program().display());
-                    }
-                    sys::sync();
-                    boot.link.report(
-                        Kind::Exit,
-                        &[
-                            ("EXIT_STATUS", end.status().to_string()),
-                            ("STATUS", end.summary(&cmd)),
-                        ],
-                    );
-                    finish(end.status(), &end.summary(&cmd))
-                }
-                Err(e) => {
-                    let e = BootError::Supervise(e);
-                    boot.fail(&e);
-                    finish(e.status(), &chain(&e))
-                }
-            }
-        }
-    }
+    format!(
+        "{} {}",
+        config.handoff.mode.as_str(),
+        config.handoff.command
+    )
 }

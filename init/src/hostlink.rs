@@ -43,9 +43,13 @@ impl HostLink {
         self.client.is_some()
     }
 
-    /// Connects to the configured host (loading the vsock drivers first). `Ok(none)` when no
-    /// host is configured.
-    pub fn connect(cfg: &Host, loader: &mut ModuleLoader) -> Result<HostLink, ClientError> {
+    /// Connects to the configured host (loading the vsock drivers first) and says HELLO as
+    /// `bootlace-init` `init_version`. `Ok(none)` when no host is configured.
+    pub fn connect(
+        cfg: &Host,
+        loader: &mut ModuleLoader,
+        init_version: &str,
+    ) -> Result<HostLink, ClientError> {
         let Some(addr) = cfg.address else {
             return Ok(HostLink::none());
         };
@@ -57,7 +61,7 @@ impl HostLink {
         });
         let t = sys::boottime();
         let hello = [
-            ("INIT_VERSION", crate::boot::VERSION.to_owned()),
+            ("INIT_VERSION", init_version.to_owned()),
             ("BOOT_ID", boot_id()),
             ("INSTANCE_ID", instance_id()),
             ("BOOTTIME_NS", t.as_nanos().to_string()),
@@ -87,22 +91,9 @@ impl HostLink {
         if let Err(e) = c.send(kind, fields) {
             log::warn!(
                 "host: {}; no more reports will be sent",
-                crate::boot::chain(&e)
+                bootlace_contract::chain(&e)
             );
             self.client = None;
         }
-    }
-
-    /// A STEP event.
-    pub fn step(&mut self, step: &str, state: &str, duration: Duration, status: Option<&str>) {
-        let mut fields = vec![
-            ("STEP", step.to_owned()),
-            ("STATE", state.to_owned()),
-            ("DURATION_MS", duration.as_millis().to_string()),
-        ];
-        if let Some(s) = status {
-            fields.push(("STATUS", s.to_owned()));
-        }
-        self.report(Kind::Step, &fields);
     }
 }

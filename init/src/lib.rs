@@ -1,20 +1,29 @@
 //! bootlace-init: the PID-1 init of a bootlace guest.
 //!
 //! The binary is a thin `main` ([`boot::pid1`] when it is PID 1, a config checker otherwise);
-//! everything else is in this library so that tests and the image builder use the same code.
+//! everything else is in this library so that tests use the same code. Its contracts with the
+//! other programs (init.toml, the manifest, the wire protocol, driver tables, exit statuses)
+//! are in `bootlace-contract`.
 //!
-//! Modules:
-//! - [`blkprobe`]: filesystem type and label of block devices, read from their superblocks;
+//! Modules, from the top down — each uses only modules below it:
+//! - [`boot`]: the boot, top to bottom: the order of the steps, the failure policy, what is
+//!   reported to the host and what is cleaned up;
+//! - [`machine`]: every effect of the boot behind one trait ([`machine::Machine`]), and PID 1's
+//!   implementation of it over the toolbox below;
+//! - [`stage1`]: stage 1 of a disk-root boot (mount the real root, switch to it);
+//! - [`bootstrap`]: finding, mounting, applying and cleaning up the bootstrap filesystem;
 //! - [`apply`]: applying a bootstrap manifest, confined to the root;
-//! - [`boot`]: the boot sequence, failure policy and hand-off;
-//! - [`bootstrap`]: finding, mounting and cleaning up the bootstrap filesystem;
-//! - [`extract`]: extracting a bundle tarball (tar, gzip, zstd) into a confined root, with limits;
 //! - [`hostlink`]: reporting to the host configuration manager over vsock;
-//! - [`logger`]: console logging with CLOCK_BOOTTIME stamps;
+//! - [`supervise`]: the hand-off command, supervise mode (reaping, signals, shutdown) and
+//!   bounded commands;
+//! - [`extract`]: extracting a bundle tarball (tar, gzip, zstd) into a confined root, with
+//!   limits;
+//! - [`devices`]: finding block devices by label and 9p shares by tag, with bounded waits;
+//! - [`blkprobe`]: filesystem type and label of block devices, read from their superblocks;
 //! - [`modload`]: loading modules with their dependencies;
 //! - [`mounts`]: the early mounts;
-//! - [`stage1`]: stage 1 of a disk-root boot (mount the real root, switch to it);
-//! - [`supervise`]: supervise mode (reaping, signal forwarding, shutdown);
+//! - [`timeline`]: the boot's milestones;
+//! - [`logger`]: console logging with CLOCK_BOOTTIME stamps;
 //! - [`sys`]: the syscall fence, the only module with `unsafe`.
 
 #![deny(unsafe_code)]
@@ -35,11 +44,17 @@ pub mod apply;
 pub mod blkprobe;
 pub mod boot;
 pub mod bootstrap;
+pub mod devices;
 pub mod extract;
 pub mod hostlink;
 pub mod logger;
+pub mod machine;
 pub mod modload;
 pub mod mounts;
 pub mod stage1;
 pub mod supervise;
 pub mod sys;
+pub mod timeline;
+
+/// The init's version, printed at start and said in HELLO.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -56,7 +56,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Request::Version) => {
-            println!("bootlace-init {}", boot::VERSION);
+            println!("bootlace-init {}", bootlace_init::VERSION);
             ExitCode::SUCCESS
         }
         Ok(Request::Check { config, cmdline }) => check(config, &cmdline),

@@ -105,7 +105,7 @@ impl ModuleLoader {
         for name in names {
             match self.load([*name]) {
                 Ok(l) => loaded.extend(l),
-                Err(e) => log::warn!("{}", crate::boot::chain(&e)),
+                Err(e) => log::warn!("{}", bootlace_contract::chain(&e)),
             }
         }
         loaded

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use crate::sys::{self, Flags};
 
+/// The options of every virtio 9p mount (the bootstrap share and a manifest's `9p` mounts).
+pub const NINEP_OPTIONS: &CStr = c"trans=virtio,version=9p2000.L,msize=262144";
+
 /// A mount that failed.
 #[derive(Debug, thiserror::Error)]
 #[error("mount {fstype} on {}", target.display())]

@@ -9,11 +9,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
-use crate::blkprobe::{self, FsType};
+use crate::blkprobe::FsType;
+use crate::devices::{self, Block, Want};
 use crate::modload::ModuleLoader;
 use crate::mounts;
 use crate::sys::{self, root::Root, Flags};
@@ -92,44 +93,9 @@ pub enum Stage1Error {
     },
 }
 
-/// A block device holding the root.
-#[derive(Debug)]
-struct Found {
-    dev: PathBuf,
-    fstype: FsType,
-}
-
-fn find(spec: &RootSpec) -> Result<Found, String> {
-    let candidates = blkprobe::scan(Path::new("/sys/class/block"), Path::new("/dev"));
-    let hit = candidates.iter().find_map(|c| {
-        let p = c.probed.as_ref()?;
-        let wanted = match spec {
-            RootSpec::Label(l) => p.label.as_deref() == Some(l.as_str()),
-            RootSpec::Device(d) => c.dev == *d,
-        };
-        wanted.then(|| Found {
-            dev: c.dev.clone(),
-            fstype: p.fstype,
-        })
-    });
-    hit.ok_or_else(|| {
-        if candidates.is_empty() {
-            return "no block devices".to_owned();
-        }
-        candidates
-            .iter()
-            .map(|c| match &c.probed {
-                Some(p) => format!(
-                    "{} {} label {:?}",
-                    c.name,
-                    p.fstype.as_str(),
-                    p.label.as_deref().unwrap_or("")
-                ),
-                None => format!("{} unrecognised", c.name),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    })
+/// Whether the root is mounted read-only: always, but for an ext4 root with `read_write`.
+pub fn mounts_read_only(cfg: &Stage1, fstype: FsType) -> bool {
+    !(cfg.read_write && fstype == FsType::Ext4)
 }
 
 /// Finds and mounts the real root, switches to it and executes its init. Returns only on
@@ -141,29 +107,26 @@ pub fn switch_root(cfg: &Stage1, loader: &mut ModuleLoader) -> Stage1Error {
     }
 }
 
-fn prepare(cfg: &Stage1, loader: &mut ModuleLoader) -> Result<Found, Stage1Error> {
+fn prepare(cfg: &Stage1, loader: &mut ModuleLoader) -> Result<Block, Stage1Error> {
     let spec = cfg.root.as_ref().ok_or(Stage1Error::NoRoot)?;
     let loaded = loader.load_best_effort(drivers::source(Source::Disk));
     if !loaded.is_empty() {
         log::debug!("stage1: loaded {}", loaded.join(" "));
     }
-    let start = Instant::now();
-    let deadline = start + Duration::from_millis(cfg.wait_ms);
-    let found = loop {
-        match find(spec) {
-            Ok(found) => break found,
-            Err(seen) if Instant::now() >= deadline => {
-                return Err(Stage1Error::NotFound {
-                    spec: spec.to_string(),
-                    waited_ms: cfg.wait_ms,
-                    seen,
-                })
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-        }
+    let want = match spec {
+        RootSpec::Label(l) => Want::Label(l),
+        RootSpec::Device(d) => Want::Node(d),
     };
+    let found = devices::wait_for(Duration::from_millis(cfg.wait_ms), || {
+        devices::find_block(want)
+    })
+    .map_err(|seen| Stage1Error::NotFound {
+        spec: spec.to_string(),
+        waited_ms: cfg.wait_ms,
+        seen: seen.to_string(),
+    })?;
     loader.load_best_effort(drivers::filesystem(found.fstype));
-    let read_only = !(cfg.read_write && found.fstype == FsType::Ext4);
+    let read_only = mounts_read_only(cfg, found.fstype);
     if let Err(e) = std::fs::create_dir(SYSROOT) {
         if e.kind() != io::ErrorKind::AlreadyExists {
             return Err(Stage1Error::Switch {
@@ -221,13 +184,13 @@ impl ModeBits for std::fs::Permissions {
     }
 }
 
-fn switch(cfg: &Stage1, found: &Found) -> Stage1Error {
+fn switch(cfg: &Stage1, found: &Block) -> Stage1Error {
     match move_and_switch(found) {
         Ok(()) => {}
         Err(e) => return e,
     }
     let init = cfg.init.program().to_owned();
-    let kernel_args: Vec<String> = std::env::args().skip(1).collect();
+    let kernel_args = crate::supervise::kernel_args();
     if let Err(e) = sys::cloexec_all_but_stdio() {
         log::warn!("cannot mark fds close-on-exec: {e}");
     }
@@ -241,7 +204,7 @@ fn switch(cfg: &Stage1, found: &Found) -> Stage1Error {
     }
 }
 
-fn move_and_switch(found: &Found) -> Result<(), Stage1Error> {
+fn move_and_switch(found: &Block) -> Result<(), Stage1Error> {
     let sysroot = Path::new(SYSROOT);
     for &from in MOVED {
         if !mounts::is_mount_point(Path::new(from)).unwrap_or(false) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::sys::{self, Ended};
-use bootlace_contract::config::Command;
+use bootlace_contract::config::{Command, InitConfig};
 use bootlace_contract::status::ExitStatus;
 
 /// How the application ended.
@@ -53,6 +53,31 @@ impl AppEnd {
     }
 }
 
+/// Default PATH given to the hand-off.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The environment of the hand-off (and the base of a manifest command's): PATH, HOME, TERM
+/// (the kernel's, else `linux`), then the configured variables, which may override those three.
+pub fn handoff_env(config: &InitConfig) -> Vec<(String, String)> {
+    let term = std::env::var("TERM").unwrap_or_else(|_| "linux".to_owned());
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".to_owned(), DEFAULT_PATH.to_owned()),
+        ("HOME".to_owned(), "/".to_owned()),
+        ("TERM".to_owned(), term),
+    ];
+    for (k, v) in &config.handoff.env {
+        env.retain(|(name, _)| name != k.as_str());
+        env.push((k.as_str().to_owned(), v.as_str().to_owned()));
+    }
+    env
+}
+
+/// The arguments the kernel gave PID 1 (after `--`, or unknown bare words): they go on to the
+/// real init, as if the kernel had started it itself. Never fails on non-UTF-8 bytes.
+pub fn kernel_args() -> Vec<std::ffi::OsString> {
+    std::env::args_os().skip(1).collect()
+}
+
 /// The status for a command that could not be executed: 127 when it does not exist, else 126.
 pub fn spawn_error_status(e: &io::Error) -> ExitStatus {
     if e.kind() == io::ErrorKind::NotFound {
@@ -66,7 +91,7 @@ pub fn spawn_error_status(e: &io::Error) -> ExitStatus {
 /// signal mask and default signal dispositions.
 pub fn command(
     cmd: &Command,
-    extra_args: &[String],
+    extra_args: &[std::ffi::OsString],
     env: &[(String, String)],
 ) -> std::process::Command {
     let mut c = std::process::Command::new(cmd.program());

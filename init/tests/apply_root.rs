@@ -77,7 +77,7 @@ impl Fixture {
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
-    bootlace_init::boot::chain(e)
+    bootlace_contract::chain(e)
 }
 
 #[test]

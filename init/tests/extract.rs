@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use bootlace_init::boot::chain;
+use bootlace_contract::chain;
 use bootlace_init::extract::{self, Compression, ExtractError, Limits, Summary};
 use bootlace_init::sys::root::Root;
 use tar::{EntryType, Header};

@@ -9,8 +9,8 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use bootlace_contract::chain;
 use bootlace_contract::config::InitConfig;
-use bootlace_init::boot::chain;
 use bootlace_init::bootstrap::{self, BootstrapError};
 use bootlace_init::modload::ModuleLoader;
 use bootlace_init::sys::root::Root;

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bootlace_init::boot::chain;
+use bootlace_contract::chain;
 use bootlace_init::extract::{self, Compression, Limits};
 use bootlace_init::sys::root::Root;
 use tar::{EntryType, Header};

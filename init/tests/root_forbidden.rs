@@ -120,7 +120,7 @@ fn a_manifest_through_a_planted_link_to_dev_fails_before_any_change() {
         &InitConfig::default(),
     )
     .expect_err("applied through a link to /dev");
-    let msg = bootlace_init::boot::chain(&e);
+    let msg = bootlace_contract::chain(&e);
     assert!(msg.contains("/up/dev") && msg.contains("/dev"), "{msg}");
     assert_eq!(dev_state(&f), before, "/dev changed");
     assert!(!f.root.join("etc/first").exists(), "half-applied");

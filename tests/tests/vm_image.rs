@@ -192,7 +192,8 @@ fn stage1_without_its_root_says_what_it_saw_and_powers_off() {
     assert!(
         o.console
             .contains("stage1: root LABEL=no-such-root not found after waiting 10000 ms")
-            && o.console.contains("vda erofs label \"bootlace-root\""),
+            && o.console
+                .contains("/dev/vda (erofs, label \"bootlace-root\")"),
         "{}",
         tail(&o, 30)
     );

@@ -1,0 +1,217 @@
+//! What the boot does to the machine, behind one trait: [`Machine`]. The boot's decisions —
+//! the order of the steps, the failure policy, what is reported to the host and what is
+//! cleaned up — live in [`crate::boot`] and reach the machine only through this trait, so a
+//! recording fake can test them without a VM. [`RealMachine`] is PID 1's: each method is one
+//! step of the toolbox below it.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::Duration;
+
+use bootlace_agent::client::ClientError;
+use bootlace_contract::config::{
+    self, Bootstrap, Command, Host, IfMissing, InitConfig, Loaded, ModuleName, Stage1, TargetPath,
+};
+use bootlace_contract::protocol::Kind;
+use bootlace_contract::status::{self, ExitStatus};
+
+use crate::apply::{Applied, ApplyError};
+use crate::bootstrap::{self, BootstrapError, Cleaned, Found};
+use crate::hostlink::HostLink;
+use crate::modload::{ModLoadError, ModuleLoader};
+use crate::mounts::{self, MountError};
+use crate::stage1::{self, Stage1Error};
+use crate::supervise::{self, AppEnd};
+use crate::{logger, sys};
+
+/// The effects of a boot. Methods that end the boot (`power_off`, a successful `exec` or
+/// `switch_root`) never return on a real machine.
+pub trait Machine {
+    /// CLOCK_BOOTTIME now (the timeline's clock).
+    fn now(&self) -> Duration;
+    /// The early mounts (proc, sys, dev, run), stdio on the console, ctrl-alt-del routed to
+    /// PID 1. Returns the mounts made.
+    fn early_setup(&mut self) -> Result<Vec<&'static str>, MountError>;
+    /// The kernel command line.
+    fn cmdline(&mut self) -> io::Result<String>;
+    /// The baked config with the command line applied and the whole validated.
+    fn load_config(&mut self, cmdline: &str) -> Loaded;
+    /// Connects to the host and says HELLO.
+    fn connect_host(&mut self, host: &Host) -> Result<(), ClientError>;
+    /// Whether a host is connected.
+    fn host_connected(&self) -> bool;
+    /// Sends a report to the host: nothing without one; a host lost on the way is logged and
+    /// dropped (the boot is not held hostage to it).
+    fn report(&mut self, kind: Kind, fields: &[(&str, String)]);
+    /// Loads kernel modules with their dependencies; returns those loaded.
+    fn load_modules(&mut self, names: &[ModuleName]) -> Result<Vec<String>, ModLoadError>;
+    /// Mounts the real root, switches to it and executes its init; returns only on failure.
+    fn switch_root(&mut self, stage1: &Stage1) -> Stage1Error;
+    /// Backs the writable locations of a read-only root with tmpfs (their contents copied).
+    fn writable(&mut self, paths: &[TargetPath]) -> Result<(), ApplyError>;
+    /// Looks for the bootstrap in the configured sources.
+    fn find_bootstrap(&mut self, cfg: &Bootstrap) -> Result<Option<Found>, BootstrapError>;
+    /// Mounts what was found on `/.bootstrap` (a vsock bundle: fetched, checked, unpacked).
+    fn mount_bootstrap(&mut self, found: &Found, config: &InitConfig)
+        -> Result<(), BootstrapError>;
+    /// Reads and applies the manifest; returns the config for the hand-off.
+    fn apply_bootstrap(
+        &mut self,
+        config: &InitConfig,
+    ) -> Result<(InitConfig, Applied), BootstrapError>;
+    /// Unmounts and removes `/.bootstrap`.
+    fn cleanup_bootstrap(&mut self) -> Result<Cleaned, BootstrapError>;
+    /// Replaces PID 1 with `cmd` (the kernel's arguments for init follow); returns only the
+    /// error when it could not.
+    fn exec(&mut self, cmd: &Command, env: &[(String, String)]) -> io::Error;
+    /// Runs `cmd` as a child and stays PID 1 until it and every other process have ended.
+    fn supervise(
+        &mut self,
+        cmd: &Command,
+        env: &[(String, String)],
+        grace: Duration,
+    ) -> io::Result<AppEnd>;
+    /// Runs `/bin/sh` on the console (the `shell` failure policy) until it exits.
+    fn shell(&mut self, env: &[(String, String)], grace: Duration);
+    /// Flushes every filesystem.
+    fn sync(&mut self);
+    /// Peak resident memory of PID 1 in KiB (VmHWM); 0 when unknown.
+    fn vm_hwm_kb(&self) -> u64;
+    /// Prints the power-off line and powers off.
+    fn power_off(&mut self, status: ExitStatus, summary: &str) -> !;
+}
+
+/// PID 1's machine: the real system calls, through the toolbox modules.
+#[derive(Debug, Default)]
+pub struct RealMachine {
+    loader: ModuleLoader,
+    link: HostLink,
+}
+
+impl RealMachine {
+    /// The machine this process runs on.
+    pub fn new() -> Self {
+        RealMachine::default()
+    }
+}
+
+impl Machine for RealMachine {
+    fn now(&self) -> Duration {
+        sys::boottime()
+    }
+
+    fn early_setup(&mut self) -> Result<Vec<&'static str>, MountError> {
+        let early = mounts::early_mounts();
+        if let Err(e) = sys::ensure_stdio(Path::new("/dev/console")) {
+            log::warn!("cannot open /dev/console for stdio: {e}");
+        }
+        if let Err(e) = sys::disable_ctrl_alt_del() {
+            log::warn!("cannot route ctrl-alt-del to PID 1: {e}");
+        }
+        early
+    }
+
+    fn cmdline(&mut self) -> io::Result<String> {
+        std::fs::read_to_string("/proc/cmdline")
+    }
+
+    fn load_config(&mut self, cmdline: &str) -> Loaded {
+        config::load(Path::new(config::CONFIG_PATH), cmdline, IfMissing::Defaults)
+    }
+
+    fn connect_host(&mut self, host: &Host) -> Result<(), ClientError> {
+        self.link = HostLink::connect(host, &mut self.loader, crate::VERSION)?;
+        Ok(())
+    }
+
+    fn host_connected(&self) -> bool {
+        self.link.is_connected()
+    }
+
+    fn report(&mut self, kind: Kind, fields: &[(&str, String)]) {
+        self.link.report(kind, fields);
+    }
+
+    fn load_modules(&mut self, names: &[ModuleName]) -> Result<Vec<String>, ModLoadError> {
+        self.loader.load(names.iter().map(ModuleName::as_str))
+    }
+
+    fn switch_root(&mut self, stage1: &Stage1) -> Stage1Error {
+        stage1::switch_root(stage1, &mut self.loader)
+    }
+
+    fn writable(&mut self, paths: &[TargetPath]) -> Result<(), ApplyError> {
+        crate::apply::writable_locations(paths, &mut self.loader)
+    }
+
+    fn find_bootstrap(&mut self, cfg: &Bootstrap) -> Result<Option<Found>, BootstrapError> {
+        let connected = self.link.is_connected();
+        bootstrap::find(cfg, &mut self.loader, connected)
+    }
+
+    fn mount_bootstrap(
+        &mut self,
+        found: &Found,
+        config: &InitConfig,
+    ) -> Result<(), BootstrapError> {
+        bootstrap::mount(found, config, &mut self.loader, self.link.client())
+    }
+
+    fn apply_bootstrap(
+        &mut self,
+        config: &InitConfig,
+    ) -> Result<(InitConfig, Applied), BootstrapError> {
+        bootstrap::read_and_apply(config, &mut self.loader)
+    }
+
+    fn cleanup_bootstrap(&mut self) -> Result<Cleaned, BootstrapError> {
+        bootstrap::cleanup()
+    }
+
+    fn exec(&mut self, cmd: &Command, env: &[(String, String)]) -> io::Error {
+        if let Err(e) = sys::cloexec_all_but_stdio() {
+            log::warn!("cannot mark fds close-on-exec: {e}");
+        }
+        let kernel_args: Vec<OsString> = supervise::kernel_args();
+        supervise::command(cmd, &kernel_args, env).exec()
+    }
+
+    fn supervise(
+        &mut self,
+        cmd: &Command,
+        env: &[(String, String)],
+        grace: Duration,
+    ) -> io::Result<AppEnd> {
+        supervise::run(cmd, env, grace)
+    }
+
+    fn shell(&mut self, env: &[(String, String)], grace: Duration) {
+        if let Ok(shell) = Command::try_from(vec!["/bin/sh".to_owned()]) {
+            if let Err(e) = supervise::run(&shell, env, grace) {
+                log::error!("shell: {e}");
+            }
+        }
+    }
+
+    fn sync(&mut self) {
+        sys::sync();
+    }
+
+    fn vm_hwm_kb(&self) -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    fn power_off(&mut self, status: ExitStatus, summary: &str) -> ! {
+        logger::line(&status::line(status, summary));
+        sys::power_off()
+    }
+}
