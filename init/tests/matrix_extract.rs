@@ -57,6 +57,7 @@ fn refused(data: &[u8], compression: Compression) -> (String, Duration) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_million_entries_stop_at_the_entry_cap() {
     // 1000 gzip members of 1000 directory entries each (a multi-member gzip is one stream):
     // a million entries in about a megabyte.

@@ -79,11 +79,13 @@ fn replay_manifest() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn replay_confine() {
     replay("confine");
 }
 
 #[test]
+#[ignore = "needs root"]
 fn replay_extract() {
     replay("extract");
 }
@@ -101,20 +103,4 @@ fn replay_frames() {
 #[test]
 fn replay_host_session() {
     replay("host_session");
-}
-
-/// One input through one target, for a crash file outside the corpus:
-/// `BOOTLACE_FUZZ_TARGET=confine BOOTLACE_FUZZ_INPUT=$PWD/fuzz/artifacts/confine/crash-…
-/// cargo test -p bootlace-fuzz-harness --test replay -- --ignored one_input`.
-#[test]
-#[ignore = "needs BOOTLACE_FUZZ_TARGET and BOOTLACE_FUZZ_INPUT"]
-fn one_input() {
-    let target = std::env::var("BOOTLACE_FUZZ_TARGET").expect("BOOTLACE_FUZZ_TARGET");
-    let input = std::env::var("BOOTLACE_FUZZ_INPUT").expect("BOOTLACE_FUZZ_INPUT");
-    let check = TARGETS
-        .iter()
-        .find(|(name, _)| *name == target)
-        .map(|(_, f)| *f)
-        .expect("a target of that name");
-    check(&std::fs::read(&input).expect("read the input"));
 }

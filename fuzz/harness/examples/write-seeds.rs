@@ -1,5 +1,5 @@
 //! Writes the seed corpora under `fuzz/corpus/<target>/seed-*` (run by hand when the seeds
-//! change: `cargo test -p bootlace-fuzz-harness --test seeds -- --ignored`). The seeds are
+//! change: `cargo run -p bootlace-fuzz-harness --example write-seeds`). The seeds are
 //! committed; this keeps them reproducible. Archives are made with the tar crate, gzip with
 //! flate2, zstd with the `zstd` tool; malicious entries are written byte by byte.
 
@@ -204,9 +204,7 @@ fn archives() -> Vec<(&'static str, Vec<u8>)> {
     v
 }
 
-#[test]
-#[ignore = "writes the seed corpora; run by hand"]
-fn write_seeds() {
+fn main() {
     for t in [
         "manifest",
         "confine",
