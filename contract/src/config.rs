@@ -1168,6 +1168,85 @@ shutdown_grace_ms = 250
     }
 
     #[test]
+    fn the_effective_config_is_validated() {
+        let mut c = InitConfig::default();
+        c.bootstrap.sources = vec![Source::Disk, Source::Vsock];
+        assert_eq!(c.validate(), Err(Inconsistency::VsockWithoutHost));
+        c.host.address = "vsock-notify:2:1024".parse().ok();
+        assert!(matches!(
+            c.validate(),
+            Err(Inconsistency::VsockNotifyHost(a)) if a == "vsock-notify:2:1024"
+        ));
+        c.host.address = "vsock:2:1024".parse().ok();
+        assert_eq!(c.validate(), Err(Inconsistency::VsockWithoutDigest));
+        c.host.digest = format!("sha256:{}", "0".repeat(64)).parse().ok();
+        assert_eq!(c.validate(), Ok(()));
+        // A notify-only host without the vsock source is fine (it only listens).
+        let mut c = InitConfig::default();
+        c.host.address = "vsock-notify:2:1024".parse().ok();
+        assert_eq!(c.validate(), Ok(()));
+
+        // load() runs it on the file and the command line together.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("init.toml");
+        std::fs::write(&path, "version = 1\n[bootstrap]\nsources = [\"vsock\"]\n").expect("w");
+        let l = load(&path, "bootlace.host=vsock:2:1024", IfMissing::Defaults);
+        assert!(
+            matches!(
+                l.error,
+                Some(ConfigError::Inconsistent(Inconsistency::VsockWithoutDigest))
+            ),
+            "{:?}",
+            l.error
+        );
+        let line = format!(
+            "bootlace.host=vsock:2:1024 bootlace.digest=sha256:{}",
+            "1".repeat(64)
+        );
+        assert!(load(&path, &line, IfMissing::Defaults).error.is_none());
+        // A command line error is the first error, not the inconsistency it leaves.
+        let l = load(&path, "bootlace.host=nope", IfMissing::Defaults);
+        assert!(
+            matches!(l.error, Some(ConfigError::BadValue { .. })),
+            "{:?}",
+            l.error
+        );
+    }
+
+    #[test]
+    fn a_named_config_that_is_missing_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("absent.toml");
+        let l = load(&path, "", IfMissing::Error);
+        let e = l.error.expect("an error");
+        assert!(e.to_string().contains("absent.toml does not exist"), "{e}");
+        assert!(!l.from_file);
+    }
+
+    #[test]
+    fn overrides_apply_like_the_command_line() {
+        let mut o = Overrides::default();
+        for p in cmdline::parse("bootlace.source=9p,disk bootlace.bootstrap=optional") {
+            o.set_param(&p).expect("valid");
+        }
+        let typed = Overrides {
+            sources: Some(vec![Source::NineP, Source::Disk]),
+            required: Some(false),
+            ..Overrides::default()
+        };
+        assert_eq!(o, typed);
+        let mut a = InitConfig::default();
+        let mut b = InitConfig::default();
+        a.apply(&o);
+        b.apply(&typed);
+        assert_eq!(a, b);
+        assert_eq!(
+            parse_sources("disk,nfs").expect_err("nfs").to_string(),
+            "bootstrap source \"nfs\" is not a bootstrap source (known: disk, 9p, vsock)"
+        );
+    }
+
+    #[test]
     fn root_and_stage1() {
         let c = parse(
             "version = 1\n[root]\nwritable = [\"/etc\", \"/var\"]\n[stage1]\nroot = \"LABEL=ROOT\"\n",

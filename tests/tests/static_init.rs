@@ -116,3 +116,75 @@ fn init_refuses_to_boot_when_not_pid1_and_checks_configs() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"bootlace.typo\""));
 }
+
+#[test]
+fn init_check_follows_cli_conventions() {
+    use std::os::unix::ffi::OsStrExt;
+    let init = artifact("bootlace-init").expect("artifact");
+    let run = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(&init)
+            .args(args)
+            .output()
+            .expect("run")
+    };
+    let os = |s: &str| std::ffi::OsStr::new(s).to_owned();
+    // --help works, on stdout, exit 0; also after `check`.
+    for args in [vec![os("--help")], vec![os("check"), os("--help")]] {
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let out = run(&refs);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("usage: bootlace-init"));
+    }
+    // A config file that was named but does not exist is an error, not the defaults.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.toml");
+    let out = run(&[
+        os("check").as_os_str(),
+        os("--config").as_os_str(),
+        missing.as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.toml does not exist"), "{err}");
+    assert!(out.stdout.is_empty());
+    // A non-UTF-8 argument is a usage error naming it, not a panic.
+    let bad = std::ffi::OsStr::from_bytes(b"bootlace.log=\xff");
+    let out = run(&[os("check").as_os_str(), os("--cmdline").as_os_str(), bad]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not UTF-8"));
+    // Unknown options are usage errors.
+    let out = run(&[
+        os("check").as_os_str(),
+        os("--bogus").as_os_str(),
+        os("x").as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    // The whole configuration is validated: a vsock source needs a host and a digest.
+    let cfg = dir.path().join("init.toml");
+    std::fs::write(&cfg, "version = 1\n[bootstrap]\nsources = [\"vsock\"]\n").expect("write");
+    let check = |cmdline: &str| {
+        run(&[
+            os("check").as_os_str(),
+            os("--config").as_os_str(),
+            cfg.as_os_str(),
+            os("--cmdline").as_os_str(),
+            os(cmdline).as_os_str(),
+        ])
+    };
+    let out = check("");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the vsock source needs a host"));
+    let out = check("bootlace.host=vsock:2:1024");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a pinned digest"));
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let out = check(&format!(
+        "bootlace.host=vsock:2:1024 bootlace.digest={digest}"
+    ));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
