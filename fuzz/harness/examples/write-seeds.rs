@@ -216,6 +216,15 @@ fn main() {
         clear(t);
     }
 
+    manifest_seeds();
+    frames_seeds();
+    host_session_seeds();
+    extract_seeds();
+    decompress_seeds();
+    confine_seeds();
+}
+
+fn manifest_seeds() {
     // manifest: the documentation's examples, and refusals.
     let docs = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/manifest.md"),
@@ -248,7 +257,9 @@ fn main() {
         )
         .as_bytes(),
     );
+}
 
+fn frames_seeds() {
     // frames: the documentation's frames in a few splits, and refusals.
     let protocol = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/protocol.md"),
@@ -279,7 +290,9 @@ fn main() {
         v.extend_from_slice(wire);
         write("frames", name, &v);
     }
+}
 
+fn host_session_seeds() {
     // host_session: a typical boot, a resend after a lost ack, garbage, a host-only kind.
     let enc = |fs: &[Frame]| -> Vec<u8> {
         fs.iter()
@@ -334,7 +347,9 @@ fn main() {
         v.extend_from_slice(wire);
         write("host_session", name, &v);
     }
+}
 
+fn extract_seeds() {
     // extract: each archive plain (default limits), and the good one compressed and with
     // tight limits.
     for (name, data) in archives() {
@@ -354,7 +369,10 @@ fn main() {
     );
     write("extract", "good-tight-limits", &with(sel(1, 0), &good));
     write("extract", "good-one-entry", &with(sel(2, 1), &gzip(&good)));
+}
 
+fn decompress_seeds() {
+    let good = good_tar();
     // decompress: streams of each kind, multi-member, skippable frames, damage, a bomb.
     let zeros = vec![0u8; 256 * 1024];
     let mut two_gz = gzip(b"first member\n");
@@ -385,7 +403,9 @@ fn main() {
     for (name, s, data) in streams {
         write("decompress", name, &with(*s, data));
     }
+}
 
+fn confine_seeds() {
     // confine: operations through each trap. Op byte: 0 write, 1 mkdir/chmod, 2 symlink,
     // 3 open_dir (then create flag), 4 preflight, 5 open_file, 6 exists, 7 copy_tree.
     let names = bootlace_fuzz_harness::confine::NAMES;
