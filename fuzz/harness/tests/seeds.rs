@@ -218,7 +218,16 @@ fn write_seeds() {
         clear(t);
     }
 
-    // manifest: the documentation's examples, and refusals.
+    seed_manifest();
+    seed_frames();
+    seed_host_session();
+    seed_extract();
+    seed_decompress();
+    seed_confine();
+}
+
+/// manifest: the documentation's examples, and refusals.
+fn seed_manifest() {
     let docs = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/manifest.md"),
     )
@@ -250,8 +259,10 @@ fn write_seeds() {
         )
         .as_bytes(),
     );
+}
 
-    // frames: the documentation's frames in a few splits, and refusals.
+/// frames: the documentation's frames in a few splits, and refusals.
+fn seed_frames() {
     let protocol = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/protocol.md"),
     )
@@ -281,8 +292,10 @@ fn write_seeds() {
         v.extend_from_slice(wire);
         write("frames", name, &v);
     }
+}
 
-    // host_session: a typical boot, a resend after a lost ack, garbage, a host-only kind.
+/// host_session: a typical boot, a resend after a lost ack, garbage, a host-only kind.
+fn seed_host_session() {
     let enc = |fs: &[Frame]| -> Vec<u8> {
         fs.iter()
             .flat_map(|f| f.encode().expect("encode"))
@@ -336,9 +349,11 @@ fn write_seeds() {
         v.extend_from_slice(wire);
         write("host_session", name, &v);
     }
+}
 
-    // extract: each archive plain (default limits), and the good one compressed and with
-    // tight limits.
+/// extract: each archive plain (default limits), and the good one compressed and with
+/// tight limits.
+fn seed_extract() {
     for (name, data) in archives() {
         write("extract", name, &with(sel(0, 0), &data));
     }
@@ -356,8 +371,11 @@ fn write_seeds() {
     );
     write("extract", "good-tight-limits", &with(sel(1, 0), &good));
     write("extract", "good-one-entry", &with(sel(2, 1), &gzip(&good)));
+}
 
-    // decompress: streams of each kind, multi-member, skippable frames, damage, a bomb.
+/// decompress: streams of each kind, multi-member, skippable frames, damage, a bomb.
+fn seed_decompress() {
+    let good = good_tar();
     let zeros = vec![0u8; 256 * 1024];
     let mut two_gz = gzip(b"first member\n");
     two_gz.extend_from_slice(&gzip(b"second member\n"));
@@ -387,9 +405,11 @@ fn write_seeds() {
     for (name, s, data) in streams {
         write("decompress", name, &with(*s, data));
     }
+}
 
-    // confine: operations through each trap. Op byte: 0 write, 1 mkdir/chmod, 2 symlink,
-    // 3 open_dir (then create flag), 4 preflight, 5 open_file, 6 exists, 7 copy_tree.
+/// confine: operations through each trap. Op byte: 0 write, 1 mkdir/chmod, 2 symlink,
+/// 3 open_dir (then create flag), 4 preflight, 5 open_file, 6 exists, 7 copy_tree.
+fn seed_confine() {
     let names = bootlace_fuzz_harness::confine::NAMES;
     let path = |comps: &[&str]| -> Vec<u8> {
         let mut v = vec![comps.len() as u8];
