@@ -417,7 +417,11 @@ fn start_host_services(vsock: &VsockSpec, a: &RunArgs) -> Result<HostServices, C
     };
     let faults: Faults = a.faults.iter().copied().collect();
     if faults.any() {
-        eprintln!("bootlace-vm: the host agent injects faults: {faults:?}");
+        let flags: Vec<String> = a.faults.iter().map(Fault::to_string).collect();
+        eprintln!(
+            "bootlace-vm: the host agent injects faults: {}",
+            flags.join(" ")
+        );
     }
     let host = std::sync::Arc::new(
         Host::new(bundle, |e| {

@@ -361,4 +361,24 @@ mod tests {
         let r = Report::of_outcome(&o(End::QemuFailed("exit status: 1".into()), ""), None);
         assert_eq!((r.exit_code, r.reason), (125, Some("qemu")));
     }
+
+    #[test]
+    fn the_documented_report_has_every_field() {
+        let doc = include_str!("../../docs/boot.md");
+        let block = doc
+            .split("```json\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a json block in docs/boot.md");
+        let documented: serde_json::Value = serde_json::from_str(block).expect("valid JSON");
+        let real: serde_json::Value =
+            serde_json::from_str(&Report::of_outcome(&o(End::PoweredOff, ""), None).to_json())
+                .expect("JSON");
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&documented), keys(&real));
+    }
 }
