@@ -13,9 +13,7 @@
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
-use bootlace_contract::digest::hex;
+use bootlace_contract::digest::HashingReader;
 use bootlace_contract::protocol::{
     read_frame, write_frame, BundleHeader, Decoder, Frame, Kind, ProtocolError, VERSION,
 };
@@ -312,20 +310,19 @@ fn receive_bundle(
             max: max_size,
         });
     }
-    let mut hasher = Sha256::new();
-    let mut left = header.size;
     let first = dec.take_buffered();
-    let take = usize::try_from(left).unwrap_or(usize::MAX).min(first.len());
+    let take = usize::try_from(header.size)
+        .unwrap_or(usize::MAX)
+        .min(first.len());
     let (now, extra) = first.split_at(take);
-    hasher.update(now);
-    sink.write_all(now).map_err(ClientError::Sink)?;
-    left -= now.len() as u64;
     dec.push(extra);
+    // What the decoder had buffered first, then the rest from the connection (never past the
+    // bundle's end: the frames after it stay unread).
+    let rest = header.size - now.len() as u64;
+    let mut body = HashingReader::new(now.chain(Read::take(&mut *s, rest)));
     let mut buf = vec![0u8; 256 * 1024];
-    while left > 0 {
-        let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-        let chunk = buf.get_mut(..want).unwrap_or(&mut []);
-        let n = match s.read(chunk) {
+    while HashingReader::bytes(&body) < header.size {
+        let n = match body.read(&mut buf) {
             Ok(0) => {
                 return Err(ClientError::Transfer(ProtocolError::Closed {
                     mid_frame: true,
@@ -335,12 +332,10 @@ fn receive_bundle(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(ClientError::Transfer(ProtocolError::Io(e))),
         };
-        let got = chunk.get(..n).unwrap_or(&[]);
-        hasher.update(got);
-        sink.write_all(got).map_err(ClientError::Sink)?;
-        left -= n as u64;
+        sink.write_all(buf.get(..n).unwrap_or(&[]))
+            .map_err(ClientError::Sink)?;
     }
-    let sha256 = hex(&hasher.finalize());
+    let sha256 = body.finish().0.hex().to_owned();
     if sha256 != header.sha256 {
         return Err(ClientError::Corrupted {
             got: sha256,

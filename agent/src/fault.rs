@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use crate::host::Faults;
 
-/// The long help of a `--fault` flag: what it does, then [`FAULT_HELP`].
-pub const FAULT_LONG_HELP: &str = "\
-Misbehave on purpose, to test guests (repeatable). KIND[=ARG] is one of:
-
+/// The kinds, one line each (a macro so that both constants below are built from one text).
+macro_rules! fault_kinds {
+    () => {
+        "\
 refuse[=N]        close the first N connections at once (default: every one)
 stall             never acknowledge anything
 delay=MS          wait MS milliseconds before every frame the host writes
@@ -16,74 +16,171 @@ drop-after=BYTES  close the connection after BYTES bytes of the bundle
 corrupt           flip one byte of the bundle on the wire (the announced sha256 stays true)
 lie-size=BYTES    announce SIZE=BYTES in the bundle header, then send the true bytes
 duplicate-acks    send every ack twice
-drop-acks=N       leave the first N guest messages (HELLO excepted) unacknowledged";
+drop-acks=N       leave the first N guest messages (HELLO excepted) unacknowledged"
+    };
+}
+
+/// The long help of a `--fault` flag: what it does, then [`FAULT_HELP`].
+pub const FAULT_LONG_HELP: &str = concat!(
+    "Misbehave on purpose, to test guests (repeatable). KIND[=ARG] is one of:\n\n",
+    fault_kinds!()
+);
 
 /// The kinds, one line each, for error messages.
-pub const FAULT_HELP: &str = "\
-refuse[=N]        close the first N connections at once (default: every one)
-stall             never acknowledge anything
-delay=MS          wait MS milliseconds before every frame the host writes
-drop-after=BYTES  close the connection after BYTES bytes of the bundle
-corrupt           flip one byte of the bundle on the wire (the announced sha256 stays true)
-lie-size=BYTES    announce SIZE=BYTES in the bundle header, then send the true bytes
-duplicate-acks    send every ack twice
-drop-acks=N       leave the first N guest messages (HELLO excepted) unacknowledged";
+pub const FAULT_HELP: &str = fault_kinds!();
 
-impl Faults {
-    /// Adds one `KIND[=ARG]` fault (see [`FAULT_HELP`]).
-    pub fn add(&mut self, spec: &str) -> Result<(), String> {
+/// One `--fault KIND[=ARG]` flag, parsed (see [`FAULT_HELP`]); [`Faults`] collects them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `refuse[=N]`: close the first N connections at once (`u32::MAX`: every one).
+    Refuse(u32),
+    /// `stall`: never acknowledge anything.
+    Stall,
+    /// `delay=MS`: wait before every frame the host writes.
+    Delay(Duration),
+    /// `drop-after=BYTES`: close the connection after this many bundle bytes.
+    DropAfter(u64),
+    /// `corrupt`: flip one byte of the bundle on the wire.
+    Corrupt,
+    /// `lie-size=BYTES`: announce this size in the bundle header.
+    LieSize(u64),
+    /// `duplicate-acks`: send every ack twice.
+    DuplicateAcks,
+    /// `drop-acks=N`: leave the first N guest messages (HELLO excepted) unacknowledged.
+    DropAcks(u32),
+}
+
+/// Why a `--fault KIND[=ARG]` flag was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FaultError {
+    /// The kind is not one of [`FAULT_HELP`].
+    #[error("unknown fault {0:?}; the faults are:\n{FAULT_HELP}")]
+    Unknown(String),
+    /// The kind needs `=ARG` and has none.
+    #[error("fault {kind:?} needs ={what}")]
+    MissingArgument {
+        /// The kind.
+        kind: String,
+        /// What the argument counts.
+        what: &'static str,
+    },
+    /// The argument is not a number.
+    #[error("fault {kind:?}: {value:?} is not a number of {what}")]
+    NotANumber {
+        /// The kind.
+        kind: String,
+        /// The argument given.
+        value: String,
+        /// What the argument counts.
+        what: &'static str,
+    },
+    /// The number does not fit.
+    #[error("fault {kind:?}: too many {what}")]
+    TooMany {
+        /// The kind.
+        kind: String,
+        /// What the argument counts.
+        what: &'static str,
+    },
+    /// The kind takes no argument and got one.
+    #[error("fault {kind:?} takes no argument (got {value:?})")]
+    UnexpectedArgument {
+        /// The kind.
+        kind: String,
+        /// The argument given.
+        value: String,
+    },
+}
+
+impl std::str::FromStr for Fault {
+    type Err = FaultError;
+
+    fn from_str(spec: &str) -> Result<Fault, FaultError> {
         let (kind, arg) = match spec.split_once('=') {
             Some((k, a)) => (k, Some(a)),
             None => (spec, None),
         };
-        let number = |what: &str| -> Result<u64, String> {
-            let a = arg.ok_or_else(|| format!("fault {kind:?} needs ={what}"))?;
-            a.parse()
-                .map_err(|_| format!("fault {kind:?}: {a:?} is not a number of {what}"))
+        let number = |what: &'static str| -> Result<u64, FaultError> {
+            let a = arg.ok_or_else(|| FaultError::MissingArgument {
+                kind: kind.to_owned(),
+                what,
+            })?;
+            a.parse().map_err(|_| FaultError::NotANumber {
+                kind: kind.to_owned(),
+                value: a.to_owned(),
+                what,
+            })
         };
-        let none = || -> Result<(), String> {
+        let count = |what: &'static str| -> Result<u32, FaultError> {
+            u32::try_from(number(what)?).map_err(|_| FaultError::TooMany {
+                kind: kind.to_owned(),
+                what,
+            })
+        };
+        let plain = |fault: Fault| -> Result<Fault, FaultError> {
             match arg {
-                Some(a) => Err(format!("fault {kind:?} takes no argument (got {a:?})")),
-                None => Ok(()),
+                Some(a) => Err(FaultError::UnexpectedArgument {
+                    kind: kind.to_owned(),
+                    value: a.to_owned(),
+                }),
+                None => Ok(fault),
             }
-        };
-        let count = |what: &str| -> Result<u32, String> {
-            u32::try_from(number(what)?).map_err(|_| format!("fault {kind:?}: too many {what}"))
         };
         match kind {
-            "refuse" => {
-                self.refuse_connections = match arg {
-                    None => u32::MAX,
-                    Some(_) => count("connections")?,
-                }
-            }
-            "stall" => {
-                none()?;
-                self.stall_acks = true;
-            }
-            "delay" => self.delay = Some(Duration::from_millis(number("milliseconds")?)),
-            "drop-after" => self.drop_bundle_after = Some(number("bytes")?),
-            "corrupt" => {
-                none()?;
-                self.corrupt_bundle = true;
-            }
-            "lie-size" => self.announce_size = Some(number("bytes")?),
-            "duplicate-acks" => {
-                none()?;
-                self.duplicate_acks = true;
-            }
-            "drop-acks" => self.drop_acks = count("messages")?,
-            other => {
-                return Err(format!(
-                    "unknown fault {other:?}; the faults are:\n{FAULT_HELP}"
-                ))
-            }
+            "refuse" if arg.is_none() => Ok(Fault::Refuse(u32::MAX)),
+            "refuse" => count("connections").map(Fault::Refuse),
+            "stall" => plain(Fault::Stall),
+            "delay" => Ok(Fault::Delay(Duration::from_millis(number("milliseconds")?))),
+            "drop-after" => number("bytes").map(Fault::DropAfter),
+            "corrupt" => plain(Fault::Corrupt),
+            "lie-size" => number("bytes").map(Fault::LieSize),
+            "duplicate-acks" => plain(Fault::DuplicateAcks),
+            "drop-acks" => count("messages").map(Fault::DropAcks),
+            other => Err(FaultError::Unknown(other.to_owned())),
         }
+    }
+}
+
+/// The flag as a person writes it: `refuse`, `refuse=2`, `delay=150`, `corrupt`, ...
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Refuse(u32::MAX) => f.write_str("refuse"),
+            Fault::Refuse(n) => write!(f, "refuse={n}"),
+            Fault::Stall => f.write_str("stall"),
+            Fault::Delay(d) => write!(f, "delay={}", d.as_millis()),
+            Fault::DropAfter(n) => write!(f, "drop-after={n}"),
+            Fault::Corrupt => f.write_str("corrupt"),
+            Fault::LieSize(n) => write!(f, "lie-size={n}"),
+            Fault::DuplicateAcks => f.write_str("duplicate-acks"),
+            Fault::DropAcks(n) => write!(f, "drop-acks={n}"),
+        }
+    }
+}
+
+impl Faults {
+    /// Sets one fault (a later flag of the same kind wins).
+    pub fn set(&mut self, fault: Fault) {
+        match fault {
+            Fault::Refuse(n) => self.refuse_connections = n,
+            Fault::Stall => self.stall_acks = true,
+            Fault::Delay(d) => self.delay = Some(d),
+            Fault::DropAfter(n) => self.drop_bundle_after = Some(n),
+            Fault::Corrupt => self.corrupt_bundle = true,
+            Fault::LieSize(n) => self.announce_size = Some(n),
+            Fault::DuplicateAcks => self.duplicate_acks = true,
+            Fault::DropAcks(n) => self.drop_acks = n,
+        }
+    }
+
+    /// Adds one `KIND[=ARG]` fault (see [`FAULT_HELP`]).
+    pub fn add(&mut self, spec: &str) -> Result<(), FaultError> {
+        self.set(spec.parse()?);
         Ok(())
     }
 
     /// Faults from a list of `KIND[=ARG]` flags.
-    pub fn parse_all<S: AsRef<str>>(specs: &[S]) -> Result<Faults, String> {
+    pub fn parse_all<S: AsRef<str>>(specs: &[S]) -> Result<Faults, FaultError> {
         let mut f = Faults::default();
         for s in specs {
             f.add(s.as_ref())?;
@@ -94,6 +191,16 @@ impl Faults {
     /// Whether any fault is set.
     pub fn any(&self) -> bool {
         *self != Faults::default()
+    }
+}
+
+impl FromIterator<Fault> for Faults {
+    fn from_iter<I: IntoIterator<Item = Fault>>(iter: I) -> Faults {
+        let mut f = Faults::default();
+        for fault in iter {
+            f.set(fault);
+        }
+        f
     }
 }
 
@@ -139,6 +246,10 @@ mod tests {
             u32::MAX
         );
         assert!(!Faults::default().any() && f.any());
+        for spec in ["refuse", "refuse=2", "delay=150", "drop-acks=1", "corrupt"] {
+            let fault: Fault = spec.parse().expect(spec);
+            assert_eq!(fault.to_string(), spec);
+        }
         for (bad, want) in [
             ("explode", "unknown fault \"explode\""),
             ("delay", "needs =milliseconds"),
@@ -146,7 +257,7 @@ mod tests {
             ("corrupt=1", "takes no argument"),
             ("drop-acks=99999999999", "too many"),
         ] {
-            let e = Faults::parse_all(&[bad]).expect_err(bad);
+            let e = Faults::parse_all(&[bad]).expect_err(bad).to_string();
             assert!(e.contains(want), "{bad}: {e}");
         }
     }

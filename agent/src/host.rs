@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bootlace_contract::compression::Compression;
 use bootlace_contract::protocol::{
     read_frame, write_frame, BundleHeader, Decoder, Frame, Kind, ProtocolError,
 };
@@ -25,8 +26,8 @@ pub struct BundleSource {
     pub bytes: Arc<Vec<u8>>,
     /// sha256, hex.
     pub sha256: String,
-    /// `none`, `gzip` or `zstd`.
-    pub compression: String,
+    /// How the bytes are compressed (sniffed from their magic number).
+    pub compression: Compression,
 }
 
 /// Why a bundle could not be prepared.
@@ -46,17 +47,10 @@ pub enum BundleSourceError {
 impl BundleSource {
     /// Bytes as they are; the compression is sniffed from the magic number.
     pub fn from_bytes(bytes: Vec<u8>) -> BundleSource {
-        let compression = if bytes.starts_with(&[0x1f, 0x8b]) {
-            "gzip"
-        } else if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-            "zstd"
-        } else {
-            "none"
-        };
         BundleSource {
             sha256: bootlace_contract::digest::of_bytes(&bytes).hex().to_owned(),
+            compression: bootlace_contract::compression::sniff(&bytes),
             bytes: Arc::new(bytes),
-            compression: compression.to_owned(),
         }
     }
 
@@ -362,7 +356,7 @@ impl Host {
         let header = BundleHeader {
             size: self.faults.announce_size.unwrap_or(b.bytes.len() as u64),
             sha256: b.sha256.clone(),
-            compression: b.compression.clone(),
+            compression: b.compression.to_string(),
         };
         self.pause();
         let started = Instant::now();
@@ -425,9 +419,12 @@ impl Host {
     }
 }
 
-/// The hybrid-vsock listener path for `port` under `uds_path`.
+/// The hybrid-vsock listener path for `port` under `uds_path`: `<uds_path>_<port>` (the
+/// path's bytes kept as they are, UTF-8 or not).
 pub fn hybrid_path(uds_path: &Path, port: u32) -> PathBuf {
-    PathBuf::from(format!("{}_{port}", uds_path.display()))
+    let mut s = uds_path.as_os_str().to_owned();
+    s.push(format!("_{port}"));
+    PathBuf::from(s)
 }
 
 /// One line for people: `READY STATUS=up`, `bundle sent: 1048576 bytes in 12 ms (87.4 MB/s)`.
@@ -492,52 +489,21 @@ pub fn to_json(e: &GuestEvent) -> String {
     v.to_string()
 }
 
-/// `VMADDR_CID_ANY`.
-const VMADDR_CID_ANY: u32 = u32::MAX;
-
 /// Listens on AF_VSOCK port `port` (hosts with vhost-vsock), one thread per connection; the
-/// guest is identified by its peer CID.
+/// guest is identified by its peer CID (`vsock:<cid>`), never by what it says.
 pub fn serve_vsock(host: &Arc<Host>, port: u32) -> io::Result<std::thread::JoinHandle<()>> {
-    use nix::sys::socket::{
-        accept, bind, getpeername, listen, socket, AddressFamily, Backlog, SockFlag, SockType,
-        VsockAddr,
-    };
-    use std::os::fd::AsRawFd;
-    let fd = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    bind(fd.as_raw_fd(), &VsockAddr::new(VMADDR_CID_ANY, port))?;
-    listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))?;
+    let listener = vsock::VsockListener::bind_with_cid_port(vsock::VMADDR_CID_ANY, port)?;
     let host = Arc::clone(host);
     Ok(std::thread::spawn(move || loop {
-        match accept(fd.as_raw_fd()) {
-            Ok(raw) => {
-                let conn = owned(raw);
-                let cid = getpeername::<VsockAddr>(conn.as_raw_fd())
-                    .map(|a| a.cid())
-                    .unwrap_or(u32::MAX);
-                let host = Arc::clone(&host);
-                let timeout = nix::sys::time::TimeVal::new(
-                    i64::try_from(host.write_timeout.as_secs()).unwrap_or(i64::MAX),
-                    i64::from(host.write_timeout.subsec_micros()),
-                );
-                if let Err(e) = nix::sys::socket::setsockopt(
-                    &conn,
-                    nix::sys::socket::sockopt::SendTimeout,
-                    &timeout,
-                ) {
-                    host.emit(
-                        &format!("vsock:{cid}"),
-                        Event::Error(format!("write deadline: {e}")),
-                    );
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let guest = format!("vsock:{}", peer.cid());
+                if let Err(e) = stream.set_write_timeout(Some(host.write_timeout)) {
+                    host.emit(&guest, Event::Error(format!("write deadline: {e}")));
                     continue;
                 }
-                std::thread::spawn(move || {
-                    host.handle(std::fs::File::from(conn), &format!("vsock:{cid}"))
-                });
+                let host = Arc::clone(&host);
+                std::thread::spawn(move || host.handle(stream, &guest));
             }
             Err(e) => host.emit(
                 &format!("vsock:*:{port}"),
@@ -545,11 +511,4 @@ pub fn serve_vsock(host: &Arc<Host>, port: u32) -> io::Result<std::thread::JoinH
             ),
         }
     }))
-}
-
-#[allow(unsafe_code)]
-fn owned(raw: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    // SAFETY: `raw` was just returned by accept(2) and is owned by nobody else.
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
 }

@@ -1,4 +1,4 @@
-//! `bootlace-agent wait-ready`: the exit code host scripts rely on.
+//! `bootlace-agent wait-ready` and `exit-status`: the exit codes and JSON host scripts rely on.
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -39,12 +39,12 @@ fn guest(uds: &Path) -> Client {
 #[test]
 fn exit_codes_follow_the_guest() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cases: &[(Option<Kind>, i32, &str)] = &[
-        (Some(Kind::Ready), 0, "\"kind\":\"READY\""),
-        (Some(Kind::Failed), 1, "failed: disk on fire"),
-        (None, 2, "no guest was ready within 1 s"),
+    let cases: &[(Option<Kind>, i32, &str, &str)] = &[
+        (Some(Kind::Ready), 0, "\"kind\":\"READY\"", "ready"),
+        (Some(Kind::Failed), 1, "failed: disk on fire", "failed"),
+        (None, 124, "no guest was ready within 1 s", "timeout"),
     ];
-    for (i, (kind, code, want)) in cases.iter().enumerate() {
+    for (i, (kind, code, want, outcome)) in cases.iter().enumerate() {
         let uds = dir.path().join(format!("vm{i}"));
         let child = wait_ready(&uds, if kind.is_some() { 30 } else { 1 });
         if let Some(kind) = kind {
@@ -63,5 +63,65 @@ fn exit_codes_follow_the_guest() {
         );
         assert_eq!(out.status.code(), Some(*code), "{text}");
         assert!(text.contains(want), "{text} lacks {want}");
+        // --json: the last line on stdout is the outcome.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("JSON");
+        assert_eq!(last["event"], "outcome", "{stdout}");
+        assert_eq!(last["outcome"], *outcome, "{stdout}");
+        assert_eq!(last["exit_code"], *code, "{stdout}");
     }
+}
+
+fn agent(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_bootlace-agent"))
+        .args(args)
+        .output()
+        .expect("run")
+}
+
+#[test]
+fn exit_status_reads_the_power_off_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("console.log");
+    std::fs::write(
+        &log,
+        "boot\n[ 2.1] bootlace: power-off EXIT_STATUS=7 STATUS=app exited\n",
+    )
+    .expect("write");
+    let log_s = log.to_str().expect("utf-8");
+    let out = agent(&["exit-status", log_s]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "7\n");
+    let out = agent(&["exit-status", "--json", log_s]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["exit_status"], 7);
+    assert_eq!(v["status"], "app exited");
+
+    std::fs::write(&log, "no status here\n").expect("write");
+    let out = agent(&["exit-status", "--json", log_s]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(v["exit_status"].is_null(), "{v}");
+
+    let missing = dir.path().join("missing.log");
+    let out = agent(&["exit-status", missing.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn help_and_usage_errors() {
+    for args in [&["--help"][..], &["wait-ready", "--help"], &["--version"]] {
+        let out = agent(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+    }
+    let help = String::from_utf8_lossy(&agent(&["--help"]).stdout).into_owned();
+    for want in ["Exit codes:", "124", "usage error"] {
+        assert!(help.contains(want), "{help} lacks {want}");
+    }
+    let out = agent(&["wait-ready", "--timeout", "soon"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = agent(&["serve"]);
+    assert_eq!(out.status.code(), Some(3), "nothing to listen on");
 }

@@ -283,23 +283,12 @@ fn guests_are_known_by_their_socket_not_by_what_they_claim() {
     }
 }
 
-#[test]
-fn the_host_survives_disconnects_slow_readers_and_garbage() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
-    let sha = bootlace_contract::digest::of_bytes(&bytes).hex().to_owned();
-    let (paths, events) = host(
-        dir.path(),
-        &["chaos", "calm"],
-        Some(bytes.clone()),
-        Faults::default(),
-    );
-    let (chaos, calm) = (paths[0].clone(), paths[1].clone());
-    let started = Instant::now();
+/// 100 guests that hang up mid-bundle, 5 slow readers, and 6 that send garbage, all on `chaos`.
+fn misbehaving_guests(chaos: &Path) -> Vec<std::thread::JoinHandle<()>> {
     let mut bad = Vec::new();
     // 100 guests that hang up mid-bundle, after 0..64 KiB.
     for i in 0..100usize {
-        let p = chaos.clone();
+        let p = chaos.to_owned();
         bad.push(std::thread::spawn(move || {
             let mut s = UnixStream::connect(&p).expect("connect");
             s.write_all(b"BL1 HELLO 0 0\nBL1 GET-BUNDLE 1 0\n")
@@ -310,7 +299,7 @@ fn the_host_survives_disconnects_slow_readers_and_garbage() {
     }
     // 5 slow readers: a kilobyte every 20 ms for 3 s, then gone.
     for _ in 0..5 {
-        let p = chaos.clone();
+        let p = chaos.to_owned();
         bad.push(std::thread::spawn(move || {
             let mut s = UnixStream::connect(&p).expect("connect");
             s.write_all(b"BL1 HELLO 0 0\nBL1 GET-BUNDLE 1 0\n")
@@ -332,7 +321,7 @@ fn the_host_survives_disconnects_slow_readers_and_garbage() {
         &[b'A'; 70_000][..],
         b"BL1 HELLO 0 5\nX=1\n\nBL1 STEP x 0\n",
     ] {
-        let p = chaos.clone();
+        let p = chaos.to_owned();
         let junk = junk.to_vec();
         bad.push(std::thread::spawn(move || {
             let mut s = UnixStream::connect(&p).expect("connect");
@@ -342,6 +331,23 @@ fn the_host_survives_disconnects_slow_readers_and_garbage() {
             let _ = s.read_to_end(&mut sink);
         }));
     }
+    bad
+}
+
+#[test]
+fn the_host_survives_disconnects_slow_readers_and_garbage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    let sha = bootlace_contract::digest::of_bytes(&bytes).hex().to_owned();
+    let (paths, events) = host(
+        dir.path(),
+        &["chaos", "calm"],
+        Some(bytes.clone()),
+        Faults::default(),
+    );
+    let (chaos, calm) = (paths[0].clone(), paths[1].clone());
+    let started = Instant::now();
+    let bad = misbehaving_guests(&chaos);
     // Meanwhile, well-behaved guests on both sockets get whole bundles and are heard.
     let mut good = Vec::new();
     for i in 0..10 {

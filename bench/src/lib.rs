@@ -1,6 +1,62 @@
-//! Shared helpers of the benchmarks: statistics and the markdown report.
+//! Shared helpers of the benchmarks: the boot manifest, statistics, and the command-line
+//! conventions every bench binary follows ([`Exit`], [`EXIT_CODES_HELP`], [`parse_args`]).
 
+use std::process::ExitCode;
 use std::time::Duration;
+
+/// The exit codes of the bench binaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The benchmark ran and printed its report.
+    Success = 0,
+    /// The benchmark ran, printed its report, and something it measured failed (e.g. a guest).
+    Failed = 1,
+    /// The command line was refused (clap's usage error).
+    Usage = 2,
+    /// The benchmark could not run: setup failed (a tool or an artifact missing, not root, a
+    /// VM that did not reach READY).
+    Error = 3,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> ExitCode {
+        ExitCode::from(e as u8)
+    }
+}
+
+/// The exit codes as a bench binary's `--help` lists them; [`Exit`] holds the numbers.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  the benchmark ran; the report is on stdout
+  1  the benchmark ran, and something it measured failed (the report says what)
+  2  usage error
+  3  the benchmark could not run (setup failed; the message says why)";
+
+/// Parses the command line; on `--help` or `--version` (printed, exit 0) or a usage error
+/// (printed, [`Exit::Usage`]), the code to exit with instead.
+pub fn parse_args<P: clap::Parser>() -> Result<P, Exit> {
+    P::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            Exit::Usage
+        } else {
+            Exit::Success
+        }
+    })
+}
+
+/// The exit code of a benchmark's result: `Ok(true)` success, `Ok(false)` a measured failure,
+/// `Err` could not run (the error chain printed on stderr after `name: error:`).
+pub fn finish(name: &str, result: anyhow::Result<bool>) -> ExitCode {
+    match result {
+        Ok(true) => Exit::Success.into(),
+        Ok(false) => Exit::Failed.into(),
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            Exit::Error.into()
+        }
+    }
+}
 
 /// The 10-step manifest every bootlace boot scenario applies: hostname, env, sysctl, a tmpfs
 /// /etc seeded with the image's, a directory, three files, a symlink, one command.
@@ -54,14 +110,16 @@ pub fn manifest_without_host_changes() -> String {
 pub fn median_p95(samples: &[Duration]) -> (f64, f64) {
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     ms.sort_by(|a, b| a.total_cmp(b));
-    if ms.is_empty() {
-        return (f64::NAN, f64::NAN);
+    (percentile_ms(&ms, 0.5), percentile_ms(&ms, 0.95))
+}
+
+/// The nearest-rank `p` percentile (0 < p <= 1) of sorted milliseconds; NaN when empty.
+pub fn percentile_ms(sorted_ms: &[f64], p: f64) -> f64 {
+    if sorted_ms.is_empty() {
+        return f64::NAN;
     }
-    let rank = |p: f64| {
-        let i = ((p * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1;
-        ms[i]
-    };
-    (rank(0.5), rank(0.95))
+    let i = ((p * sorted_ms.len() as f64).ceil() as usize).clamp(1, sorted_ms.len()) - 1;
+    sorted_ms.get(i).copied().unwrap_or(f64::NAN)
 }
 
 #[cfg(test)]

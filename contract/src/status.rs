@@ -68,13 +68,37 @@ pub fn line(status: ExitStatus, summary: &str) -> String {
     )
 }
 
-/// The exit status of the last power-off line in a console log, if there is one.
-pub fn parse_exit_status(console: &str) -> Option<u8> {
+/// The last power-off line of a console log, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PowerOff {
+    /// `EXIT_STATUS=`.
+    pub exit_status: u8,
+    /// `STATUS=`: the one-line summary after it (empty when the line has none).
+    pub status: String,
+}
+
+/// The last power-off line in a console log, if there is one.
+pub fn parse_power_off(console: &str) -> Option<PowerOff> {
     console.lines().rev().find_map(|l| {
         let (_, rest) = l.rsplit_once(MARKER)?;
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok()
+        let exit_status = digits.parse().ok()?;
+        let status = rest
+            .get(digits.len()..)
+            .and_then(|r| r.strip_prefix(" STATUS="))
+            .unwrap_or("")
+            .trim_end_matches('\r')
+            .to_owned();
+        Some(PowerOff {
+            exit_status,
+            status,
+        })
     })
+}
+
+/// The exit status of the last power-off line in a console log, if there is one.
+pub fn parse_exit_status(console: &str) -> Option<u8> {
+    parse_power_off(console).map(|p| p.exit_status)
 }
 
 #[cfg(test)]
@@ -97,6 +121,17 @@ mod tests {
         for (log, want) in cases {
             assert_eq!(parse_exit_status(log), *want, "{log:?}");
         }
+        assert_eq!(
+            parse_power_off("x\n[ 1.0] bootlace: power-off EXIT_STATUS=7 STATUS=app exited\r\n"),
+            Some(PowerOff {
+                exit_status: 7,
+                status: "app exited".to_owned()
+            })
+        );
+        assert_eq!(
+            parse_power_off("bootlace: power-off EXIT_STATUS=3").map(|p| p.status),
+            Some(String::new())
+        );
     }
 
     #[test]

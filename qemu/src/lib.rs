@@ -13,6 +13,8 @@
 //! - [`images`]: a directory of baked images, chosen by name and version through their
 //!   metadata, checked against their sha256.
 //! - [`kernel`]: finding an installed kernel and its release.
+//! - [`outcome`]: how a run ended, the exit codes of `bootlace-vm run` ([`Ended`]) and its
+//!   `--json` report ([`Report`]).
 //! - [`vsock`]: guest vsock through a `vhost-device-vsock` daemon per VM and hybrid-vsock Unix
 //!   sockets on the host ([`VmSpec::vsock`]).
 
@@ -20,13 +22,15 @@
 
 pub mod images;
 pub mod kernel;
+pub mod outcome;
 pub mod vsock;
 
+pub use outcome::{End, Ended, Outcome, Reason, Report};
 pub use vsock::{VsockDaemon, VsockError, VsockSpec};
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -290,71 +294,6 @@ pub fn share_args(i: usize, s: &Share) -> Vec<String> {
     ]
 }
 
-/// How a run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum End {
-    /// The guest powered itself off.
-    PoweredOff,
-    /// The guest kernel panicked (for example because PID 1 exited).
-    KernelPanic,
-    /// The guest rebooted or reset (QEMU stops instead, `-no-reboot`).
-    Reset,
-    /// The hard timeout passed; QEMU was killed.
-    TimedOut,
-    /// QEMU itself failed, with its stderr.
-    QemuFailed(String),
-}
-
-/// The result of a run.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// How it ended.
-    pub end: End,
-    /// The exit status the guest's init reported on the console, if any.
-    pub exit_status: Option<u8>,
-    /// The whole console output.
-    pub console: String,
-    /// Wall time from QEMU start to its end.
-    pub wall: Duration,
-}
-
-impl Outcome {
-    /// The exit code the CLI returns: the guest's status on a clean power-off (0 when it
-    /// reported none), 123 for a kernel panic or reset, 124 for a timeout, 125 when QEMU failed.
-    pub fn exit_code(&self) -> u8 {
-        match &self.end {
-            End::PoweredOff => self.exit_status.unwrap_or(0),
-            End::KernelPanic | End::Reset => 123,
-            End::TimedOut => 124,
-            End::QemuFailed(_) => 125,
-        }
-    }
-
-    /// A one-line account of the run.
-    pub fn summary(&self) -> String {
-        let secs = self.wall.as_secs_f64();
-        let status = self.exit_status.map_or_else(
-            || "no status line".to_owned(),
-            |s| format!("EXIT_STATUS={s}"),
-        );
-        match &self.end {
-            End::PoweredOff => format!("guest powered off after {secs:.1} s ({status})"),
-            End::KernelPanic => format!("guest kernel panicked after {secs:.1} s ({status})"),
-            End::Reset => format!("guest reset after {secs:.1} s ({status})"),
-            End::TimedOut => format!("timed out after {secs:.1} s; QEMU killed ({status})"),
-            End::QemuFailed(e) => format!("QEMU failed after {secs:.1} s: {e}"),
-        }
-    }
-
-    /// The console lines holding `needle`.
-    pub fn lines_with<'a>(&'a self, needle: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.console
-            .lines()
-            .filter(move |l| l.contains(needle))
-            .map(|l| l.trim_end_matches('\r'))
-    }
-}
-
 /// Why a run could not happen at all.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -391,6 +330,17 @@ pub enum VmError {
     /// carries its stderr; a missing binary says to run `make setup`).
     #[error(transparent)]
     Vsock(#[from] VsockError),
+}
+
+impl VmError {
+    /// Which kind of "could not run" this is (the exit code is 125 for every one).
+    pub fn reason(&self) -> Reason {
+        match self {
+            VmError::Missing { .. } | VmError::Log { .. } => Reason::BadInput,
+            VmError::Spawn { .. } | VmError::Wait(_) => Reason::Qemu,
+            VmError::Vsock(_) => Reason::HostSetup,
+        }
+    }
 }
 
 /// A QEMU child that is killed and reaped when dropped, whatever the return path.
@@ -437,37 +387,8 @@ fn pump<R: Read + Send + 'static>(
 
 /// Boots the spec and waits for the guest to end (or the timeout).
 pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
-    if !spec.kernel.exists() {
-        return Err(VmError::Missing {
-            what: "kernel",
-            path: spec.kernel.clone(),
-        });
-    }
-    if let Some(initrd) = spec.initrd.as_ref().filter(|p| !p.exists()) {
-        return Err(VmError::Missing {
-            what: "initrd",
-            path: initrd.clone(),
-        });
-    }
-    if let Some(d) = spec.disks.iter().find(|d| !d.path.is_file()) {
-        return Err(VmError::Missing {
-            what: "disk image",
-            path: d.path.clone(),
-        });
-    }
-    if let Some(s) = spec.shares.iter().find(|s| !s.dir.is_dir()) {
-        return Err(VmError::Missing {
-            what: "9p share directory",
-            path: s.dir.clone(),
-        });
-    }
-    let log = match &spec.console_log {
-        Some(path) => Some(std::fs::File::create(path).map_err(|source| VmError::Log {
-            path: path.clone(),
-            source,
-        })?),
-        None => None,
-    };
+    check_inputs(spec)?;
+    let log = open_console_log(spec)?;
     // Declared before QEMU's guard, so it is dropped after it on every return path: the
     // daemon outlives QEMU, then is killed and its sockets removed.
     let daemon = match &spec.vsock {
@@ -475,58 +396,136 @@ pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
         None => None,
     };
     let started = Instant::now();
-    let child = Command::new(&spec.qemu)
+    let mut qemu = spawn_qemu(spec)?;
+    let capture = Capture::start(&mut qemu, log, spec.echo);
+    let status = wait_until(&mut qemu, started + spec.timeout)?;
+    drop(qemu);
+    let (console, qemu_stderr) = capture.finish();
+    let wall = started.elapsed();
+    let daemon_stderr = daemon.as_ref().map(VsockDaemon::stderr);
+    drop(daemon);
+    let end = classify(status, &console, &qemu_stderr, daemon_stderr.as_deref());
+    Ok(Outcome {
+        end,
+        exit_status: bootlace_contract::status::parse_exit_status(&console),
+        console,
+        wall,
+    })
+}
+
+/// Every file the spec names exists (before anything starts).
+fn check_inputs(spec: &VmSpec) -> Result<(), VmError> {
+    let missing = |what, path: &Path| VmError::Missing {
+        what,
+        path: path.to_owned(),
+    };
+    if !spec.kernel.exists() {
+        return Err(missing("kernel", &spec.kernel));
+    }
+    if let Some(initrd) = spec.initrd.as_ref().filter(|p| !p.exists()) {
+        return Err(missing("initrd", initrd));
+    }
+    if let Some(r) = spec.root_disk.as_ref().filter(|r| !r.path.is_file()) {
+        return Err(missing("root disk image", &r.path));
+    }
+    if let Some(d) = spec.disks.iter().find(|d| !d.path.is_file()) {
+        return Err(missing("disk image", &d.path));
+    }
+    if let Some(s) = spec.shares.iter().find(|s| !s.dir.is_dir()) {
+        return Err(missing("9p share directory", &s.dir));
+    }
+    Ok(())
+}
+
+fn open_console_log(spec: &VmSpec) -> Result<Option<std::fs::File>, VmError> {
+    let Some(path) = &spec.console_log else {
+        return Ok(None);
+    };
+    std::fs::File::create(path)
+        .map(Some)
+        .map_err(|source| VmError::Log {
+            path: path.clone(),
+            source,
+        })
+}
+
+fn spawn_qemu(spec: &VmSpec) -> Result<Guard, VmError> {
+    Command::new(&spec.qemu)
         .args(qemu_args(spec))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Guard)
         .map_err(|source| VmError::Spawn {
             qemu: spec.qemu.clone(),
             source,
-        })?;
-    let mut guard = Guard(child);
-    let console = Arc::new(Mutex::new(Vec::new()));
-    let stderr_buf = Arc::new(Mutex::new(Vec::new()));
-    let mut pumps = Vec::new();
-    if let Some(out) = guard.0.stdout.take() {
-        pumps.push(pump(out, console.clone(), log, spec.echo));
-    }
-    if let Some(err) = guard.0.stderr.take() {
-        pumps.push(pump(err, stderr_buf.clone(), None, spec.echo));
-    }
+        })
+}
 
-    let deadline = started + spec.timeout;
-    let status = loop {
-        match guard.0.try_wait().map_err(VmError::Wait)? {
-            Some(status) => break Some(status),
-            None if Instant::now() >= deadline => break None,
+/// Waits for QEMU to exit; `None` when `deadline` passed first.
+fn wait_until(qemu: &mut Guard, deadline: Instant) -> Result<Option<ExitStatus>, VmError> {
+    loop {
+        match qemu.0.try_wait().map_err(VmError::Wait)? {
+            Some(status) => return Ok(Some(status)),
+            None if Instant::now() >= deadline => return Ok(None),
             None => std::thread::sleep(Duration::from_millis(20)),
         }
-    };
-    drop(guard);
-    for p in pumps {
-        let _ = p.join();
     }
-    let wall = started.elapsed();
-    let daemon_stderr = daemon.as_ref().map(VsockDaemon::stderr);
-    drop(daemon);
-    let text = |buf: &Arc<Mutex<Vec<u8>>>| {
-        buf.lock()
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    };
-    let console = text(&console);
-    let exit_status = bootlace_contract::status::parse_exit_status(&console);
-    let end = match status {
+}
+
+/// QEMU's stdout (the serial console: kept, logged, echoed if asked) and stderr (kept,
+/// echoed if asked), each copied by its own thread.
+struct Capture {
+    console: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    pumps: Vec<JoinHandle<()>>,
+}
+
+impl Capture {
+    fn start(qemu: &mut Guard, log: Option<std::fs::File>, echo: bool) -> Capture {
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut pumps = Vec::new();
+        if let Some(out) = qemu.0.stdout.take() {
+            pumps.push(pump(out, console.clone(), log, echo));
+        }
+        if let Some(err) = qemu.0.stderr.take() {
+            pumps.push(pump(err, stderr.clone(), None, echo));
+        }
+        Capture {
+            console,
+            stderr,
+            pumps,
+        }
+    }
+
+    /// Console and stderr text, once QEMU has ended and the pumps have drained.
+    fn finish(self) -> (String, String) {
+        for p in self.pumps {
+            let _ = p.join();
+        }
+        let text = |buf: &Arc<Mutex<Vec<u8>>>| {
+            buf.lock()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        (text(&self.console), text(&self.stderr))
+    }
+}
+
+/// How the run ended, from QEMU's exit status (`None`: timed out) and the console.
+fn classify(
+    status: Option<ExitStatus>,
+    console: &str,
+    qemu_stderr: &str,
+    daemon_stderr: Option<&str>,
+) -> End {
+    match status {
         None => End::TimedOut,
         Some(s) if !s.success() => {
-            let mut why = format!("{s}: {}", text(&stderr_buf).trim());
-            if let Some(e) = daemon_stderr
-                .as_deref()
-                .map(str::trim)
-                .filter(|e| !e.is_empty())
-            {
+            let mut why = format!("{s}: {}", qemu_stderr.trim());
+            if let Some(e) = daemon_stderr.map(str::trim).filter(|e| !e.is_empty()) {
                 why.push_str(&format!("; {} stderr: {e}", vsock::DAEMON));
             }
             End::QemuFailed(why)
@@ -534,13 +533,7 @@ pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
         Some(_) if console.contains("Kernel panic - not syncing") => End::KernelPanic,
         Some(_) if console.contains("reboot: Power down") => End::PoweredOff,
         Some(_) => End::Reset,
-    };
-    Ok(Outcome {
-        end,
-        exit_status,
-        console,
-        wall,
-    })
+    }
 }
 
 /// Where a test or a person keeps per-run files: `dir/name.console.log`.
@@ -640,21 +633,6 @@ mod tests {
         spec.accel = Accel::Kvm;
         let joined = qemu_args(&spec).join(" ");
         assert!(joined.contains("-machine q35,memory-backend=mem -accel kvm -cpu host"));
-    }
-
-    #[test]
-    fn exit_codes() {
-        let o = |end, exit_status| Outcome {
-            end,
-            exit_status,
-            console: String::new(),
-            wall: Duration::ZERO,
-        };
-        assert_eq!(o(End::PoweredOff, Some(7)).exit_code(), 7);
-        assert_eq!(o(End::PoweredOff, None).exit_code(), 0);
-        assert_eq!(o(End::KernelPanic, Some(0)).exit_code(), 123);
-        assert_eq!(o(End::TimedOut, None).exit_code(), 124);
-        assert_eq!(o(End::QemuFailed("x".into()), None).exit_code(), 125);
     }
 
     #[test]

@@ -1,19 +1,24 @@
 //! `bootlace-vm`: boot a kernel and initramfs under QEMU and report how the guest ended.
-//! The exit code is the guest's reported status (see `Outcome::exit_code`).
+//! The exit code is the guest's reported status, or one of bootlace-vm's own codes, all defined
+//! in `bootlace_vm::Ended` and listed in `--help` (`bootlace_vm::outcome::EXIT_CODES_HELP`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bootlace_vm::{images, kernel, Accel, Disk, Share, VmSpec, VsockSpec};
+use bootlace_agent::fault::Fault;
+use bootlace_vm::outcome::EXIT_CODES_HELP;
+use bootlace_vm::{images, kernel, Accel, Disk, Ended, Outcome, Reason, Report, Share, VmSpec};
+use bootlace_vm::{VmError, VsockSpec};
 use clap::{ArgGroup, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "bootlace-vm",
     version,
-    about = "Boot bootlace images under QEMU"
+    about = "Boot bootlace images under QEMU",
+    after_help = EXIT_CODES_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,7 +28,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Boot a kernel + initramfs; the exit code is the guest's reported EXIT_STATUS
-    /// (123 kernel panic or reset, 124 timeout, 125 QEMU failure).
+    /// (123 no status: kernel panic or reset, 124 timeout, 125 could not run the VM).
+    #[command(after_help = EXIT_CODES_HELP)]
     Run(RunArgs),
 }
 
@@ -69,6 +75,11 @@ struct RunArgs {
     /// Do not copy the console to stderr as it arrives.
     #[arg(long)]
     no_echo: bool,
+    /// Print one JSON object on stdout at the end: exit_code, ended (guest-status, no-status,
+    /// timeout, could-not-run), end, reason and error (could-not-run), exit_status, status
+    /// (the power-off line's STATUS), timeline, console_log, wall_s. Usage errors print none.
+    #[arg(long)]
+    json: bool,
     /// Show all kernel messages (no `quiet`).
     #[arg(long)]
     verbose_kernel: bool,
@@ -82,7 +93,7 @@ struct RunArgs {
     #[arg(long = "disk")]
     disks: Vec<PathBuf>,
     /// A directory to share read-write over 9p, as TAG=DIR (repeatable).
-    #[arg(long = "share", value_parser = parse_share)]
+    #[arg(long = "share", value_parser = parse_share, value_name = "TAG=DIR")]
     shares: Vec<(String, PathBuf)>,
     /// Give the guest vsock (vhost-device-vsock + vhost-user-vsock-pci), with its sockets in a
     /// temporary directory printed on stderr and removed afterwards. A guest connection to host
@@ -109,9 +120,10 @@ struct RunArgs {
     #[arg(long, default_value_t = bootlace_contract::protocol::DEFAULT_PORT)]
     host_port: u32,
     /// Make the host agent misbehave on purpose (repeatable); `--help` lists the kinds.
-    #[arg(long = "fault", value_name = "KIND[=ARG]", value_parser = parse_fault,
+    #[arg(long = "fault", value_name = "KIND[=ARG]",
+          value_parser = clap::value_parser!(Fault),
           long_help = bootlace_agent::fault::FAULT_LONG_HELP)]
-    faults: Vec<String>,
+    faults: Vec<Fault>,
     /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
@@ -120,30 +132,230 @@ struct RunArgs {
     qemu_args: Vec<String>,
 }
 
-fn parse_fault(s: &str) -> Result<String, String> {
-    bootlace_agent::host::Faults::default().add(s)?;
-    Ok(s.to_owned())
+/// A `--share` value that is not `TAG=DIR` with a 9p mount tag QEMU takes.
+#[derive(Debug, thiserror::Error)]
+enum ShareError {
+    /// No `=`.
+    #[error("expected TAG=DIR")]
+    NotTagDir,
+    /// The tag is empty or longer than 31 bytes.
+    #[error("the tag must be 1 to 31 characters")]
+    TagLength,
 }
 
-fn parse_share(s: &str) -> Result<(String, PathBuf), String> {
-    let (tag, dir) = s.split_once('=').ok_or("expected TAG=DIR")?;
+fn parse_share(s: &str) -> Result<(String, PathBuf), ShareError> {
+    let (tag, dir) = s.split_once('=').ok_or(ShareError::NotTagDir)?;
     if tag.is_empty() || tag.len() > 31 {
-        return Err("the tag must be 1 to 31 characters".to_owned());
+        return Err(ShareError::TagLength);
     }
     Ok((tag.to_owned(), PathBuf::from(dir)))
 }
 
 fn main() -> ExitCode {
-    let Cli { command } = Cli::parse();
-    match command {
-        Cmd::Run(a) => match run(a) {
-            Ok(code) => ExitCode::from(code),
-            Err(e) => {
-                eprintln!("bootlace-vm: error: {e:#}");
-                ExitCode::from(125)
-            }
-        },
+    let started = Instant::now();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version succeed; a usage error is 125, not clap's 2 (a guest status).
+            let ended = Ended::CouldNotRun(Reason::Usage);
+            return ExitCode::from(if e.use_stderr() { ended.code() } else { 0 });
+        }
+    };
+    let Cmd::Run(a) = cli.command;
+    let (json, console_log) = (a.json, a.console_log.clone());
+    let report = match run(a) {
+        Ok(outcome) => Report::of_outcome(&outcome, console_log.as_deref()),
+        Err(e) => {
+            eprintln!(
+                "bootlace-vm: cannot run the VM ({}): {:#}",
+                e.reason, e.error
+            );
+            Report::could_not_run(
+                e.reason,
+                format!("{:#}", e.error),
+                console_log.as_deref(),
+                started.elapsed(),
+            )
+        }
+    };
+    if json {
+        println!("{}", report.to_json());
     }
+    ExitCode::from(report.exit_code)
+}
+
+/// Why the VM could not run, and the error that says so.
+#[derive(Debug)]
+struct CannotRun {
+    reason: Reason,
+    error: anyhow::Error,
+}
+
+impl From<VmError> for CannotRun {
+    fn from(e: VmError) -> CannotRun {
+        CannotRun {
+            reason: e.reason(),
+            error: e.into(),
+        }
+    }
+}
+
+/// Tags an error with the reason the VM could not run.
+trait Because<T> {
+    fn because(self, reason: Reason) -> Result<T, CannotRun>;
+}
+
+impl<T, E: Into<anyhow::Error>> Because<T> for Result<T, E> {
+    fn because(self, reason: Reason) -> Result<T, CannotRun> {
+        self.map_err(|e| CannotRun {
+            reason,
+            error: e.into(),
+        })
+    }
+}
+
+/// `bootlace-vm run`: the spec from the arguments, the host side, the VM; the outcome.
+fn run(a: RunArgs) -> Result<Outcome, CannotRun> {
+    if !a.faults.is_empty() && a.bootstrap_vsock.is_none() && !a.host_agent {
+        return Err(anyhow::anyhow!(
+            "--fault needs a host agent: give --host-agent or --bootstrap-vsock"
+        ))
+        .because(Reason::Usage);
+    }
+    let mut spec = base_spec(&a)?;
+    if let (Some(wanted), Some(dir)) = (&a.image, &a.images) {
+        choose_image(&mut spec, dir, wanted, a.stage1.as_deref()).because(Reason::BadInput)?;
+    }
+    attach_disks_and_shares(&mut spec, &a);
+    // Removed when this function returns, after the VM and the vsock daemon are gone.
+    let _vsock_tmp = add_vsock(&mut spec, &a).because(Reason::HostSetup)?;
+    // Held to the end of this function, then dropped before `_vsock_tmp` (reverse order).
+    let _host_services = match &spec.vsock {
+        Some(v) => Some(start_host_services(v, &a)?),
+        None => None,
+    };
+    let outcome = bootlace_vm::run(&spec)?;
+    for line in outcome.timeline() {
+        eprintln!("bootlace-vm: guest timeline: {line}");
+    }
+    eprintln!("bootlace-vm: {}", outcome.summary());
+    Ok(outcome)
+}
+
+/// The spec of the plain flags: kernel, initrd, parameters, resources, console.
+fn base_spec(a: &RunArgs) -> Result<VmSpec, CannotRun> {
+    let kernel = match &a.kernel {
+        Some(k) => k.clone(),
+        None => {
+            kernel::find()
+                .context("finding a kernel")
+                .because(Reason::BadInput)?
+                .image
+        }
+    };
+    let mut spec = VmSpec::new(kernel);
+    spec.qemu = a.qemu.clone();
+    spec.initrd = a.initrd.clone();
+    spec.append = a.append.clone();
+    spec.memory_mib = a.memory;
+    spec.cpus = a.cpus;
+    spec.accel = if a.kvm { Accel::Kvm } else { Accel::Tcg };
+    spec.timeout = Duration::from_secs(a.timeout);
+    spec.console_log = a.console_log.clone();
+    spec.echo = !a.no_echo;
+    spec.quiet_kernel = !a.verbose_kernel;
+    spec.extra_args = a.qemu_args.clone();
+    Ok(spec)
+}
+
+/// `--image NAME[@VERSION]` from `--images DIR`: the image (or its default version, with a
+/// warning), through a stage-1 initramfs for a disk image.
+fn choose_image(
+    spec: &mut VmSpec,
+    dir: &Path,
+    wanted: &str,
+    stage1: Option<&Path>,
+) -> anyhow::Result<()> {
+    let (name, version) = match wanted.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (wanted, None),
+    };
+    let chosen = images::choose(dir, name, version)?;
+    for w in &chosen.warnings {
+        eprintln!("bootlace-vm: warning: {w}");
+    }
+    let m = &chosen.entry.meta;
+    let stage1 = match (stage1, m.is_disk()) {
+        (Some(p), _) => Some(p.to_owned()),
+        (None, true) => Some(images::stage1(dir)?.path()),
+        (None, false) => None,
+    };
+    bootlace_vm::boot_image(spec, &chosen.entry, stage1.as_deref())?;
+    eprintln!(
+        "bootlace-vm: booting {} ({}, sha256 {}){}",
+        m.id(),
+        m.format,
+        m.sha256.get(..12).unwrap_or(&m.sha256),
+        match &stage1 {
+            Some(p) => format!(" through stage 1 {}", p.display()),
+            None => String::new(),
+        }
+    );
+    Ok(())
+}
+
+/// `--bootstrap-disk`, `--disk`, `--bootstrap-9p`, `--share`.
+fn attach_disks_and_shares(spec: &mut VmSpec, a: &RunArgs) {
+    if let Some(path) = &a.bootstrap_disk {
+        spec.disks.push(Disk {
+            path: path.clone(),
+            read_only: true,
+        });
+    }
+    spec.disks.extend(a.disks.iter().map(|path| Disk {
+        path: path.clone(),
+        read_only: false,
+    }));
+    if let Some(dir) = &a.bootstrap_9p {
+        spec.shares.push(Share {
+            dir: dir.clone(),
+            tag: "bootlace".to_owned(),
+            read_only: true,
+        });
+    }
+    spec.shares.extend(a.shares.iter().map(|(tag, dir)| Share {
+        dir: dir.clone(),
+        tag: tag.clone(),
+        read_only: false,
+    }));
+}
+
+/// Gives the guest vsock when a flag asks for it; the temporary socket directory, if one was
+/// made, is removed when the returned value is dropped.
+fn add_vsock(spec: &mut VmSpec, a: &RunArgs) -> anyhow::Result<Option<TempDir>> {
+    if !(a.vsock || a.vsock_dir.is_some() || a.bootstrap_vsock.is_some() || a.host_agent) {
+        return Ok(None);
+    }
+    let (dir, tmp) = match &a.vsock_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let tmp = TempDir::new("bootlace-vm-vsock")?;
+            (tmp.0.clone(), Some(tmp))
+        }
+    };
+    let vsock = VsockSpec {
+        guest_cid: a.guest_cid,
+        dir,
+    };
+    eprintln!(
+        "bootlace-vm: vsock: guest CID {}; a guest connection to host port P arrives on \
+         {}_P (listen there before the guest dials)",
+        vsock.guest_cid,
+        vsock.uds_path().display()
+    );
+    spec.vsock = Some(vsock);
+    Ok(tmp)
 }
 
 /// A temporary directory for `--vsock`, removed with everything in it when dropped.
@@ -185,20 +397,14 @@ struct HostServices {
 }
 
 /// Starts the host agent on `<uds>_<port>` when `--bootstrap-vsock` or `--host-agent` asks.
-fn start_host_services(
-    vsock: &VsockSpec,
-    bundle_path: Option<&std::path::Path>,
-    agent: bool,
-    port: u32,
-    faults: &[String],
-) -> anyhow::Result<HostServices> {
+fn start_host_services(vsock: &VsockSpec, a: &RunArgs) -> Result<HostServices, CannotRun> {
     use bootlace_agent::host::{describe, BundleSource, Faults, Host};
-    if bundle_path.is_none() && !agent {
+    if a.bootstrap_vsock.is_none() && !a.host_agent {
         return Ok(HostServices { _agent: None });
     }
-    let bundle = match bundle_path {
+    let bundle = match &a.bootstrap_vsock {
         Some(p) => {
-            let b = BundleSource::from_path(p)?;
+            let b = BundleSource::from_path(p).because(Reason::BadInput)?;
             eprintln!(
                 "bootlace-vm: host agent serves {} ({}); pin it with bootlace.digest=sha256:{}",
                 p.display(),
@@ -209,9 +415,13 @@ fn start_host_services(
         }
         None => None,
     };
-    let faults = Faults::parse_all(faults).map_err(anyhow::Error::msg)?;
+    let faults: Faults = a.faults.iter().copied().collect();
     if faults.any() {
-        eprintln!("bootlace-vm: the host agent injects faults: {faults:?}");
+        let flags: Vec<String> = a.faults.iter().map(Fault::to_string).collect();
+        eprintln!(
+            "bootlace-vm: the host agent injects faults: {}",
+            flags.join(" ")
+        );
     }
     let host = std::sync::Arc::new(
         Host::new(bundle, |e| {
@@ -219,124 +429,9 @@ fn start_host_services(
         })
         .with_faults(faults),
     );
-    let path = vsock.port_path(port);
+    let path = vsock.port_path(a.host_port);
     host.serve_unix(&path)
-        .with_context(|| format!("host agent on {}", path.display()))?;
+        .with_context(|| format!("host agent on {}", path.display()))
+        .because(Reason::HostSetup)?;
     Ok(HostServices { _agent: Some(host) })
-}
-
-fn run(a: RunArgs) -> anyhow::Result<u8> {
-    let kernel = match a.kernel {
-        Some(k) => k,
-        None => kernel::find().context("finding a kernel")?.image,
-    };
-    let mut spec = VmSpec::new(kernel);
-    spec.qemu = a.qemu;
-    spec.initrd = a.initrd;
-    spec.append = a.append;
-    spec.memory_mib = a.memory;
-    spec.cpus = a.cpus;
-    spec.accel = if a.kvm { Accel::Kvm } else { Accel::Tcg };
-    spec.timeout = Duration::from_secs(a.timeout);
-    spec.console_log = a.console_log;
-    spec.echo = !a.no_echo;
-    spec.quiet_kernel = !a.verbose_kernel;
-    spec.extra_args = a.qemu_args;
-    if let (Some(wanted), Some(dir)) = (&a.image, &a.images) {
-        let (name, version) = match wanted.split_once('@') {
-            Some((n, v)) => (n, Some(v)),
-            None => (wanted.as_str(), None),
-        };
-        let chosen = images::choose(dir, name, version)?;
-        for w in &chosen.warnings {
-            eprintln!("bootlace-vm: warning: {w}");
-        }
-        let m = &chosen.entry.meta;
-        let stage1 = match (&a.stage1, m.is_disk()) {
-            (Some(p), _) => Some(p.clone()),
-            (None, true) => Some(images::stage1(dir)?.path()),
-            (None, false) => None,
-        };
-        bootlace_vm::boot_image(&mut spec, &chosen.entry, stage1.as_deref())?;
-        eprintln!(
-            "bootlace-vm: booting {} ({}, sha256 {}){}",
-            m.id(),
-            m.format,
-            m.sha256.get(..12).unwrap_or(&m.sha256),
-            match &stage1 {
-                Some(p) => format!(" through stage 1 {}", p.display()),
-                None => String::new(),
-            }
-        );
-    }
-    if let Some(path) = a.bootstrap_disk {
-        spec.disks.push(Disk {
-            path,
-            read_only: true,
-        });
-    }
-    spec.disks.extend(a.disks.into_iter().map(|path| Disk {
-        path,
-        read_only: false,
-    }));
-    if let Some(dir) = a.bootstrap_9p {
-        spec.shares.push(Share {
-            dir,
-            tag: "bootlace".to_owned(),
-            read_only: true,
-        });
-    }
-    spec.shares
-        .extend(a.shares.into_iter().map(|(tag, dir)| Share {
-            dir,
-            tag,
-            read_only: false,
-        }));
-    if !a.faults.is_empty() && a.bootstrap_vsock.is_none() && !a.host_agent {
-        anyhow::bail!("--fault needs a host agent: give --host-agent or --bootstrap-vsock");
-    }
-    // Removed when this function returns, after the VM and the vsock daemon are gone.
-    let mut _vsock_tmp = None;
-    if a.vsock || a.vsock_dir.is_some() || a.bootstrap_vsock.is_some() || a.host_agent {
-        let dir = match &a.vsock_dir {
-            Some(dir) => dir.clone(),
-            None => {
-                let tmp = TempDir::new("bootlace-vm-vsock")?;
-                let dir = tmp.0.clone();
-                _vsock_tmp = Some(tmp);
-                dir
-            }
-        };
-        let vsock = VsockSpec {
-            guest_cid: a.guest_cid,
-            dir,
-        };
-        eprintln!(
-            "bootlace-vm: vsock: guest CID {}; a guest connection to host port P arrives on \
-             {}_P (listen there before the guest dials)",
-            vsock.guest_cid,
-            vsock.uds_path().display()
-        );
-        spec.vsock = Some(vsock);
-    }
-    // Held to the end of this function, then dropped before `vsock_tmp` (reverse order).
-    let _host_services = match &spec.vsock {
-        Some(v) => Some(start_host_services(
-            v,
-            a.bootstrap_vsock.as_deref(),
-            a.host_agent,
-            a.host_port,
-            &a.faults,
-        )?),
-        None => None,
-    };
-    let outcome = bootlace_vm::run(&spec)?;
-    for line in outcome.lines_with("bootlace: timeline:") {
-        eprintln!(
-            "bootlace-vm: guest {}",
-            line.split("bootlace: ").nth(1).unwrap_or(line)
-        );
-    }
-    eprintln!("bootlace-vm: {}", outcome.summary());
-    Ok(outcome.exit_code())
 }

@@ -76,12 +76,9 @@ impl VsockSpec {
     }
 }
 
-/// The hybrid-vsock listener path for `port` under `uds_path`: `<uds_path>_<port>`.
-pub fn port_path(uds_path: &Path, port: u32) -> PathBuf {
-    let mut s = OsString::from(uds_path.as_os_str());
-    s.push(format!("_{port}"));
-    PathBuf::from(s)
-}
+/// The hybrid-vsock listener path for `port` under `uds_path`: `<uds_path>_<port>` (the
+/// host agent's own [`hybrid_path`](bootlace_agent::host::hybrid_path)).
+pub use bootlace_agent::host::hybrid_path as port_path;
 
 /// The daemon's arguments for `spec` (separate flags; v0.3.0 also accepts the same as one
 /// `--vm guest-cid=N,socket=…,uds-path=…`, which cannot carry a `,` in a path).

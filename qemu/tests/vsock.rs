@@ -1,90 +1,142 @@
 //! vsock end to end, without the project's init: the Debian kernel boots a hand-made initramfs
-//! (busybox, the virtio-pci and vsock modules, a tiny static dialer built here with rustc for
-//! musl) whose guest dials host CID 2, port 1024, which must reach a listener on
-//! `DIR/vsock_1024`; afterwards the daemon and QEMU are gone and their sockets removed.
-//! Needs what `make setup` installs (QEMU, the kernel, busybox-static, the musl target,
-//! vhost-device-vsock).
+//! (busybox, the virtio-pci and vsock modules, and socat with its libraries) whose guest dials
+//! host CID 2, port 1024, which must reach a listener on `DIR/vsock_1024`; afterwards the daemon
+//! and QEMU are gone and their sockets removed. Needs what `make setup` installs (QEMU, the
+//! kernel, busybox-static, socat, vhost-device-vsock).
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use bootlace_contract::kmod::{ModuleIndex, Resolved};
+use bootlace_image::cpio::{self, Header, Kind};
 use bootlace_vm::{kernel, vsock, End, VmSpec, VsockDaemon, VsockSpec};
 
 const PORT: u32 = 1024;
 
-/// The guest side: connect to (CID 2, argv[1]), send a line, print the reply.
-const DIALER: &str = r#"
-use std::io::{Read, Write};
-use std::os::fd::FromRawFd;
-#[repr(C)]
-struct SockaddrVm { family: u16, reserved: u16, port: u32, cid: u32, pad: [u8; 4] }
-extern "C" {
-    fn socket(domain: i32, ty: i32, proto: i32) -> i32;
-    fn connect(fd: i32, addr: *const SockaddrVm, len: u32) -> i32;
-}
-fn main() {
-    let port = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(1024);
-    let addr = SockaddrVm { family: 40, reserved: 0, port, cid: 2, pad: [0; 4] };
-    let fd = unsafe { socket(40, 1, 0) }; // AF_VSOCK, SOCK_STREAM
-    if fd < 0 || unsafe { connect(fd, &addr, 16) } != 0 {
-        println!("VDIAL_FAIL {}", std::io::Error::last_os_error());
-        return;
-    }
-    let mut s = unsafe { std::fs::File::from_raw_fd(fd) };
-    let mut reply = String::new();
-    match s.write_all(b"ping from guest\n").and_then(|_| s.read_to_string(&mut reply)) {
-        Ok(_) => println!("VDIAL_REPLY {}", reply.trim()),
-        Err(e) => println!("VDIAL_FAIL {e}"),
-    }
-}
-"#;
-
-/// Appends one newc entry (the output starts 4-aligned, so aligning on its length works).
-fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
-    let ino = out.len() as u32 + 1;
-    let size = data.len() as u32;
-    let namesize = name.len() as u32 + 1;
-    out.extend_from_slice(b"070701");
-    for f in [
-        ino, mode, 0, 0, 1, 0, size, 0, 0, rdev.0, rdev.1, namesize, 0,
-    ] {
-        out.extend_from_slice(format!("{f:08x}").as_bytes());
-    }
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    out.resize(out.len().next_multiple_of(4), 0);
-    out.extend_from_slice(data);
-    out.resize(out.len().next_multiple_of(4), 0);
+/// An initramfs under construction: bootlace-image's newc writer, with the parent directories
+/// of every file added before it.
+struct Initramfs {
+    cpio: cpio::Writer<Vec<u8>>,
+    dirs: BTreeSet<String>,
 }
 
-/// `wanted` and their dependencies from `modules.dep`, in load order, as paths under `moddir`.
-fn modules_in_order(moddir: &Path, wanted: &[&str]) -> Vec<String> {
-    let dep = std::fs::read_to_string(moddir.join("modules.dep")).expect("modules.dep");
-    let deps_of = |m: &str| -> Vec<String> {
-        let line = dep
-            .lines()
-            .find(|l| {
-                l.split(':')
-                    .next()
-                    .is_some_and(|p| p.ends_with(&format!("/{m}.ko")))
-            })
-            .unwrap_or_else(|| panic!("{m} is not in modules.dep (built in?)"));
-        let (path, deps) = line.split_once(':').expect("colon");
-        // modprobe loads the listed dependencies last to first.
-        let mut order: Vec<String> = deps.split_whitespace().rev().map(str::to_owned).collect();
-        order.push(path.to_owned());
-        order
-    };
-    let mut all: Vec<String> = Vec::new();
-    for m in wanted.iter().flat_map(|m| deps_of(m)) {
-        if !all.contains(&m) {
-            all.push(m);
+impl Initramfs {
+    fn new() -> Self {
+        Initramfs {
+            cpio: cpio::Writer::new(Vec::new()),
+            dirs: BTreeSet::new(),
         }
     }
-    all
+
+    fn add(&mut self, name: &str, kind: Kind, perm: u32, data: Option<&[u8]>) {
+        let mut at = 0;
+        while let Some(i) = name[at..].find('/') {
+            let dir = &name[..at + i];
+            if self.dirs.insert(dir.to_owned()) {
+                self.add(dir, Kind::Dir, 0o755, None);
+            }
+            at += i + 1;
+        }
+        let h = Header {
+            name: name.to_owned(),
+            kind,
+            perm,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+        };
+        let mut data = data;
+        let reader = data.as_mut().map(|d| d as &mut dyn std::io::Read);
+        self.cpio.entry(&h, reader).expect("cpio entry");
+    }
+
+    fn dir(&mut self, name: &str) {
+        if self.dirs.insert(name.to_owned()) {
+            self.add(name, Kind::Dir, 0o755, None);
+        }
+    }
+
+    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+        let size = data.len() as u64;
+        self.add(name, Kind::File { size }, perm, Some(data));
+    }
+
+    /// A host file at the same path in the image.
+    fn host_file(&mut self, path: &str, perm: u32) {
+        let data = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        self.file(path.trim_start_matches('/'), perm, &data);
+    }
+
+    fn finish(self) -> Vec<u8> {
+        self.cpio.finish().expect("cpio trailer")
+    }
+}
+
+/// The shared libraries `bin` needs, as `ldd` lists them (the loader included).
+fn libraries(bin: &str) -> Vec<String> {
+    let out = Command::new("ldd").arg(bin).output().expect("ldd");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `wanted` and their dependencies, in load order, as paths relative to `moddir`.
+fn modules_in_order(moddir: &Path, wanted: &[&str]) -> Vec<String> {
+    let index = ModuleIndex::read(moddir).expect("modules.dep");
+    let resolved = index.resolve(wanted.iter().copied()).expect("resolve");
+    resolved
+        .into_iter()
+        .filter_map(|r| match r {
+            Resolved::Load(m) => Some(m.path),
+            Resolved::Builtin(_) => None,
+        })
+        .collect()
+}
+
+/// The guest: load the modules, list the virtio devices, send a line to host port [`PORT`]
+/// with socat and print the reply, power off.
+fn initramfs(moddir: &Path, modules: &[String]) -> Vec<u8> {
+    let mut img = Initramfs::new();
+    for d in ["bin", "dev", "m", "proc", "sys"] {
+        img.dir(d);
+    }
+    img.add(
+        "dev/console",
+        Kind::CharDev { major: 5, minor: 1 },
+        0o600,
+        None,
+    );
+    img.file(
+        "bin/busybox",
+        0o755,
+        &std::fs::read("/bin/busybox").expect("/bin/busybox (make setup)"),
+    );
+    img.host_file("/usr/bin/socat", 0o755);
+    for lib in libraries("/usr/bin/socat") {
+        img.host_file(&lib, 0o755);
+    }
+    let mut init = String::from("#!/bin/busybox sh\n/bin/busybox mount -t sysfs sys /sys\n");
+    for (i, m) in modules.iter().enumerate() {
+        let ko = std::fs::read(moddir.join(m)).unwrap_or_else(|e| panic!("{m}: {e}"));
+        img.file(&format!("m/{i}.ko"), 0o644, &ko);
+        init += &format!("/bin/busybox insmod /m/{i}.ko || echo 'insmod {m} failed'\n");
+    }
+    init += "echo VIRTIO_DEVICES: $(/bin/busybox cat /sys/bus/virtio/devices/*/device)\n";
+    // socat's own status is no use: the host closes right after its reply, which socat may
+    // report as a read error. The reply is what counts; socat's errors reach the console.
+    init += &format!(
+        "reply=$(echo 'ping from guest' | /usr/bin/socat -t 5 - VSOCK-CONNECT:2:{PORT})\n\
+         if [ -n \"$reply\" ]; then echo \"VDIAL_REPLY $reply\"; else echo VDIAL_FAIL; fi\n"
+    );
+    init += "/bin/busybox poweroff -f\n";
+    img.file("init", 0o755, init.as_bytes());
+    img.finish()
 }
 
 /// Processes whose command line mentions `needle` (the daemon and QEMU name the socket dir).
@@ -105,60 +157,10 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 fn a_guest_connection_reaches_the_host_listener() {
     let k = kernel::find().expect("a kernel (make setup)");
     let work = tempfile::tempdir().expect("tempdir");
-    let dialer = work.path().join("vdial");
-    std::fs::write(work.path().join("vdial.rs"), DIALER).expect("write dialer");
-    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let built = Command::new(rustc)
-        .args([
-            "--edition",
-            "2021",
-            "-O",
-            "--target",
-            "x86_64-unknown-linux-musl",
-        ])
-        .args(["-C", "panic=abort", "-C", "strip=symbols", "-o"])
-        .arg(&dialer)
-        .arg(work.path().join("vdial.rs"))
-        .status()
-        .expect("rustc");
-    assert!(
-        built.success(),
-        "building the guest dialer (make setup adds the musl target)"
-    );
-
     let moddir = Path::new("/lib/modules").join(&k.release);
     let modules = modules_in_order(&moddir, &["virtio_pci", "vmw_vsock_virtio_transport"]);
-    let mut cpio = Vec::new();
-    for d in ["bin", "dev", "m", "proc", "sys"] {
-        cpio_entry(&mut cpio, d, 0o040755, (0, 0), &[]);
-    }
-    cpio_entry(&mut cpio, "dev/console", 0o020600, (5, 1), &[]);
-    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    cpio_entry(
-        &mut cpio,
-        "bin/busybox",
-        0o100755,
-        (0, 0),
-        &read(Path::new("/bin/busybox")),
-    );
-    cpio_entry(&mut cpio, "bin/vdial", 0o100755, (0, 0), &read(&dialer));
-    let mut init = String::from("#!/bin/busybox sh\n/bin/busybox mount -t sysfs sys /sys\n");
-    for (i, m) in modules.iter().enumerate() {
-        cpio_entry(
-            &mut cpio,
-            &format!("m/{i}.ko"),
-            0o100644,
-            (0, 0),
-            &read(&moddir.join(m)),
-        );
-        init += &format!("/bin/busybox insmod /m/{i}.ko || echo 'insmod {m} failed'\n");
-    }
-    init += "echo VIRTIO_DEVICES: $(/bin/busybox cat /sys/bus/virtio/devices/*/device)\n";
-    init += &format!("/bin/vdial {PORT}\n/bin/busybox poweroff -f\n");
-    cpio_entry(&mut cpio, "init", 0o100755, (0, 0), init.as_bytes());
-    cpio_entry(&mut cpio, "TRAILER!!!", 0, (0, 0), &[]);
     let initrd = work.path().join("initrd.cpio");
-    std::fs::write(&initrd, &cpio).expect("write initrd");
+    std::fs::write(&initrd, initramfs(&moddir, &modules)).expect("write initrd");
 
     // The host listener goes up before the VM: its path follows from the spec alone.
     let vsock = VsockSpec::new(work.path().join("vsock"));

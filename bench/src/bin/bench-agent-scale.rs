@@ -16,8 +16,8 @@
 //! guests') peak RSS per run, and the RSS growth per guest (least-squares slope of the agent's
 //! peak over N).
 //!
-//! The agent binary is `$BOOTLACE_AGENT`, else `bootlace-agent` next to this binary, else
-//! `target/release/bootlace-agent`; build it first:
+//! The agent binary is `--agent PATH` (or `$BOOTLACE_AGENT`), else `bootlace-agent` next to this
+//! binary, else `target/release/bootlace-agent`; build it first:
 //!
 //! ```text
 //! cargo build --release -p bootlace-agent
@@ -26,7 +26,8 @@
 //!
 //! RLIMIT_NOFILE is raised to its hard limit (the agent child inherits it): the agent holds
 //! two descriptors per guest (listener and connection), this process one. Exit status 1 when
-//! any guest failed (after printing the results), 2 on a usage or setup error.
+//! any guest failed (after printing the results), 2 on a usage error, 3 on a setup error
+//! (`bootlace_bench::Exit`).
 
 use std::io::{self, Write as _};
 use std::os::unix::net::UnixStream;
@@ -38,6 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bootlace_agent::client::{Client, Connector, Retry, Stream};
 use bootlace_agent::host::hybrid_path;
+use bootlace_bench::{percentile_ms, EXIT_CODES_HELP};
 use bootlace_contract::protocol::Kind;
 
 /// The port guests dial (the hybrid-vsock socket is `<base>_<port>`).
@@ -47,10 +49,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the agent may take to bind all its sockets.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(clap::Parser)]
+#[derive(clap::Parser, Debug)]
 #[command(
     name = "bench-agent-scale",
-    about = "The host agent against N simulated guests"
+    about = "The host agent against N simulated guests",
+    after_help = EXIT_CODES_HELP
 )]
 struct Args {
     /// Guest counts to run, comma-separated.
@@ -59,11 +62,10 @@ struct Args {
     /// Bundle size in MiB.
     #[arg(long, default_value_t = 1)]
     bundle_mib: u64,
-}
-
-/// The arguments (clap prints the help and exits for `--help`).
-fn parse_args() -> anyhow::Result<Option<Args>> {
-    Ok(Some(<Args as clap::Parser>::parse()))
+    /// The bootlace-agent binary (default: next to this binary, else
+    /// target/release/bootlace-agent).
+    #[arg(long, env = "BOOTLACE_AGENT")]
+    agent: Option<PathBuf>,
 }
 
 /// splitmix64: deterministic bytes without a dependency.
@@ -105,18 +107,9 @@ fn mib(kib: Option<u64>) -> String {
     kib.map_or_else(|| "?".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0))
 }
 
-/// Nearest-rank percentile (as `bootlace_bench::median_p95`), in milliseconds.
-fn percentile_ms(sorted_ms: &[f64], p: f64) -> f64 {
-    if sorted_ms.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((p * sorted_ms.len() as f64).ceil() as usize).clamp(1, sorted_ms.len()) - 1;
-    sorted_ms[i]
-}
-
-fn agent_binary() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("BOOTLACE_AGENT") {
-        return Ok(PathBuf::from(p));
+fn agent_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_owned());
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
@@ -127,7 +120,7 @@ fn agent_binary() -> anyhow::Result<PathBuf> {
     candidates.push(PathBuf::from("target/release/bootlace-agent"));
     candidates.into_iter().find(|p| p.is_file()).context(
         "bootlace-agent not found: build it (`cargo build --release -p bootlace-agent`) \
-             or set BOOTLACE_AGENT",
+             or give --agent (or BOOTLACE_AGENT)",
     )
 }
 
@@ -148,12 +141,63 @@ fn raise_nofile() -> Option<u64> {
 }
 
 /// The agent child; killed and reaped on drop.
-struct Agent(Child);
+struct Agent {
+    child: Child,
+    stderr_path: PathBuf,
+}
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    /// `bootlace-agent serve` on one hybrid-vsock socket per base path, serving `bundle`;
+    /// its stderr goes to a file in `dir`.
+    fn start(bin: &Path, dir: &Path, bases: &[PathBuf], bundle: &Path) -> anyhow::Result<Agent> {
+        let stderr_path = dir.join("agent.stderr");
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve").arg("--port").arg(PORT.to_string());
+        cmd.arg("--bundle").arg(bundle);
+        for b in bases {
+            cmd.arg("--uds").arg(b);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).context("agent stderr file")?);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        Ok(Agent { child, stderr_path })
+    }
+
+    fn status_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/status", self.child.id()))
+    }
+
+    /// Why the agent is gone, if it is (its exit status and stderr).
+    fn exited(&mut self) -> anyhow::Result<Option<String>> {
+        Ok(self.child.try_wait().context("agent status")?.map(|st| {
+            let err = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+            format!("({st}):\n{err}")
+        }))
+    }
+
+    /// Waits until `last` exists: serve_unix binds the sockets in order, so then all are up.
+    fn wait_listening(&mut self, last: &Path, n: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + LISTEN_TIMEOUT;
+        while !last.exists() {
+            if let Some(why) = self.exited()? {
+                bail!("the agent exited {why} before listening");
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not bind {n} sockets within {LISTEN_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
     }
 }
 
@@ -212,58 +256,21 @@ fn guest(
     Ok((started, Instant::now()))
 }
 
-fn run(
-    agent_bin: &Path,
-    n: usize,
-    bundle: &Path,
-    pinned: &str,
-    len: u64,
-) -> anyhow::Result<RunResult> {
-    let dir = tempfile::Builder::new()
-        .prefix("bl-scale.")
-        .tempdir()
-        .context("temp dir")?;
-    let bases: Vec<PathBuf> = (0..n).map(|i| dir.path().join(format!("vm{i}"))).collect();
-    let sockets: Vec<PathBuf> = bases.iter().map(|b| hybrid_path(b, PORT)).collect();
-    let stderr_path = dir.path().join("agent.stderr");
-    let mut cmd = Command::new(agent_bin);
-    cmd.arg("serve").arg("--port").arg(PORT.to_string());
-    cmd.arg("--bundle").arg(bundle);
-    for b in &bases {
-        cmd.arg("--uds").arg(b);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).context("agent stderr file")?);
-    let mut agent = Agent(
-        cmd.spawn()
-            .with_context(|| format!("start {}", agent_bin.display()))?,
-    );
-    let status_path = PathBuf::from(format!("/proc/{}/status", agent.0.id()));
+/// What the guests of one run did: each one's (start, READY acked), the failures, when they
+/// were released and when the last thread was joined.
+struct Guests {
+    spans: Vec<(Instant, Instant)>,
+    failures: Vec<String>,
+    released: Instant,
+    joined: Instant,
+}
 
-    // serve_unix binds the sockets in order: the last one existing means all are up.
-    let last = sockets.last().context("no guests")?;
-    let deadline = Instant::now() + LISTEN_TIMEOUT;
-    while !last.exists() {
-        if let Some(st) = agent.0.try_wait().context("agent status")? {
-            let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-            bail!("the agent exited ({st}) before listening:\n{err}");
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the agent did not bind {} sockets within {LISTEN_TIMEOUT:?}",
-                n
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let agent_idle_hwm_kib = status_kib(&status_path, "VmHWM");
-
-    // Peak RSS of this process from here on (5 = reset VmHWM, Linux >= 4.0).
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-
+/// One thread per socket, released together; waits for every one.
+fn run_guests(sockets: Vec<PathBuf>, bundle: &Bundle) -> anyhow::Result<Guests> {
+    let n = sockets.len();
     let barrier = Arc::new(Barrier::new(n + 1));
-    let pinned: Arc<str> = Arc::from(pinned);
+    let pinned: Arc<str> = Arc::from(bundle.pinned.as_str());
+    let len = bundle.len;
     let mut handles = Vec::with_capacity(n);
     for (i, socket) in sockets.into_iter().enumerate() {
         let barrier = Arc::clone(&barrier);
@@ -289,84 +296,136 @@ fn run(
             Err(_) => failures.push(format!("guest {i}: thread panicked")),
         }
     }
-    let joined = Instant::now();
-    // The clock starts when the first guest starts (the barrier released them all).
-    let first = spans.iter().map(|s| s.0).min().unwrap_or(released);
-    let last_start = spans.iter().map(|s| s.0).max().unwrap_or(released);
-    let total = spans.iter().map(|s| s.1).max().unwrap_or(joined) - first;
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let mut latencies_ms: Vec<f64> = spans.iter().map(|s| ms(s.1 - s.0)).collect();
-    let mut from_release_ms: Vec<f64> = spans.iter().map(|s| ms(s.1 - first)).collect();
+    Ok(Guests {
+        spans,
+        failures,
+        released,
+        joined: Instant::now(),
+    })
+}
+
+/// One run with `n` guests against a fresh agent.
+fn run(agent_bin: &Path, n: usize, bundle: &Bundle) -> anyhow::Result<RunResult> {
+    let dir = tempfile::Builder::new()
+        .prefix("bl-scale.")
+        .tempdir()
+        .context("temp dir")?;
+    let bases: Vec<PathBuf> = (0..n).map(|i| dir.path().join(format!("vm{i}"))).collect();
+    let sockets: Vec<PathBuf> = bases.iter().map(|b| hybrid_path(b, PORT)).collect();
+    let mut agent = Agent::start(agent_bin, dir.path(), &bases, &bundle.path)?;
+    agent.wait_listening(sockets.last().context("no guests")?, n)?;
+    let status_path = agent.status_path();
+    let agent_idle_hwm_kib = status_kib(&status_path, "VmHWM");
+
+    // Peak RSS of this process from here on (5 = reset VmHWM, Linux >= 4.0).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let mut g = run_guests(sockets, bundle)?;
     let guests_hwm_kib = status_kib(Path::new("/proc/self/status"), "VmHWM");
     // Let the agent's connection threads see the hang-ups and finish their events.
     std::thread::sleep(Duration::from_millis(200));
-    if let Some(st) = agent.0.try_wait().context("agent status")? {
-        let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-        failures.push(format!("the agent exited during the run ({st}):\n{err}"));
+    if let Some(why) = agent.exited()? {
+        g.failures
+            .push(format!("the agent exited during the run {why}"));
     }
     let agent_hwm_kib = status_kib(&status_path, "VmHWM");
-    let agent_cpu_s = cpu_secs(agent.0.id());
+    let agent_cpu_s = cpu_secs(agent.child.id());
     drop(agent);
+    Ok(timings(
+        n,
+        g,
+        agent_idle_hwm_kib,
+        agent_hwm_kib,
+        agent_cpu_s,
+        guests_hwm_kib,
+    ))
+}
+
+/// The run's figures from the guests' spans.
+fn timings(
+    n: usize,
+    g: Guests,
+    agent_idle_hwm_kib: Option<u64>,
+    agent_hwm_kib: Option<u64>,
+    agent_cpu_s: Option<f64>,
+    guests_hwm_kib: Option<u64>,
+) -> RunResult {
+    // The clock starts when the first guest starts (the barrier released them all).
+    let first = g.spans.iter().map(|s| s.0).min().unwrap_or(g.released);
+    let last_start = g.spans.iter().map(|s| s.0).max().unwrap_or(g.released);
+    let total = g.spans.iter().map(|s| s.1).max().unwrap_or(g.joined) - first;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut latencies_ms: Vec<f64> = g.spans.iter().map(|s| ms(s.1 - s.0)).collect();
+    let mut from_release_ms: Vec<f64> = g.spans.iter().map(|s| ms(s.1 - first)).collect();
     latencies_ms.sort_by(|a, b| a.total_cmp(b));
     from_release_ms.sort_by(|a, b| a.total_cmp(b));
-    Ok(RunResult {
+    RunResult {
         guests: n,
         total,
         latencies_ms,
         from_release_ms,
         start_skew: last_start - first,
-        failures,
+        failures: g.failures,
         agent_idle_hwm_kib,
         agent_hwm_kib,
         agent_cpu_s,
         guests_hwm_kib,
-    })
+    }
+}
+
+/// The bundle every guest fetches: `len` deterministic pseudo-random bytes in a file.
+struct Bundle {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    /// Its sha256, hex.
+    pinned: String,
+    len: u64,
+}
+
+impl Bundle {
+    fn make(mib: u64) -> anyhow::Result<Bundle> {
+        let len = mib * 1024 * 1024;
+        let dir = tempfile::Builder::new()
+            .prefix("bl-scale-bundle.")
+            .tempdir()
+            .context("temp dir")?;
+        let path = dir.path().join("bundle.bin");
+        let bytes = prng_bytes(usize::try_from(len).context("bundle size")?, 0x5eed);
+        let pinned = bootlace_contract::digest::of_bytes(&bytes).hex().to_owned();
+        std::fs::write(&path, &bytes).context("write bundle")?;
+        Ok(Bundle {
+            _dir: dir,
+            path,
+            pinned,
+            len,
+        })
+    }
 }
 
 fn main() -> ExitCode {
-    match real_main() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("bench-agent-scale: error: {e:#}");
-            ExitCode::from(2)
-        }
+    match bootlace_bench::parse_args::<Args>() {
+        Ok(args) => bootlace_bench::finish("bench-agent-scale", bench(&args)),
+        Err(code) => code.into(),
     }
 }
 
-fn real_main() -> anyhow::Result<bool> {
-    let Some(args) = parse_args()? else {
-        return Ok(true);
-    };
-    let agent_bin = agent_binary()?;
+/// Every run, then the report; `Ok(false)` when a guest failed.
+fn bench(args: &Args) -> anyhow::Result<bool> {
+    let agent_bin = agent_binary(args.agent.as_deref())?;
     let nofile = raise_nofile();
     let max_n = args.guests.iter().copied().max().unwrap_or(0) as u64;
-    if let Some(lim) = nofile {
-        if lim < 2 * max_n + 64 {
-            eprintln!(
-                "bench-agent-scale: warning: RLIMIT_NOFILE is {lim}; {max_n} guests need about {}",
-                2 * max_n + 64
-            );
-        }
+    if let Some(lim) = nofile.filter(|&lim| lim < 2 * max_n + 64) {
+        eprintln!(
+            "bench-agent-scale: warning: RLIMIT_NOFILE is {lim}; {max_n} guests need about {}",
+            2 * max_n + 64
+        );
     }
-
-    let len = args.bundle_mib * 1024 * 1024;
-    let work = tempfile::Builder::new()
-        .prefix("bl-scale-bundle.")
-        .tempdir()
-        .context("temp dir")?;
-    let bundle = work.path().join("bundle.bin");
-    let bytes = prng_bytes(usize::try_from(len).context("bundle size")?, 0x5eed);
-    let pinned = bootlace_contract::digest::of_bytes(&bytes).hex().to_owned();
-    std::fs::write(&bundle, &bytes).context("write bundle")?;
-    drop(bytes);
-
+    let bundle = Bundle::make(args.bundle_mib)?;
     eprintln!(
         "bench-agent-scale: agent {}, bundle {} MiB, RLIMIT_NOFILE {}, {} CPUs",
         agent_bin.display(),
         args.bundle_mib,
         nofile.map_or_else(|| "unlimited".to_owned(), |l| l.to_string()),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        cpus()
     );
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load
@@ -377,22 +436,40 @@ fn real_main() -> anyhow::Result<bool> {
     let mut results = Vec::new();
     for &n in &args.guests {
         eprintln!("bench-agent-scale: {n} guests ...");
-        let r = run(&agent_bin, n, &bundle, &pinned, len)?;
+        let r = run(&agent_bin, n, &bundle)?;
         for f in r.failures.iter().take(5) {
             eprintln!("bench-agent-scale: {n} guests: failed: {f}");
         }
         results.push(r);
     }
-
     let mut out = io::stdout().lock();
+    write_table(&mut out, args.bundle_mib, &load, &results)?;
+    write_details(&mut out, &results)?;
+    let failed: usize = results.iter().map(|r| r.failures.len()).sum();
+    if failed > 0 {
+        writeln!(out, "- FAILED guests: {failed} (details on stderr)")?;
+    }
+    Ok(failed == 0)
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// The heading and the table of the report.
+fn write_table(
+    out: &mut impl io::Write,
+    bundle_mib: u64,
+    load: &str,
+    results: &[RunResult],
+) -> io::Result<()> {
     writeln!(
         out,
         "Host agent scale: one `bootlace-agent serve` process, one hybrid-vsock socket per \
-         guest, {} MiB bundle; every guest connects, fetches and verifies the bundle, sends \
-         STEP and READY (acked); all guests of a run are released together. {} CPUs, \
+         guest, {bundle_mib} MiB bundle; every guest connects, fetches and verifies the bundle, \
+         sends STEP and READY (acked); all guests of a run are released together. {} CPUs, \
          load average before the runs: {}.\n",
-        args.bundle_mib,
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpus(),
         load.trim(),
     )?;
     writeln!(
@@ -400,7 +477,7 @@ fn real_main() -> anyhow::Result<bool> {
         "| guests | total s | p50 ms | p99 ms | failures | agent VmHWM MiB |"
     )?;
     writeln!(out, "|---:|---:|---:|---:|---:|---:|")?;
-    for r in &results {
+    for r in results {
         writeln!(
             out,
             "| {} | {:.2} | {:.1} | {:.1} | {} | {} |",
@@ -412,13 +489,17 @@ fn real_main() -> anyhow::Result<bool> {
             mib(r.agent_hwm_kib),
         )?;
     }
-    writeln!(out)?;
+    writeln!(out)
+}
+
+/// The notes under the table: per-run timings and memory, the RSS growth per guest.
+fn write_details(out: &mut impl io::Write, results: &[RunResult]) -> io::Result<()> {
     writeln!(
         out,
         "p50/p99: per-guest latency from its `Client::connect` to its READY acknowledged \
          (nearest rank); total: first guest started -> last READY acknowledged.\n"
     )?;
-    for r in &results {
+    for r in results {
         writeln!(
             out,
             "- {} guests: from the first guest's start, READY acked at p50 {:.1} ms, p99 {:.1} \
@@ -429,7 +510,7 @@ fn real_main() -> anyhow::Result<bool> {
             r.start_skew.as_secs_f64() * 1000.0,
         )?;
     }
-    for r in &results {
+    for r in results {
         writeln!(
             out,
             "- {} guests: agent VmHWM {} MiB with its listeners up and no guest yet; \
@@ -441,29 +522,31 @@ fn real_main() -> anyhow::Result<bool> {
             mib(r.guests_hwm_kib),
         )?;
     }
+    if let Some((slope, intercept_kib)) = rss_slope(results) {
+        writeln!(
+            out,
+            "- agent RSS growth: {slope:.1} KiB per guest (least-squares slope of the \
+             agent's VmHWM over the guest counts; intercept {:.1} MiB)",
+            intercept_kib / 1024.0
+        )?;
+    }
+    Ok(())
+}
+
+/// Least-squares slope (KiB per guest) and intercept (KiB) of the agent's peak RSS over the
+/// guest counts, with two runs or more.
+fn rss_slope(results: &[RunResult]) -> Option<(f64, f64)> {
     let points: Vec<(f64, f64)> = results
         .iter()
         .filter_map(|r| Some((r.guests as f64, r.agent_hwm_kib? as f64)))
         .collect();
-    if points.len() >= 2 {
-        let k = points.len() as f64;
-        let mx = points.iter().map(|p| p.0).sum::<f64>() / k;
-        let my = points.iter().map(|p| p.1).sum::<f64>() / k;
-        let sxx: f64 = points.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
-        let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-        if sxx > 0.0 {
-            let slope = sxy / sxx;
-            writeln!(
-                out,
-                "- agent RSS growth: {slope:.1} KiB per guest (least-squares slope of the \
-                 agent's VmHWM over the guest counts; intercept {:.1} MiB)",
-                (my - slope * mx) / 1024.0
-            )?;
-        }
+    if points.len() < 2 {
+        return None;
     }
-    let failed: usize = results.iter().map(|r| r.failures.len()).sum();
-    if failed > 0 {
-        writeln!(out, "- FAILED guests: {failed} (details on stderr)")?;
-    }
-    Ok(failed == 0)
+    let k = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / k;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / k;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0).then(|| (sxy / sxx, my - sxy / sxx * mx))
 }

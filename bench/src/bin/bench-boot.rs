@@ -7,21 +7,23 @@
 //!   command) from each source, then READY over vsock;
 //! - `script-9p`: busybox sh doing the same work the obvious way (mount, cp, run, socat).
 //!
-//! Each scenario runs `BENCH_RUNS` times (default 5) after one warm-up; reported: the host-side
+//! Each scenario runs `--runs` times (or `$BENCH_RUNS`; default 5) after one warm-up; reported: the host-side
 //! time from QEMU start to READY received and the guest's CLOCK_BOOTTIME from PID-1 entry to
 //! READY, median and p95, and bootlace's overhead over the floor. Then the vsock throughput: a
 //! 64 MiB bundle fetched + verified + unpacked by bootlace against the floor reading the same
 //! number of raw bytes from a host socket on the same VM setup.
 //!
-//! Run with `make bench` (which builds the guest binaries first).
+//! Run with `make bench` (which builds the guest binaries first); `--help` lists the options
+//! and the exit codes.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bootlace_agent::host::{hybrid_path, BundleSource, Event, Host};
-use bootlace_bench::median_p95;
+use bootlace_bench::{median_p95, EXIT_CODES_HELP};
 use bootlace_contract::config::{
     Command as Argv, HandoffMode, HostAddress, InitConfig, Sha256Digest, Source,
 };
@@ -224,17 +226,72 @@ fn copy_with_libs(bin: &str, rootfs: &Path) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "bench-boot",
+    about = "Boot to READY: a floor init, bootlace and a script init per source; vsock throughput",
+    after_help = EXIT_CODES_HELP
+)]
+struct Args {
+    /// Measured rounds, after one warm-up round (every scenario once per round).
+    #[arg(long, env = "BENCH_RUNS", default_value_t = 5,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    runs: usize,
+    /// Where to write the report (also printed on stdout) [default: target/bench/boot.md].
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    match bootlace_bench::parse_args::<Args>() {
+        Ok(args) => bootlace_bench::finish("bench-boot", bench(&args).map(|()| true)),
+        Err(code) => code.into(),
+    }
+}
+
+/// Everything the scenarios share: the work directory, the kernel, the rootfs, the bundle,
+/// the init and floor binaries.
+struct Setup {
+    w: PathBuf,
+    logs: PathBuf,
+    release: String,
+    rootfs: PathBuf,
+    bundle_dir: PathBuf,
+    init: PathBuf,
+    floor: PathBuf,
+}
+
+impl Setup {
+    /// Bakes `init` with `cfg` into an initramfs `<name>.img` of the work directory.
+    fn img(&self, name: &str, init: &Path, cfg: InitConfig) -> Result<PathBuf> {
+        let p = self.w.join(format!("{name}.img"));
+        bake(&self.rootfs, init, cfg, &self.release, &p)?;
+        Ok(p)
+    }
+}
+
+fn bench(args: &Args) -> Result<()> {
     let work = tempfile::tempdir()?;
-    let w = work.path();
+    let setup = prepare(work.path())?;
+    let (scenarios, floor_img) = scenarios(&setup)?;
+    let samples = rounds(&scenarios, &setup.logs, args.runs)?;
+    let mut report = boot_report(&scenarios, &samples, args.runs, &setup.release);
+    report.push_str(&throughput(&setup, &floor_img)?);
+    let out = args
+        .report
+        .clone()
+        .unwrap_or_else(|| bootlace_tests::workspace().join("target/bench/boot.md"));
+    std::fs::write(&out, &report).with_context(|| format!("write {}", out.display()))?;
+    println!("{report}");
+    eprintln!("bench: report in {}", out.display());
+    Ok(())
+}
+
+/// The rootfs (busybox + socat), the bundle directory, and the module lists each floor loads.
+fn prepare(w: &Path) -> Result<Setup> {
     let logs = bootlace_tests::workspace().join("target/bench/logs");
     std::fs::create_dir_all(&logs)?;
     let k = test_kernel()?;
-
     let rootfs = w.join("rootfs");
     busybox_rootfs(&rootfs)?;
     copy_with_libs("/usr/bin/socat", &rootfs)?;
@@ -242,18 +299,6 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(bundle_dir.join("files"))?;
     std::fs::write(bundle_dir.join("bootlace.toml"), bootlace_bench::MANIFEST)?;
     std::fs::write(bundle_dir.join("files/app.key"), "KEY")?;
-
-    let base = |sources: &[Source]| {
-        let mut c = InitConfig::default();
-        c.handoff.mode = HandoffMode::Supervise;
-        c.handoff.command =
-            Argv::try_from(vec!["/bin/true".to_owned()]).unwrap_or_else(|_| Argv::default_init());
-        c.bootstrap.sources = sources.to_vec();
-        c.host.address = HostAddress::try_from("vsock:2:1024".to_owned()).ok();
-        c
-    };
-    let init = artifact("bootlace-init")?;
-    let floor = artifact("bootlace-floor")?;
     // Each floor loads exactly the modules bootlace loads for that source: the vsock
     // transport, then the source's stack (for the disk, the erofs the bundle is made in).
     use bootlace_contract::drivers::{self, VSOCK as VSOCK_MODULES};
@@ -265,45 +310,46 @@ fn main() -> Result<()> {
     ]
     .concat();
     // The script init reads /floor-modules too.
-    std::fs::write(
-        rootfs.join("floor-modules"),
-        module_paths(&ninep, &k.release)?,
-    )?;
-    std::fs::write(
-        rootfs.join("floor-modules-disk"),
-        module_paths(&disk_mods, &k.release)?,
-    )?;
-    std::fs::write(
-        rootfs.join("floor-modules-vsock"),
-        module_paths(VSOCK_MODULES, &k.release)?,
-    )?;
+    for (file, modules) in [
+        ("floor-modules", &ninep[..]),
+        ("floor-modules-disk", &disk_mods[..]),
+        ("floor-modules-vsock", VSOCK_MODULES),
+    ] {
+        std::fs::write(rootfs.join(file), module_paths(modules, &k.release)?)?;
+    }
+    Ok(Setup {
+        w: w.to_owned(),
+        logs,
+        release: k.release,
+        rootfs,
+        bundle_dir,
+        init: artifact("bootlace-init")?,
+        floor: artifact("bootlace-floor")?,
+    })
+}
 
-    let img = |name: &str, init: &Path, cfg: InitConfig| -> Result<PathBuf> {
-        let p = w.join(format!("{name}.img"));
-        bake(&rootfs, init, cfg, &k.release, &p)?;
-        Ok(p)
-    };
-    let script = w.join("script-init");
-    std::fs::write(&script, SCRIPT_INIT)?;
-    let disk = w.join("bundle.img");
-    bundle::build(&bundle_dir, BundleFormat::DiskErofs, "BOOTLACE", 0, &disk)?;
-    let tgz = w.join("bundle.tar.gz");
-    let sum = bundle::build(&bundle_dir, BundleFormat::TarGz, "BOOTLACE", 0, &tgz)?;
-    let mut vsock_cfg = base(&[Source::Vsock]);
-    vsock_cfg.host.digest =
+/// The init config every scenario starts from: supervise `/bin/true`, these sources, a host.
+fn base_config(sources: &[Source]) -> InitConfig {
+    let mut c = InitConfig::default();
+    c.handoff.mode = HandoffMode::Supervise;
+    c.handoff.command =
+        Argv::try_from(vec!["/bin/true".to_owned()]).unwrap_or_else(|_| Argv::default_init());
+    c.bootstrap.sources = sources.to_vec();
+    c.host.address = HostAddress::try_from("vsock:2:1024".to_owned()).ok();
+    c
+}
+
+/// A config for the vsock source with the bundle's digest pinned.
+fn vsock_config(sum: bundle::BundleSummary) -> InitConfig {
+    let mut c = base_config(&[Source::Vsock]);
+    c.host.digest =
         Sha256Digest::try_from(format!("sha256:{}", sum.sha256.unwrap_or_default())).ok();
-    let share = vec![Share {
-        dir: bundle_dir.clone(),
-        tag: "bootlace".into(),
-        read_only: true,
-    }];
+    c
+}
 
-    let floor_img = img("floor", &floor, base(&[Source::NineP]))?;
-    let erofs_disk = vec![Disk {
-        path: disk,
-        read_only: true,
-    }];
-    let scenario = |name, baseline, img: PathBuf| Scenario {
+/// A scenario with nothing attached, 256 MiB.
+fn scenario(name: &'static str, baseline: Option<&'static str>, img: PathBuf) -> Scenario {
+    Scenario {
         name,
         baseline,
         img,
@@ -313,8 +359,29 @@ fn main() -> Result<()> {
         bundle: None,
         raw_bytes: None,
         memory_mib: 256,
-    };
-    let scenarios = [
+    }
+}
+
+/// The boot scenarios, floors first, and the floor image (for the throughput runs).
+fn scenarios(s: &Setup) -> Result<(Vec<Scenario>, PathBuf)> {
+    let script = s.w.join("script-init");
+    std::fs::write(&script, SCRIPT_INIT)?;
+    let disk = s.w.join("bundle.img");
+    bundle::build(&s.bundle_dir, BundleFormat::DiskErofs, "BOOTLACE", 0, &disk)?;
+    let tgz = s.w.join("bundle.tar.gz");
+    let sum = bundle::build(&s.bundle_dir, BundleFormat::TarGz, "BOOTLACE", 0, &tgz)?;
+    let share = vec![Share {
+        dir: s.bundle_dir.clone(),
+        tag: "bootlace".into(),
+        read_only: true,
+    }];
+    let erofs_disk = vec![Disk {
+        path: disk,
+        read_only: true,
+    }];
+    let ninep = base_config(&[Source::NineP]);
+    let floor_img = s.img("floor", &s.floor, ninep.clone())?;
+    let list = vec![
         Scenario {
             shares: share.clone(),
             ..scenario("floor-9p", None, floor_img.clone())
@@ -324,15 +391,15 @@ fn main() -> Result<()> {
             ..scenario(
                 "bootlace-9p",
                 Some("floor-9p"),
-                img("bootlace-9p", &init, base(&[Source::NineP]))?,
+                s.img("bootlace-9p", &s.init, ninep.clone())?,
             )
         },
         Scenario {
-            shares: share.clone(),
+            shares: share,
             ..scenario(
                 "script-9p",
                 Some("floor-9p"),
-                img("script-9p", &script, base(&[Source::NineP]))?,
+                s.img("script-9p", &script, ninep)?,
             )
         },
         Scenario {
@@ -345,7 +412,7 @@ fn main() -> Result<()> {
             ..scenario(
                 "bootlace-disk",
                 Some("floor-disk"),
-                img("bootlace-disk", &init, base(&[Source::Disk]))?,
+                s.img("bootlace-disk", &s.init, base_config(&[Source::Disk]))?,
             )
         },
         Scenario {
@@ -357,31 +424,42 @@ fn main() -> Result<()> {
             ..scenario(
                 "bootlace-vsock",
                 Some("floor-vsock"),
-                img("bootlace-vsock", &init, vsock_cfg)?,
+                s.img("bootlace-vsock", &s.init, vsock_config(sum))?,
             )
         },
     ];
+    Ok((list, floor_img))
+}
 
-    let mut report = String::new();
-    report.push_str(&format!(
-        "Boot to READY, {runs} rounds after 1 warm-up round (scenarios interleaved), kernel {}, QEMU TCG, 1 vCPU, 256 MiB.\n\n",
-        k.release
-    ));
-    report.push_str("| PID 1 | host: QEMU start -> READY, median ms | p95 ms | guest: PID-1 entry -> READY, median ms | p95 ms | init VmHWM KiB |\n|---|---|---|---|---|---|\n");
-    // Round robin: run i of every scenario before run i+1 of any, so that drift in the
-    // machine's speed (shared, noisy) falls on all of them alike.
+/// `runs` rounds after one warm-up, round robin: run i of every scenario before run i+1 of
+/// any, so that drift in the machine's speed (shared, noisy) falls on all of them alike.
+fn rounds(scenarios: &[Scenario], logs: &Path, runs: usize) -> Result<Vec<Vec<Sample>>> {
     let mut samples: Vec<Vec<Sample>> = scenarios.iter().map(|_| Vec::new()).collect();
     for i in 0..=runs {
         for (s, out) in scenarios.iter().zip(samples.iter_mut()) {
-            let sample = run_once(s, &logs, i).with_context(|| format!("{} run {i}", s.name))?;
+            let sample = run_once(s, logs, i).with_context(|| format!("{} run {i}", s.name))?;
             if i > 0 {
                 out.push(sample);
             }
         }
         eprintln!("bench: round {i} of {runs} done (round 0 is the warm-up)");
     }
+    Ok(samples)
+}
+
+/// The boot table (medians and p95 per scenario) and the overhead over each floor.
+fn boot_report(
+    scenarios: &[Scenario],
+    samples: &[Vec<Sample>],
+    runs: usize,
+    release: &str,
+) -> String {
+    let mut report = format!(
+        "Boot to READY, {runs} rounds after 1 warm-up round (scenarios interleaved), kernel {release}, QEMU TCG, 1 vCPU, 256 MiB.\n\n"
+    );
+    report.push_str("| PID 1 | host: QEMU start -> READY, median ms | p95 ms | guest: PID-1 entry -> READY, median ms | p95 ms | init VmHWM KiB |\n|---|---|---|---|---|---|\n");
     let mut medians = Vec::new();
-    for (s, samples) in scenarios.iter().zip(&samples) {
+    for (s, samples) in scenarios.iter().zip(samples) {
         let (h50, h95) = median_p95(&samples.iter().map(|x| x.host_ready).collect::<Vec<_>>());
         let (g50, g95) = median_p95(&samples.iter().map(|x| x.guest_ready).collect::<Vec<_>>());
         let hwm = samples
@@ -410,11 +488,11 @@ fn main() -> Result<()> {
             h / fh
         ));
     }
+    report
+}
 
-    // Throughput: 64 MiB through bootlace's fetch + verify + unpack, against raw bytes.
-    let big = w.join("big");
-    std::fs::create_dir_all(big.join("files"))?;
-    std::fs::write(big.join("bootlace.toml"), "version = 1\n")?;
+/// 64 MiB of deterministic pseudo-random bytes (xorshift), so nothing compresses.
+fn random_blob() -> Vec<u8> {
     let mut blob = vec![0u8; 64 << 20];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     for b in blob.iter_mut() {
@@ -423,40 +501,75 @@ fn main() -> Result<()> {
         x ^= x << 17;
         *b = x as u8;
     }
-    std::fs::write(big.join("files/blob"), &blob)?;
-    let big_tar = w.join("big.tar");
+    blob
+}
+
+/// A floor scenario reading `n` raw bytes from host port 1025 (`floor.hash=1`: hashing them).
+fn raw_scenario(name: &'static str, floor_img: &Path, n: u64, hash: bool) -> Scenario {
+    let mut append = vec![format!("floor.raw={n}")];
+    if hash {
+        append.push("floor.hash=1".to_owned());
+    }
+    append.push("floor.modules=/floor-modules-vsock".to_owned());
+    Scenario {
+        append,
+        raw_bytes: Some(n),
+        memory_mib: 768,
+        ..scenario(name, None, floor_img.to_owned())
+    }
+}
+
+/// Throughput: 64 MiB through bootlace's fetch + verify + unpack, against raw bytes.
+fn throughput(s: &Setup, floor_img: &Path) -> Result<String> {
+    let big = s.w.join("big");
+    std::fs::create_dir_all(big.join("files"))?;
+    std::fs::write(big.join("bootlace.toml"), "version = 1\n")?;
+    std::fs::write(big.join("files/blob"), random_blob())?;
+    let big_tar = s.w.join("big.tar");
     let sum = bundle::build(&big, BundleFormat::Tar, "BOOTLACE", 0, &big_tar)?;
-    let mut big_cfg = base(&[Source::Vsock]);
-    big_cfg.host.digest =
-        Sha256Digest::try_from(format!("sha256:{}", sum.sha256.unwrap_or_default())).ok();
     let bytes = std::fs::read(&big_tar)?;
     let n = bytes.len() as u64;
     let fetch = Scenario {
-        name: "throughput-bootlace",
-        baseline: None,
-        img: img("big", &init, big_cfg)?,
-        append: vec![],
-        disks: vec![],
-        shares: vec![],
         bundle: Some(BundleSource::from_bytes(bytes)),
-        raw_bytes: None,
         memory_mib: 768,
+        ..scenario(
+            "throughput-bootlace",
+            None,
+            s.img("big", &s.init, vsock_config(sum))?,
+        )
     };
-    let raw = Scenario {
-        name: "throughput-raw",
-        baseline: None,
-        img: scenarios[0].img.clone(),
-        append: vec![
-            format!("floor.raw={n}"),
-            "floor.modules=/floor-modules-vsock".to_owned(),
-        ],
-        disks: vec![],
-        shares: vec![],
-        bundle: None,
-        raw_bytes: Some(n),
-        memory_mib: 768,
-    };
-    let f = run_once(&fetch, &logs, 0)?;
+    let f = run_once(&fetch, &s.logs, 0)?;
+    let (fetched_ms, whole_ms) = fetch_times(&f)?;
+    let plain_ns = raw_ns(&run_once(
+        &raw_scenario("throughput-raw", floor_img, n, false),
+        &s.logs,
+        0,
+    )?)?;
+    let hash_ns = raw_ns(&run_once(
+        &raw_scenario("throughput-raw-sha256", floor_img, n, true),
+        &s.logs,
+        0,
+    )?)?;
+    let mbs = |secs: f64| n as f64 / secs / 1e6;
+    let (raw_mbs, hash_mbs) = (mbs(plain_ns / 1e9), mbs(hash_ns / 1e9));
+    let (fetch_mbs, whole_mbs) = (mbs(fetched_ms / 1e3), mbs(whole_ms / 1e3));
+    Ok(format!(
+        "\nvsock throughput, {n} bytes (64 MiB of random data, uncompressed tar), one run each:\n\n| path | MB/s | ratio to raw | ratio to raw + sha256 |\n|---|---|---|---|\n\
+         | raw vsock stream (floor reads the bytes) | {raw_mbs:.1} | 1.00 | - |\n\
+         | raw vsock stream + sha256 in the floor (the digest's own cost) | {hash_mbs:.1} | {:.2} | 1.00 |\n\
+         | bootlace fetch + sha256 | {fetch_mbs:.1} | {:.2} | {:.2} |\n\
+         | bootlace fetch + sha256 + unpack into tmpfs | {whole_mbs:.1} | {:.2} | {:.2} |\n",
+        hash_mbs / raw_mbs,
+        fetch_mbs / raw_mbs,
+        fetch_mbs / hash_mbs,
+        whole_mbs / raw_mbs,
+        whole_mbs / hash_mbs
+    ))
+}
+
+/// From bootlace's fetch run: the fetch time its console reports, and the time from the
+/// bootstrap found to mounted (fetch + verify + unpack) from its READY timeline; ms.
+fn fetch_times(f: &Sample) -> Result<(f64, f64)> {
     let fetched_ms = f
         .console
         .lines()
@@ -480,46 +593,13 @@ fn main() -> Result<()> {
         (Some(a), Some(b)) => (b - a) * 1000.0,
         _ => f64::NAN,
     };
-    let r = run_once(&raw, &logs, 0)?;
-    let raw_ns: f64 = r
-        .ready
+    Ok((fetched_ms, whole_ms))
+}
+
+/// The floor's `RAW_NS`: how long reading the raw bytes took.
+fn raw_ns(r: &Sample) -> Result<f64> {
+    r.ready
         .get("RAW_NS")
         .and_then(|v| v.parse().ok())
-        .context("no RAW_NS")?;
-    let raw_mbs = n as f64 / (raw_ns / 1e9) / 1e6;
-    let hashed = Scenario {
-        name: "throughput-raw-sha256",
-        append: vec![
-            format!("floor.raw={n}"),
-            "floor.hash=1".to_owned(),
-            "floor.modules=/floor-modules-vsock".to_owned(),
-        ],
-        ..raw
-    };
-    let h = run_once(&hashed, &logs, 0)?;
-    let hash_ns: f64 = h
-        .ready
-        .get("RAW_NS")
-        .and_then(|v| v.parse().ok())
-        .context("no RAW_NS")?;
-    let hash_mbs = n as f64 / (hash_ns / 1e9) / 1e6;
-    let fetch_mbs = n as f64 / (fetched_ms / 1e3) / 1e6;
-    let whole_mbs = n as f64 / (whole_ms / 1e3) / 1e6;
-    report.push_str(&format!(
-        "\nvsock throughput, {n} bytes (64 MiB of random data, uncompressed tar), one run each:\n\n| path | MB/s | ratio to raw | ratio to raw + sha256 |\n|---|---|---|---|\n\
-         | raw vsock stream (floor reads the bytes) | {raw_mbs:.1} | 1.00 | - |\n\
-         | raw vsock stream + sha256 in the floor (the digest's own cost) | {hash_mbs:.1} | {:.2} | 1.00 |\n\
-         | bootlace fetch + sha256 | {fetch_mbs:.1} | {:.2} | {:.2} |\n\
-         | bootlace fetch + sha256 + unpack into tmpfs | {whole_mbs:.1} | {:.2} | {:.2} |\n",
-        hash_mbs / raw_mbs,
-        fetch_mbs / raw_mbs,
-        fetch_mbs / hash_mbs,
-        whole_mbs / raw_mbs,
-        whole_mbs / hash_mbs
-    ));
-    let out = bootlace_tests::workspace().join("target/bench/boot.md");
-    std::fs::write(&out, &report)?;
-    println!("{report}");
-    eprintln!("bench: report in {}", out.display());
-    Ok(())
+        .context("no RAW_NS")
 }

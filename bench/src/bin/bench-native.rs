@@ -6,20 +6,34 @@
 //! process) is reported beside the median of the rest, since under TCG nearly every run in a
 //! guest is a first run. Needs root (the tmpfs mount).
 //!
-//! Run with `make bench` or `./target/release/bench-native`.
+//! Run with `make bench` or `./target/release/bench-native [--runs N]`; `--help` lists the
+//! options and the exit codes.
 
 use std::path::Path;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bootlace_bench::median_p95;
+use bootlace_bench::{median_p95, EXIT_CODES_HELP};
 use bootlace_contract::config::{HostAddress, InitConfig, Source};
 use bootlace_contract::manifest::Manifest;
 use bootlace_init::apply;
 use bootlace_init::modload::ModuleLoader;
 use bootlace_init::sys::root::Root;
 
-const RUNS: usize = 30;
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "bench-native",
+    about = "bootlace's own boot work (config, manifest, apply) on the host CPU; needs root",
+    after_help = EXIT_CODES_HELP
+)]
+struct Args {
+    /// Runs in one process: the first is reported apart (cold), the median and p95 are of the
+    /// rest.
+    #[arg(long, default_value_t = 30,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
+    runs: usize,
+}
 
 fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(Duration, T)> {
     let t = Instant::now();
@@ -27,7 +41,14 @@ fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<(Duration, T)> {
     Ok((t.elapsed(), v))
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    match bootlace_bench::parse_args::<Args>() {
+        Ok(args) => bootlace_bench::finish("bench-native", measure(args.runs).map(|()| true)),
+        Err(code) => code.into(),
+    }
+}
+
+fn measure(runs: usize) -> Result<()> {
     let mut cfg = InitConfig::default();
     cfg.bootstrap.sources = vec![Source::NineP];
     cfg.host.address = HostAddress::try_from("vsock:2:1024".to_owned()).ok();
@@ -37,7 +58,7 @@ fn main() -> Result<()> {
     let mut parse_cfg = Vec::new();
     let mut parse_manifest = Vec::new();
     let mut applied = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         let (d, _) =
             time(|| InitConfig::from_toml(&cfg_text, Path::new("init.toml")).context("config"))?;
         parse_cfg.push(d);
@@ -62,7 +83,7 @@ fn main() -> Result<()> {
     }
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "Native cost of bootlace's own boot work on this host ({RUNS} runs in one process; ms):\n"
+        "Native cost of bootlace's own boot work on this host ({runs} runs in one process; ms):\n"
     );
     println!("| step | first run | median of the rest | p95 |\n|---|---|---|---|");
     for (name, v) in [

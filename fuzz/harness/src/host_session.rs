@@ -155,7 +155,7 @@ impl Model {
                             header: BundleHeader {
                                 size: b.bytes.len() as u64,
                                 sha256: b.sha256.clone(),
-                                compression: b.compression.clone(),
+                                compression: b.compression.to_string(),
                             },
                             bytes: b.bytes.to_vec(),
                         });

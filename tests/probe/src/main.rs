@@ -4,7 +4,10 @@
 //! off (as PID 1) or exits 0.
 //!
 //! It has its own C `main` (`no_main`): Rust's runtime start-up would set SIGPIPE to
-//! SIG_IGN before `main`, which would hide what the init handed over.
+//! SIG_IGN before `main`, which would hide what the init handed over (stable Rust has no way
+//! to keep the inherited disposition). That entry point reads nothing through its raw
+//! pointers: argv comes from `/proc/self/cmdline`, since `std::env::args_os` is empty without
+//! Rust's start-up on musl (glibc alone hands argv to std through `.init_array`).
 
 #![no_main]
 
@@ -18,23 +21,25 @@ fn status_field(status: &str, key: &str) -> String {
         .unwrap_or_else(|| "?".to_owned())
 }
 
-/// The process entry point, called by the C runtime with the exec'd argv.
-///
-/// # Safety
-/// `argv` must hold `argc` valid NUL-terminated strings, as the C runtime guarantees.
+/// The process entry point, called by the C runtime. Exporting the symbol `main` is what the
+/// `unsafe_code` lint flags; the function itself does nothing unsafe (it never reads `argv`).
 #[allow(unsafe_code)]
 #[no_mangle]
-pub unsafe extern "C" fn main(argc: i32, argv: *const *const std::ffi::c_char) -> i32 {
-    let argc = usize::try_from(argc).unwrap_or(0);
-    let args: Vec<String> = (0..argc)
-        .map(|i| {
-            // SAFETY: the C runtime passes argc valid, NUL-terminated strings in argv.
-            let arg = unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) };
-            arg.to_string_lossy().into_owned()
-        })
-        .collect();
-    probe(&args);
+pub extern "C" fn main(_argc: i32, _argv: *const *const std::ffi::c_char) -> i32 {
+    probe(&argv());
     0
+}
+
+/// The exec'd argv, from `/proc/self/cmdline` (NUL-terminated arguments).
+fn argv() -> Vec<String> {
+    let raw = std::fs::read("/proc/self/cmdline").unwrap_or_default();
+    let raw = raw.strip_suffix(&[0]).unwrap_or(&raw);
+    if raw.is_empty() {
+        return Vec::new();
+    }
+    raw.split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
 }
 
 fn probe(argv: &[String]) {
