@@ -2,55 +2,122 @@
 //! its config and the kernel modules it needs -> an image (initramfs, erofs, ext4, squashfs or
 //! qcow2) with a metadata file beside it.
 //!
-//! The steps, all inside a work directory created next to the output (so renames stay on one
-//! filesystem) and removed on every path:
-//! 1. the input is staged in `work/root` ([`crate::stage`]): a directory is mirrored by hard
-//!    links (copied across filesystems), a tarball unpacked, OCI layers applied from the layer
-//!    cache ([`crate::oci`]);
-//! 2. the bake adds what the init needs: the mount points (`/proc /sys /dev /run /tmp`,
+//! [`bake`] is five steps, one function each, inside a work directory created next to the
+//! output (so renames stay on one filesystem) and removed on every path:
+//! 1. [`validate`]: the flags against the format, the init binary, the input's kind, the
+//!    config (validated as the init will), the kernel modules it needs — before any work;
+//! 2. [`stage_input`]: a directory input is used where it is (never written to); a tarball is
+//!    unpacked and OCI layers applied into `work/root` ([`crate::stage`], [`crate::oci`]);
+//! 3. [`add_payload`]: what the init needs, as an in-memory tree resolved through the input's
+//!    own symlinks ([`crate::additions`]): the mount points (`/proc /sys /dev /run /tmp`,
 //!    `/.bootstrap` 0700 — a read-only root cannot get them at boot), the writable
-//!    directories, the init binary (0755), `/etc/bootlace/init.toml` (validated by the init's
-//!    own parser first) and the kernel-module closure under `/lib/modules/<release>` (through
-//!    the image's own `/lib` symlink on merged-/usr images);
-//! 3. the image tool runs on `work/root` (reproducible arguments: see [`crate::fsimage`]);
-//! 4. the image's sha256 goes into the metadata ([`ImageMeta`]); the metadata is
-//!    written, then the image is renamed to the output path and the metadata beside it.
+//!    directories, the init binary (0755), `/etc/bootlace/init.toml` and the kernel-module
+//!    closure under `/lib/modules/<release>`;
+//! 4. [`make_image`]: an initramfs is written straight from the input and the additions,
+//!    merged while writing ([`crate::initramfs`]). For the other formats the additions are
+//!    written to `work/additions` and the image tool reads the input and them together: through
+//!    a read-only overlay mount ([`crate::overlay`]) for a directory input, else — not root,
+//!    the mount refused, or [`StagingMode::Mirror`] — through a mirror of the input made of
+//!    hard links with the additions placed in it (a tarball's or layers' tree gets them placed
+//!    in it directly). The tool's arguments are reproducible: see [`crate::fsimage`];
+//! 5. [`publish`]: the image is hashed and synced, its metadata ([`ImageMeta`]) written, then
+//!    the image is renamed to the output path and the metadata beside it.
 //!
-//! On any error the output path and the metadata path are left as they were and nothing else
-//! remains.
+//! A directory input's digest is computed beside steps 2-4, in its own thread. On any error the
+//! output path and the metadata path are left as they were and nothing else remains.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bootlace_contract::config::{
     ConfigError, InitConfig, RootSpec, Stage1, TargetPath, CONFIG_PATH,
 };
-use sha2::{Digest, Sha256};
-
-use crate::fsimage::{self, FsFormat, FsImageError, FsOptions, FsSpec};
-use crate::initramfs::{self, BuildError, Modules};
-use crate::oci::{self, Image, LayerCache, OciError};
-use crate::stage::{self, Confined, Kind, Meta, StageError, Writer};
-use crate::tree::{Content, Node, Tree};
-use bootlace_contract::digest::hex;
+use bootlace_contract::digest::{self, HashingReader};
 use bootlace_contract::fs::FsType;
-pub use bootlace_contract::image::Format;
 use bootlace_contract::image::{self as meta, ImageMeta, InitInfo, Input, InputKind, MetaError};
+use bootlace_contract::types::InvalidValue;
+
+use crate::additions::{AddError, Additions, Content, Node};
+use crate::fsimage::{self, FsImageError, FsOptions, FsSpec};
+use crate::initramfs::{self, Archive, ArchiveError, ModuleError, ModulePlan, Modules};
+use crate::oci::{self, Image, LayerCache, OciError};
+use crate::overlay::{self, Overlay};
+use crate::path::{normalise, Anchor, BadPath};
+use crate::progress::{CountingReader, Progress};
+use crate::stage::{self, Confined, Meta, StageError, Writer};
 
 pub use bootlace_contract::compression::Compression;
-
-/// The zstd level of an initramfs.
-pub const ZSTD_LEVEL: i32 = 9;
+pub use bootlace_contract::image::Format;
 
 /// The writable locations of a read-only root by default.
 pub const DEFAULT_WRITABLE: &[&str] = &["/etc", "/var", "/tmp", "/home"];
 
 /// The default filesystem label of root images.
 pub const DEFAULT_LABEL: &str = "bootlace-root";
+
+/// The mount points every image gets (when missing), with their modes.
+const MOUNT_POINTS: &[(&str, u32)] = &[
+    ("dev", 0o755),
+    ("proc", 0o755),
+    ("sys", 0o755),
+    ("run", 0o755),
+    ("tmp", 0o1777),
+    (".bootstrap", 0o700),
+    ("etc/bootlace", 0o755),
+];
+
+/// How a directory input may be staged for the disk formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StagingMode {
+    /// A read-only overlay of the additions over the input when it can be mounted (root), else
+    /// a mirror.
+    #[default]
+    Auto,
+    /// Always a mirror of the input (hard links) with the additions placed in it.
+    Mirror,
+}
+
+impl std::str::FromStr for StagingMode {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        match s {
+            "auto" => Ok(StagingMode::Auto),
+            "mirror" => Ok(StagingMode::Mirror),
+            _ => Err(InvalidValue::new("staging", s, "expected auto or mirror")),
+        }
+    }
+}
+
+/// How the tree the image was made from was put together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Staging {
+    /// Nothing staged: the input and the additions merged while the initramfs was written.
+    Merged,
+    /// A read-only overlay mount of the additions over the input directory.
+    Overlay,
+    /// A mirror of the input directory (hard links) with the additions placed in it.
+    Mirror,
+    /// A tarball or OCI layers unpacked into a staging tree, the additions placed in it (or,
+    /// for an initramfs, merged while writing).
+    Unpacked,
+}
+
+impl Staging {
+    /// Its name: `merged`, `overlay`, `mirror`, `unpacked`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Staging::Merged => "merged",
+            Staging::Overlay => "overlay",
+            Staging::Mirror => "mirror",
+            Staging::Unpacked => "unpacked",
+        }
+    }
+}
 
 /// Everything a bake is made from.
 #[derive(Debug, Clone)]
@@ -59,7 +126,8 @@ pub struct BakeSpec {
     pub format: Format,
     /// The output file; the metadata goes beside it (`<out>.meta.json`).
     pub out: PathBuf,
-    /// The root filesystem: a directory, a tarball or an OCI layout (none for `stage1`).
+    /// The root filesystem: a directory, a tarball or an OCI layout. Required but for an
+    /// initramfs (the init alone boots); none for `stage1`.
     pub input: Option<PathBuf>,
     /// The manifest's ref name in an OCI layout with several.
     pub oci_ref: Option<String>,
@@ -80,12 +148,16 @@ pub struct BakeSpec {
     pub modules: Option<Modules>,
     /// Make every file root-owned (default: keep the input's owners).
     pub all_root: bool,
-    /// The filesystem label of erofs/ext4 images (and of the filesystem inside a qcow2).
-    pub label: String,
-    /// Compression of an initramfs.
-    pub compress: Compression,
-    /// The filesystem inside a qcow2 image (erofs or ext4).
-    pub qcow2_fs: FsFormat,
+    /// The filesystem label of erofs/ext4 images (and of the filesystem inside a qcow2);
+    /// `None`: [`DEFAULT_LABEL`]. Refused for formats without a label.
+    pub label: Option<String>,
+    /// Compression of an initramfs; `None`: gzip. Refused for the other formats.
+    pub compress: Option<Compression>,
+    /// The filesystem inside a qcow2 image (erofs or ext4); `None`: erofs. Refused for the
+    /// other formats.
+    pub qcow2_fs: Option<FsType>,
+    /// How a directory input is staged for the disk formats.
+    pub staging: StagingMode,
     /// Image name for the metadata (default: the output's file stem).
     pub name: Option<String>,
     /// Image version for the metadata.
@@ -98,7 +170,8 @@ pub struct BakeSpec {
 
 impl BakeSpec {
     /// A spec with the defaults: `/sbin/bootlace-init`, default config, format-default
-    /// writable locations, label `bootlace-root`, gzip, qcow2 of erofs, version "0", no cache.
+    /// writable locations, no flag given for label, compression or qcow2 filesystem (their
+    /// defaults: `bootlace-root`, gzip, erofs), version "0", no cache.
     pub fn new(format: Format, out: PathBuf, input: Option<PathBuf>, init: PathBuf) -> BakeSpec {
         BakeSpec {
             format,
@@ -113,9 +186,10 @@ impl BakeSpec {
             stage1_root: None,
             modules: None,
             all_root: false,
-            label: DEFAULT_LABEL.to_owned(),
-            compress: Compression::Gzip,
-            qcow2_fs: FsFormat::Erofs,
+            label: None,
+            compress: None,
+            qcow2_fs: None,
+            staging: StagingMode::Auto,
             name: None,
             version: "0".to_owned(),
             cache: None,
@@ -125,7 +199,13 @@ impl BakeSpec {
 
     /// The filesystem inside the output (`None` for an initramfs).
     pub fn fstype(&self) -> Option<FsType> {
-        self.format.fstype(self.qcow2_fs.fs_type())
+        self.format.fstype(self.qcow2_fs.unwrap_or(FsType::Erofs))
+    }
+
+    /// The labelled filesystem a tool makes (erofs, ext4, the one inside a qcow2); `None` for
+    /// an initramfs and squashfs, which have no label.
+    pub fn labelled_fs(&self) -> Option<FsType> {
+        self.fstype().filter(|f| f.max_label_bytes() > 0)
     }
 
     /// Whether the root is read-only at boot (erofs, squashfs, qcow2 of erofs).
@@ -147,9 +227,72 @@ pub fn default_writable(spec: &BakeSpec) -> Vec<String> {
 /// Why a bake failed. Nothing is left at the output or metadata path.
 #[derive(Debug, thiserror::Error)]
 pub enum BakeError {
-    /// The options do not fit together (or a value is out of range).
-    #[error("{0}")]
-    Spec(String),
+    /// A flag given for a format it does not apply to.
+    #[error("{flag} does not apply to --format {format} (only to {applies})")]
+    FlagNotForFormat {
+        /// The flag.
+        flag: &'static str,
+        /// The format asked for.
+        format: Format,
+        /// The formats it applies to.
+        applies: &'static str,
+    },
+    /// `--qcow2-fs` names a filesystem a qcow2 is not made of.
+    #[error("--qcow2-fs {0}: a qcow2 image holds erofs or ext4")]
+    Qcow2Fs(FsType),
+    /// `--stage1` with a format other than initramfs.
+    #[error("--stage1 makes an initramfs: use --format initramfs")]
+    Stage1Format,
+    /// `--root` without `--stage1`.
+    #[error("--root is for --stage1 only")]
+    RootWithoutStage1,
+    /// `--input` with `--stage1`.
+    #[error("a stage-1 initramfs takes no --input (it mounts the real root at boot)")]
+    InputWithStage1,
+    /// No `--input` for a disk format.
+    #[error("--input (a rootfs directory, tarball or OCI layout) is required for --format {0}")]
+    InputRequired(Format),
+    /// SOURCE_DATE_EPOCH does not fit the formats' 32-bit fields.
+    #[error("SOURCE_DATE_EPOCH {0} is out of range (at most {max})", max = u32::MAX)]
+    Epoch(u64),
+    /// `--init-path` is not an absolute path to a file.
+    #[error("--init-path {path:?}: an absolute path to a file")]
+    InitPath {
+        /// The path given.
+        path: String,
+        /// What is wrong with it (none: it names the root).
+        #[source]
+        source: Option<BadPath>,
+    },
+    /// A writable location is not a valid path.
+    #[error("writable location {path:?}")]
+    Writable {
+        /// The location given.
+        path: String,
+        /// Why.
+        #[source]
+        source: InvalidValue,
+    },
+    /// The stage-1 root is not `LABEL=…` or `/dev/…`.
+    #[error("--root {root:?}")]
+    Stage1Root {
+        /// The value given.
+        root: String,
+        /// Why.
+        #[source]
+        source: InvalidValue,
+    },
+    /// The output path has no UTF-8 file name.
+    #[error("--out {}: no UTF-8 file name", .0.display())]
+    OutName(PathBuf),
+    /// The output is inside the directory being read.
+    #[error("--out {} is inside the input directory {}", out.display(), input.display())]
+    OutInsideInput {
+        /// The output.
+        out: PathBuf,
+        /// The input.
+        input: PathBuf,
+    },
     /// The init binary is missing or not a regular file.
     #[error("init binary {}", path.display())]
     Init {
@@ -159,14 +302,21 @@ pub enum BakeError {
         #[source]
         source: io::Error,
     },
-    /// The input is missing or of no known kind.
-    #[error("input {}: {message}", path.display())]
-    Input {
+    /// The input is missing.
+    #[error("input {}", path.display())]
+    InputMissing {
         /// The path given.
         path: PathBuf,
-        /// What is wrong.
-        message: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
     },
+    /// The input is neither a directory nor a file.
+    #[error("input {}: neither a directory nor a file", .0.display())]
+    InputKind(PathBuf),
+    /// A file input that is no tarball.
+    #[error("input {}: not a tarball: no gzip or zstd magic and no ustar header", .0.display())]
+    NotATarball(PathBuf),
     /// Reading the input failed.
     #[error("input {}", path.display())]
     InputIo {
@@ -176,6 +326,9 @@ pub enum BakeError {
         #[source]
         source: io::Error,
     },
+    /// A helper thread of the bake panicked.
+    #[error("the {0} thread panicked")]
+    Thread(&'static str),
     /// The OCI layout is unusable.
     #[error(transparent)]
     Oci(#[from] OciError),
@@ -187,7 +340,13 @@ pub enum BakeError {
     Config(#[source] ConfigError),
     /// The kernel modules could not be resolved.
     #[error(transparent)]
-    Modules(#[from] BuildError),
+    Modules(#[from] ModuleError),
+    /// What the bake adds could not be placed.
+    #[error("add the init, its config and modules")]
+    Additions(#[from] AddError),
+    /// Writing the initramfs failed.
+    #[error("write the initramfs")]
+    Archive(#[from] ArchiveError),
     /// The image tool failed.
     #[error(transparent)]
     Image(#[from] FsImageError),
@@ -205,6 +364,23 @@ pub enum BakeError {
     Meta(#[from] MetaError),
 }
 
+/// SOURCE_DATE_EPOCH in the environment is not a timestamp the images can hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("SOURCE_DATE_EPOCH={0:?} is not a timestamp (seconds since 1970, at most {max})", max = u32::MAX)]
+pub struct BadEpoch(pub String);
+
+/// SOURCE_DATE_EPOCH from the environment, or 0.
+pub fn source_date_epoch() -> Result<u64, BadEpoch> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Err(_) => Ok(0),
+        Ok(v) => v
+            .trim()
+            .parse::<u32>()
+            .map(u64::from)
+            .map_err(|_| BadEpoch(v)),
+    }
+}
+
 /// What a bake did.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -214,9 +390,12 @@ pub struct Report {
     pub meta_path: PathBuf,
     /// OCI layers applied: digest and whether the cache had it.
     pub layers: Vec<(String, bool)>,
-    /// What staging the input placed.
+    /// What staging placed (a tarball's or layers' entries, a mirror's; nothing for an
+    /// overlay or a merged initramfs).
     pub input_stats: stage::Stats,
-    /// Time spent staging (input + bake additions).
+    /// How the tree the image was made from was put together.
+    pub staging: Staging,
+    /// Time spent staging (input + bake additions, the overlay mount or the mirror).
     pub staging_time: Duration,
     /// Time spent in the image tool (and compression).
     pub image_time: Duration,
@@ -224,23 +403,12 @@ pub struct Report {
     pub finish_time: Duration,
 }
 
-/// What staging and the image tool produced.
-struct Made {
-    inputs: Vec<Input>,
-    layers: Vec<(String, bool)>,
-    input_stats: stage::Stats,
-    init_sha: String,
-    tool_versions: BTreeMap<String, String>,
-    staging_time: Duration,
-    image_time: Duration,
-}
-
 /// The kind of input at `path`: an OCI layout (a directory with `oci-layout`), a directory,
 /// or a tarball (a file: tar, gzip or zstd by its first bytes).
 pub fn input_kind(path: &Path) -> Result<InputKind, BakeError> {
-    let meta = std::fs::metadata(path).map_err(|e| BakeError::Input {
+    let meta = std::fs::metadata(path).map_err(|source| BakeError::InputMissing {
         path: path.to_owned(),
-        message: e.to_string(),
+        source,
     })?;
     if meta.is_dir() {
         Ok(if oci::is_layout(path) {
@@ -251,85 +419,181 @@ pub fn input_kind(path: &Path) -> Result<InputKind, BakeError> {
     } else if meta.is_file() {
         Ok(InputKind::Tar)
     } else {
-        Err(BakeError::Input {
-            path: path.to_owned(),
-            message: "neither a directory nor a file".to_owned(),
-        })
+        Err(BakeError::InputKind(path.to_owned()))
     }
 }
 
-struct Hashing<R> {
-    inner: R,
-    hash: Sha256,
+/// Bakes, silently. `notes` gets one line per notable event (an OCI layer cached or unpacked).
+pub fn bake(spec: &BakeSpec, notes: &mut dyn FnMut(&str)) -> Result<Report, BakeError> {
+    bake_with(spec, &Progress::new(), notes)
 }
 
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
-/// Bakes. `progress` gets one line per notable step (layers cached or unpacked, …).
-pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, BakeError> {
-    // Everything that can be checked before any work.
-    let init_meta = std::fs::metadata(&spec.init).map_err(|source| BakeError::Init {
-        path: spec.init.clone(),
-        source,
-    })?;
-    if !init_meta.is_file() {
-        return Err(BakeError::Init {
-            path: spec.init.clone(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+/// Bakes, counting what is done into `progress`: the five steps.
+pub fn bake_with(
+    spec: &BakeSpec,
+    progress: &Progress,
+    notes: &mut dyn FnMut(&str),
+) -> Result<Report, BakeError> {
+    progress.phase("validate");
+    let plan = validate(spec)?;
+    let work = Work::beside(&plan.out_dir)?;
+    let cancel = AtomicBool::new(false);
+    let (made, digest) = std::thread::scope(|s| {
+        // A directory input's digest reads every file: done beside the other steps.
+        let digest = plan
+            .dir_input()
+            .map(|dir| s.spawn(|| stage::digest_dir(dir, &cancel)));
+        let made = stage_input(spec, &plan, &work, progress, notes).and_then(|staged| {
+            let payload = add_payload(spec, &plan, &staged)?;
+            make_image(spec, &plan, &work, staged, &payload, progress)
         });
+        if made.is_err() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        (made, digest.map(|job| job.join()))
+    });
+    let made = with_input_digest(made?, digest, &plan)?;
+    publish(spec, &plan, work, made, progress)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Validate
+
+/// What the bake will do, checked before any work.
+#[derive(Debug)]
+struct Plan {
+    /// The input and its kind.
+    input: Option<(PathBuf, InputKind)>,
+    /// Where the init goes (normalised: `sbin/bootlace-init`).
+    init_path: String,
+    /// The writable locations baked into the config.
+    writable: Vec<String>,
+    /// `/etc/bootlace/init.toml`.
+    config_text: String,
+    /// The kernel modules to copy.
+    modules: ModulePlan,
+    /// The labelled filesystem and its label (erofs, ext4, the one in a qcow2).
+    labelled: Option<(FsType, String)>,
+    /// The initramfs compression.
+    compression: Compression,
+    /// The output's directory and file name.
+    out_dir: PathBuf,
+    out_name: String,
+}
+
+impl Plan {
+    fn dir_input(&self) -> Option<&Path> {
+        match &self.input {
+            Some((p, InputKind::Dir)) => Some(p),
+            _ => None,
+        }
     }
-    if spec.stage1 && spec.format != Format::Initramfs {
-        return Err(BakeError::Spec(
-            "--stage1 makes an initramfs: use --format initramfs".to_owned(),
-        ));
+}
+
+/// Step 1: everything that can be checked before any work.
+fn validate(spec: &BakeSpec) -> Result<Plan, BakeError> {
+    check_flags(spec)?;
+    check_init(&spec.init)?;
+    let input = input_of(spec)?;
+    let init_path = match normalise(spec.init_path.as_bytes(), Anchor::Absolute) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Err(init_path_err(spec, None)),
+        Err(e) => return Err(init_path_err(spec, Some(e))),
+    };
+    let labelled = match spec.labelled_fs() {
+        Some(fs) => {
+            let label = spec.label.as_deref().unwrap_or(DEFAULT_LABEL);
+            fsimage::check_label(fs, label)?;
+            Some((fs, label.to_owned()))
+        }
+        None => None,
+    };
+    let (writable, config) = config_of(spec)?;
+    let modules = initramfs::module_plan(&config, spec.modules.as_ref())?;
+    let (out_dir, out_name) = out_paths(spec, input.as_ref())?;
+    Ok(Plan {
+        input,
+        init_path,
+        writable,
+        config_text: config_text(&config)?,
+        modules,
+        labelled,
+        compression: spec.compress.unwrap_or(Compression::Gzip),
+        out_dir,
+        out_name,
+    })
+}
+
+fn init_path_err(spec: &BakeSpec, source: Option<BadPath>) -> BakeError {
+    BakeError::InitPath {
+        path: spec.init_path.clone(),
+        source,
+    }
+}
+
+/// The flags against the format: each given for a format it does not apply to is refused.
+fn check_flags(spec: &BakeSpec) -> Result<(), BakeError> {
+    let format = spec.format;
+    let refuse = |flag, applies| BakeError::FlagNotForFormat {
+        flag,
+        format,
+        applies,
+    };
+    if spec.compress.is_some() && format != Format::Initramfs {
+        return Err(refuse("--compress", "initramfs"));
+    }
+    match spec.qcow2_fs {
+        Some(_) if format != Format::Qcow2 => return Err(refuse("--qcow2-fs", "qcow2")),
+        Some(fs @ (FsType::Vfat | FsType::Iso9660 | FsType::Squashfs)) => {
+            return Err(BakeError::Qcow2Fs(fs))
+        }
+        _ => {}
+    }
+    if spec.label.is_some() && spec.labelled_fs().is_none() {
+        let applies = "erofs, ext4 and qcow2: initramfs and squashfs have no label";
+        return Err(refuse("--root-label", applies));
+    }
+    if spec.stage1 && format != Format::Initramfs {
+        return Err(BakeError::Stage1Format);
     }
     if !spec.stage1 && spec.stage1_root.is_some() {
-        return Err(BakeError::Spec("--root is for --stage1 only".to_owned()));
+        return Err(BakeError::RootWithoutStage1);
     }
-    let input_kind = match (&spec.input, spec.stage1) {
-        (Some(_), true) => {
-            return Err(BakeError::Spec(
-                "a stage-1 initramfs takes no --input (it mounts the real root at boot)".to_owned(),
-            ))
-        }
-        (None, false) => {
-            return Err(BakeError::Spec(
-                "--input (a rootfs directory, tarball or OCI layout) is required".to_owned(),
-            ))
-        }
-        (Some(p), false) => Some(input_kind(p)?),
-        (None, true) => None,
-    };
     if spec.mtime > u64::from(u32::MAX) {
-        return Err(BakeError::Spec(format!(
-            "SOURCE_DATE_EPOCH {} is out of range (at most {})",
-            spec.mtime,
-            u32::MAX
+        return Err(BakeError::Epoch(spec.mtime));
+    }
+    Ok(())
+}
+
+fn check_init(init: &Path) -> Result<(), BakeError> {
+    let err = |source| BakeError::Init {
+        path: init.to_owned(),
+        source,
+    };
+    if !std::fs::metadata(init).map_err(err)?.is_file() {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
         )));
     }
-    let fs_format = match spec.format {
-        Format::Erofs => Some(FsFormat::Erofs),
-        Format::Ext4 => Some(FsFormat::Ext4),
-        Format::Qcow2 => Some(spec.qcow2_fs),
-        Format::Initramfs | Format::Squashfs => None,
-    };
-    if let Some(f) = fs_format {
-        fsimage::check_label(f, &spec.label)?;
-    }
-    let init_path = normalise_abs(&spec.init_path).ok_or_else(|| {
-        BakeError::Spec(format!(
-            "--init-path {:?}: an absolute path",
-            spec.init_path
-        ))
-    })?;
+    Ok(())
+}
 
-    // The config, validated by the init's own parser.
+/// The input and its kind: required but for an initramfs, refused for stage 1.
+fn input_of(spec: &BakeSpec) -> Result<Option<(PathBuf, InputKind)>, BakeError> {
+    match (&spec.input, spec.stage1) {
+        (Some(_), true) => Err(BakeError::InputWithStage1),
+        (None, false) if spec.format != Format::Initramfs => {
+            Err(BakeError::InputRequired(spec.format))
+        }
+        (None, _) => Ok(None),
+        (Some(p), false) => Ok(Some((p.clone(), input_kind(p)?))),
+    }
+}
+
+/// The config to bake (writable locations and stage 1 set from the spec), validated as the
+/// init validates it; with the writable locations.
+fn config_of(spec: &BakeSpec) -> Result<(Vec<String>, InitConfig), BakeError> {
     let mut config = spec.config.clone();
     let writable = spec
         .writable
@@ -338,31 +602,47 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
     config.root.writable = writable
         .iter()
         .map(|w| {
-            TargetPath::try_from(w.clone())
-                .map_err(|e| BakeError::Spec(format!("writable location: {e}")))
+            TargetPath::try_from(w.clone()).map_err(|source| BakeError::Writable {
+                path: w.clone(),
+                source,
+            })
         })
         .collect::<Result<_, _>>()?;
     if spec.stage1 {
         let root = spec
             .stage1_root
             .clone()
-            .map(|r| RootSpec::try_from(r).map_err(|e| BakeError::Spec(format!("--root: {e}"))))
+            .map(|r| {
+                RootSpec::try_from(r.clone())
+                    .map_err(|source| BakeError::Stage1Root { root: r, source })
+            })
             .transpose()?;
         config.stage1 = Some(Stage1 {
             root,
             ..config.stage1.clone().unwrap_or_default()
         });
     }
-    let mut config_text =
-        String::from("# Written by bootlace-image bake; see docs/boot.md for the schema.\n");
-    config_text.push_str(&config.to_toml());
-    InitConfig::from_toml(&config_text, Path::new(CONFIG_PATH)).map_err(BakeError::Config)?;
     config
         .validate()
         .map_err(|e| BakeError::Config(ConfigError::from(e)))?;
-    let plan = initramfs::module_plan(&config, spec.modules.as_ref())?;
+    Ok((writable, config))
+}
 
-    // The work directory beside the output.
+/// `/etc/bootlace/init.toml` as written, read back by the init's own parser first.
+fn config_text(config: &InitConfig) -> Result<String, BakeError> {
+    let mut text =
+        String::from("# Written by bootlace-image bake; see docs/boot.md for the schema.\n");
+    text.push_str(&config.to_toml());
+    InitConfig::from_toml(&text, Path::new(CONFIG_PATH)).map_err(BakeError::Config)?;
+    Ok(text)
+}
+
+/// The output's directory and file name; an output inside a directory input is refused (the
+/// bake would read its own work).
+fn out_paths(
+    spec: &BakeSpec,
+    input: Option<&(PathBuf, InputKind)>,
+) -> Result<(PathBuf, String), BakeError> {
     let out_dir = match spec.out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
@@ -371,311 +651,597 @@ pub fn bake(spec: &BakeSpec, progress: &mut dyn FnMut(&str)) -> Result<Report, B
         .out
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| {
-            BakeError::Spec(format!("--out {}: no UTF-8 file name", spec.out.display()))
-        })?
+        .ok_or_else(|| BakeError::OutName(spec.out.clone()))?
         .to_owned();
-    let out_err = |source| BakeError::Output {
-        path: spec.out.clone(),
-        source,
-    };
-    if let (Some(input), Some(InputKind::Dir | InputKind::Oci)) = (&spec.input, input_kind) {
-        // The work directory (and the image) would end up inside the tree being read.
+    if let Some((input, InputKind::Dir | InputKind::Oci)) = input {
         let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
         if canon(&out_dir).starts_with(canon(input)) {
-            return Err(BakeError::Spec(format!(
-                "--out {} is inside the input directory {}",
-                spec.out.display(),
-                input.display()
-            )));
+            return Err(BakeError::OutInsideInput {
+                out: spec.out.clone(),
+                input: input.clone(),
+            });
         }
     }
-    let work = tempfile::Builder::new()
-        .prefix(".bootlace-bake.")
-        .tempdir_in(&out_dir)
-        .map_err(out_err)?;
-    let root_dir = work.path().join("root");
-    std::fs::create_dir(&root_dir).map_err(out_err)?;
-    {
+    Ok((out_dir, out_name))
+}
+
+/// The work directory beside the output: removed when dropped.
+#[derive(Debug)]
+struct Work {
+    dir: tempfile::TempDir,
+}
+
+impl Work {
+    fn beside(out_dir: &Path) -> Result<Work, BakeError> {
+        let dir = tempfile::Builder::new()
+            .prefix(".bootlace-bake.")
+            .tempdir_in(out_dir)
+            .map_err(|source| BakeError::Output {
+                path: out_dir.to_owned(),
+                source,
+            })?;
+        Ok(Work { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The image being made.
+    fn image(&self) -> PathBuf {
+        self.path("image")
+    }
+
+    /// Creates `work/name` with `mode`; returns its absolute path.
+    fn new_dir(&self, name: &str, mode: u32) -> Result<PathBuf, BakeError> {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&root_dir, std::fs::Permissions::from_mode(0o755))
-            .map_err(out_err)?;
-    }
-    let root = Confined::open(&root_dir)?;
-    let image = work.path().join("image");
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let (made, dir_digest) = std::thread::scope(|s| {
-        // A directory input's digest reads every file: done beside staging and the image tool.
-        let digest_job = match (&spec.input, input_kind) {
-            (Some(p), Some(InputKind::Dir)) => {
-                let cancel = &cancel;
-                Some(s.spawn(move || stage::digest_dir(p, cancel)))
-            }
-            _ => None,
+        let path = self.path(name);
+        let err = |source| BakeError::Output {
+            path: path.clone(),
+            source,
         };
-        let made = (|| -> Result<Made, BakeError> {
-            let started = Instant::now();
+        std::fs::create_dir(&path).map_err(err)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+        std::fs::canonicalize(&path).map_err(err)
+    }
+}
 
-            // 1. The input.
-            let mut inputs = Vec::new();
-            let mut layers = Vec::new();
-            let mut input_stats = stage::Stats::default();
-            if let (Some(path), Some(kind)) = (&spec.input, input_kind) {
-                let shown = path.display().to_string();
-                let digest = match kind {
-                    InputKind::Dir => {
-                        // The digest is computed beside, in its own thread.
-                        let mut w = Writer::new(&root, format!("directory {shown}"), false);
-                        stage::mirror_dir(&mut w, path)?;
-                        input_stats = w.stats();
-                        String::new()
-                    }
-                    InputKind::Tar => {
-                        let (digest, stats) = stage_tarball(&root, path)?;
-                        input_stats = stats;
-                        digest
-                    }
-                    InputKind::Oci => {
-                        let image = Image::open(path, spec.oci_ref.as_deref())?;
-                        let cache = spec.cache.as_deref().map(LayerCache::open).transpose()?;
-                        image.apply(&root, cache.as_ref(), &mut |digest, cached| {
-                            progress(&format!(
-                                "layer {digest} {}",
-                                if cached { "cached" } else { "unpacked" }
-                            ));
-                            layers.push((digest.to_owned(), cached));
-                        })?;
-                        image.manifest_digest.clone()
-                    }
-                };
-                inputs.push(Input {
-                    kind,
-                    path: shown,
-                    digest,
-                });
-            }
+// ---------------------------------------------------------------------------------------------
+// 2. Stage the input
 
-            // 2. What the init needs.
-            let mut w = Writer::new(&root, "bake", false);
-            let mut dirs: Vec<(&str, u32)> = vec![
-                ("dev", 0o755),
-                ("proc", 0o755),
-                ("sys", 0o755),
-                ("run", 0o755),
-                ("tmp", 0o1777),
-                (".bootstrap", 0o700),
-                ("etc/bootlace", 0o755),
-            ];
-            for wdir in &writable {
-                dirs.push((wdir.trim_start_matches('/'), 0o755));
-            }
-            for (d, mode) in dirs {
-                w.ensure_dir(d, &Meta::root(mode))?;
-            }
-            let mut init_file = File::open(&spec.init).map_err(|source| BakeError::Init {
-                path: spec.init.clone(),
-                source,
-            })?;
-            let mut hashing = Hashing {
-                inner: &mut init_file,
-                hash: Sha256::new(),
-            };
-            w.put(&init_path, Kind::File(&mut hashing), &Meta::root(0o755))?;
-            let init_sha = hex(&hashing.hash.finalize());
-            if spec.format == Format::Initramfs {
-                w.put(
-                    "init",
-                    Kind::Symlink(format!("/{init_path}")),
-                    &Meta::root(0o777),
-                )?;
-            }
-            w.put(
-                CONFIG_PATH.trim_start_matches('/'),
-                Kind::File(&mut config_text.as_bytes()),
-                &Meta::root(0o644),
-            )?;
-            for (path, host) in &plan.files {
-                let mut f = File::open(host).map_err(|source| BakeError::InputIo {
-                    path: host.clone(),
-                    source,
-                })?;
-                w.put(path, Kind::File(&mut f), &Meta::root(0o644))?;
-            }
-            if let Some((path, text)) = &plan.dep {
-                w.put(path, Kind::File(&mut text.as_bytes()), &Meta::root(0o644))?;
-            }
-            drop(w);
-            let staging_time = started.elapsed();
+/// The tree the image is made from, before the additions.
+#[derive(Debug)]
+struct Staged {
+    /// The input directory, or the staging tree a tarball or layers were unpacked into.
+    base: Option<PathBuf>,
+    /// Whether `base` is the bake's own staging tree (writable) rather than the input.
+    unpacked: bool,
+    inputs: Vec<Input>,
+    layers: Vec<(String, bool)>,
+    stats: stage::Stats,
+    started: Instant,
+}
 
-            // 3. The image.
-            let started = Instant::now();
-            let opts = FsOptions {
-                keep_owners: !spec.all_root,
-                xattrs: true,
-                // The image is synced once, when it is hashed.
-                skip_sync: true,
-            };
-            let mut tool_versions = BTreeMap::new();
-            let mut record_tool = |t: &str| {
-                if let Some(v) = fsimage::tool_version(t) {
-                    tool_versions.insert(t.to_owned(), v);
-                }
-            };
-            match spec.format {
-                Format::Initramfs => write_initramfs(spec, &root_dir, &image)?,
-                Format::Erofs | Format::Ext4 => {
-                    let format = fs_format.unwrap_or(FsFormat::Erofs);
-                    fsimage::make_image_with(
-                        &FsSpec {
-                            dir: &root_dir,
-                            label: &spec.label,
-                            mtime: spec.mtime,
-                            format,
-                        },
-                        opts,
-                        &image,
-                    )?;
-                    record_tool(if format == FsFormat::Ext4 {
-                        "mke2fs"
-                    } else {
-                        "mkfs.erofs"
-                    });
-                }
-                Format::Squashfs => {
-                    fsimage::make_squashfs(&root_dir, spec.mtime, opts, &image)?;
-                    record_tool("mksquashfs");
-                }
-                Format::Qcow2 => {
-                    let raw = work.path().join("raw");
-                    fsimage::make_image_with(
-                        &FsSpec {
-                            dir: &root_dir,
-                            label: &spec.label,
-                            mtime: spec.mtime,
-                            format: spec.qcow2_fs,
-                        },
-                        opts,
-                        &raw,
-                    )?;
-                    fsimage::convert_qcow2(&raw, opts, &image)?;
-                    let _ = std::fs::remove_file(&raw);
-                    record_tool(if spec.qcow2_fs == FsFormat::Ext4 {
-                        "mke2fs"
-                    } else {
-                        "mkfs.erofs"
-                    });
-                    record_tool("qemu-img");
-                }
-            }
-            let image_time = started.elapsed();
-            Ok(Made {
-                inputs,
-                layers,
-                input_stats,
-                init_sha,
-                tool_versions,
-                staging_time,
-                image_time,
-            })
-        })();
-        if made.is_err() {
-            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+/// Step 2: a directory input is used where it is; a tarball or an OCI layout is unpacked into
+/// `work/root`.
+fn stage_input(
+    spec: &BakeSpec,
+    plan: &Plan,
+    work: &Work,
+    progress: &Progress,
+    notes: &mut dyn FnMut(&str),
+) -> Result<Staged, BakeError> {
+    progress.phase("stage");
+    let mut staged = Staged {
+        base: None,
+        unpacked: false,
+        inputs: Vec::new(),
+        layers: Vec::new(),
+        stats: stage::Stats::default(),
+        started: Instant::now(),
+    };
+    let Some((path, kind)) = &plan.input else {
+        return Ok(staged);
+    };
+    let digest = match kind {
+        InputKind::Dir => {
+            staged.base = Some(path.clone());
+            // Filled in from the digest thread.
+            String::new()
         }
-        (made, digest_job.map(|j| j.join()))
+        InputKind::Tar | InputKind::Oci => {
+            let root_dir = work.new_dir("root", 0o755)?;
+            let root = Confined::open(&root_dir)?;
+            staged.base = Some(root_dir);
+            staged.unpacked = true;
+            if *kind == InputKind::Tar {
+                let (digest, stats) = stage_tarball(&root, path, progress)?;
+                staged.stats = stats;
+                digest
+            } else {
+                stage_oci(spec, &root, path, &mut staged.layers, progress, notes)?
+            }
+        }
+    };
+    staged.inputs.push(Input {
+        kind: *kind,
+        path: path.display().to_string(),
+        digest,
     });
-    let Made {
-        mut inputs,
-        layers,
-        input_stats,
+    Ok(staged)
+}
+
+/// Unpacks a tarball (tar, gzip or zstd by its first bytes) into the staging tree; returns the
+/// file's digest.
+fn stage_tarball(
+    root: &Confined,
+    path: &Path,
+    progress: &Progress,
+) -> Result<(String, stage::Stats), BakeError> {
+    use bootlace_contract::compression::{is_tar, sniff};
+    let io_err = |source| BakeError::InputIo {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    let mut h = HashingReader::new(BufReader::with_capacity(256 * 1024, file));
+    let head = h.get_mut().fill_buf().map_err(io_err)?;
+    let compression = sniff(head);
+    if compression == Compression::None && !is_tar(head) {
+        return Err(BakeError::NotATarball(path.to_owned()));
+    }
+    let origin = format!("tarball {}", path.display());
+    let mut w = Writer::new(root, origin.clone(), false).with_progress(progress);
+    oci::unpack_stream(&mut w, &mut h, compression, &origin)?;
+    io::copy(&mut h, &mut io::sink()).map_err(io_err)?;
+    Ok((h.finish().0.to_string(), w.stats()))
+}
+
+/// Applies an OCI layout's layers into the staging tree; returns the manifest's digest.
+fn stage_oci(
+    spec: &BakeSpec,
+    root: &Confined,
+    layout: &Path,
+    layers: &mut Vec<(String, bool)>,
+    progress: &Progress,
+    notes: &mut dyn FnMut(&str),
+) -> Result<String, BakeError> {
+    let image = Image::open(layout, spec.oci_ref.as_deref())?;
+    let cache = spec.cache.as_deref().map(LayerCache::open).transpose()?;
+    image.apply(
+        root,
+        cache.as_ref(),
+        Some(progress),
+        &mut |digest, cached| {
+            notes(&format!(
+                "layer {digest} {}",
+                if cached { "cached" } else { "unpacked" }
+            ));
+            layers.push((digest.to_owned(), cached));
+        },
+    )?;
+    Ok(image.manifest_digest.clone())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Add the init payload
+
+/// What the bake adds, and the init's digest.
+#[derive(Debug)]
+struct Payload {
+    additions: Additions,
+    init_sha: String,
+}
+
+/// Step 3: the mount points, the writable directories, the init, its config and the kernel
+/// modules, resolved against the staged tree.
+fn add_payload(spec: &BakeSpec, plan: &Plan, staged: &Staged) -> Result<Payload, BakeError> {
+    let mut a = Additions::new(staged.base.as_deref())?;
+    for (dir, mode) in MOUNT_POINTS {
+        a.ensure_dir(dir, &Meta::root(*mode))?;
+    }
+    for w in &plan.writable {
+        a.ensure_dir(w.trim_start_matches('/'), &Meta::root(0o755))?;
+    }
+    let init = std::fs::read(&spec.init).map_err(|source| BakeError::Init {
+        path: spec.init.clone(),
+        source,
+    })?;
+    let init_sha = digest::of_bytes(&init).hex().to_owned();
+    a.put(&plan.init_path, Node::root(Content::Bytes(init), 0o755))?;
+    if spec.format == Format::Initramfs {
+        let target = format!("/{}", plan.init_path);
+        a.put("init", Node::root(Content::Symlink(target), 0o777))?;
+        // The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
+        a.put("dev/console", Node::root(Content::CharDev(5, 1), 0o600))?;
+    }
+    let config = Content::Bytes(plan.config_text.clone().into_bytes());
+    a.put(
+        CONFIG_PATH.trim_start_matches('/'),
+        Node::root(config, 0o644),
+    )?;
+    for (path, host) in &plan.modules.files {
+        a.put(path, Node::root(Content::HostFile(host.clone()), 0o644))?;
+    }
+    if let Some((path, text)) = &plan.modules.dep {
+        let dep = Content::Bytes(text.clone().into_bytes());
+        a.put(path, Node::root(dep, 0o644))?;
+    }
+    Ok(Payload {
+        additions: a,
         init_sha,
-        tool_versions,
-        staging_time,
-        image_time,
-    } = made?;
-    if let (Some(job), Some(path)) = (dir_digest, &spec.input) {
-        let digest = job
-            .map_err(|_| BakeError::Spec("the input digest thread panicked".to_owned()))?
-            .map_err(|source| BakeError::InputIo {
-                path: path.clone(),
-                source,
-            })?;
-        if let Some(i) = inputs.first_mut() {
-            i.digest = digest;
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Make the image
+
+/// What staging and the image step produced.
+#[derive(Debug)]
+struct Made {
+    inputs: Vec<Input>,
+    layers: Vec<(String, bool)>,
+    input_stats: stage::Stats,
+    init_sha: String,
+    tool_versions: BTreeMap<String, String>,
+    staging: Staging,
+    /// The staging tree to remove (`work/root`), when there is one.
+    staged_tree: Option<PathBuf>,
+    staging_time: Duration,
+    image_time: Duration,
+}
+
+/// Step 4: the image at `work/image`, from the staged tree and the additions.
+fn make_image(
+    spec: &BakeSpec,
+    plan: &Plan,
+    work: &Work,
+    staged: Staged,
+    payload: &Payload,
+    progress: &Progress,
+) -> Result<Made, BakeError> {
+    let mut made = Made {
+        staging: if staged.unpacked {
+            Staging::Unpacked
+        } else {
+            Staging::Merged
+        },
+        staged_tree: staged.base.clone().filter(|_| staged.unpacked),
+        inputs: staged.inputs,
+        layers: staged.layers,
+        input_stats: staged.stats,
+        init_sha: payload.init_sha.clone(),
+        tool_versions: BTreeMap::new(),
+        staging_time: Duration::ZERO,
+        image_time: Duration::ZERO,
+    };
+    if spec.format == Format::Initramfs {
+        made.staging_time = staged.started.elapsed();
+        let started = Instant::now();
+        progress.phase("initramfs");
+        let archive = Archive {
+            input: staged.base.as_deref(),
+            additions: &payload.additions,
+            keep_owners: !spec.all_root,
+            mtime: spec.mtime as u32,
+            compression: plan.compression,
+            progress: Some(progress),
+        };
+        initramfs::write_archive(&archive, &work.image())?;
+        made.image_time = started.elapsed();
+        return Ok(made);
+    }
+    let base = staged
+        .base
+        .as_deref()
+        .ok_or(BakeError::InputRequired(spec.format))?;
+    let root = image_root(spec, work, base, staged.unpacked, payload, progress)?;
+    made.staging_time = staged.started.elapsed();
+    if let Some(kind) = root.staging {
+        made.staging = kind;
+    }
+    if root.staging == Some(Staging::Mirror) {
+        made.input_stats = root.stats;
+        made.staged_tree = Some(root.path.clone());
+    }
+    let started = Instant::now();
+    made.tool_versions = run_image_tool(spec, plan, work, &root.path, progress)?;
+    made.image_time = started.elapsed();
+    Ok(made)
+}
+
+/// The tree a disk image is made from.
+#[derive(Debug)]
+struct ImageRoot {
+    path: PathBuf,
+    /// Kept mounted while the tool runs; unmounted when dropped.
+    _overlay: Option<Overlay>,
+    /// How it was made (`None`: the unpacked tree, as staged).
+    staging: Option<Staging>,
+    /// What the mirror placed.
+    stats: stage::Stats,
+}
+
+/// The additions written to `work/additions`, then laid over the input: placed into the
+/// unpacked tree; a read-only overlay of the input directory; or a mirror of it.
+fn image_root(
+    spec: &BakeSpec,
+    work: &Work,
+    base: &Path,
+    unpacked: bool,
+    payload: &Payload,
+    progress: &Progress,
+) -> Result<ImageRoot, BakeError> {
+    let dir = work.new_dir("additions", 0o700)?;
+    payload.additions.materialize(&dir)?;
+    let mut root = ImageRoot {
+        path: base.to_owned(),
+        _overlay: None,
+        staging: None,
+        stats: stage::Stats::default(),
+    };
+    if unpacked {
+        payload.additions.apply(&dir, &Confined::open(base)?)?;
+        return Ok(root);
+    }
+    if spec.staging == StagingMode::Auto {
+        if let Some(overlay) = try_overlay(work, &dir, base) {
+            root.path = overlay.path().to_owned();
+            root._overlay = Some(overlay);
+            root.staging = Some(Staging::Overlay);
+            return Ok(root);
         }
     }
+    progress.phase("stage (mirror)");
+    root.path = work.new_dir("root", 0o755)?;
+    let tree = Confined::open(&root.path)?;
+    let origin = format!("directory {}", base.display());
+    let mut w = Writer::new(&tree, origin, false).with_progress(progress);
+    stage::mirror_dir(&mut w, base)?;
+    root.stats = w.stats();
+    payload.additions.apply(&dir, &tree)?;
+    root.staging = Some(Staging::Mirror);
+    Ok(root)
+}
 
-    // 4. Metadata, then both into place. The image is hashed while it is synced and the
-    // staging tree removed.
-    let started = Instant::now();
-    let (hashed, synced) = std::thread::scope(|s| {
-        let hash = s.spawn(|| hash_file(&image));
-        s.spawn(|| {
-            if let Err(e) = std::fs::remove_dir_all(&root_dir) {
-                log::warn!("remove {}: {e}", root_dir.display());
-            }
-        });
-        let synced = File::open(&image).and_then(|f| f.sync_all());
-        (hash.join(), synced)
-    });
-    synced.map_err(out_err)?;
-    let (sha256, size) = hashed
-        .map_err(|_| out_err(io::Error::other("the hashing thread panicked")))?
-        .map_err(out_err)?;
-    let meta = ImageMeta {
-        schema: meta::SCHEMA,
-        name: spec.name.clone().unwrap_or_else(|| {
-            Path::new(&out_name)
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or(&out_name)
-                .to_owned()
-        }),
-        version: spec.version.clone(),
-        format: spec.format,
-        file: out_name.clone(),
-        sha256,
-        size,
-        fstype: spec.fstype(),
-        label: fs_format.map(|_| spec.label.clone()),
-        stage1: spec.stage1,
-        read_only: spec.read_only(),
-        writable: writable.clone(),
-        inputs,
-        init: InitInfo {
-            path: format!("/{init_path}"),
-            version: init_version(&spec.init),
-            sha256: init_sha,
-        },
-        kernel_release: plan.release.clone().filter(|_| !plan.names.is_empty()),
-        modules: plan.names.clone(),
-        source_date_epoch: spec.mtime,
-        built: meta::rfc3339(spec.mtime),
-        tool_versions,
+/// A read-only overlay of `additions` over `input` at `work/merged`; `None` (logged) when it
+/// cannot be mounted.
+fn try_overlay(work: &Work, additions: &Path, input: &Path) -> Option<Overlay> {
+    if !rustix::process::geteuid().is_root() {
+        log::info!("staging: a mirror of the input (an overlay mount needs root)");
+        return None;
+    }
+    let fallback = |why: String| {
+        log::warn!("staging: a mirror of the input: {why}");
+        None
     };
-    let meta_tmp = work.path().join("meta.json");
+    let merged = match work.new_dir("merged", 0o755) {
+        Ok(m) => m,
+        Err(e) => return fallback(bootlace_contract::chain(&e)),
+    };
+    let input = match std::fs::canonicalize(input) {
+        Ok(i) => i,
+        Err(e) => return fallback(format!("{}: {e}", input.display())),
+    };
+    match overlay::find_whiteout(&input) {
+        Ok(None) => {}
+        Ok(Some(entry)) => {
+            return fallback(format!(
+                "/{entry} is a character device 0:0, which an overlay would hide"
+            ))
+        }
+        Err(e) => return fallback(format!("{}: {e}", input.display())),
+    }
+    match Overlay::mount(&[additions, &input], &merged) {
+        Ok(o) => {
+            log::info!("staging: a read-only overlay of the additions over the input");
+            Some(o)
+        }
+        Err(e) => fallback(bootlace_contract::chain(&e)),
+    }
+}
+
+/// Runs the image tool(s) on `root`; returns their versions, for the metadata.
+fn run_image_tool(
+    spec: &BakeSpec,
+    plan: &Plan,
+    work: &Work,
+    root: &Path,
+    progress: &Progress,
+) -> Result<BTreeMap<String, String>, BakeError> {
+    let opts = FsOptions {
+        keep_owners: !spec.all_root,
+        xattrs: true,
+        // The image is synced once, when it is hashed; written back while the tool runs.
+        skip_sync: true,
+        write_back: true,
+    };
+    let image = work.image();
+    let mut tools = Vec::new();
+    if let Some((fs, label)) = &plan.labelled {
+        let tool = if *fs == FsType::Ext4 {
+            "mke2fs"
+        } else {
+            "mkfs.erofs"
+        };
+        let qcow2 = spec.format == Format::Qcow2;
+        progress.phase(format!("image ({tool})"));
+        let fs_spec = FsSpec {
+            dir: root,
+            label,
+            mtime: spec.mtime,
+            format: *fs,
+            progress: Some(progress),
+        };
+        let raw = if qcow2 {
+            work.path("raw")
+        } else {
+            image.clone()
+        };
+        let raw_opts = FsOptions {
+            write_back: !qcow2,
+            ..opts
+        };
+        fsimage::make_image_with(&fs_spec, raw_opts, &raw)?;
+        tools.push(tool);
+        if qcow2 {
+            progress.phase("image (qemu-img)");
+            fsimage::convert_qcow2(&raw, opts, Some(progress), &image)?;
+            let _ = std::fs::remove_file(&raw);
+            tools.push("qemu-img");
+        }
+    } else {
+        progress.phase("image (mksquashfs)");
+        fsimage::make_squashfs(root, spec.mtime, opts, Some(progress), &image)?;
+        tools.push("mksquashfs");
+    }
+    Ok(tools
+        .into_iter()
+        .filter_map(|t| fsimage::tool_version(t).map(|v| (t.to_owned(), v)))
+        .collect())
+}
+
+/// The directory input's digest into the made image's inputs.
+fn with_input_digest(
+    mut made: Made,
+    job: Option<std::thread::Result<io::Result<String>>>,
+    plan: &Plan,
+) -> Result<Made, BakeError> {
+    let (Some(job), Some(path)) = (job, plan.dir_input()) else {
+        return Ok(made);
+    };
+    let digest = job
+        .map_err(|_| BakeError::Thread("input digest"))?
+        .map_err(|source| BakeError::InputIo {
+            path: path.to_owned(),
+            source,
+        })?;
+    if let Some(i) = made.inputs.first_mut() {
+        i.digest = digest;
+    }
+    Ok(made)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Publish
+
+/// Step 5: hash and sync the image (the staging tree removed meanwhile), write the metadata,
+/// rename both into place.
+fn publish(
+    spec: &BakeSpec,
+    plan: &Plan,
+    work: Work,
+    made: Made,
+    progress: &Progress,
+) -> Result<Report, BakeError> {
+    let started = Instant::now();
+    progress.phase("hash");
+    let image = work.image();
+    let (sha256, size) =
+        hash_and_sync(&image, made.staged_tree.as_deref(), progress).map_err(|source| {
+            BakeError::Output {
+                path: spec.out.clone(),
+                source,
+            }
+        })?;
+    let meta = image_meta(spec, plan, &made, sha256, size);
+    let meta_tmp = work.path("meta.json");
     write_meta(&meta, &meta_tmp)?;
     let meta_path = ImageMeta::path_for(&spec.out);
-    std::fs::rename(&image, &spec.out).map_err(out_err)?;
-    if let Err(source) = std::fs::rename(&meta_tmp, &meta_path) {
+    let out_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BakeError::Output { path, source }
+    };
+    std::fs::rename(&image, &spec.out).map_err(out_err(&spec.out))?;
+    if let Err(e) = std::fs::rename(&meta_tmp, &meta_path) {
         let _ = std::fs::remove_file(&spec.out);
-        return Err(BakeError::Output {
-            path: meta_path,
-            source,
-        });
+        return Err(out_err(&meta_path)(e));
     }
-    if let Err(e) = File::open(&out_dir).and_then(|d| d.sync_all()) {
-        log::warn!("fsync {}: {e}", out_dir.display());
+    if let Err(e) = File::open(&plan.out_dir).and_then(|d| d.sync_all()) {
+        log::warn!("fsync {}: {e}", plan.out_dir.display());
     }
-    let finish_time = started.elapsed();
     Ok(Report {
         meta,
         meta_path,
-        layers,
-        input_stats,
-        staging_time,
-        image_time,
-        finish_time,
+        layers: made.layers,
+        input_stats: made.input_stats,
+        staging: made.staging,
+        staging_time: made.staging_time,
+        image_time: made.image_time,
+        finish_time: started.elapsed(),
     })
+}
+
+/// The image's sha256 and size, read while it is synced and the staging tree removed.
+fn hash_and_sync(
+    image: &Path,
+    staged_tree: Option<&Path>,
+    progress: &Progress,
+) -> io::Result<(String, u64)> {
+    let (hashed, synced) = std::thread::scope(|s| {
+        let hash = s.spawn(|| hash_counted(image, progress));
+        if let Some(tree) = staged_tree {
+            s.spawn(move || {
+                if let Err(e) = std::fs::remove_dir_all(tree) {
+                    log::warn!("remove {}: {e}", tree.display());
+                }
+            });
+        }
+        let synced = File::open(image).and_then(|f| f.sync_all());
+        (hash.join(), synced)
+    });
+    synced?;
+    hashed.map_err(|_| io::Error::other("the hashing thread panicked"))?
+}
+
+/// The sha256 hex and size of a file, read in 1 MiB blocks (fewer system calls than
+/// `io::copy`'s 8 KiB), counted into `progress`.
+fn hash_counted(path: &Path, progress: &Progress) -> io::Result<(String, u64)> {
+    let mut h = HashingReader::new(CountingReader::new(File::open(path)?, progress));
+    let mut buf = vec![0u8; 1 << 20];
+    while h.read(&mut buf)? > 0 {}
+    let (d, n) = h.finish();
+    Ok((d.hex().to_owned(), n))
+}
+
+/// The metadata of the image made.
+fn image_meta(spec: &BakeSpec, plan: &Plan, made: &Made, sha256: String, size: u64) -> ImageMeta {
+    let name = spec.name.clone().unwrap_or_else(|| {
+        Path::new(&plan.out_name)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or(&plan.out_name)
+            .to_owned()
+    });
+    let modules = &plan.modules;
+    ImageMeta {
+        schema: meta::SCHEMA,
+        name,
+        version: spec.version.clone(),
+        format: spec.format,
+        file: plan.out_name.clone(),
+        sha256,
+        size,
+        fstype: spec.fstype(),
+        label: plan.labelled.as_ref().map(|(_, l)| l.clone()),
+        stage1: spec.stage1,
+        read_only: spec.read_only(),
+        writable: plan.writable.clone(),
+        inputs: made.inputs.clone(),
+        init: InitInfo {
+            path: format!("/{}", plan.init_path),
+            version: init_version(&spec.init),
+            sha256: made.init_sha.clone(),
+        },
+        kernel_release: modules
+            .release
+            .clone()
+            .filter(|_| !modules.names.is_empty()),
+        modules: modules.names.clone(),
+        source_date_epoch: spec.mtime,
+        built: meta::rfc3339(spec.mtime),
+        tool_versions: made.tool_versions.clone(),
+    }
 }
 
 /// Writes metadata atomically: a temporary file in the same directory, synced, renamed.
@@ -704,85 +1270,10 @@ pub fn write_meta(meta: &ImageMeta, path: &Path) -> Result<(), MetaError> {
     Ok(())
 }
 
-/// `/sbin/x` or `sbin/x` -> `sbin/x`; `None` for the root, `..` or empty components.
-fn normalise_abs(p: &str) -> Option<String> {
-    let rel = p.strip_prefix('/')?;
-    stage::normalise(rel.as_bytes()).ok().flatten()
-}
-
-/// Unpacks a tarball (tar, gzip or zstd by its first bytes) into the staging tree; returns the
-/// file's digest.
-fn stage_tarball(root: &Confined, path: &Path) -> Result<(String, stage::Stats), BakeError> {
-    use bootlace_contract::compression::{sniff, Compression};
-    let io_err = |source| BakeError::InputIo {
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::open(path).map_err(io_err)?;
-    let mut h = Hashing {
-        inner: BufReader::with_capacity(256 * 1024, file),
-        hash: Sha256::new(),
-    };
-    let head = h.inner.fill_buf().map_err(io_err)?;
-    let compression = sniff(head);
-    if compression == Compression::None && head.get(257..262) != Some(b"ustar".as_slice()) {
-        return Err(BakeError::Input {
-            path: path.to_owned(),
-            message: "not a tarball: no gzip or zstd magic and no ustar header".to_owned(),
-        });
-    }
-    let origin = format!("tarball {}", path.display());
-    let mut w = Writer::new(root, origin.clone(), false);
-    oci::unpack_stream(&mut w, &mut h, compression, &origin)?;
-    io::copy(&mut h, &mut io::sink()).map_err(io_err)?;
-    Ok((format!("sha256:{}", hex(&h.hash.finalize())), w.stats()))
-}
-
-fn write_initramfs(spec: &BakeSpec, root: &Path, out: &Path) -> Result<(), BakeError> {
-    let err = |source| BakeError::Output {
-        path: spec.out.clone(),
-        source,
-    };
-    let mut tree = Tree::new();
-    tree.add_host_dir(root, !spec.all_root)
-        .map_err(|e| err(io::Error::other(e.to_string())))?;
-    // The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
-    tree.put("dev/console", Node::root(Content::CharDev(5, 1), 0o600))
-        .map_err(|e| err(io::Error::other(e.to_string())))?;
-    let mtime = spec.mtime as u32;
-    let file = File::create(out).map_err(err)?;
-    let buf = BufWriter::with_capacity(1 << 20, file);
-    let buf = match spec.compress {
-        Compression::None => initramfs::write_cpio(&tree, mtime, buf).map_err(err)?,
-        Compression::Gzip => {
-            let gz = flate2::GzBuilder::new()
-                .mtime(0)
-                .operating_system(3)
-                .write(buf, flate2::Compression::default());
-            initramfs::write_cpio(&tree, mtime, gz)
-                .and_then(|gz| gz.finish())
-                .map_err(err)?
-        }
-        Compression::Zstd => {
-            let mut enc = zstd::stream::write::Encoder::new(buf, ZSTD_LEVEL).map_err(err)?;
-            enc.include_checksum(true).map_err(err)?;
-            initramfs::write_cpio(&tree, mtime, enc)
-                .and_then(|enc| enc.finish())
-                .map_err(err)?
-        }
-    };
-    // Synced when it is hashed.
-    drop(buf.into_inner().map_err(|e| err(e.into_error()))?);
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o644)).map_err(err)
-}
-
 /// sha256 hex and size of a file.
 pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let n = io::copy(&mut f, &mut h)?;
-    Ok((hex(&h.finalize()), n))
+    let (d, n) = digest::of_reader(File::open(path)?)?;
+    Ok((d.hex().to_owned(), n))
 }
 
 /// `bootlace-init --version` of the binary (`0.1.0`), run with a 5 s limit; `unknown` when it
@@ -821,4 +1312,102 @@ fn init_version(init: &Path) -> String {
         .map(|v| v.trim().to_owned())
         .filter(|v| !v.is_empty())
         .unwrap_or_else(unknown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(format: Format) -> BakeSpec {
+        BakeSpec::new(
+            format,
+            PathBuf::from("out.img"),
+            Some(PathBuf::from("rootfs")),
+            PathBuf::from("init"),
+        )
+    }
+
+    #[test]
+    fn flags_for_other_formats_are_refused() {
+        let cases: Vec<(BakeSpec, &str)> = vec![
+            (
+                BakeSpec {
+                    compress: Some(Compression::Zstd),
+                    ..spec(Format::Erofs)
+                },
+                "--compress does not apply to --format erofs (only to initramfs)",
+            ),
+            (
+                BakeSpec {
+                    qcow2_fs: Some(FsType::Ext4),
+                    ..spec(Format::Ext4)
+                },
+                "--qcow2-fs does not apply to --format ext4 (only to qcow2)",
+            ),
+            (
+                BakeSpec {
+                    qcow2_fs: Some(FsType::Squashfs),
+                    ..spec(Format::Qcow2)
+                },
+                "--qcow2-fs squashfs: a qcow2 image holds erofs or ext4",
+            ),
+            (
+                BakeSpec {
+                    label: Some("x".into()),
+                    ..spec(Format::Squashfs)
+                },
+                "--root-label does not apply to --format squashfs",
+            ),
+            (
+                BakeSpec {
+                    label: Some("x".into()),
+                    ..spec(Format::Initramfs)
+                },
+                "initramfs and squashfs have no label",
+            ),
+            (
+                BakeSpec {
+                    mtime: u64::from(u32::MAX) + 1,
+                    ..spec(Format::Erofs)
+                },
+                "SOURCE_DATE_EPOCH 4294967296 is out of range",
+            ),
+        ];
+        for (s, want) in cases {
+            let e = check_flags(&s).expect_err(want).to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        for ok in [
+            BakeSpec {
+                compress: Some(Compression::None),
+                ..spec(Format::Initramfs)
+            },
+            BakeSpec {
+                qcow2_fs: Some(FsType::Ext4),
+                label: Some("x".into()),
+                ..spec(Format::Qcow2)
+            },
+            BakeSpec {
+                label: Some("x".into()),
+                ..spec(Format::Erofs)
+            },
+        ] {
+            assert!(check_flags(&ok).is_ok(), "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn labels_and_filesystems() {
+        assert_eq!(spec(Format::Squashfs).labelled_fs(), None);
+        assert_eq!(spec(Format::Initramfs).labelled_fs(), None);
+        assert_eq!(spec(Format::Qcow2).labelled_fs(), Some(FsType::Erofs));
+        let ext4_qcow2 = BakeSpec {
+            qcow2_fs: Some(FsType::Ext4),
+            ..spec(Format::Qcow2)
+        };
+        assert_eq!(ext4_qcow2.labelled_fs(), Some(FsType::Ext4));
+        assert!(!ext4_qcow2.read_only() && spec(Format::Qcow2).read_only());
+        assert_eq!("mirror".parse(), Ok(StagingMode::Mirror));
+        assert!("copy".parse::<StagingMode>().is_err());
+    }
 }

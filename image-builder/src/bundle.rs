@@ -4,9 +4,11 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use bootlace_contract::fs::FsType;
 use bootlace_contract::manifest::{check_bundle_dir, ManifestError};
 
-use crate::fsimage::{self, FsFormat, FsImageError, FsSpec};
+use crate::fsimage::{self, FsImageError, FsSpec};
+use crate::progress::Progress;
 
 /// What to make of a bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +71,21 @@ pub struct BundleSummary {
     pub sha256: Option<String>,
 }
 
+impl BundleFormat {
+    /// Its name on the command line: `disk-ext4`, `disk-erofs`, `dir`, `tar`, `tar.gz`,
+    /// `tar.zst`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BundleFormat::DiskExt4 => "disk-ext4",
+            BundleFormat::DiskErofs => "disk-erofs",
+            BundleFormat::Dir => "dir",
+            BundleFormat::Tar => "tar",
+            BundleFormat::TarGz => "tar.gz",
+            BundleFormat::TarZst => "tar.zst",
+        }
+    }
+}
+
 /// Validates `dir` and makes the bundle at `out`.
 pub fn build(
     dir: &Path,
@@ -77,6 +94,20 @@ pub fn build(
     mtime: u64,
     out: &Path,
 ) -> Result<BundleSummary, BundleError> {
+    build_with(dir, format, label, mtime, out, &Progress::new())
+}
+
+/// [`build`], counting what is done into `progress` (phases `check`, then `image`, `copy` or
+/// `tar`).
+pub fn build_with(
+    dir: &Path,
+    format: BundleFormat,
+    label: &str,
+    mtime: u64,
+    out: &Path,
+    progress: &Progress,
+) -> Result<BundleSummary, BundleError> {
+    progress.phase("check");
     let manifest = check_bundle_dir(dir).map_err(|source| BundleError::Manifest {
         dir: dir.to_owned(),
         source,
@@ -90,22 +121,28 @@ pub fn build(
     match format {
         BundleFormat::DiskExt4 | BundleFormat::DiskErofs => {
             let format = if format == BundleFormat::DiskExt4 {
-                FsFormat::Ext4
+                FsType::Ext4
             } else {
-                FsFormat::Erofs
+                FsType::Erofs
             };
+            progress.phase("image");
             let spec = FsSpec {
                 dir,
                 label,
                 mtime,
                 format,
+                progress: Some(progress),
             };
             summary.bytes = fsimage::make_image(&spec, out)
                 .map_err(BundleError::Image)?
                 .bytes;
         }
-        BundleFormat::Dir => copy_dir_atomically(dir, out)?,
+        BundleFormat::Dir => {
+            progress.phase("copy");
+            copy_dir_atomically(dir, out)?;
+        }
         BundleFormat::Tar | BundleFormat::TarGz | BundleFormat::TarZst => {
+            progress.phase("tar");
             let bytes = tarball(dir, format, mtime).map_err(|source| BundleError::Copy {
                 from: dir.to_owned(),
                 to: out.to_owned(),

@@ -37,115 +37,63 @@
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
-/// A filesystem type an image can be made in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FsFormat {
-    /// ext4 (e2fsprogs: `mke2fs -d`), without a journal.
-    Ext4,
-    /// erofs (erofs-utils: `mkfs.erofs`), uncompressed.
-    Erofs,
-}
+use bootlace_contract::fs::FsType;
 
-/// Everything about a format that differs between formats.
+use crate::progress::Progress;
+
+/// How often a running tool's output is written back to disk and measured for progress.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// Everything about a filesystem that differs between the ones [`make_image`] makes.
 struct Backend {
-    format: FsFormat,
-    /// The name users and the kernel know it by.
-    name: &'static str,
+    fs: FsType,
     /// The Debian package that has the tools.
     package: &'static str,
     /// The programs run (all from `package`).
     tools: &'static [&'static str],
-    /// Longest label, in bytes.
-    max_label: usize,
     /// Writes the image at `job.tmp`.
     build: fn(&Job<'_>) -> Result<(), FsImageError>,
 }
 
 const BACKENDS: &[Backend] = &[
     Backend {
-        format: FsFormat::Ext4,
-        name: "ext4",
+        fs: FsType::Ext4,
         package: "e2fsprogs",
         tools: &["mke2fs", "debugfs"],
-        // s_volume_name[16], no terminating NUL needed (mke2fs -L takes 16 bytes).
-        max_label: 16,
         build: build_ext4,
     },
     Backend {
-        format: FsFormat::Erofs,
-        name: "erofs",
+        fs: FsType::Erofs,
         package: "erofs-utils",
         tools: &["mkfs.erofs"],
-        // volume_name[16], NUL-terminated: the kernel refuses to mount an image whose
-        // volume_name has no NUL, and mkfs.erofs -L (1.6+) takes at most 15 bytes.
-        max_label: 15,
         build: build_erofs,
     },
 ];
 
-impl FsFormat {
-    /// Every format, in a fixed order.
-    pub const ALL: [FsFormat; 2] = [FsFormat::Ext4, FsFormat::Erofs];
+/// The filesystems [`make_image`] makes, in a fixed order (squashfs: [`make_squashfs`]).
+pub const FORMATS: [FsType; 2] = [FsType::Ext4, FsType::Erofs];
 
-    fn backend(self) -> &'static Backend {
-        BACKENDS
-            .iter()
-            .find(|b| b.format == self)
-            .unwrap_or_else(|| unreachable!("every FsFormat has a backend"))
-    }
-
-    /// The filesystem's name (`ext4`, `erofs`): what `mount -t` and `blkid` call it.
-    pub fn name(self) -> &'static str {
-        self.backend().name
-    }
-
-    /// The filesystem type.
-    pub fn fs_type(self) -> bootlace_contract::fs::FsType {
-        match self {
-            FsFormat::Ext4 => bootlace_contract::fs::FsType::Ext4,
-            FsFormat::Erofs => bootlace_contract::fs::FsType::Erofs,
-        }
-    }
-
-    /// The longest label this format takes, in bytes.
-    pub fn max_label_len(self) -> usize {
-        self.backend().max_label
-    }
-
-    /// The Debian package providing the tools for this format.
-    pub fn package(self) -> &'static str {
-        self.backend().package
-    }
+fn backend(fs: FsType) -> Result<&'static Backend, FsImageError> {
+    BACKENDS
+        .iter()
+        .find(|b| b.fs == fs)
+        .ok_or(FsImageError::Unsupported(fs))
 }
 
-impl fmt::Display for FsFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for FsFormat {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        BACKENDS
-            .iter()
-            .find(|b| b.name == s)
-            .map(|b| b.format)
-            .ok_or_else(|| {
-                let names: Vec<&str> = BACKENDS.iter().map(|b| b.name).collect();
-                format!(
-                    "unknown filesystem {s:?} (expected one of: {})",
-                    names.join(", ")
-                )
-            })
+/// The Debian package providing the tools that make `fs` (`None`: not made here).
+pub fn package(fs: FsType) -> Option<&'static str> {
+    match fs {
+        FsType::Squashfs => Some("squashfs-tools"),
+        _ => backend(fs).ok().map(|b| b.package),
     }
 }
 
@@ -155,12 +103,14 @@ pub struct FsSpec<'a> {
     /// The directory whose contents become the filesystem's root.
     pub dir: &'a Path,
     /// The volume label (`LABEL=` in blkid, `/dev/disk/by-label/`): bytes `[A-Za-z0-9_.-]`,
-    /// at most [`FsFormat::max_label_len`] of them.
+    /// at most [`FsType::max_label_bytes`] of them.
     pub label: &'a str,
     /// Every timestamp in the image (SOURCE_DATE_EPOCH); at most `u32::MAX`.
     pub mtime: u64,
-    /// The filesystem type.
-    pub format: FsFormat,
+    /// The filesystem: one of [`FORMATS`].
+    pub format: FsType,
+    /// Where the size of the image being written is counted while the tool runs.
+    pub progress: Option<&'a Progress>,
 }
 
 /// What was written.
@@ -181,6 +131,9 @@ pub struct FsOptions {
     /// Do not fsync the image before renaming it into place (the caller syncs it later, or it
     /// is a scratch file).
     pub skip_sync: bool,
+    /// Write the image back to disk while the tool is still writing it (an `fdatasync` every
+    /// 250 ms), so that the final fsync, here or the caller's, has little left to do.
+    pub write_back: bool,
 }
 
 /// Why an image could not be made. Nothing is left at the output path on error.
@@ -190,12 +143,15 @@ pub enum FsImageError {
     #[error("{format} label {label:?} {reason}")]
     Label {
         /// The format asked for.
-        format: FsFormat,
+        format: FsType,
         /// The label given.
         label: String,
         /// What is wrong with it.
         reason: String,
     },
+    /// No tool here makes this filesystem.
+    #[error("{0} images are not made by this module (ext4 and erofs are)")]
+    Unsupported(FsType),
     /// The timestamp does not fit the formats' 32-bit fields.
     #[error("mtime {0} is out of range (at most {max})", max = u32::MAX)]
     Mtime(u64),
@@ -252,9 +208,9 @@ pub enum FsImageError {
 
 /// The volume UUID (and, for ext4, directory hash seed) of images with this format and label: a
 /// version-8 UUID from a hash of both, so images do not share a UUID unless they share a label.
-pub fn volume_uuid(format: FsFormat, label: &str) -> String {
+pub fn volume_uuid(format: FsType, label: &str) -> String {
     let mut input = b"bootlace-fsimage\0".to_vec();
-    input.extend_from_slice(format.name().as_bytes());
+    input.extend_from_slice(format.as_str().as_bytes());
     input.push(0);
     input.extend_from_slice(label.as_bytes());
     let h1 = fnv1a64(0xcbf2_9ce4_8422_2325, &input);
@@ -283,13 +239,16 @@ fn fnv1a64(mut h: u64, data: &[u8]) -> u64 {
 }
 
 /// Checks a label against the format's limits.
-pub fn check_label(format: FsFormat, label: &str) -> Result<(), FsImageError> {
+pub fn check_label(format: FsType, label: &str) -> Result<(), FsImageError> {
     let err = |reason: String| FsImageError::Label {
         format,
         label: label.to_owned(),
         reason,
     };
-    let max = format.max_label_len();
+    let max = format.max_label_bytes();
+    if max == 0 {
+        return Err(err(format!("cannot be set: {format} has no label")));
+    }
     if label.is_empty() {
         return Err(err("is empty".to_owned()));
     }
@@ -313,6 +272,7 @@ pub fn check_label(format: FsFormat, label: &str) -> Result<(), FsImageError> {
 /// One image being made.
 struct Job<'a> {
     spec: &'a FsSpec<'a>,
+    backend: &'static Backend,
     opts: FsOptions,
     /// The input directory, canonical (absolute, symlinks resolved).
     dir: PathBuf,
@@ -341,8 +301,19 @@ impl Job<'_> {
         args: &[&OsStr],
         env: &[(&str, String)],
     ) -> Result<std::process::Output, FsImageError> {
-        let name = self.spec.format.backend().tools[tool];
-        run_tool(&self.tools[tool], name, args, env, self.out)
+        let target = Target {
+            out: self.out,
+            tmp: Some(self.tmp),
+            write_back: self.opts.write_back,
+            progress: self.spec.progress,
+        };
+        run_tool(
+            &self.tools[tool],
+            self.backend.tools[tool],
+            args,
+            env,
+            target,
+        )
     }
 
     fn tool_err(&self, tool: &'static str, status: String, text: &[u8]) -> FsImageError {
@@ -350,16 +321,49 @@ impl Job<'_> {
     }
 }
 
+/// The image a tool writes: named in errors, watched while the tool runs.
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
+    /// The output path, for messages.
+    out: &'a Path,
+    /// The file the tool writes (a temporary beside `out`), when it is watched.
+    tmp: Option<&'a Path>,
+    /// Write it back to disk while the tool runs.
+    write_back: bool,
+    /// Count its size here while the tool runs.
+    progress: Option<&'a Progress>,
+}
+
+impl<'a> Target<'a> {
+    fn new(out: &'a Path) -> Target<'a> {
+        Target {
+            out,
+            tmp: None,
+            write_back: false,
+            progress: None,
+        }
+    }
+
+    fn watching(self, tmp: &'a Path, opts: FsOptions, progress: Option<&'a Progress>) -> Self {
+        Target {
+            tmp: Some(tmp),
+            write_back: opts.write_back,
+            progress,
+            ..self
+        }
+    }
+}
+
 /// Runs a tool with a clean environment (only `PATH`, `LC_ALL=C` and `env`), stdin from
-/// `/dev/null` and its output captured; fails on a non-zero exit status. `out` is the image
-/// being made, for messages.
+/// `/dev/null` and its output captured; fails on a non-zero exit status.
 fn run_tool(
     program: &Path,
     name: &'static str,
     args: &[&OsStr],
     env: &[(&str, String)],
-    out: &Path,
+    target: Target<'_>,
 ) -> Result<std::process::Output, FsImageError> {
+    let out = target.out;
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
@@ -372,7 +376,7 @@ fn run_tool(
         cmd.env(k, v);
     }
     log::debug!("running {cmd:?}");
-    let output = cmd.output().map_err(|source| FsImageError::Spawn {
+    let output = run_watched(&mut cmd, target).map_err(|source| FsImageError::Spawn {
         tool: name,
         out: out.to_owned(),
         source,
@@ -385,6 +389,34 @@ fn run_tool(
         return Err(tool_error(name, out, describe(output.status), &text));
     }
     Ok(output)
+}
+
+/// Runs `cmd` to its end; meanwhile, every [`WATCH_EVERY`], the file it writes is measured
+/// for the progress line and (with `write_back`) written back to disk.
+fn run_watched(cmd: &mut Command, target: Target<'_>) -> io::Result<std::process::Output> {
+    let Some(tmp) = target
+        .tmp
+        .filter(|_| target.write_back || target.progress.is_some())
+    else {
+        return cmd.output();
+    };
+    std::thread::scope(|s| {
+        let (stop, stopped) = mpsc::channel::<()>();
+        s.spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(WATCH_EVERY) {
+                let Ok(f) = File::open(tmp) else { continue };
+                if let (Some(p), Ok(m)) = (target.progress, f.metadata()) {
+                    p.set_bytes(m.len());
+                }
+                if target.write_back {
+                    let _ = f.sync_data();
+                }
+            }
+        });
+        let output = cmd.output();
+        drop(stop);
+        output
+    })
 }
 
 fn tool_error(tool: &'static str, out: &Path, status: String, text: &[u8]) -> FsImageError {
@@ -457,76 +489,49 @@ pub fn make_image_with(
     opts: FsOptions,
     out: &Path,
 ) -> Result<ImageSummary, FsImageError> {
-    let backend = spec.format.backend();
+    let backend = backend(spec.format)?;
     check_label(spec.format, spec.label)?;
     if spec.mtime > u64::from(u32::MAX) {
         return Err(FsImageError::Mtime(spec.mtime));
     }
-    let input_err = |source| FsImageError::Input {
-        path: spec.dir.to_owned(),
-        source,
-    };
-    let meta = std::fs::metadata(spec.dir).map_err(input_err)?;
-    if !meta.is_dir() {
-        return Err(input_err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a directory",
-        )));
-    }
-    let dir = std::fs::canonicalize(spec.dir).map_err(input_err)?;
+    let dir = input_dir(spec.dir)?;
     let tools = backend
         .tools
         .iter()
         .map(|t| find_tool(t, backend.package))
         .collect::<Result<Vec<_>, _>>()?;
-
-    let out_err = |source| FsImageError::Output {
-        path: out.to_owned(),
-        source,
-    };
-    let out_dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    // Relative paths get a leading "./" so that no tool argument can start with '-'.
-    let out_dir = if out_dir.is_relative() && !out_dir.starts_with(".") {
-        Path::new(".").join(out_dir)
-    } else {
-        out_dir.to_owned()
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(".bootlace-image.")
-        .tempfile_in(&out_dir)
-        .map_err(out_err)?;
-    let job = Job {
-        spec,
-        opts,
-        dir,
-        tmp: tmp.path(),
-        out,
-        tools,
-        uuid: volume_uuid(spec.format, spec.label),
-    };
-    (backend.build)(&job)?;
-
-    // The tools wrote through their own descriptors: sync whatever is at the path now.
-    let file = File::open(tmp.path()).map_err(out_err)?;
-    if !opts.skip_sync {
-        file.sync_all().map_err(out_err)?;
-    }
-    let bytes = file.metadata().map_err(out_err)?.len();
-    drop(file);
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
-        .map_err(out_err)?;
-    tmp.persist(out).map_err(|e| out_err(e.error))?;
-    if let Err(e) = File::open(&out_dir).and_then(|d| d.sync_all()) {
-        log::warn!("fsync {}: {e}", out_dir.display());
-    }
-    Ok(ImageSummary { bytes })
+    atomic_output(out, !opts.skip_sync, |tmp| {
+        let job = Job {
+            spec,
+            backend,
+            opts,
+            dir,
+            tmp,
+            out,
+            tools,
+            uuid: volume_uuid(spec.format, spec.label),
+        };
+        (backend.build)(&job)
+    })
 }
 
-/// Writes an image through `make` at a temporary path beside `out`, then syncs it, makes it
-/// 0644 and renames it over `out`; on error nothing is left.
+/// The input directory, checked and made canonical (absolute, symlinks resolved).
+fn input_dir(dir: &Path) -> Result<PathBuf, FsImageError> {
+    let input_err = |source| FsImageError::Input {
+        path: dir.to_owned(),
+        source,
+    };
+    if !std::fs::metadata(dir).map_err(input_err)?.is_dir() {
+        return Err(input_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a directory",
+        )));
+    }
+    std::fs::canonicalize(dir).map_err(input_err)
+}
+
+/// Writes an image through `make` at a temporary path beside `out`, then (with `sync`) syncs
+/// it, makes it 0644, renames it over `out` and syncs the directory; on error nothing is left.
 fn atomic_output(
     out: &Path,
     sync: bool,
@@ -540,6 +545,7 @@ fn atomic_output(
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
+    // Relative paths get a leading "./" so that no tool argument can start with '-'.
     let out_dir = if out_dir.is_relative() && !out_dir.starts_with(".") {
         Path::new(".").join(out_dir)
     } else {
@@ -550,6 +556,7 @@ fn atomic_output(
         .tempfile_in(&out_dir)
         .map_err(out_err)?;
     make(tmp.path())?;
+    // The tools wrote through their own descriptors: sync whatever is at the path now.
     let file = File::open(tmp.path()).map_err(out_err)?;
     if sync {
         file.sync_all().map_err(out_err)?;
@@ -559,6 +566,11 @@ fn atomic_output(
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
         .map_err(out_err)?;
     tmp.persist(out).map_err(|e| out_err(e.error))?;
+    if sync {
+        if let Err(e) = File::open(&out_dir).and_then(|d| d.sync_all()) {
+            log::warn!("fsync {}: {e}", out_dir.display());
+        }
+    }
     Ok(ImageSummary { bytes })
 }
 
@@ -571,22 +583,13 @@ pub fn make_squashfs(
     dir: &Path,
     mtime: u64,
     opts: FsOptions,
+    progress: Option<&Progress>,
     out: &Path,
 ) -> Result<ImageSummary, FsImageError> {
     if mtime > u64::from(u32::MAX) {
         return Err(FsImageError::Mtime(mtime));
     }
-    let input_err = |source| FsImageError::Input {
-        path: dir.to_owned(),
-        source,
-    };
-    if !std::fs::metadata(dir).map_err(input_err)?.is_dir() {
-        return Err(input_err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a directory",
-        )));
-    }
-    let dir = std::fs::canonicalize(dir).map_err(input_err)?;
+    let dir = input_dir(dir)?;
     let tool = find_tool("mksquashfs", "squashfs-tools")?;
     atomic_output(out, !opts.skip_sync, |tmp| {
         let t = mtime.to_string();
@@ -609,7 +612,8 @@ pub fn make_squashfs(
             args.push("-no-xattrs".into());
         }
         let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
-        run_tool(&tool, "mksquashfs", &args, &[], out).map(drop)
+        let target = Target::new(out).watching(tmp, opts, progress);
+        run_tool(&tool, "mksquashfs", &args, &[], target).map(drop)
     })
 }
 
@@ -620,6 +624,7 @@ pub fn make_squashfs(
 pub fn convert_qcow2(
     raw: &Path,
     opts: FsOptions,
+    progress: Option<&Progress>,
     out: &Path,
 ) -> Result<ImageSummary, FsImageError> {
     let tool = find_tool("qemu-img", "qemu-utils")?;
@@ -636,7 +641,8 @@ pub fn convert_qcow2(
             raw.as_os_str(),
             tmp.as_os_str(),
         ];
-        run_tool(&tool, "qemu-img", &args, &[], out).map(drop)
+        let target = Target::new(out).watching(tmp, opts, progress);
+        run_tool(&tool, "qemu-img", &args, &[], target).map(drop)
     })
 }
 
@@ -1073,25 +1079,25 @@ mod tests {
 
     #[test]
     fn labels() {
-        assert!(check_label(FsFormat::Ext4, "abcdefghijklmnop").is_ok());
-        assert!(check_label(FsFormat::Ext4, "abcdefghijklmnopq").is_err());
-        assert!(check_label(FsFormat::Erofs, "abcdefghijklmno").is_ok());
-        assert!(check_label(FsFormat::Erofs, "abcdefghijklmnop").is_err());
-        assert!(check_label(FsFormat::Ext4, "a-b_c.D9").is_ok());
+        assert!(check_label(FsType::Ext4, "abcdefghijklmnop").is_ok());
+        assert!(check_label(FsType::Ext4, "abcdefghijklmnopq").is_err());
+        assert!(check_label(FsType::Erofs, "abcdefghijklmno").is_ok());
+        assert!(check_label(FsType::Erofs, "abcdefghijklmnop").is_err());
+        assert!(check_label(FsType::Ext4, "a-b_c.D9").is_ok());
         for bad in ["", "a b", "a/b", "é", "a\0"] {
-            assert!(check_label(FsFormat::Ext4, bad).is_err(), "{bad:?}");
+            assert!(check_label(FsType::Ext4, bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn uuid_shape() {
-        let u = volume_uuid(FsFormat::Ext4, "bundle");
+        let u = volume_uuid(FsType::Ext4, "bundle");
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "8");
         assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"));
-        assert_eq!(u, volume_uuid(FsFormat::Ext4, "bundle"));
-        assert_ne!(u, volume_uuid(FsFormat::Erofs, "bundle"));
-        assert_ne!(u, volume_uuid(FsFormat::Ext4, "bundle2"));
+        assert_eq!(u, volume_uuid(FsType::Ext4, "bundle"));
+        assert_ne!(u, volume_uuid(FsType::Erofs, "bundle"));
+        assert_ne!(u, volume_uuid(FsType::Ext4, "bundle2"));
     }
 
     #[test]
@@ -1126,6 +1132,7 @@ mod tests {
     fn job_with_sh<'a>(spec: &'a FsSpec<'a>) -> Job<'a> {
         Job {
             spec,
+            backend: backend(FsType::Erofs).expect("erofs"),
             dir: PathBuf::from("/"),
             opts: FsOptions::default(),
             tmp: Path::new("/nonexistent"),
@@ -1141,7 +1148,8 @@ mod tests {
             dir: Path::new("/"),
             label: "x",
             mtime: 0,
-            format: FsFormat::Erofs,
+            format: FsType::Erofs,
+            progress: None,
         };
         let job = job_with_sh(&spec);
         let sh = |script: &str| {
@@ -1181,10 +1189,17 @@ mod tests {
     }
 
     #[test]
-    fn formats_round_trip() {
-        for f in FsFormat::ALL {
-            assert_eq!(f.name().parse::<FsFormat>(), Ok(f));
+    fn backends() {
+        for f in FORMATS {
+            assert!(backend(f).is_ok(), "{f}");
+            assert!(package(f).is_some(), "{f}");
         }
-        assert!("xfs".parse::<FsFormat>().is_err());
+        assert_eq!(package(FsType::Squashfs), Some("squashfs-tools"));
+        assert!(matches!(
+            backend(FsType::Vfat),
+            Err(FsImageError::Unsupported(FsType::Vfat))
+        ));
+        let e = check_label(FsType::Squashfs, "x").expect_err("no label");
+        assert!(e.to_string().contains("has no label"), "{e}");
     }
 }

@@ -1,30 +1,31 @@
-//! `bootlace-image initramfs`: a rootfs directory + `bootlace-init` + its config + the kernel
-//! modules it needs -> a newc cpio archive (optionally gzip), byte-identical for the same
-//! inputs.
+//! The initramfs format of `bootlace-image bake`: the kernel modules an image gets
+//! ([`module_plan`]) and the newc archive itself ([`write_archive`]), written straight from the
+//! input tree and the bake's additions, merged while writing — nothing is staged on disk. The
+//! same inputs give the same bytes: entries in depth-first order, names sorted in each
+//! directory, inode numbers in write order, every mtime SOURCE_DATE_EPOCH.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use bootlace_contract::config::{InitConfig, ModuleName, CONFIG_PATH};
+use bootlace_contract::compression::Compression;
+use bootlace_contract::config::{InitConfig, ModuleName};
 use bootlace_contract::drivers;
 use bootlace_contract::kmod::{KmodError, Module, ModuleIndex, Resolved};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
+use crate::additions::{Additions, Content, Node};
 use crate::cpio::{self, Header, Kind};
-use crate::tree::{Content, Node, Tree, TreeError};
+use crate::path::join;
+use crate::progress::Progress;
 
-/// Where the init is installed in the image.
+/// Where the init is installed in the image by default.
 pub const INIT_PATH: &str = "/sbin/bootlace-init";
 
-/// Compression of the archive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Compression {
-    /// Plain newc.
-    None,
-    /// gzip (the kernel's default initramfs decompressor).
-    #[default]
-    Gzip,
-}
+/// The zstd level of an initramfs.
+pub const ZSTD_LEVEL: i32 = 9;
 
 /// Kernel modules to put into the image.
 #[derive(Debug, Clone)]
@@ -37,60 +38,18 @@ pub struct Modules {
     pub extra: Vec<ModuleName>,
 }
 
-/// Everything an initramfs is made from.
-#[derive(Debug, Clone)]
-pub struct Spec {
-    /// A root filesystem directory to include (optional: the init alone boots too).
-    pub rootfs: Option<PathBuf>,
-    /// The `bootlace-init` binary.
-    pub init: PathBuf,
-    /// The config baked into `/etc/bootlace/init.toml`.
-    pub config: InitConfig,
-    /// Kernel modules: those in `config.modules` plus `extra`, with dependencies.
-    pub modules: Option<Modules>,
-    /// Keep the rootfs owners instead of making everything root-owned.
-    pub keep_owners: bool,
-    /// Modification time of every entry (SOURCE_DATE_EPOCH).
-    pub mtime: u32,
-    /// Archive compression.
-    pub compression: Compression,
-}
-
-/// What was written.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    /// Entries in the archive.
-    pub entries: usize,
-    /// Bytes of the output file.
-    pub bytes: u64,
-    /// Modules copied, in load order.
-    pub modules: Vec<String>,
-}
-
-/// Why an initramfs could not be built. Nothing is left at the output path on error.
+/// Why the kernel modules of an image could not be worked out.
 #[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    /// The init binary is missing or unreadable.
-    #[error("init binary {}", path.display())]
-    Init {
-        /// The path given.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
-    /// The config would be refused at boot.
-    #[error("the config to bake")]
-    Config(#[source] bootlace_contract::config::Inconsistency),
-    /// The rootfs could not be read, or something could not be placed in it.
-    #[error("rootfs")]
-    Tree(#[source] TreeError),
-    /// Module resolution failed.
+pub enum ModuleError {
+    /// The module index could not be read, or a module is not in it.
     #[error("kernel modules")]
-    Modules(#[source] KmodError),
-    /// A module needed for the config has no file (or modules were requested with no kernel).
-    #[error("kernel modules: {0}")]
-    ModulesSpec(String),
+    Index(#[source] KmodError),
+    /// The config needs modules and no kernel release was given.
+    #[error("kernel modules: the config needs modules ({needs}) but no kernel release was given")]
+    NoKernelRelease {
+        /// What needs them.
+        needs: String,
+    },
     /// The kernel has no driver for a configured bootstrap source.
     #[error(
         "the {which} source needs kernel modules that {release} does not have ({missing}): \
@@ -105,81 +64,6 @@ pub enum BuildError {
         /// The modules it lacks.
         missing: String,
     },
-    /// Writing the output failed.
-    #[error("write {}", path.display())]
-    Output {
-        /// The output path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
-}
-
-/// Assembles the tree of the image (without writing anything).
-pub fn assemble(spec: &Spec) -> Result<(Tree, Vec<String>), BuildError> {
-    spec.config.validate().map_err(BuildError::Config)?;
-    let mut tree = Tree::new();
-    if let Some(rootfs) = &spec.rootfs {
-        tree.add_host_dir(rootfs, spec.keep_owners)
-            .map_err(BuildError::Tree)?;
-    }
-    let put =
-        |tree: &mut Tree, path: &str, node: Node| tree.put(path, node).map_err(BuildError::Tree);
-    for dir in ["dev", "proc", "sys", "run", "tmp", "etc", "etc/bootlace"] {
-        put(
-            &mut tree,
-            dir,
-            Node::dir(if dir == "tmp" { 0o1777 } else { 0o755 }),
-        )?;
-    }
-    // The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
-    put(
-        &mut tree,
-        "dev/console",
-        Node::root(Content::CharDev(5, 1), 0o600),
-    )?;
-
-    let init_meta = std::fs::metadata(&spec.init).map_err(|source| BuildError::Init {
-        path: spec.init.clone(),
-        source,
-    })?;
-    if !init_meta.is_file() {
-        return Err(BuildError::Init {
-            path: spec.init.clone(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
-        });
-    }
-    if tree.get("init").is_some() {
-        log::warn!("replacing the rootfs's /init with bootlace-init");
-    }
-    put(
-        &mut tree,
-        INIT_PATH,
-        Node::root(
-            Content::HostFile {
-                path: spec.init.clone(),
-                size: init_meta.len(),
-            },
-            0o755,
-        ),
-    )?;
-    put(
-        &mut tree,
-        "init",
-        Node::root(Content::Symlink(INIT_PATH.to_owned()), 0o777),
-    )?;
-
-    let mut text = String::from("# Written by bootlace-image; see docs/boot.md for the schema.\n");
-    text.push_str(&spec.config.to_toml());
-    put(
-        &mut tree,
-        CONFIG_PATH,
-        Node::root(Content::Bytes(text.into_bytes()), 0o644),
-    )?;
-
-    let modules = add_modules(&mut tree, spec)?;
-    Ok((tree, modules))
 }
 
 /// The kernel modules an image gets: the files to copy and the index to write.
@@ -199,7 +83,7 @@ pub struct ModulePlan {
 /// link and stage 1 need: [`drivers::implied_by`]) plus `spec.extra`, with their dependency
 /// closure. A source whose drivers the kernel does not have is an error (the init would wait
 /// out its timeout at boot); an implied filesystem module the kernel lacks is a warning.
-pub fn module_plan(config: &InitConfig, spec: Option<&Modules>) -> Result<ModulePlan, BuildError> {
+pub fn module_plan(config: &InitConfig, spec: Option<&Modules>) -> Result<ModulePlan, ModuleError> {
     let mut wanted: Vec<&str> = config
         .modules
         .iter()
@@ -212,17 +96,16 @@ pub fn module_plan(config: &InitConfig, spec: Option<&Modules>) -> Result<Module
         if wanted.is_empty() && implied.is_empty() {
             return Ok(ModulePlan::default());
         }
-        return Err(BuildError::ModulesSpec(format!(
-            "the config needs modules ({}) but no kernel release was given",
-            if wanted.is_empty() {
+        return Err(ModuleError::NoKernelRelease {
+            needs: if wanted.is_empty() {
                 "bootstrap drivers".to_owned()
             } else {
                 wanted.join(", ")
-            }
-        )));
+            },
+        });
     };
     let dir = mspec.root.join(&mspec.release);
-    let index = ModuleIndex::read(&dir).map_err(BuildError::Modules)?;
+    let index = ModuleIndex::read(&dir).map_err(ModuleError::Index)?;
     let has = |m: &str| index.get(m).is_some() || index.is_builtin(m);
     for source in &config.bootstrap.sources {
         let missing: Vec<&str> = drivers::source(*source)
@@ -231,7 +114,7 @@ pub fn module_plan(config: &InitConfig, spec: Option<&Modules>) -> Result<Module
             .filter(|m| !has(m))
             .collect();
         if !missing.is_empty() {
-            return Err(BuildError::SourceDrivers {
+            return Err(ModuleError::SourceDrivers {
                 which: *source,
                 release: mspec.release.clone(),
                 missing: missing.join(", "),
@@ -247,7 +130,7 @@ pub fn module_plan(config: &InitConfig, spec: Option<&Modules>) -> Result<Module
             log::warn!("{m} is not in {}: not copied", dir.display());
         }
     }
-    let plan = index.resolve(wanted).map_err(BuildError::Modules)?;
+    let plan = index.resolve(wanted).map_err(ModuleError::Index)?;
     let mods: Vec<&Module> = plan
         .iter()
         .filter_map(|r| match r {
@@ -273,134 +156,350 @@ pub fn module_plan(config: &InitConfig, spec: Option<&Modules>) -> Result<Module
     Ok(out)
 }
 
-fn add_modules(tree: &mut Tree, spec: &Spec) -> Result<Vec<String>, BuildError> {
-    let plan = module_plan(&spec.config, spec.modules.as_ref())?;
-    for (path, host) in &plan.files {
-        let meta = std::fs::metadata(host)
-            .map_err(|e| BuildError::ModulesSpec(format!("module file {}: {e}", host.display())))?;
-        tree.put(
-            path,
-            Node::root(
-                Content::HostFile {
-                    path: host.clone(),
-                    size: meta.len(),
-                },
-                0o644,
-            ),
-        )
-        .map_err(BuildError::Tree)?;
-    }
-    if let Some((path, text)) = plan.dep {
-        tree.put(&path, Node::root(Content::Bytes(text.into_bytes()), 0o644))
-            .map_err(BuildError::Tree)?;
-    }
-    Ok(plan.names)
+/// Why an archive could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// Reading the input (or a file the bake adds) failed.
+    #[error("read {}", path.display())]
+    Read {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A name or a symlink target in the input is not UTF-8 (newc names here are).
+    #[error("{}: not UTF-8 (archive names and link targets must be)", path.display())]
+    Name {
+        /// The entry.
+        path: PathBuf,
+    },
+    /// Writing the archive failed.
+    #[error("write {}", path.display())]
+    Output {
+        /// The archive.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
 }
 
-/// Writes the tree as a newc archive.
-pub fn write_cpio<W: Write>(tree: &Tree, mtime: u32, out: W) -> io::Result<W> {
-    let mut w = cpio::Writer::new(out);
-    for (path, node) in tree.iter() {
-        let kind = match &node.content {
-            Content::Dir => Kind::Dir,
-            Content::HostFile { size, .. } => Kind::File { size: *size },
-            Content::Bytes(b) => Kind::File {
-                size: b.len() as u64,
-            },
-            Content::Symlink(t) => Kind::Symlink { target: t.clone() },
-            Content::CharDev(major, minor) => Kind::CharDev {
-                major: *major,
-                minor: *minor,
-            },
-            Content::BlockDev(major, minor) => Kind::BlockDev {
-                major: *major,
-                minor: *minor,
-            },
-            Content::Fifo => Kind::Fifo,
-        };
-        let header = Header {
-            name: path.clone(),
-            kind,
-            perm: node.perm,
-            uid: node.uid,
-            gid: node.gid,
-            mtime,
-        };
-        match &node.content {
-            Content::HostFile { path: host, .. } => {
-                let mut f = File::open(host)
-                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", host.display())))?;
-                w.entry(&header, Some(&mut f))?;
-            }
-            Content::Bytes(b) => {
-                let mut r: &[u8] = b;
-                w.entry(&header, Some(&mut r))?;
-            }
-            _ => w.entry(&header, None)?,
-        }
-    }
-    w.finish()
+/// What goes into an archive.
+#[derive(Debug, Clone, Copy)]
+pub struct Archive<'a> {
+    /// The input tree (none: the additions alone).
+    pub input: Option<&'a Path>,
+    /// The bake's additions, resolved against `input`.
+    pub additions: &'a Additions,
+    /// Keep the owners (else every entry is root's).
+    pub keep_owners: bool,
+    /// Every entry's mtime.
+    pub mtime: u32,
+    /// The compression of the archive.
+    pub compression: Compression,
+    /// Where entries and bytes written are counted.
+    pub progress: Option<&'a Progress>,
 }
 
-/// Builds the initramfs at `out`: written to a temporary file beside it, synced, then renamed,
-/// so `out` is either the complete new archive or untouched.
-pub fn build(spec: &Spec, out: &Path) -> Result<Summary, BuildError> {
-    let (tree, modules) = assemble(spec)?;
-    let out_err = |source| BuildError::Output {
+/// What was written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ArchiveSummary {
+    /// Entries in the archive.
+    pub entries: u64,
+    /// Bytes of file contents.
+    pub bytes: u64,
+}
+
+/// Writes the archive at `out` (created, 0644; not synced), the input and the additions
+/// merged: an addition hides the input's entry of the same path; a directory in both is
+/// written once, with the addition's attributes (the input's, see [`crate::additions`]).
+pub fn write_archive(a: &Archive<'_>, out: &Path) -> Result<ArchiveSummary, ArchiveError> {
+    let err = |source| ArchiveError::Output {
         path: out.to_owned(),
         source,
     };
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(".bootlace-image.")
-        .tempfile_in(dir)
-        .map_err(out_err)?;
-    {
-        let buf = BufWriter::new(tmp.as_file());
-        match spec.compression {
-            Compression::None => {
-                write_cpio(&tree, spec.mtime, buf)
-                    .and_then(|mut b| b.flush())
-                    .map_err(out_err)?;
-            }
-            Compression::Gzip => {
-                let gz = flate2::GzBuilder::new()
-                    .mtime(0)
-                    .operating_system(3)
-                    .write(buf, flate2::Compression::default());
-                write_cpio(&tree, spec.mtime, gz)
-                    .and_then(|gz| gz.finish())
-                    .and_then(|mut b| b.flush())
-                    .map_err(out_err)?;
-            }
+    let file = File::create(out).map_err(err)?;
+    let buf = BufWriter::with_capacity(1 << 20, file);
+    let (buf, summary) = match a.compression {
+        Compression::None => write_entries(a, out, buf)?,
+        Compression::Gzip => {
+            let gz = flate2::GzBuilder::new()
+                .mtime(0)
+                .operating_system(3)
+                .write(buf, flate2::Compression::default());
+            let (gz, s) = write_entries(a, out, gz)?;
+            (gz.finish().map_err(err)?, s)
         }
-    }
-    tmp.as_file().sync_all().map_err(out_err)?;
-    let bytes = tmp.as_file().metadata().map_err(out_err)?.len();
-    set_mode(tmp.path(), 0o644).map_err(out_err)?;
-    tmp.persist(out).map_err(|e| out_err(e.error))?;
-    Ok(Summary {
-        entries: tree.len(),
-        bytes,
-        modules,
+        Compression::Zstd => {
+            let mut enc = zstd::stream::write::Encoder::new(buf, ZSTD_LEVEL).map_err(err)?;
+            enc.include_checksum(true).map_err(err)?;
+            let (enc, s) = write_entries(a, out, enc)?;
+            (enc.finish().map_err(err)?, s)
+        }
+    };
+    drop(buf.into_inner().map_err(|e| err(e.into_error()))?);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o644)).map_err(err)?;
+    Ok(summary)
+}
+
+/// One entry of an input directory: its name and `lstat`.
+struct Listed {
+    cname: CString,
+    name: String,
+    st: rustix::fs::Stat,
+}
+
+/// The merge of an input directory and the additions, written as it goes.
+struct Merge<'a, W: Write> {
+    a: &'a Archive<'a>,
+    /// The archive, for messages.
+    out: &'a Path,
+    w: cpio::Writer<W>,
+    summary: ArchiveSummary,
+}
+
+fn write_entries<W: Write>(
+    a: &Archive<'_>,
+    path: &Path,
+    out: W,
+) -> Result<(W, ArchiveSummary), ArchiveError> {
+    let mut m = Merge {
+        a,
+        out: path,
+        w: cpio::Writer::new(out),
+        summary: ArchiveSummary::default(),
+    };
+    let root = match a.input {
+        Some(p) => Some(open_dir(None, p).map_err(|e| m.read_err("", e))?),
+        None => None,
+    };
+    m.dir(root, "")?;
+    let (path, summary) = (m.out, m.summary);
+    let w = m.w.finish().map_err(|source| ArchiveError::Output {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok((w, summary))
+}
+
+fn open_dir(dir: Option<&OwnedFd>, name: impl rustix::path::Arg) -> io::Result<OwnedFd> {
+    let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    Ok(match dir {
+        Some(d) => rustix::fs::openat(d, name, flags, Mode::empty())?,
+        None => rustix::fs::open(name, flags, Mode::empty())?,
     })
 }
 
-fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-}
+impl<W: Write> Merge<'_, W> {
+    fn host(&self, rel: &str) -> PathBuf {
+        self.a.input.unwrap_or(Path::new("")).join(rel)
+    }
 
-/// SOURCE_DATE_EPOCH from the environment, or 0.
-pub fn source_date_epoch() -> Result<u32, String> {
-    match std::env::var("SOURCE_DATE_EPOCH") {
-        Err(_) => Ok(0),
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| format!("SOURCE_DATE_EPOCH={v:?} is not a timestamp (seconds, u32)")),
+    fn read_err(&self, rel: &str, source: io::Error) -> ArchiveError {
+        ArchiveError::Read {
+            path: self.host(rel),
+            source,
+        }
+    }
+
+    fn out_err(&self, source: io::Error) -> ArchiveError {
+        ArchiveError::Output {
+            path: self.out.to_owned(),
+            source,
+        }
+    }
+
+    /// The input's entries in `dir` (at `rel`), sorted by name.
+    fn list(&self, dir: &OwnedFd, rel: &str) -> Result<Vec<Listed>, ArchiveError> {
+        let err = |e: rustix::io::Errno| self.read_err(rel, e.into());
+        let mut names = Vec::new();
+        for entry in rustix::fs::Dir::read_from(dir).map_err(err)? {
+            let n = entry.map_err(err)?.file_name().to_owned();
+            if n.as_bytes() != b"." && n.as_bytes() != b".." {
+                names.push(n);
+            }
+        }
+        names.sort();
+        names
+            .into_iter()
+            .map(|cname| {
+                let Ok(name) = cname.to_str().map(str::to_owned) else {
+                    let shown = join(rel, &cname.to_string_lossy());
+                    return Err(ArchiveError::Name {
+                        path: self.host(&shown),
+                    });
+                };
+                let st = rustix::fs::statat(dir, cname.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| self.read_err(&join(rel, &name), e.into()))?;
+                Ok(Listed { cname, name, st })
+            })
+            .collect()
+    }
+
+    /// Writes directory `rel`: the input's entries (from `dir`) and the additions, by name.
+    fn dir(&mut self, dir: Option<OwnedFd>, rel: &str) -> Result<(), ArchiveError> {
+        let listed = match &dir {
+            Some(d) => self.list(d, rel)?,
+            None => Vec::new(),
+        };
+        let additions = self.a.additions;
+        let mut added = additions.children(rel).into_iter().flatten().peekable();
+        let mut listed = listed.into_iter().peekable();
+        loop {
+            let order = match (listed.peek(), added.peek()) {
+                (None, None) => return Ok(()),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(l), Some((n, _))) => l.name.as_str().cmp(n.as_str()),
+            };
+            let input = if order.is_le() { listed.next() } else { None };
+            let addition = if order.is_ge() { added.next() } else { None };
+            match (input, addition) {
+                (Some(l), None) => self.input_entry(dir.as_ref(), rel, l)?,
+                (l, Some((name, node))) => {
+                    let path = join(rel, name);
+                    self.added_entry(&path, node)?;
+                    if node.content == Content::Dir {
+                        // The input's directory of the same name is merged in.
+                        let sub = match (&dir, l) {
+                            (Some(d), Some(l))
+                                if FileType::from_raw_mode(l.st.st_mode).is_dir() =>
+                            {
+                                Some(open_dir(Some(d), name).map_err(|e| self.read_err(&path, e))?)
+                            }
+                            _ => None,
+                        };
+                        self.dir(sub, &path)?;
+                    }
+                }
+                (None, None) => return Ok(()),
+            }
+        }
+    }
+
+    fn header(&self, name: String, kind: Kind, mode: u32, uid: u32, gid: u32) -> Header {
+        let (uid, gid) = if self.a.keep_owners {
+            (uid, gid)
+        } else {
+            (0, 0)
+        };
+        Header {
+            name,
+            kind,
+            perm: mode & 0o7777,
+            uid,
+            gid,
+            mtime: self.a.mtime,
+        }
+    }
+
+    fn emit(&mut self, h: &Header, data: Option<&mut dyn io::Read>) -> Result<(), ArchiveError> {
+        self.w.entry(h, data).map_err(|e| self.out_err(e))?;
+        self.summary.entries += 1;
+        let size = match h.kind {
+            Kind::File { size } => size,
+            _ => 0,
+        };
+        self.summary.bytes += size;
+        if let Some(p) = self.a.progress {
+            p.add_entries(1);
+            p.add_bytes(size);
+        }
+        Ok(())
+    }
+
+    /// An entry of the input (and, for a directory, everything under it).
+    fn input_entry(
+        &mut self,
+        dir: Option<&OwnedFd>,
+        rel: &str,
+        l: Listed,
+    ) -> Result<(), ArchiveError> {
+        let Some(dir) = dir else { return Ok(()) };
+        let path = join(rel, &l.name);
+        let st = &l.st;
+        let h = |kind| self.header(path.clone(), kind, st.st_mode, st.st_uid, st.st_gid);
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                let sub = open_dir(Some(dir), &l.name).map_err(|e| self.read_err(&path, e))?;
+                let header = h(Kind::Dir);
+                self.emit(&header, None)?;
+                self.dir(Some(sub), &path)?;
+            }
+            FileType::RegularFile => {
+                let fd = rustix::fs::openat(
+                    dir,
+                    l.cname.as_c_str(),
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| self.read_err(&path, e.into()))?;
+                let header = h(Kind::File {
+                    size: st.st_size as u64,
+                });
+                let mut f = File::from(fd);
+                self.emit(&header, Some(&mut f))?;
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(dir, l.cname.as_c_str(), Vec::new())
+                    .map_err(|e| self.read_err(&path, e.into()))?
+                    .into_string()
+                    .map_err(|_| ArchiveError::Name {
+                        path: self.host(&path),
+                    })?;
+                let header = h(Kind::Symlink { target });
+                self.emit(&header, None)?;
+            }
+            ft @ (FileType::CharacterDevice | FileType::BlockDevice) => {
+                let (major, minor) = (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev));
+                let header = h(if ft == FileType::CharacterDevice {
+                    Kind::CharDev { major, minor }
+                } else {
+                    Kind::BlockDev { major, minor }
+                });
+                self.emit(&header, None)?;
+            }
+            FileType::Fifo => {
+                let header = h(Kind::Fifo);
+                self.emit(&header, None)?;
+            }
+            _ => log::warn!("skipping socket {}", self.host(&path).display()),
+        }
+        Ok(())
+    }
+
+    /// An addition (a directory's contents are written by the caller).
+    fn added_entry(&mut self, path: &str, node: &Node) -> Result<(), ArchiveError> {
+        let m = &node.meta;
+        let h = |kind| self.header(path.to_owned(), kind, m.mode, m.uid, m.gid);
+        match &node.content {
+            Content::Dir => self.emit(&h(Kind::Dir), None),
+            Content::Bytes(b) => {
+                let header = h(Kind::File {
+                    size: b.len() as u64,
+                });
+                self.emit(&header, Some(&mut &b[..]))
+            }
+            Content::HostFile(host) => {
+                let read_err = |source| ArchiveError::Read {
+                    path: host.clone(),
+                    source,
+                };
+                let mut f = File::open(host).map_err(read_err)?;
+                let size = f.metadata().map_err(read_err)?.len();
+                let header = h(Kind::File { size });
+                self.emit(&header, Some(&mut f))
+            }
+            Content::Symlink(t) => self.emit(&h(Kind::Symlink { target: t.clone() }), None),
+            Content::CharDev(major, minor) => {
+                let header = h(Kind::CharDev {
+                    major: *major,
+                    minor: *minor,
+                });
+                self.emit(&header, None)
+            }
+        }
     }
 }

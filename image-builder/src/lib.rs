@@ -1,23 +1,33 @@
 //! bootlace-image: bakes `bootlace-init` into images.
 //!
 //! Modules:
-//! - [`bundle`]: bootstrap bundles (validated) as disk images or directories;
-//! - [`cpio`]: the newc archive format (writer and reader);
-//! - [`tree`]: the in-memory file tree being baked, with in-tree path resolution;
-//! - [`initramfs`]: rootfs + init + config + modules -> a reproducible initramfs;
-//! - [`fsimage`]: a directory -> a reproducible, labelled ext4 or erofs image (mke2fs, mkfs.erofs),
-//!   a squashfs image (mksquashfs), a qcow2 of a raw image (qemu-img);
-//! - [`stage`]: a root filesystem staged on disk from a directory, tarballs or layers, confined;
+//! - [`bake`]: `bootlace-image bake` in five steps: validate, stage the input, add the init
+//!   payload, make the image, publish;
+//! - [`additions`]: what a bake adds (mount points, init, config, modules), resolved through
+//!   the input's own symlinks;
+//! - [`stage`]: a root filesystem staged on disk from a tarball, layers or a directory mirror,
+//!   confined; a directory input's digest;
+//! - [`overlay`]: the read-only overlay mount of the additions over a directory input;
 //! - [`oci`]: OCI image layouts (index, manifest, layers; digests checked) and the layer cache;
-//! - [`bake`]: `bootlace-image bake`: input -> staged root + init + config + modules -> image.
+//! - [`initramfs`]: the kernel modules an image gets; the newc archive written from the input
+//!   and the additions merged;
+//! - [`cpio`]: the newc archive format (writer and reader);
+//! - [`fsimage`]: a directory -> a reproducible, labelled ext4 or erofs image (mke2fs,
+//!   mkfs.erofs), a squashfs image (mksquashfs), a qcow2 of a raw image (qemu-img);
+//! - [`bundle`]: bootstrap bundles (validated) as disk images, directories or tarballs;
+//! - [`progress`]: counters of long work and the once-a-second progress line;
+//! - [`path`]: the one path normaliser.
 
 #![deny(unsafe_code)]
 
+pub mod additions;
 pub mod bake;
 pub mod bundle;
 pub mod cpio;
 pub mod fsimage;
 pub mod initramfs;
 pub mod oci;
+pub mod overlay;
+pub mod path;
+pub mod progress;
 pub mod stage;
-pub mod tree;

@@ -1,23 +1,44 @@
-//! `bootlace-image`: the image builder's command line.
+//! `bootlace-image`: the image builder's command line. Each command parses its flags into the
+//! library's typed values, calls the library, and prints the result (text, or one JSON object
+//! with `--json`). Exit status: 0 done; 1 refused or failed (nothing is left at the output);
+//! 2 a usage error (clap).
 
-use std::path::PathBuf;
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
+use bootlace_contract::compression::{sniff, Compression};
 use bootlace_contract::config::{
     self, parse_command, Command, ExecString, FailurePolicy, HandoffMode, HostAddress, InitConfig,
     LogLevel, ModuleName, Overrides, Sha256Digest, Source,
 };
-use bootlace_image::initramfs::{self, Compression, Modules, Spec};
+use bootlace_contract::fs::FsType;
+use bootlace_image::bake::{self, BakeSpec, Format, Report, StagingMode};
+use bootlace_image::bundle::{self, BundleFormat, BundleSummary};
+use bootlace_image::initramfs::Modules;
+use bootlace_image::progress::{self, Progress, Ticker};
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// The exit statuses, shown under every command's `--help`.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  done
+  1  refused or failed (the error says what; nothing is left at the output)
+  2  usage error (unknown flag or value)";
 
 #[derive(Parser, Debug)]
 #[command(
     name = "bootlace-image",
     version,
-    about = "Bake bootlace-init into images"
+    about = "Bake bootlace-init into images",
+    after_help = EXIT_STATUS
 )]
 struct Cli {
+    /// Log what the builder chooses (how the input is staged, …) on stderr.
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -27,13 +48,19 @@ enum Cmd {
     /// Bake the init, its config and kernel modules into a root filesystem image (initramfs,
     /// erofs, ext4, squashfs, qcow2) from a directory, a tarball or an OCI layout; writes
     /// <out>.meta.json beside it.
+    #[command(after_help = EXIT_STATUS)]
     Bake(Box<BakeArgs>),
-    /// Build an initramfs (newc cpio) from a rootfs directory, the init and kernel modules.
+    /// `bake --format initramfs` (the older spelling, its flags kept: --rootfs for --input,
+    /// --keep-owners, which is now the default).
+    #[command(after_help = EXIT_STATUS)]
     Initramfs(Box<InitramfsArgs>),
-    /// Build a bootstrap bundle from a directory holding bootlace.toml: a labelled disk image
-    /// or a directory for a 9p share. The manifest is validated as the init will.
+    /// Build a bootstrap bundle from a directory holding bootlace.toml: a labelled disk image,
+    /// a directory for a 9p share, or a tarball for vsock. The manifest is validated as the
+    /// init will.
+    #[command(after_help = EXIT_STATUS)]
     Bundle(BundleArgs),
     /// List the entries of an initramfs (newc, plain, gzip or zstd).
+    #[command(after_help = EXIT_STATUS)]
     List {
         /// The archive.
         file: PathBuf,
@@ -52,6 +79,31 @@ enum BundleFormatArg {
     TarZst,
 }
 
+impl From<BundleFormatArg> for BundleFormat {
+    fn from(a: BundleFormatArg) -> BundleFormat {
+        match a {
+            BundleFormatArg::DiskExt4 => BundleFormat::DiskExt4,
+            BundleFormatArg::DiskErofs => BundleFormat::DiskErofs,
+            BundleFormatArg::Dir => BundleFormat::Dir,
+            BundleFormatArg::Tar => BundleFormat::Tar,
+            BundleFormatArg::TarGz => BundleFormat::TarGz,
+            BundleFormatArg::TarZst => BundleFormat::TarZst,
+        }
+    }
+}
+
+/// How a command reports: text or JSON on stdout, a progress line on stderr.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct ReportArgs {
+    /// Print the result as one JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+    /// No progress line and no notes on stderr (the progress line is only drawn when stderr
+    /// is a terminal).
+    #[arg(long, short)]
+    quiet: bool,
+}
+
 #[derive(clap::Args, Debug)]
 struct BundleArgs {
     /// The bundle directory (bootlace.toml at its root).
@@ -59,21 +111,17 @@ struct BundleArgs {
     /// Output format.
     #[arg(long, value_enum)]
     format: BundleFormatArg,
-    /// Output file (disk formats) or directory (dir).
+    /// Output file (disk formats, tarballs) or directory (dir).
     #[arg(long, short)]
     out: PathBuf,
     /// Filesystem label the init looks for.
     #[arg(long, default_value = "BOOTLACE")]
     label: String,
+    #[command(flatten)]
+    report: ReportArgs,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
-enum Compress {
-    None,
-    Gzip,
-}
-
-/// The config flags shared by `initramfs` and `bake`: each is parsed into its typed value by
+/// The config flags shared by `bake` and `initramfs`: each is parsed into its typed value by
 /// the contract's own parser, so a bad value is refused here with the same message the init
 /// would give.
 #[derive(clap::Args, Debug)]
@@ -150,12 +198,13 @@ impl ConfigArgs {
 struct BakeArgs {
     /// Output format: initramfs, erofs, ext4, squashfs or qcow2.
     #[arg(long)]
-    format: String,
+    format: Format,
     /// Output file (written atomically; <out>.meta.json goes beside it).
     #[arg(long, short)]
     out: PathBuf,
     /// The root filesystem: a directory, a tarball (tar, tar.gz, tar.zst: detected by its
-    /// first bytes) or an OCI image layout (a directory with an oci-layout file).
+    /// first bytes) or an OCI image layout (a directory with an oci-layout file). Optional for
+    /// an initramfs (the init alone boots); none with --stage1.
     #[arg(long)]
     input: Option<PathBuf>,
     /// The manifest to use in an OCI layout with several (org.opencontainers.image.ref.name).
@@ -173,9 +222,10 @@ struct BakeArgs {
     /// /etc,/var,/tmp,/home for erofs, squashfs and qcow2 of erofs; none otherwise).
     #[arg(long)]
     writable: Option<String>,
-    /// Filesystem label of erofs/ext4 root images (erofs: at most 15 bytes, ext4: 16).
-    #[arg(long, default_value = "bootlace-root")]
-    root_label: String,
+    /// Filesystem label of erofs/ext4 root images and of the filesystem in a qcow2 (erofs: at
+    /// most 15 bytes, ext4: 16; default bootlace-root). Refused for initramfs and squashfs.
+    #[arg(long)]
+    root_label: Option<String>,
     /// A stage-1 initramfs: the init loads the block and filesystem modules, mounts the real
     /// root and switches to it (no --input).
     #[arg(long)]
@@ -184,12 +234,16 @@ struct BakeArgs {
     /// the kernel command line may give it instead).
     #[arg(long)]
     root: Option<String>,
-    /// Initramfs compression.
-    #[arg(long, value_parser = ["gzip", "zstd", "none"], default_value = "gzip")]
-    compress: String,
-    /// The filesystem inside a qcow2 image.
-    #[arg(long, value_parser = ["erofs", "ext4"], default_value = "erofs")]
-    qcow2_fs: String,
+    /// Initramfs compression: gzip (default), zstd or none. Refused for other formats.
+    #[arg(long, value_name = "gzip|zstd|none")]
+    compress: Option<Compression>,
+    /// The filesystem inside a qcow2 image: erofs (default) or ext4. Refused for other formats.
+    #[arg(long, value_name = "erofs|ext4")]
+    qcow2_fs: Option<FsType>,
+    /// How a directory input is staged for the disk formats: auto (a read-only overlay of the
+    /// additions over the input when root can mount one, else a mirror) or mirror.
+    #[arg(long, default_value = "auto", value_name = "auto|mirror")]
+    staging: StagingMode,
     /// Image name for the metadata (default: the output file's stem).
     #[arg(long)]
     name: Option<String>,
@@ -206,35 +260,81 @@ struct BakeArgs {
     /// Make every file root-owned (default: keep the input's owners).
     #[arg(long)]
     all_root: bool,
+    #[command(flatten)]
+    report: ReportArgs,
 }
 
 #[derive(clap::Args, Debug)]
 struct InitramfsArgs {
-    /// Output file (written atomically).
+    /// Output file (written atomically; <out>.meta.json goes beside it).
     #[arg(long, short)]
     out: PathBuf,
-    /// Root filesystem directory to include.
-    #[arg(long)]
-    rootfs: Option<PathBuf>,
+    /// Root filesystem to include: a directory, a tarball or an OCI layout (optional: the init
+    /// alone boots).
+    #[arg(long, visible_alias = "rootfs")]
+    input: Option<PathBuf>,
     /// The bootlace-init binary to install as /sbin/bootlace-init (and /init).
     #[arg(long)]
     init: PathBuf,
     #[command(flatten)]
     cfg: ConfigArgs,
-    /// Archive compression.
-    #[arg(long, value_enum, default_value_t = Compress::Gzip)]
-    compress: Compress,
-    /// Keep the rootfs owners (default: everything owned by root).
-    #[arg(long)]
+    /// Archive compression: gzip (default), zstd or none.
+    #[arg(long, value_name = "gzip|zstd|none")]
+    compress: Option<Compression>,
+    /// Keep the input's owners: the default now (accepted for older scripts).
+    #[arg(long, conflicts_with = "all_root")]
     keep_owners: bool,
+    /// Make every file root-owned.
+    #[arg(long)]
+    all_root: bool,
+    #[command(flatten)]
+    report: ReportArgs,
+}
+
+/// Writes warnings (and with `--verbose`, what the builder chose) on stderr.
+#[derive(Debug)]
+struct StderrLogger;
+
+static LOGGER: StderrLogger = StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level() && m.target().starts_with("bootlace")
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let level = match r.level() {
+                log::Level::Error => "error: ",
+                log::Level::Warn => "warning: ",
+                _ => "",
+            };
+            progress::note(&format!("bootlace-image: {level}{}", r.args()));
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(if cli.verbose {
+            log::LevelFilter::Info
+        } else {
+            log::LevelFilter::Warn
+        });
+    }
+    // With panic = "abort" no destructor runs: unmount a bake's overlay here.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        bootlace_image::overlay::unmount_all();
+        default_hook(info);
+    }));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bootlace-image: error: {e:#}");
+            progress::note(&format!("bootlace-image: error: {e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -242,8 +342,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Bake(a) => bake_cmd(*a),
-        Cmd::Initramfs(a) => initramfs_cmd(*a),
+        Cmd::Bake(a) => {
+            let report = a.report;
+            run_bake(&bake_spec(*a)?, report)
+        }
+        Cmd::Initramfs(a) => {
+            let report = a.report;
+            run_bake(&initramfs_spec(*a)?, report)
+        }
         Cmd::List { file } => list(&file),
         Cmd::Bundle(a) => bundle_cmd(a),
     }
@@ -304,91 +410,123 @@ fn modules_for(
     }))
 }
 
-fn initramfs_cmd(a: InitramfsArgs) -> anyhow::Result<()> {
+/// `--writable`: comma-separated, or `none`.
+fn writable(w: &str) -> Vec<String> {
+    if w == "none" {
+        return Vec::new();
+    }
+    w.split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The layer cache: `--cache`, the default directory, or none with `--no-cache`.
+fn layer_cache(cache: Option<PathBuf>, no_cache: bool) -> Option<PathBuf> {
+    if no_cache {
+        None
+    } else {
+        cache.or_else(bootlace_image::oci::LayerCache::default_dir)
+    }
+}
+
+fn bake_spec(a: BakeArgs) -> anyhow::Result<BakeSpec> {
     let config = build_config(&a.cfg)?;
-    let modules = modules_for(&a.cfg, &config, false)?;
-    let spec = Spec {
-        rootfs: a.rootfs.clone(),
-        init: a.init.clone(),
-        config,
-        modules,
-        keep_owners: a.keep_owners,
-        mtime: initramfs::source_date_epoch().map_err(|e| anyhow!(e))?,
-        compression: match a.compress {
-            Compress::None => Compression::None,
-            Compress::Gzip => Compression::Gzip,
-        },
-    };
-    let summary = initramfs::build(&spec, &a.out)?;
-    println!(
-        "wrote {}: {} entries, {} bytes ({}), init {}, modules: {}",
-        a.out.display(),
-        summary.entries,
-        summary.bytes,
-        match spec.compression {
-            Compression::None => "newc",
-            Compression::Gzip => "newc+gzip",
-        },
-        config::CONFIG_PATH,
-        if summary.modules.is_empty() {
-            "none".to_owned()
-        } else {
-            summary.modules.join(" ")
+    let mut spec = BakeSpec::new(a.format, a.out, a.input, a.init);
+    spec.modules = modules_for(&a.cfg, &config, a.stage1)?;
+    spec.config = config;
+    spec.oci_ref = a.oci_ref;
+    spec.init_path = a.init_path;
+    spec.writable = a.writable.as_deref().map(writable);
+    spec.stage1 = a.stage1;
+    spec.stage1_root = a.root;
+    spec.all_root = a.all_root;
+    spec.label = a.root_label;
+    spec.compress = a.compress;
+    spec.qcow2_fs = a.qcow2_fs;
+    spec.staging = a.staging;
+    spec.name = a.name;
+    spec.version = a.image_version;
+    spec.cache = layer_cache(a.cache, a.no_cache);
+    spec.mtime = bake::source_date_epoch()?;
+    Ok(spec)
+}
+
+/// `initramfs`: `bake --format initramfs` with bake's defaults.
+fn initramfs_spec(a: InitramfsArgs) -> anyhow::Result<BakeSpec> {
+    let config = build_config(&a.cfg)?;
+    let mut spec = BakeSpec::new(Format::Initramfs, a.out, a.input, a.init);
+    spec.modules = modules_for(&a.cfg, &config, false)?;
+    spec.config = config;
+    spec.all_root = a.all_root;
+    spec.compress = a.compress;
+    spec.cache = layer_cache(None, false);
+    spec.mtime = bake::source_date_epoch()?;
+    Ok(spec)
+}
+
+/// Starts the progress line when stderr is a terminal and `--quiet` is not given.
+fn ticker(progress: &Arc<Progress>, r: ReportArgs) -> Option<Ticker> {
+    (!r.quiet && std::io::stderr().is_terminal())
+        .then(|| Ticker::start(Arc::clone(progress), "bootlace-image: "))
+}
+
+fn run_bake(spec: &BakeSpec, r: ReportArgs) -> anyhow::Result<()> {
+    let progress = Arc::new(Progress::new());
+    let ticker = ticker(&progress, r);
+    let report = bake::bake_with(spec, &progress, &mut |line| {
+        if !r.quiet {
+            progress::note(&format!("bootlace-image: {line}"));
         }
-    );
+    });
+    drop(ticker);
+    let report = report?;
+    if r.json {
+        println!("{}", bake_json(&spec.out, &report));
+    } else {
+        print_bake(&spec.out, &report);
+    }
     Ok(())
 }
 
-fn bake_cmd(a: BakeArgs) -> anyhow::Result<()> {
-    use bootlace_image::bake::{self, BakeSpec, Compression as C, Format};
-    let format: Format = a.format.parse()?;
-    let config = build_config(&a.cfg)?;
-    let modules = modules_for(&a.cfg, &config, a.stage1)?;
-    let mut spec = BakeSpec::new(format, a.out.clone(), a.input.clone(), a.init.clone());
-    spec.oci_ref = a.oci_ref.clone();
-    spec.init_path = a.init_path.clone();
-    spec.config = config;
-    spec.writable = a.writable.as_deref().map(|w| {
-        if w == "none" {
-            Vec::new()
-        } else {
-            w.split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect()
-        }
-    });
-    spec.stage1 = a.stage1;
-    spec.stage1_root = a.root.clone();
-    spec.modules = modules;
-    spec.all_root = a.all_root;
-    spec.label = a.root_label.clone();
-    spec.compress = match a.compress.as_str() {
-        "zstd" => C::Zstd,
-        "none" => C::None,
-        _ => C::Gzip,
-    };
-    spec.qcow2_fs = a.qcow2_fs.parse().map_err(|e: String| anyhow!(e))?;
-    spec.name = a.name.clone();
-    spec.version = a.image_version.clone();
-    spec.cache = if a.no_cache {
-        None
-    } else {
-        a.cache
-            .clone()
-            .or_else(bootlace_image::oci::LayerCache::default_dir)
-    };
-    spec.mtime = u64::from(initramfs::source_date_epoch().map_err(|e| anyhow!(e))?);
-    let report = bake::bake(&spec, &mut |line| eprintln!("bootlace-image: {line}"))?;
+/// The bake's result as one JSON object: the metadata, where it went, how it was staged, the
+/// times and what staging placed.
+fn bake_json(out: &Path, r: &Report) -> serde_json::Value {
+    let layers: Vec<serde_json::Value> = r
+        .layers
+        .iter()
+        .map(|(digest, cached)| serde_json::json!({"digest": digest, "cached": cached}))
+        .collect();
+    let s = r.input_stats;
+    serde_json::json!({
+        "image": out,
+        "meta_path": r.meta_path,
+        "meta": r.meta,
+        "staging": r.staging,
+        "layers": layers,
+        "times": {
+            "staging_s": r.staging_time.as_secs_f64(),
+            "image_s": r.image_time.as_secs_f64(),
+            "finish_s": r.finish_time.as_secs_f64(),
+        },
+        "stats": {
+            "entries": s.entries,
+            "linked": s.linked,
+            "copied": s.copied,
+            "bytes": s.bytes,
+            "whiteouts": s.whiteouts,
+        },
+    })
+}
+
+fn print_bake(out: &Path, report: &Report) {
     let m = &report.meta;
+    let fs = m.fstype.filter(|f| f.as_str() != m.format.as_str());
     println!(
         "wrote {} ({}{}{}, {} bytes) sha256:{}",
-        a.out.display(),
+        out.display(),
         m.format,
-        m.fstype
-            .filter(|f| f.as_str() != m.format.as_str())
-            .map(|f| format!(" of {f}"))
-            .unwrap_or_default(),
+        fs.map(|f| format!(" of {f}")).unwrap_or_default(),
         m.label
             .as_deref()
             .map(|l| format!(", label {l}"))
@@ -400,46 +538,14 @@ fn bake_cmd(a: BakeArgs) -> anyhow::Result<()> {
         println!("  input: {:?} {} {}", i.kind, i.path, i.digest);
     }
     let s = report.input_stats;
+    println!("  staging: {}", report.staging.as_str());
     if s.entries > 0 {
         println!(
             "  staged: {} entries ({} files hard-linked, {} written, {} bytes, {} whiteouts)",
             s.entries, s.linked, s.copied, s.bytes, s.whiteouts
         );
     }
-    println!(
-        "  init: {} (version {}, sha256 {}), config {}",
-        m.init.path,
-        m.init.version,
-        m.init.sha256,
-        config::CONFIG_PATH
-    );
-    println!(
-        "  {}; writable: {}",
-        if m.stage1 {
-            "stage 1: mounts the real root and switches to it".to_owned()
-        } else if m.read_only {
-            "read-only root".to_owned()
-        } else {
-            "read-write root".to_owned()
-        },
-        if m.writable.is_empty() {
-            "none".to_owned()
-        } else {
-            m.writable.join(" ")
-        }
-    );
-    println!(
-        "  modules: {}{}",
-        m.kernel_release
-            .as_deref()
-            .map(|r| format!("{r}: "))
-            .unwrap_or_default(),
-        if m.modules.is_empty() {
-            "none".to_owned()
-        } else {
-            m.modules.join(" ")
-        }
-    );
+    print_contents(m);
     println!(
         "  metadata: {} (name {}, version {}); staging {:.2} s, image {:.2} s, hash+sync {:.2} s",
         report.meta_path.display(),
@@ -449,25 +555,58 @@ fn bake_cmd(a: BakeArgs) -> anyhow::Result<()> {
         report.image_time.as_secs_f64(),
         report.finish_time.as_secs_f64()
     );
-    Ok(())
+}
+
+/// The init, the root's kind and the modules, as the bake summary prints them.
+fn print_contents(m: &bootlace_contract::image::ImageMeta) {
+    let none_or = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(" ")
+        }
+    };
+    println!(
+        "  init: {} (version {}, sha256 {}), config {}",
+        m.init.path,
+        m.init.version,
+        m.init.sha256,
+        config::CONFIG_PATH
+    );
+    let root = if m.stage1 {
+        "stage 1: mounts the real root and switches to it"
+    } else if m.read_only {
+        "read-only root"
+    } else {
+        "read-write root"
+    };
+    println!("  {root}; writable: {}", none_or(&m.writable));
+    println!(
+        "  modules: {}{}",
+        m.kernel_release
+            .as_deref()
+            .map(|r| format!("{r}: "))
+            .unwrap_or_default(),
+        none_or(&m.modules)
+    );
 }
 
 fn bundle_cmd(a: BundleArgs) -> anyhow::Result<()> {
-    use bootlace_image::bundle::{self, BundleFormat};
-    let format = match a.format {
-        BundleFormatArg::DiskExt4 => BundleFormat::DiskExt4,
-        BundleFormatArg::DiskErofs => BundleFormat::DiskErofs,
-        BundleFormatArg::Dir => BundleFormat::Dir,
-        BundleFormatArg::Tar => BundleFormat::Tar,
-        BundleFormatArg::TarGz => BundleFormat::TarGz,
-        BundleFormatArg::TarZst => BundleFormat::TarZst,
-    };
-    let mtime = u64::from(initramfs::source_date_epoch().map_err(|e| anyhow!(e))?);
-    let s = bundle::build(&a.dir, format, &a.label, mtime, &a.out)?;
+    let format = BundleFormat::from(a.format);
+    let mtime = bake::source_date_epoch()?;
+    let progress = Arc::new(Progress::new());
+    let ticker = ticker(&progress, a.report);
+    let s = bundle::build_with(&a.dir, format, &a.label, mtime, &a.out, &progress);
+    drop(ticker);
+    let s = s?;
+    if a.report.json {
+        println!("{}", bundle_json(&a.out, format, &a.label, &s));
+        return Ok(());
+    }
     println!(
-        "wrote {} ({:?}, label {}): manifest valid, {} files, {} commands, {} bytes",
+        "wrote {} ({}, label {}): manifest valid, {} files, {} commands, {} bytes",
         a.out.display(),
-        a.format,
+        format.as_str(),
         a.label,
         s.files,
         s.commands,
@@ -479,17 +618,36 @@ fn bundle_cmd(a: BundleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn list(file: &PathBuf) -> anyhow::Result<()> {
+/// The bundle's result as one JSON object.
+fn bundle_json(
+    out: &Path,
+    format: BundleFormat,
+    label: &str,
+    s: &BundleSummary,
+) -> serde_json::Value {
+    serde_json::json!({
+        "path": out,
+        "format": format.as_str(),
+        "label": label,
+        "files": s.files,
+        "commands": s.commands,
+        "bytes": s.bytes,
+        "sha256": s.sha256.as_ref().map(|d| format!("sha256:{d}")),
+    })
+}
+
+fn list(file: &Path) -> anyhow::Result<()> {
     let raw = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut out)
-            .with_context(|| format!("gunzip {}", file.display()))?;
-        out
-    } else if raw.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        zstd::stream::decode_all(&raw[..]).with_context(|| format!("unzstd {}", file.display()))?
-    } else {
-        raw
+    let bytes = match sniff(&raw) {
+        Compression::Gzip => {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(&raw[..]), &mut out)
+                .with_context(|| format!("gunzip {}", file.display()))?;
+            out
+        }
+        Compression::Zstd => zstd::stream::decode_all(&raw[..])
+            .with_context(|| format!("unzstd {}", file.display()))?,
+        Compression::None => raw,
     };
     for e in bootlace_image::cpio::read_all(&bytes)
         .with_context(|| format!("read {}", file.display()))?

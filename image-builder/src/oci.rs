@@ -20,9 +20,10 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
+use bootlace_contract::digest::{self, HashingReader};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
+use crate::progress::Progress;
 use crate::stage::{self, Confined, StageError, Writer};
 
 /// Largest index, manifest or config blob read into memory.
@@ -44,6 +45,15 @@ pub enum OciError {
         layout: PathBuf,
         /// What is wrong.
         message: String,
+    },
+    /// No manifest of the index could be chosen.
+    #[error("OCI layout {}", layout.display())]
+    Pick {
+        /// The layout directory.
+        layout: PathBuf,
+        /// Why.
+        #[source]
+        source: PickError,
     },
     /// A blob is missing or unreadable.
     #[error("OCI layout {}: blob {digest}", layout.display())]
@@ -165,22 +175,6 @@ pub struct Image {
     pub layers: Vec<Descriptor>,
 }
 
-/// A sha256 over everything read through it.
-struct Hashing<R> {
-    inner: R,
-    hash: Sha256,
-    bytes: u64,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-}
-
 fn parse_digest(layout: &Path, digest: &str) -> Result<PathBuf, OciError> {
     let bad = |m: String| OciError::Layout {
         layout: layout.to_owned(),
@@ -234,7 +228,10 @@ impl Image {
                     index.schema_version
                 )));
             }
-            let d = pick(&index.manifests, reference).map_err(bad)?;
+            let d = pick(&index.manifests, reference).map_err(|source| OciError::Pick {
+                layout: layout.to_owned(),
+                source,
+            })?;
             if INDEX_TYPES.contains(&d.media_type.as_str()) {
                 depth += 1;
                 if depth > 4 {
@@ -281,13 +278,21 @@ impl Image {
         &self,
         stage: &Confined,
         cache: Option<&LayerCache>,
+        progress: Option<&Progress>,
         report: &mut dyn FnMut(&str, bool),
     ) -> Result<(), OciError> {
+        let writer = |origin: String| {
+            let w = Writer::new(stage, origin, true);
+            match progress {
+                Some(p) => w.with_progress(p),
+                None => w,
+            }
+        };
         for layer in &self.layers {
             let origin = format!("layer {}", layer.digest);
             match cache {
                 None => {
-                    let mut w = Writer::new(stage, origin, true);
+                    let mut w = writer(origin);
                     self.unpack(layer, &mut w)?;
                     report(&layer.digest, false);
                 }
@@ -297,7 +302,7 @@ impl Image {
                         None => (cache.fill(self, layer)?, false),
                     };
                     let implicit = LayerCache::implicit(&dir)?;
-                    let mut w = Writer::new(stage, origin, true);
+                    let mut w = writer(origin);
                     stage::apply_dir(&mut w, &dir.join("tree"), &implicit)?;
                     report(&layer.digest, hit);
                 }
@@ -319,21 +324,14 @@ impl Image {
         if len != layer.size {
             return Err(self.mismatch(layer, "size", layer.size.to_string(), len.to_string()));
         }
-        let mut h = Hashing {
-            inner: BufReader::with_capacity(256 * 1024, file),
-            hash: Sha256::new(),
-            bytes: 0,
-        };
+        let mut h = HashingReader::new(BufReader::with_capacity(256 * 1024, file));
         let compression = layer_compression(&layer.media_type)
             .unwrap_or(bootlace_contract::compression::Compression::None);
         let origin = format!("layer {}", layer.digest);
         let result = unpack_stream(w, &mut h, compression, &origin);
         // Whatever happened, a digest mismatch is the clearer error: read the rest and check.
         let rest = io::copy(&mut h, &mut io::sink());
-        let actual = format!(
-            "sha256:{}",
-            bootlace_contract::digest::hex(&h.hash.finalize())
-        );
+        let actual = h.finish().0.to_string();
         if rest.is_ok() && actual != layer.digest {
             return Err(self.mismatch(layer, "digest", layer.digest.clone(), actual));
         }
@@ -376,7 +374,37 @@ pub fn unpack_stream<R: Read>(
     Ok(())
 }
 
-fn pick(manifests: &[Descriptor], reference: Option<&str>) -> Result<Descriptor, String> {
+/// Why no manifest could be picked from an index.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PickError {
+    /// No manifest has the ref name asked for.
+    #[error("no manifest named {name:?} (names: {names})")]
+    NoneNamed {
+        /// The name asked for.
+        name: String,
+        /// The names there are.
+        names: String,
+    },
+    /// Several have it, and not exactly one of them is for linux/amd64.
+    #[error("several manifests named {0:?}, none for linux/amd64")]
+    SeveralNamed(String),
+    /// The index lists nothing.
+    #[error("index.json lists no manifest")]
+    Empty,
+    /// Several manifests, no name asked for, not exactly one for linux/amd64.
+    #[error(
+        "index.json lists {count} manifests and none is the only linux/amd64 one: \
+         name one with --oci-ref (names: {names})"
+    )]
+    Ambiguous {
+        /// How many.
+        count: usize,
+        /// Their names.
+        names: String,
+    },
+}
+
+fn pick(manifests: &[Descriptor], reference: Option<&str>) -> Result<Descriptor, PickError> {
     let names = || {
         let n: Vec<&str> = manifests
             .iter()
@@ -395,23 +423,21 @@ fn pick(manifests: &[Descriptor], reference: Option<&str>) -> Result<Descriptor,
             .collect();
         return match found.as_slice() {
             [one] => Ok((*one).clone()),
-            [] => Err(format!("no manifest named {r:?} (names: {})", names())),
-            _ => prefer_amd64(&found)
-                .ok_or_else(|| format!("several manifests named {r:?}, none for linux/amd64")),
+            [] => Err(PickError::NoneNamed {
+                name: r.to_owned(),
+                names: names(),
+            }),
+            _ => prefer_amd64(&found).ok_or_else(|| PickError::SeveralNamed(r.to_owned())),
         };
     }
     match manifests {
-        [] => Err("index.json lists no manifest".to_owned()),
+        [] => Err(PickError::Empty),
         [one] => Ok(one.clone()),
         many => {
             let all: Vec<&Descriptor> = many.iter().collect();
-            prefer_amd64(&all).ok_or_else(|| {
-                format!(
-                    "index.json lists {} manifests and none is the only linux/amd64 one: \
-                     name one with --oci-ref (names: {})",
-                    many.len(),
-                    names()
-                )
+            prefer_amd64(&all).ok_or_else(|| PickError::Ambiguous {
+                count: many.len(),
+                names: names(),
             })
         }
     }
@@ -468,10 +494,7 @@ fn read_json_blob(layout: &Path, d: &Descriptor) -> Result<Vec<u8>, OciError> {
             bytes.len().to_string(),
         ));
     }
-    let actual = format!(
-        "sha256:{}",
-        bootlace_contract::digest::hex(&Sha256::digest(&bytes))
-    );
+    let actual = digest::of_bytes(&bytes).to_string();
     if actual != d.digest {
         return Err(mismatch("digest", d.digest.clone(), actual));
     }
@@ -616,7 +639,7 @@ mod tests {
         let one = [desc(Some("a"), None)];
         assert!(pick(&one, None).is_ok());
         assert!(pick(&one, Some("a")).is_ok());
-        let err = pick(&one, Some("b")).unwrap_err();
+        let err = pick(&one, Some("b")).unwrap_err().to_string();
         assert!(err.contains("names: a"), "{err}");
         let two = [
             desc(Some("x"), Some("arm64")),
@@ -625,7 +648,10 @@ mod tests {
         let d = pick(&two, None).expect("amd64");
         assert_eq!(d.annotations.get(REF_NAME).map(String::as_str), Some("y"));
         let two = [desc(Some("x"), None), desc(Some("y"), None)];
-        assert!(pick(&two, None).unwrap_err().contains("--oci-ref"));
+        assert!(pick(&two, None)
+            .unwrap_err()
+            .to_string()
+            .contains("--oci-ref"));
         assert!(pick(&[], None).is_err());
     }
 

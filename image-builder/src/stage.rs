@@ -37,6 +37,9 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, XattrFlags};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
+use crate::path::{join, normalise, split, Anchor};
+use crate::progress::Progress;
+
 /// Longest chain of symlinks followed while resolving one path.
 const MAX_LINK_HOPS: usize = 40;
 
@@ -215,48 +218,8 @@ pub struct Writer<'a> {
     /// Directories created because an entry needed them, not from an entry of their own.
     implicit: Vec<String>,
     stats: Stats,
-}
-
-fn split(path: &str) -> (&str, &str) {
-    match path.rsplit_once('/') {
-        Some((p, n)) => (p, n),
-        None => ("", path),
-    }
-}
-
-fn join(parent: &str, name: &str) -> String {
-    if parent.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{parent}/{name}")
-    }
-}
-
-/// Normalises an entry path from an archive: a leading `./` (or `/`-free `.` components) and a
-/// trailing `/` are dropped; `Ok(None)` for the root itself. Absolute paths, `..`, NUL and
-/// non-UTF-8 are refused, with the reason.
-pub fn normalise(raw: &[u8]) -> Result<Option<String>, String> {
-    let s = std::str::from_utf8(raw).map_err(|_| "the path is not UTF-8".to_owned())?;
-    if s.contains('\0') {
-        return Err("the path has a NUL byte".to_owned());
-    }
-    if s.starts_with('/') {
-        return Err("absolute paths are not allowed in a layer or tarball".to_owned());
-    }
-    let mut parts = Vec::new();
-    for c in s.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => return Err("`..` components are not allowed".to_owned()),
-            c if c.len() > 255 => return Err("a component is over 255 bytes".to_owned()),
-            c => parts.push(c),
-        }
-    }
-    if parts.is_empty() {
-        Ok(None)
-    } else {
-        Ok(Some(parts.join("/")))
-    }
+    /// Where entries and bytes placed are counted as they go.
+    progress: Option<&'a Progress>,
 }
 
 const STEP: ResolveFlags = ResolveFlags::BENEATH
@@ -324,7 +287,29 @@ impl<'a> Writer<'a> {
             parent_cache: None,
             implicit: Vec::new(),
             stats: Stats::default(),
+            progress: None,
         }
+    }
+
+    /// Counts what this writer places into `progress` too.
+    pub fn with_progress(mut self, progress: &'a Progress) -> Writer<'a> {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// One more entry placed.
+    fn placed(&mut self) {
+        self.stats.entries += 1;
+        if let Some(p) = self.progress {
+            p.add_entries(1);
+        }
+    }
+
+    /// Gives the tree's root directory this owner, mode and extended attributes.
+    pub fn set_root_meta(&mut self, meta: &Meta) -> Result<(), StageError> {
+        set_owner_mode(self.root.fd(), meta).map_err(self.io(".", "chown/chmod"))?;
+        set_xattrs(self.root.fd(), meta, ".");
+        Ok(())
     }
 
     /// What was placed so far.
@@ -509,7 +494,7 @@ impl<'a> Writer<'a> {
                     set_owner_mode(fd.as_fd(), meta).map_err(self.io(path, "chown/chmod"))?;
                     set_xattrs(fd.as_fd(), meta, path);
                     self.written.insert(path.to_owned());
-                    self.stats.entries += 1;
+                    self.placed();
                     return Ok(());
                 }
                 self.remove_all(pfd, name, path)?;
@@ -519,7 +504,7 @@ impl<'a> Writer<'a> {
         }
         self.create(pfd, name, path, kind, meta)?;
         self.written.insert(path.to_owned());
-        self.stats.entries += 1;
+        self.placed();
         Ok(())
     }
 
@@ -673,6 +658,9 @@ impl<'a> Writer<'a> {
         set_xattrs(file.as_fd(), meta, path);
         self.stats.copied += 1;
         self.stats.bytes += n;
+        if let Some(p) = self.progress {
+            p.add_bytes(n);
+        }
         Ok(())
     }
 
@@ -733,104 +721,117 @@ pub fn unpack_tar<R: Read>(w: &mut Writer<'_>, reader: R) -> Result<(), StageErr
         let mut entry = entry.map_err(archive_err)?;
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
-        let path = match normalise(&raw) {
+        let path = match normalise(&raw, Anchor::Relative) {
             Ok(Some(p)) => p,
             Ok(None) => continue,
-            Err(reason) => return Err(w.refused(&shown, reason)),
+            Err(reason) => return Err(w.refused(&shown, reason.to_string())),
         };
-        let header = entry.header().clone();
-        let bad = |what: &str, e: io::Error| StageError::Refused {
-            origin: origin.clone(),
-            entry: shown.clone(),
-            reason: format!("bad {what} in the header: {e}"),
-        };
-        let mut meta = Meta {
-            mode: header.mode().map_err(|e| bad("mode", e))? & 0o7777,
-            uid: u32::try_from(header.uid().map_err(|e| bad("uid", e))?)
-                .map_err(|_| w.refused(&shown, "uid out of range"))?,
-            gid: u32::try_from(header.gid().map_err(|e| bad("gid", e))?)
-                .map_err(|_| w.refused(&shown, "gid out of range"))?,
-            xattrs: Vec::new(),
-        };
-        if let Ok(Some(pax)) = entry.pax_extensions() {
-            for ext in pax.flatten() {
-                let (Ok(key), value) = (ext.key(), ext.value_bytes()) else {
-                    continue;
-                };
-                if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                    meta.xattrs.push((name.to_owned(), value.to_vec()));
-                } else if key == "uid" || key == "gid" {
-                    let v = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|v| v.parse::<u32>().ok())
-                        .ok_or_else(|| w.refused(&shown, format!("pax {key} out of range")))?;
-                    if key == "uid" {
-                        meta.uid = v;
-                    } else {
-                        meta.gid = v;
-                    }
-                }
-            }
-        }
-        let link_name = |w: &Writer<'_>| -> Result<Vec<u8>, StageError> {
-            match header.link_name_bytes() {
-                Some(l) => Ok(l.into_owned()),
-                None => Err(w.refused(&shown, "a link without a target")),
-            }
-        };
-        use tar::EntryType as T;
-        match header.entry_type() {
-            T::Regular | T::Continuous => {
-                let mut data: &mut dyn Read = &mut entry;
-                w.put(&path, Kind::File(&mut data), &meta)?;
-            }
-            T::Directory => w.put(&path, Kind::Dir, &meta)?,
-            T::Symlink => {
-                let target = String::from_utf8(link_name(w)?)
-                    .map_err(|_| w.refused(&shown, "the symlink target is not UTF-8"))?;
-                if target.is_empty() || target.contains('\0') {
-                    return Err(w.refused(&shown, "empty symlink target"));
-                }
-                w.put(&path, Kind::Symlink(target), &meta)?;
-            }
-            T::Link => {
-                let target = match normalise(&link_name(w)?) {
-                    Ok(Some(t)) => t,
-                    Ok(None) => return Err(w.refused(&shown, "a hard link to the root")),
-                    Err(reason) => {
-                        return Err(w.refused(&shown, format!("hard link target: {reason}")))
-                    }
-                };
-                w.put(&path, Kind::HardLink(target), &meta)?;
-            }
-            T::Char | T::Block => {
-                let major = header
-                    .device_major()
-                    .map_err(|e| bad("device major", e))?
-                    .unwrap_or(0);
-                let minor = header
-                    .device_minor()
-                    .map_err(|e| bad("device minor", e))?
-                    .unwrap_or(0);
-                let kind = if header.entry_type() == T::Char {
-                    Kind::CharDev(major, minor)
+        let meta = tar_meta(w, &mut entry, &shown)?;
+        place_tar_entry(w, &mut entry, &path, &shown, &meta)?;
+    }
+    Ok(())
+}
+
+/// A header field that does not parse.
+fn bad_header(w: &Writer<'_>, shown: &str, what: &str, e: io::Error) -> StageError {
+    w.refused(shown, format!("bad {what} in the header: {e}"))
+}
+
+/// An entry's owner, mode and xattrs: the header's, with pax `uid`, `gid` and
+/// `SCHILY.xattr.*` records applied.
+fn tar_meta<R: Read>(
+    w: &Writer<'_>,
+    entry: &mut tar::Entry<'_, R>,
+    shown: &str,
+) -> Result<Meta, StageError> {
+    let header = entry.header();
+    let bad = |what: &str, e| bad_header(w, shown, what, e);
+    let mut meta = Meta {
+        mode: header.mode().map_err(|e| bad("mode", e))? & 0o7777,
+        uid: u32::try_from(header.uid().map_err(|e| bad("uid", e))?)
+            .map_err(|_| w.refused(shown, "uid out of range"))?,
+        gid: u32::try_from(header.gid().map_err(|e| bad("gid", e))?)
+            .map_err(|_| w.refused(shown, "gid out of range"))?,
+        xattrs: Vec::new(),
+    };
+    if let Ok(Some(pax)) = entry.pax_extensions() {
+        for ext in pax.flatten() {
+            let (Ok(key), value) = (ext.key(), ext.value_bytes()) else {
+                continue;
+            };
+            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                meta.xattrs.push((name.to_owned(), value.to_vec()));
+            } else if key == "uid" || key == "gid" {
+                let v = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .ok_or_else(|| w.refused(shown, format!("pax {key} out of range")))?;
+                if key == "uid" {
+                    meta.uid = v;
                 } else {
-                    Kind::BlockDev(major, minor)
-                };
-                w.put(&path, kind, &meta)?;
-            }
-            T::Fifo => w.put(&path, Kind::Fifo, &meta)?,
-            T::XGlobalHeader => {}
-            T::GNUSparse => return Err(w.refused(&shown, "sparse files are not supported")),
-            other => {
-                return Err(w.refused(
-                    &shown,
-                    format!("entry type {:?} is not supported", other.as_byte() as char),
-                ))
+                    meta.gid = v;
+                }
             }
         }
     }
-    Ok(())
+    Ok(meta)
+}
+
+/// Places one tar entry at its normalised `path`.
+fn place_tar_entry<R: Read>(
+    w: &mut Writer<'_>,
+    entry: &mut tar::Entry<'_, R>,
+    path: &str,
+    shown: &str,
+    meta: &Meta,
+) -> Result<(), StageError> {
+    use tar::EntryType as T;
+    let header = entry.header().clone();
+    let link_name = |w: &Writer<'_>| -> Result<Vec<u8>, StageError> {
+        match header.link_name_bytes() {
+            Some(l) => Ok(l.into_owned()),
+            None => Err(w.refused(shown, "a link without a target")),
+        }
+    };
+    let kind = match header.entry_type() {
+        T::Regular | T::Continuous => {
+            let mut data: &mut dyn Read = entry;
+            return w.put(path, Kind::File(&mut data), meta);
+        }
+        T::Directory => Kind::Dir,
+        T::Symlink => {
+            let target = String::from_utf8(link_name(w)?)
+                .map_err(|_| w.refused(shown, "the symlink target is not UTF-8"))?;
+            if target.is_empty() || target.contains('\0') {
+                return Err(w.refused(shown, "empty symlink target"));
+            }
+            Kind::Symlink(target)
+        }
+        T::Link => match normalise(&link_name(w)?, Anchor::Relative) {
+            Ok(Some(t)) => Kind::HardLink(t),
+            Ok(None) => return Err(w.refused(shown, "a hard link to the root")),
+            Err(reason) => return Err(w.refused(shown, format!("hard link target: {reason}"))),
+        },
+        T::Char | T::Block => {
+            let bad = |what: &str, e| bad_header(w, shown, what, e);
+            let major = header.device_major().map_err(|e| bad("device major", e))?;
+            let minor = header.device_minor().map_err(|e| bad("device minor", e))?;
+            let (major, minor) = (major.unwrap_or(0), minor.unwrap_or(0));
+            if header.entry_type() == T::Char {
+                Kind::CharDev(major, minor)
+            } else {
+                Kind::BlockDev(major, minor)
+            }
+        }
+        T::Fifo => Kind::Fifo,
+        T::XGlobalHeader => return Ok(()),
+        T::GNUSparse => return Err(w.refused(shown, "sparse files are not supported")),
+        other => {
+            let t = other.as_byte() as char;
+            return Err(w.refused(shown, format!("entry type {t:?} is not supported")));
+        }
+    };
+    w.put(path, kind, meta)
 }
 
 /// Walks `src` (sorted by name, parents first) and places every entry with `w`: regular files
@@ -1019,7 +1020,7 @@ fn mirror(w: &mut Writer<'_>, src: OwnedFd, dst: OwnedFd, rel: &str) -> Result<(
                 meta.xattrs = read_xattrs(sub.as_fd());
                 w.create(dst.as_fd(), name, &path, Kind::Dir, &meta)?;
                 let dsub = open_dir_at(dst.as_fd(), name).map_err(w.io(&path, "open directory"))?;
-                w.stats.entries += 1;
+                w.placed();
                 mirror(w, sub, dsub, &path)?;
                 continue;
             }
@@ -1049,7 +1050,7 @@ fn mirror(w: &mut Writer<'_>, src: OwnedFd, dst: OwnedFd, rel: &str) -> Result<(
             }
         };
         w.create(dst.as_fd(), name, &path, kind, &meta)?;
-        w.stats.entries += 1;
+        w.placed();
     }
     Ok(())
 }
@@ -1059,80 +1060,52 @@ fn mirror(w: &mut Writer<'_>, src: OwnedFd, dst: OwnedFd, rel: &str) -> Result<(
 /// then the symlink target, `major:minor` for a device or the sha256 hex of a file's contents,
 /// then a newline. Sockets are left out. Stops early (with an error) when `cancel` is set.
 pub fn digest_dir(src: &Path, cancel: &std::sync::atomic::AtomicBool) -> io::Result<String> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    fn walk(
-        dir: &Path,
-        rel: &str,
-        h: &mut Sha256,
-        cancel: &std::sync::atomic::AtomicBool,
-    ) -> io::Result<()> {
-        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()?;
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for name in names {
-            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(io::Error::other("cancelled"));
-            }
-            let host = dir.join(&name);
-            let path = join(rel, &name.to_string_lossy());
-            let m = std::fs::symlink_metadata(&host)?;
-            let ft = m.file_type();
-            if ft.is_socket() {
-                continue;
-            }
-            h.update(path.as_bytes());
-            h.update(format!("\0{:o}\0{}\0{}\0", m.mode() & 0o177777, m.uid(), m.gid()).as_bytes());
-            if ft.is_symlink() {
-                h.update(std::fs::read_link(&host)?.as_os_str().as_bytes());
-            } else if ft.is_char_device() || ft.is_block_device() {
-                let (ma, mi) = (rustix::fs::major(m.rdev()), rustix::fs::minor(m.rdev()));
-                h.update(format!("{ma}:{mi}").as_bytes());
-            } else if ft.is_file() {
-                let mut fh = Sha256::new();
-                io::copy(&mut std::fs::File::open(&host)?, &mut fh)?;
-                h.update(bootlace_contract::digest::hex(&fh.finalize()).as_bytes());
-            }
-            h.update(b"\n");
-            if ft.is_dir() {
-                walk(&host, &path, h, cancel)?;
-            }
-        }
-        Ok(())
-    }
     let mut h = Sha256::new();
-    walk(src, "", &mut h, cancel)?;
+    digest_walk(src, "", &mut h, cancel)?;
     Ok(format!(
         "sha256:{}",
         bootlace_contract::digest::hex(&h.finalize())
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn normalises_entry_paths() {
-        let ok: &[(&str, Option<&str>)] = &[
-            ("./", None),
-            (".", None),
-            ("./etc/", Some("etc")),
-            ("etc//passwd", Some("etc/passwd")),
-            ("./a/./b", Some("a/b")),
-            ("usr/bin/..x", Some("usr/bin/..x")),
-        ];
-        for (raw, want) in ok {
-            assert_eq!(
-                normalise(raw.as_bytes()).expect(raw).as_deref(),
-                *want,
-                "{raw}"
-            );
+fn digest_walk(
+    dir: &Path,
+    rel: &str,
+    h: &mut Sha256,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()?;
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in names {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(io::Error::other("cancelled"));
         }
-        for bad in ["/etc/passwd", "../x", "a/../../b", "a/..", "a\0b"] {
-            assert!(normalise(bad.as_bytes()).is_err(), "{bad:?}");
+        let host = dir.join(&name);
+        let path = join(rel, &name.to_string_lossy());
+        let m = std::fs::symlink_metadata(&host)?;
+        let ft = m.file_type();
+        if ft.is_socket() {
+            continue;
         }
-        assert!(normalise(b"\xff").is_err());
+        h.update(path.as_bytes());
+        h.update(format!("\0{:o}\0{}\0{}\0", m.mode() & 0o177777, m.uid(), m.gid()).as_bytes());
+        if ft.is_symlink() {
+            h.update(std::fs::read_link(&host)?.as_os_str().as_bytes());
+        } else if ft.is_char_device() || ft.is_block_device() {
+            let (ma, mi) = (rustix::fs::major(m.rdev()), rustix::fs::minor(m.rdev()));
+            h.update(format!("{ma}:{mi}").as_bytes());
+        } else if ft.is_file() {
+            let (digest, _) = bootlace_contract::digest::of_reader(std::fs::File::open(&host)?)?;
+            h.update(digest.hex().as_bytes());
+        }
+        h.update(b"\n");
+        if ft.is_dir() {
+            digest_walk(&host, &path, h, cancel)?;
+        }
     }
+    Ok(())
 }

@@ -1,7 +1,10 @@
-//! `bootlace-image bake` end to end (root: owners, setuid bits and device nodes are kept):
-//! every format from the busybox fixture, twice, byte for byte; the contents the init needs;
-//! an OCI layout with two layers, a whiteout and an opaque directory; the layer cache; and bad
-//! inputs, each with a clear error and nothing left behind.
+//! `bootlace-image bake` end to end: every format from the busybox fixture, twice, byte for
+//! byte, and the same bytes through the overlay and the mirror; the contents the init needs; an
+//! OCI layout with two layers, a whiteout and an opaque directory; the layer cache; bad inputs
+//! and flags refused for the format, each with a clear error and nothing left behind; the
+//! command line's `--json` and exit statuses. The disk formats, tarballs and layers keep
+//! owners, setuid bits and device nodes and mount overlays: those tests need root
+//! (`cargo test -- --include-ignored` as root); an initramfs of a directory does not.
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
@@ -11,14 +14,10 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 use bootlace_contract::image::{ImageMeta, InputKind};
-use bootlace_image::bake::{bake, BakeSpec, Compression, Format};
+use bootlace_image::bake::{bake, BakeSpec, Compression, Format, Staging, StagingMode};
 use sha2::{Digest, Sha256};
 
 const EPOCH: u64 = 1_700_000_000;
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
 
 /// A stand-in init: a script that answers `--version` like the real one.
 fn fake_init(dir: &Path) -> Result<PathBuf> {
@@ -28,11 +27,11 @@ fn fake_init(dir: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn busybox_rootfs(dir: &Path) -> Result<Option<PathBuf>> {
-    if !Path::new("/bin/busybox").exists() {
-        eprintln!("skipping: /bin/busybox missing (make setup installs busybox-static)");
-        return Ok(None);
-    }
+fn busybox_rootfs(dir: &Path) -> Result<PathBuf> {
+    ensure!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox is missing: `make setup` installs busybox-static"
+    );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/busybox-rootfs.sh");
     let root = dir.join("rootfs");
     let out = Command::new("bash").arg(&script).arg(&root).output()?;
@@ -41,7 +40,7 @@ fn busybox_rootfs(dir: &Path) -> Result<Option<PathBuf>> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok(Some(root))
+    Ok(root)
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
@@ -136,15 +135,10 @@ fn image_paths(format: Format, img: &Path, scratch: &Path) -> Result<BTreeSet<St
 }
 
 #[test]
+#[ignore = "needs root"]
 fn every_format_from_the_busybox_fixture_twice_is_identical() -> Result<()> {
-    if !is_root() {
-        eprintln!("skipping: needs root");
-        return Ok(());
-    }
     let tmp = tempfile::tempdir()?;
-    let Some(rootfs) = busybox_rootfs(tmp.path())? else {
-        return Ok(());
-    };
+    let rootfs = busybox_rootfs(tmp.path())?;
     let init = fake_init(tmp.path())?;
     for format in Format::ALL {
         let mut shas = Vec::new();
@@ -212,19 +206,15 @@ fn every_format_from_the_busybox_fixture_twice_is_identical() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn baked_config_and_modes_in_an_ext4_root() -> Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
     let tmp = tempfile::tempdir()?;
-    let Some(rootfs) = busybox_rootfs(tmp.path())? else {
-        return Ok(());
-    };
+    let rootfs = busybox_rootfs(tmp.path())?;
     let init = fake_init(tmp.path())?;
     let out = tmp.path().join("root.ext4");
     let mut s = spec(Format::Ext4, &out, &rootfs, &init);
     s.writable = Some(vec!["/etc".into(), "/srv/data".into()]);
-    s.label = "myroot".into();
+    s.label = Some("myroot".into());
     bake(&s, &mut |_| {})?;
     let cat = run(Command::new("debugfs")
         .arg("-R")
@@ -409,11 +399,8 @@ fn unsquash(img: &Path, into: &Path) -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn oci_layers_whiteouts_opaque_dirs_and_the_cache() -> Result<()> {
-    if !is_root() {
-        eprintln!("skipping: needs root");
-        return Ok(());
-    }
     let tmp = tempfile::tempdir()?;
     let init = fake_init(tmp.path())?;
     let layout = tmp.path().join("layout");
@@ -522,10 +509,8 @@ fn oci_layers_whiteouts_opaque_dirs_and_the_cache() -> Result<()> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tarballs_by_magic_gzip_and_zstd() -> Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
     let tmp = tempfile::tempdir()?;
     let init = fake_init(tmp.path())?;
     let plain = tar_bytes(&[
@@ -544,7 +529,7 @@ fn tarballs_by_magic_gzip_and_zstd() -> Result<()> {
         std::fs::write(&input, &data)?;
         let out = tmp.path().join(format!("{name}.img"));
         let mut s = spec(Format::Initramfs, &out, &input, &init);
-        s.compress = Compression::Zstd;
+        s.compress = Some(Compression::Zstd);
         let r = bake(&s, &mut |_| {})?;
         assert_eq!(r.meta.inputs[0].kind, InputKind::Tar);
         assert_eq!(r.meta.inputs[0].digest, digest(&data));
@@ -568,10 +553,8 @@ fn bad_bake(s: &BakeSpec) -> String {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn bad_inputs_give_clear_errors_and_leave_nothing() -> Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
     let tmp = tempfile::tempdir()?;
     let init = fake_init(tmp.path())?;
     let outdir = tmp.path().join("out");
@@ -675,11 +658,19 @@ fn bad_inputs_give_clear_errors_and_leave_nothing() -> Result<()> {
         "{e}"
     );
     assert!(!tmp.path().join("x").exists() && !Path::new("/x").exists());
+    Ok(())
+}
 
-    // A missing init binary.
+#[test]
+fn bad_specs_give_clear_errors_and_leave_nothing() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let outdir = tmp.path().join("out");
+    std::fs::create_dir(&outdir)?;
+    let out = outdir.join("root.erofs");
     let rootfs = tmp.path().join("rootfs");
     std::fs::create_dir_all(rootfs.join("etc"))?;
-    // The output inside the input directory.
+    // The output inside the input directory; a missing init binary.
     let inside = rootfs.join("root.erofs");
     let e = bad_bake(&spec(Format::Erofs, &inside, &rootfs, &init));
     assert!(e.contains("inside the input directory"), "{e}");
@@ -693,7 +684,7 @@ fn bad_inputs_give_clear_errors_and_leave_nothing() -> Result<()> {
     assert!(e.contains("init binary") && e.contains("no-init"), "{e}");
     // A label too long for erofs; a stage-1 request for a disk format.
     let mut s = spec(Format::Erofs, &out, &rootfs, &init);
-    s.label = "sixteen-bytes-xx".into();
+    s.label = Some("sixteen-bytes-xx".into());
     assert!(bad_bake(&s).contains("at most 15"));
     let mut s = spec(Format::Ext4, &out, &rootfs, &init);
     s.stage1 = true;
@@ -723,18 +714,12 @@ fn bad_inputs_give_clear_errors_and_leave_nothing() -> Result<()> {
 #[test]
 fn stage1_initramfs_has_the_block_and_fs_modules() -> Result<()> {
     let release_dir = Path::new("/lib/modules");
-    let Some(release) = std::fs::read_dir(release_dir)
+    let release = std::fs::read_dir(release_dir)
         .ok()
         .and_then(|mut d| d.next())
         .and_then(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-    else {
-        eprintln!("skipping: no kernel modules on this machine");
-        return Ok(());
-    };
-    if !is_root() {
-        return Ok(());
-    }
+        .context("no kernel modules under /lib/modules: `make setup` installs linux-image-amd64")?;
     let tmp = tempfile::tempdir()?;
     let init = fake_init(tmp.path())?;
     let out = tmp.path().join("stage1.img");
@@ -777,9 +762,6 @@ fn stage1_initramfs_has_the_block_and_fs_modules() -> Result<()> {
 
 #[test]
 fn merged_usr_modules_and_the_input_left_untouched() -> Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
     let tmp = tempfile::tempdir()?;
     let init = fake_init(tmp.path())?;
     // A merged-/usr rootfs that already has an old init and config.
@@ -867,10 +849,8 @@ fn pax_record(key: &str, value: &str) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tarball_setuid_devices_and_xattrs_kept() -> Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
     let tmp = tempfile::tempdir()?;
     let init = fake_init(tmp.path())?;
     let mut b = tar::Builder::new(Vec::new());
@@ -926,5 +906,325 @@ fn tarball_setuid_devices_and_xattrs_kept() -> Result<()> {
         &null.file_type()
     ));
     assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
+    Ok(())
+}
+
+/// A merged-/usr input whose directories carry what an overlay's upper layer could hide: a
+/// root of mode 0750, a directory owned 1000:1000 with mode 0700, an extended attribute on
+/// `usr`, an existing init and config (replaced), `sbin -> usr/sbin` and `lib -> usr/lib`, a
+/// setuid file and a hard link; and a module tree for `top` (which needs `leaf`).
+fn merged_usr_input(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let root = dir.join("rootfs");
+    for d in [
+        "usr/bin",
+        "usr/lib",
+        "usr/sbin",
+        "etc/bootlace",
+        "etc/secret",
+        "srv",
+    ] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::os::unix::fs::symlink("usr/bin", root.join("bin"))?;
+    std::os::unix::fs::symlink("usr/sbin", root.join("sbin"))?;
+    std::os::unix::fs::symlink("usr/lib", root.join("lib"))?;
+    std::fs::write(root.join("usr/bin/tool"), b"#!/bin/sh\n")?;
+    std::fs::set_permissions(root.join("usr/bin/tool"), PermissionsExt::from_mode(0o4755))?;
+    std::fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool2"))?;
+    std::fs::write(root.join("usr/sbin/bootlace-init"), b"old init")?;
+    std::fs::write(root.join("etc/bootlace/init.toml"), b"old config")?;
+    std::fs::write(root.join("etc/secret/key"), b"k")?;
+    std::fs::set_permissions(root.join("etc/secret"), PermissionsExt::from_mode(0o700))?;
+    rustix::fs::chown(
+        root.join("etc/secret"),
+        Some(rustix::fs::Uid::from_raw(1000)),
+        Some(rustix::fs::Gid::from_raw(1000)),
+    )?;
+    rustix::fs::setxattr(
+        root.join("usr"),
+        "user.bootlace",
+        b"kept",
+        rustix::fs::XattrFlags::empty(),
+    )?;
+    std::fs::set_permissions(&root, PermissionsExt::from_mode(0o750))?;
+    let mods = dir.join("modules/9.9.9-test");
+    std::fs::create_dir_all(mods.join("kernel/a"))?;
+    std::fs::write(
+        mods.join("modules.dep"),
+        "kernel/a/leaf.ko:\nkernel/a/top.ko: kernel/a/leaf.ko\n",
+    )?;
+    std::fs::write(mods.join("modules.builtin"), "")?;
+    for m in ["leaf", "top"] {
+        std::fs::write(mods.join(format!("kernel/a/{m}.ko")), m)?;
+    }
+    Ok((root, dir.join("modules")))
+}
+
+fn with_top_module(s: &mut BakeSpec, modules: &Path) -> Result<()> {
+    s.config.modules = vec![
+        bootlace_contract::config::ModuleName::try_from("top".to_owned())
+            .map_err(anyhow::Error::msg)?,
+    ];
+    s.modules = Some(bootlace_image::initramfs::Modules {
+        root: modules.to_owned(),
+        release: "9.9.9-test".into(),
+        extra: Vec::new(),
+    });
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root"]
+fn overlay_and_mirror_give_the_same_bytes() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let (root, modules) = merged_usr_input(tmp.path())?;
+    let before = names(&root)?;
+    for format in [Format::Erofs, Format::Ext4, Format::Squashfs, Format::Qcow2] {
+        let mut shas = Vec::new();
+        for (mode, want) in [
+            (StagingMode::Auto, Staging::Overlay),
+            (StagingMode::Mirror, Staging::Mirror),
+        ] {
+            let dir = tmp.path().join(format!("{format}-{want:?}"));
+            std::fs::create_dir(&dir)?;
+            let out = dir.join(format!("root.{format}"));
+            let mut s = spec(format, &out, &root, &init);
+            with_top_module(&mut s, &modules)?;
+            s.staging = mode;
+            let r = bake(&s, &mut |_| {}).with_context(|| format!("{format} {mode:?}"))?;
+            assert_eq!(r.staging, want, "{format}");
+            assert_eq!(r.meta.modules, vec!["leaf", "top"]);
+            assert_eq!(
+                names(&dir)?,
+                vec![format!("root.{format}"), format!("root.{format}.meta.json")]
+            );
+            shas.push(r.meta.sha256);
+        }
+        assert_eq!(shas[0], shas[1], "{format}: overlay and mirror differ");
+    }
+    // What the overlay's upper layer must not hide, read back from the squashfs image
+    // (unsquashfs as root restores owners, modes and xattrs).
+    let x = tmp.path().join("x");
+    unsquash(&tmp.path().join("squashfs-Overlay/root.squashfs"), &x)?;
+    assert_eq!(std::fs::read_link(x.join("sbin"))?, Path::new("usr/sbin"));
+    assert_eq!(std::fs::read_link(x.join("lib"))?, Path::new("usr/lib"));
+    assert_eq!(
+        std::fs::read(x.join("usr/sbin/bootlace-init"))?,
+        std::fs::read(&init)?
+    );
+    assert!(x
+        .join("usr/lib/modules/9.9.9-test/kernel/a/top.ko")
+        .is_file());
+    let cfg = std::fs::read_to_string(x.join("etc/bootlace/init.toml"))?;
+    assert!(cfg.contains("modules = [\"top\"]"), "{cfg}");
+    let secret = std::fs::symlink_metadata(x.join("etc/secret"))?;
+    assert_eq!(secret.mode() & 0o7777, 0o700);
+    assert_eq!((secret.uid(), secret.gid()), (1000, 1000));
+    assert_eq!(
+        std::fs::symlink_metadata(&x)?.mode() & 0o7777,
+        0o750,
+        "root mode"
+    );
+    let mut value = [0u8; 16];
+    let n = rustix::fs::getxattr(x.join("usr"), "user.bootlace", &mut value[..])?;
+    assert_eq!(&value[..n], b"kept");
+    // The input is as it was, and no overlay is left mounted.
+    assert_eq!(names(&root)?, before);
+    assert_eq!(
+        std::fs::read(root.join("usr/sbin/bootlace-init"))?,
+        b"old init"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    assert!(!mounts.contains(".bootlace-bake."), "{mounts}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_input_with_a_whiteout_device_is_mirrored() -> Result<()> {
+    // A character device 0:0 is an overlay whiteout: an overlay of this input would hide it.
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let root = tmp.path().join("rootfs");
+    std::fs::create_dir_all(root.join("dev"))?;
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("dev/gone"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        rustix::fs::makedev(0, 0),
+    )?;
+    let out = tmp.path().join("root.squashfs");
+    let r = bake(&spec(Format::Squashfs, &out, &root, &init), &mut |_| {})?;
+    assert_eq!(r.staging, Staging::Mirror);
+    let x = tmp.path().join("x");
+    unsquash(&out, &x)?;
+    let gone = std::fs::symlink_metadata(x.join("dev/gone"))?;
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &gone.file_type()
+    ));
+    Ok(())
+}
+
+/// Runs `bootlace-image` with `args`; returns (exit status, stdout, stderr).
+fn cli(args: &[&std::ffi::OsStr]) -> Result<(Option<i32>, String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_bootlace-image"))
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn flags_for_another_format_are_refused_and_nothing_is_left() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let root = tmp.path().join("rootfs");
+    std::fs::create_dir_all(root.join("etc"))?;
+    let outdir = tmp.path().join("out");
+    std::fs::create_dir(&outdir)?;
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let base = |format: &str, out: &str| -> Vec<std::ffi::OsString> {
+        vec![
+            os("bake"),
+            os("--format"),
+            os(format),
+            os("--input"),
+            root.clone().into(),
+            os("--init"),
+            init.clone().into(),
+            os("--out"),
+            outdir.join(out).into(),
+        ]
+    };
+    for (format, extra, want) in [
+        (
+            "erofs",
+            ["--compress", "zstd"],
+            "--compress does not apply to --format erofs",
+        ),
+        (
+            "squashfs",
+            ["--compress", "gzip"],
+            "--compress does not apply to --format squashfs",
+        ),
+        (
+            "ext4",
+            ["--qcow2-fs", "ext4"],
+            "--qcow2-fs does not apply to --format ext4",
+        ),
+        (
+            "initramfs",
+            ["--root-label", "x"],
+            "--root-label does not apply to --format initramfs",
+        ),
+        (
+            "squashfs",
+            ["--root-label", "x"],
+            "--root-label does not apply to --format squashfs",
+        ),
+        (
+            "qcow2",
+            ["--qcow2-fs", "vfat"],
+            "--qcow2-fs vfat: a qcow2 image holds erofs or ext4",
+        ),
+    ] {
+        let mut args = base(format, "img");
+        args.extend(extra.map(os));
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let (code, _, stderr) = cli(&args)?;
+        assert_eq!(code, Some(1), "{format} {extra:?}: {stderr}");
+        assert!(stderr.contains(want), "{stderr}");
+        assert!(
+            names(&outdir)?.is_empty(),
+            "left behind: {:?}",
+            names(&outdir)?
+        );
+    }
+    // A usage error is clap's: status 2.
+    let mut args = base("erofs", "img");
+    args.push(os("--no-such-flag"));
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    assert_eq!(cli(&args)?.0, Some(2));
+    let (code, help, _) = cli(&[std::ffi::OsStr::new("bake"), std::ffi::OsStr::new("--help")])?;
+    assert_eq!(code, Some(0));
+    assert!(
+        help.contains("Exit status:") && help.contains("1  refused or failed"),
+        "{help}"
+    );
+    Ok(())
+}
+
+#[test]
+fn json_results_and_the_initramfs_alias() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let root = tmp.path().join("rootfs");
+    std::fs::create_dir_all(root.join("etc"))?;
+    std::fs::write(root.join("etc/hostname"), b"h\n")?;
+    let out = tmp.path().join("a.img");
+    let (code, stdout, stderr) = cli(&[
+        "bake".as_ref(),
+        "--format".as_ref(),
+        "initramfs".as_ref(),
+        "--input".as_ref(),
+        root.as_os_str(),
+        "--init".as_ref(),
+        init.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--json".as_ref(),
+    ])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())?;
+    assert_eq!(v["meta"]["format"], "initramfs");
+    assert_eq!(v["staging"], "merged");
+    assert_eq!(
+        v["meta"]["sha256"].as_str(),
+        Some(sha256_file(&out)?.as_str())
+    );
+    assert!(v["times"]["image_s"].as_f64().is_some(), "{v}");
+    assert!(v["stats"]["entries"].is_u64(), "{v}");
+    assert_eq!(stdout.trim().lines().count(), 1, "one object: {stdout}");
+    // Not a terminal: no progress line on stderr.
+    assert!(!stderr.contains("\r"), "{stderr:?}");
+    // The old spelling: --rootfs, --keep-owners, --compress none, through the same path.
+    let old = tmp.path().join("b.img");
+    let (code, _, stderr) = cli(&[
+        "initramfs".as_ref(),
+        "--rootfs".as_ref(),
+        root.as_os_str(),
+        "--init".as_ref(),
+        init.as_os_str(),
+        "--keep-owners".as_ref(),
+        "--out".as_ref(),
+        old.as_os_str(),
+    ])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let plain = tmp.path().join("c.img");
+    let (code, _, stderr) = cli(&[
+        "initramfs".as_ref(),
+        "--rootfs".as_ref(),
+        root.as_os_str(),
+        "--init".as_ref(),
+        init.as_os_str(),
+        "--compress".as_ref(),
+        "none".as_ref(),
+        "--out".as_ref(),
+        plain.as_os_str(),
+    ])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        std::fs::read(&old)?,
+        std::fs::read(&out)?,
+        "alias and bake differ"
+    );
+    let entries = bootlace_image::cpio::read_all(&std::fs::read(&plain)?)?;
+    assert!(entries.iter().any(|e| e.header.name == "etc/hostname"));
+    assert!(ImageMeta::path_for(&old).is_file());
     Ok(())
 }

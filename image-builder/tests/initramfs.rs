@@ -1,13 +1,15 @@
-//! The initramfs builder against a small rootfs and a fake module tree: content, dependency
-//! closure, reproducibility, compatibility with cpio(1), and no output on bad input.
+//! `bake --format initramfs` against a small rootfs and a fake module tree: content, dependency
+//! closure, reproducibility, compatibility with cpio(1), and no output on bad input. None of it
+//! needs root: the archive is written from the input and the additions, nothing is staged.
 
 use std::os::unix::fs::{symlink, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bootlace_contract::config::{InitConfig, ModuleName};
+use bootlace_image::bake::{bake, BakeError, BakeSpec, Compression, Format, Report};
 use bootlace_image::cpio::{self, Kind};
-use bootlace_image::initramfs::{build, Compression, Modules, Spec};
+use bootlace_image::initramfs::Modules;
 
 fn write(path: &Path, data: &[u8], mode: u32) {
     std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
@@ -59,33 +61,46 @@ impl Fixture {
         Fixture { dir }
     }
 
-    fn spec(&self) -> Spec {
-        let config = InitConfig {
+    /// The rootfs, the init, `top` loaded at boot (and `ext4` copied), every file root's,
+    /// plain newc; the output is given to [`build`].
+    fn spec(&self) -> BakeSpec {
+        let mut s = BakeSpec::new(
+            Format::Initramfs,
+            PathBuf::new(),
+            Some(self.dir.path().join("rootfs")),
+            self.dir.path().join("bootlace-init"),
+        );
+        s.config = InitConfig {
             modules: vec![ModuleName::try_from("top".to_owned()).expect("name")],
             ..InitConfig::default()
         };
-        Spec {
-            rootfs: Some(self.dir.path().join("rootfs")),
-            init: self.dir.path().join("bootlace-init"),
-            config,
-            modules: Some(Modules {
-                root: self.dir.path().join("modules"),
-                release: "9.9.9-test".to_owned(),
-                extra: vec![ModuleName::try_from("ext4".to_owned()).expect("name")],
-            }),
-            keep_owners: false,
-            mtime: 1_700_000_000,
-            compression: Compression::None,
-        }
+        s.modules = Some(Modules {
+            root: self.dir.path().join("modules"),
+            release: "9.9.9-test".to_owned(),
+            extra: vec![ModuleName::try_from("ext4".to_owned()).expect("name")],
+        });
+        s.all_root = true;
+        s.mtime = 1_700_000_000;
+        s.compress = Some(Compression::None);
+        s
     }
+}
+
+/// Bakes `spec` into `out`.
+fn build(spec: &BakeSpec, out: &Path) -> Result<Report, BakeError> {
+    let spec = BakeSpec {
+        out: out.to_owned(),
+        ..spec.clone()
+    };
+    bake(&spec, &mut |_| {})
 }
 
 #[test]
 fn archive_holds_the_rootfs_init_config_and_module_closure() {
     let f = Fixture::new();
     let out = f.dir.path().join("out.cpio");
-    let summary = build(&f.spec(), &out).expect("build");
-    assert_eq!(summary.modules, ["leaf", "mid", "top"]);
+    let report = build(&f.spec(), &out).expect("build");
+    assert_eq!(report.meta.modules, ["leaf", "mid", "top"]);
     let entries = cpio::read_all(&std::fs::read(&out).expect("read")).expect("parse");
     let get = |name: &str| {
         entries
@@ -151,9 +166,9 @@ fn archive_holds_the_rootfs_init_config_and_module_closure() {
 #[test]
 fn same_inputs_give_identical_bytes_and_cpio_reads_them() {
     let f = Fixture::new();
-    for compression in [Compression::None, Compression::Gzip] {
+    for compression in Compression::ALL {
         let mut spec = f.spec();
-        spec.compression = compression;
+        spec.compress = Some(compression);
         let a = f.dir.path().join("a.img");
         let b = f.dir.path().join("b.img");
         build(&spec, &a).expect("build a");
@@ -169,7 +184,7 @@ fn same_inputs_give_identical_bytes_and_cpio_reads_them() {
     }
     let plain = f.dir.path().join("a.img");
     let mut spec = f.spec();
-    spec.compression = Compression::None;
+    spec.compress = Some(Compression::None);
     build(&spec, &plain).expect("build");
     let out = Command::new("cpio")
         .args(["-t", "--quiet", "-F"])
@@ -199,17 +214,17 @@ fn same_inputs_give_identical_bytes_and_cpio_reads_them() {
 fn bad_input_leaves_no_output() {
     let f = Fixture::new();
     let out = f.dir.path().join("out.img");
-    let cases: Vec<(Spec, &str)> = vec![
+    let cases: Vec<(BakeSpec, &str)> = vec![
         (
-            Spec {
+            BakeSpec {
                 init: f.dir.path().join("missing-init"),
                 ..f.spec()
             },
             "init binary",
         ),
         (
-            Spec {
-                rootfs: Some(f.dir.path().join("no-rootfs")),
+            BakeSpec {
+                input: Some(f.dir.path().join("no-rootfs")),
                 ..f.spec()
             },
             "no-rootfs",
@@ -225,11 +240,22 @@ fn bad_input_leaves_no_output() {
             "\"absent\" not found",
         ),
         (
-            Spec {
+            BakeSpec {
                 modules: None,
                 ..f.spec()
             },
             "no kernel release",
+        ),
+        (
+            {
+                // The input has a directory where the /init link goes.
+                let mut s = f.spec();
+                let input = f.dir.path().join("dir-init");
+                std::fs::create_dir_all(input.join("init/x")).expect("mkdir");
+                s.input = Some(input);
+                s
+            },
+            "the input has a directory at /init",
         ),
     ];
     for (spec, want) in cases {
@@ -240,11 +266,7 @@ fn bad_input_leaves_no_output() {
         let leftovers: Vec<_> = std::fs::read_dir(f.dir.path())
             .expect("list")
             .filter_map(|e| e.ok())
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(".bootlace-image.")
-            })
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".bootlace-"))
             .collect();
         assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
     }

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bootlace_contract::config::InitConfig;
-use bootlace_image::initramfs::{self, Compression, Modules, Spec};
+use bootlace_image::bake::{BakeSpec, Format};
+use bootlace_image::initramfs::Modules;
 use bootlace_vm::{kernel, Outcome, VmSpec};
 
 /// The workspace root.
@@ -64,25 +65,26 @@ pub fn busybox_rootfs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Bakes an initramfs of `rootfs` with the real init and `config`, copying the modules the
-/// config names from the test kernel's module tree.
+/// Bakes an initramfs of `rootfs` with the real init and `config` (`bake --format initramfs
+/// --all-root`), copying the modules the config needs from the test kernel's module tree.
 pub fn bake(rootfs: &Path, config: InitConfig, out: &Path) -> Result<()> {
     let k = test_kernel()?;
-    let spec = Spec {
-        rootfs: Some(rootfs.to_owned()),
-        init: artifact("bootlace-init")?,
-        // The builder copies only what the config needs (possibly nothing).
-        modules: Some(Modules {
-            root: PathBuf::from("/lib/modules"),
-            release: k.release.clone(),
-            extra: Vec::new(),
-        }),
-        config,
-        keep_owners: false,
-        mtime: 0,
-        compression: Compression::Gzip,
-    };
-    initramfs::build(&spec, out).with_context(|| format!("bake {}", out.display()))?;
+    let mut spec = BakeSpec::new(
+        Format::Initramfs,
+        out.to_owned(),
+        Some(rootfs.to_owned()),
+        artifact("bootlace-init")?,
+    );
+    // The builder copies only what the config needs (possibly nothing).
+    spec.modules = Some(Modules {
+        root: PathBuf::from("/lib/modules"),
+        release: k.release.clone(),
+        extra: Vec::new(),
+    });
+    spec.config = config;
+    spec.all_root = true;
+    bootlace_image::bake::bake(&spec, &mut |_| {})
+        .with_context(|| format!("bake {}", out.display()))?;
     Ok(())
 }
 

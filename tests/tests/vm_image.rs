@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bootlace_contract::config::{Command as Argv, HandoffMode, InitConfig};
+use bootlace_contract::fs::FsType;
 use bootlace_image::bake::{self, BakeSpec, Format};
-use bootlace_image::fsimage::FsFormat;
 use bootlace_image::initramfs::Modules;
 use bootlace_tests::{artifact, probe_rootfs, probe_value, scratch, tail, test_kernel, workspace};
 use bootlace_vm::{images, Outcome, VmSpec};
@@ -77,7 +77,9 @@ fn bake_all() -> Result<PathBuf> {
         spec.name = Some(name.to_owned());
         spec.version = "1.0".to_owned();
         spec.all_root = true;
-        spec.qcow2_fs = FsFormat::Erofs;
+        if format == Format::Qcow2 {
+            spec.qcow2_fs = Some(FsType::Erofs);
+        }
         if format == Format::Initramfs {
             // The initramfs is writable as it is; no tmpfs needed.
             spec.writable = Some(Vec::new());

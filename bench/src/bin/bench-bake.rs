@@ -11,31 +11,35 @@
 //!   and 5% reserved blocks the host defaults add; `-b 4096` because the host profile picks
 //!   1 KiB blocks below 512 MiB and bootlace uses 4 KiB);
 //! - erofs: `make_image` vs `mkfs.erofs -T0 --all-root OUT DIR`;
-//! - initramfs (gzip): `bootlace_image::initramfs::build` (the tree as rootfs, the init, the
-//!   default config) vs `find . | cpio -o -H newc | gzip > OUT` run in the tree.
+//! - initramfs (gzip): `bootlace_image::bake::bake` with `--format initramfs --all-root` (the
+//!   tree as input, the init, the default config) vs `find . | cpio -o -H newc | gzip > OUT`
+//!   run in the tree.
 //!
 //! bootlace's extra work is in its column: its census or name walks, the ext4 debugfs pass that
 //! normalises owners and times, the erofs label patch, the fsync of the output and the atomic
-//! rename; for the initramfs, reading the tree into memory, adding the init (the real
-//! `bootlace-init` when found: `--init`, `$BOOTLACE_INIT`, `target/bootlace/bootlace-init`;
-//! else this binary as a stand-in) and compressing with flate2. The raw tools use the host's
-//! defaults (the raw ext4 has a journal; nothing is synced).
+//! rename; for the initramfs, the additions (the init — the real `bootlace-init` when found:
+//! `--init`, `$BOOTLACE_INIT`, `target/bootlace/bootlace-init`; else this binary as a
+//! stand-in —, config, mount points), the input's digest, compressing with flate2, the sha256
+//! and fsync of the archive and its metadata. The raw tools use the host's defaults (the raw
+//! ext4 has a journal; nothing is synced).
 //!
 //! ```text
 //! cargo run --release -p bootlace-bench --bin bench-bake -- --files 5000 --mib 100 --runs 5
 //! ```
 //!
-//! Then `bootlace-image bake` itself (the library call: staging by hard links, mount points,
-//! init, config, the image, sha256, fsync, metadata), per format (`--bake-formats`), on the
-//! busybox fixture and on a large tree of this machine (`--bake-tree`, default `/usr/share`),
+//! Then `bootlace-image bake` itself (the library call: validation, staging — a read-only
+//! overlay of the additions over the input when run as root, else a mirror of hard links;
+//! `--bake-staging mirror` forces the mirror —, mount points, init, config, the image, the
+//! input's digest, sha256, fsync, metadata), per format (`--bake-formats`), on the busybox
+//! fixture and on a large tree of this machine (`--bake-tree`, default `/usr/share`),
 //! `--bake-runs 3` after a warm-up, next to the raw tool alone on the same tree: `mkfs.erofs
 //! -T0`, `mke2fs -d`, `mksquashfs`, `find | cpio | gzip`, `mkfs.erofs` + `qemu-img convert`;
 //! with bake's own split into staging, image and hash+sync. `--skip-generated` /
 //! `--skip-bake` run one part only.
 //!
-//! Prints markdown tables (median seconds and bootlace/raw ratio per format). Exit status 2
-//! when a bake fails or a tool is missing (e2fsprogs, erofs-utils, squashfs-tools, qemu-utils,
-//! cpio, gzip).
+//! Prints markdown tables (median seconds and bootlace/raw ratio per format). Exit status 0
+//! when every run finished, 1 when a bake fails or a tool is missing (e2fsprogs, erofs-utils,
+//! squashfs-tools, qemu-utils, cpio, gzip), 2 for a usage error.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -44,14 +48,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bootlace_bench::median_p95;
-use bootlace_contract::config::InitConfig;
-use bootlace_image::fsimage::{make_image, FsFormat, FsSpec};
-use bootlace_image::initramfs::{self, Compression};
+use bootlace_contract::fs::FsType;
+use bootlace_image::bake::{bake, BakeSpec, Format, Staging, StagingMode};
+use bootlace_image::fsimage::{make_image, FsSpec};
 
 #[derive(clap::Parser)]
 #[command(
     name = "bench-bake",
-    about = "Bake time per format against the raw tools"
+    about = "Bake time per format against the raw tools (markdown tables on stdout)",
+    after_help = "Exit status:\n  0  every run finished\n  1  a bake or a raw tool failed, \
+                  or a tool is missing\n  2  usage error"
 )]
 struct Args {
     /// Files in the generated tree.
@@ -81,11 +87,9 @@ struct Args {
     /// Timed runs per format and tree for `bake` (after one warm-up).
     #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     bake_runs: usize,
-}
-
-/// The arguments (clap prints the help and exits for `--help`).
-fn parse_args() -> anyhow::Result<Option<Args>> {
-    Ok(Some(<Args as clap::Parser>::parse()))
+    /// How `bake` stages a directory input: auto (an overlay when root) or mirror.
+    #[arg(long, default_value = "auto", value_name = "auto|mirror")]
+    bake_staging: StagingMode,
 }
 
 /// splitmix64.
@@ -257,212 +261,6 @@ fn measure(
     Ok(row)
 }
 
-fn main() -> ExitCode {
-    match real_main() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-bake: error: {e:#}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-fn real_main() -> anyhow::Result<()> {
-    let Some(args) = parse_args()? else {
-        return Ok(());
-    };
-    let mke2fs = tool("mke2fs")?;
-    let mkfs_erofs = tool("mkfs.erofs")?;
-    for t in ["debugfs", "cpio", "gzip", "find", "sh"] {
-        tool(t)?;
-    }
-    let (init, init_from) = init_binary(&args)?;
-    if !args.skip_generated {
-        generated(&args, &init, init_from, &mke2fs, &mkfs_erofs)?;
-    }
-    if !args.skip_bake {
-        bake_section(&args, &init, init_from)?;
-    }
-    Ok(())
-}
-
-/// The generated tree: the fsimage and initramfs builders against the raw tools.
-fn generated(
-    args: &Args,
-    init: &Path,
-    init_from: &str,
-    mke2fs: &Path,
-    mkfs_erofs: &Path,
-) -> anyhow::Result<()> {
-    let init = init.to_owned();
-
-    let work = tempfile::Builder::new()
-        .prefix("bl-bake.")
-        .tempdir()
-        .context("temp dir")?;
-    let tree = work.path().join("tree");
-    std::fs::create_dir(&tree).context("mkdir tree")?;
-    let t = Instant::now();
-    let (files, bytes, dirs) = make_tree(&tree, args.files, args.mib * 1024 * 1024)?;
-    eprintln!(
-        "bench-bake: tree of {files} files in {dirs} directories, {:.1} MiB, written in {:.1} s",
-        bytes as f64 / 1048576.0,
-        t.elapsed().as_secs_f64()
-    );
-    let out = |name: &str| work.path().join(name);
-    let mut rows = Vec::new();
-
-    // ext4
-    {
-        let (ob, or) = (out("bootlace.ext4"), out("raw.ext4"));
-        let spec = FsSpec {
-            dir: &tree,
-            label: "benchroot",
-            mtime: 0,
-            format: FsFormat::Ext4,
-        };
-        // Raw mke2fs gets bootlace's image size plus a quarter (rounded up to MiB): with the
-        // host defaults it also holds a journal, a resize inode and 5% reserved blocks.
-        make_image(&spec, &ob).context("ext4: bootlace sizing run")?;
-        let bytes = std::fs::metadata(&ob).context("ext4 image")?.len();
-        let kib = (bytes + bytes / 4).div_ceil(1 << 20) * 1024;
-        let tree = &tree;
-        rows.push(measure(
-            "ext4",
-            args.runs,
-            (
-                &ob,
-                Box::new(|| make_image(&spec, &ob).map(drop).map_err(Into::into)),
-            ),
-            (
-                &or,
-                Box::new(|| {
-                    run_cmd(
-                        Command::new(mke2fs)
-                            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
-                            .arg(tree)
-                            .args(["-L", "benchroot"])
-                            .arg(&or)
-                            .arg(format!("{kib}k")),
-                    )
-                }),
-            ),
-        )?);
-    }
-
-    // erofs
-    {
-        let (ob, or) = (out("bootlace.erofs"), out("raw.erofs"));
-        let spec = FsSpec {
-            dir: &tree,
-            label: "benchroot",
-            mtime: 0,
-            format: FsFormat::Erofs,
-        };
-        let tree = &tree;
-        rows.push(measure(
-            "erofs",
-            args.runs,
-            (
-                &ob,
-                Box::new(|| make_image(&spec, &ob).map(drop).map_err(Into::into)),
-            ),
-            (
-                &or,
-                Box::new(|| {
-                    run_cmd(
-                        Command::new(mkfs_erofs)
-                            .args(["-T0", "--all-root"])
-                            .arg(&or)
-                            .arg(tree),
-                    )
-                }),
-            ),
-        )?);
-    }
-
-    // initramfs (gzip)
-    {
-        let (ob, or) = (out("bootlace.cpio.gz"), out("raw.cpio.gz"));
-        let spec = initramfs::Spec {
-            rootfs: Some(tree.clone()),
-            init: init.clone(),
-            config: InitConfig::default(),
-            modules: None,
-            keep_owners: false,
-            mtime: 0,
-            compression: Compression::Gzip,
-        };
-        let tree = &tree;
-        rows.push(measure(
-            "initramfs (gzip)",
-            args.runs,
-            (
-                &ob,
-                Box::new(|| initramfs::build(&spec, &ob).map(drop).map_err(Into::into)),
-            ),
-            (
-                &or,
-                Box::new(|| {
-                    run_cmd(
-                        Command::new("sh")
-                            .arg("-c")
-                            .arg("find . | cpio -o -H newc --quiet | gzip > \"$1\"")
-                            .arg("sh")
-                            .arg(&or)
-                            .current_dir(tree),
-                    )
-                }),
-            ),
-        )?);
-    }
-
-    let mut o = std::io::stdout().lock();
-    writeln!(
-        o,
-        "Bake time: {files} files in {dirs} directories, {:.1} MiB; median of {} runs after one \
-         warm-up; {} CPUs; init for the initramfs: {} ({init_from}).\n",
-        bytes as f64 / 1048576.0,
-        args.runs,
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        init.display(),
-    )?;
-    writeln!(o, "| format | bootlace median s | raw median s | ratio |")?;
-    writeln!(o, "|---|---:|---:|---:|")?;
-    for r in &rows {
-        let (b, _) = median_p95(&r.bootlace);
-        let (w, _) = median_p95(&r.raw);
-        writeln!(
-            o,
-            "| {} | {:.2} | {:.2} | {:.2} |",
-            r.format,
-            b / 1000.0,
-            w / 1000.0,
-            b / w
-        )?;
-    }
-    writeln!(o)?;
-    for r in &rows {
-        let (b95, w95) = (median_p95(&r.bootlace).1, median_p95(&r.raw).1);
-        writeln!(
-            o,
-            "- {}: output {:.1} MiB (bootlace) vs {:.1} MiB (raw); p95 {:.2} s vs {:.2} s",
-            r.format,
-            r.bootlace_bytes as f64 / 1048576.0,
-            r.raw_bytes as f64 / 1048576.0,
-            b95 / 1000.0,
-            w95 / 1000.0,
-        )?;
-    }
-    writeln!(
-        o,
-        "- raw commands: `mke2fs -q -F -t ext4 -b 4096 -d TREE -L benchroot OUT <1.25 x bootlace \
-         image size>`; `mkfs.erofs -T0 --all-root OUT TREE`; `find . | cpio -o -H newc --quiet | \
-         gzip > OUT` (in TREE)"
-    )?;
-    Ok(())
-}
-
 /// Files, bytes and directories under a tree (symlinks not followed).
 fn census(root: &Path) -> anyhow::Result<(u64, u64, u64)> {
     let (mut files, mut bytes, mut dirs) = (0, 0, 0);
@@ -483,10 +281,212 @@ fn census(root: &Path) -> anyhow::Result<(u64, u64, u64)> {
     Ok((files, bytes, dirs))
 }
 
+fn main() -> ExitCode {
+    let args = <Args as clap::Parser>::parse();
+    match real_main(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-bake: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(args: &Args) -> anyhow::Result<()> {
+    for t in [
+        "mke2fs",
+        "mkfs.erofs",
+        "debugfs",
+        "cpio",
+        "gzip",
+        "find",
+        "sh",
+    ] {
+        tool(t)?;
+    }
+    let (init, init_from) = init_binary(args)?;
+    if !args.skip_generated {
+        generated(args, &init, init_from)?;
+    }
+    if !args.skip_bake {
+        bake_section(args, &init, init_from)?;
+    }
+    Ok(())
+}
+
+/// The generated tree: the fsimage builders and the initramfs bake against the raw tools.
+fn generated(args: &Args, init: &Path, init_from: &str) -> anyhow::Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("bl-bake.")
+        .tempdir()
+        .context("temp dir")?;
+    let tree = work.path().join("tree");
+    std::fs::create_dir(&tree).context("mkdir tree")?;
+    let t = Instant::now();
+    let (files, bytes, dirs) = make_tree(&tree, args.files, args.mib * 1024 * 1024)?;
+    eprintln!(
+        "bench-bake: tree of {files} files in {dirs} directories, {:.1} MiB, written in {:.1} s",
+        bytes as f64 / 1048576.0,
+        t.elapsed().as_secs_f64()
+    );
+    let rows = vec![
+        fs_row(args, FsType::Ext4, &tree, work.path())?,
+        fs_row(args, FsType::Erofs, &tree, work.path())?,
+        initramfs_row(args, &tree, work.path(), init)?,
+    ];
+    let mut o = std::io::stdout().lock();
+    writeln!(
+        o,
+        "Bake time: {files} files in {dirs} directories, {:.1} MiB; median of {} runs after one \
+         warm-up; {} CPUs; init for the initramfs: {} ({init_from}).\n",
+        bytes as f64 / 1048576.0,
+        args.runs,
+        cpus(),
+        init.display(),
+    )?;
+    generated_table(&mut o, &rows)
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// `fsimage::make_image` against the raw mkfs tool.
+fn fs_row(args: &Args, fs: FsType, tree: &Path, work: &Path) -> anyhow::Result<Row> {
+    let (ob, or) = (
+        work.join(format!("bootlace.{fs}")),
+        work.join(format!("raw.{fs}")),
+    );
+    let spec = FsSpec {
+        dir: tree,
+        label: "benchroot",
+        mtime: 0,
+        format: fs,
+        progress: None,
+    };
+    let raw: Bake<'_> = if fs == FsType::Ext4 {
+        // Raw mke2fs gets bootlace's image size plus a quarter (rounded up to MiB): with the
+        // host defaults it also holds a journal, a resize inode and 5% reserved blocks.
+        make_image(&spec, &ob).context("ext4: bootlace sizing run")?;
+        let bytes = std::fs::metadata(&ob).context("ext4 image")?.len();
+        let kib = (bytes + bytes / 4).div_ceil(1 << 20) * 1024;
+        let mke2fs = tool("mke2fs")?;
+        Box::new(move || {
+            run_cmd(
+                Command::new(&mke2fs)
+                    .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
+                    .arg(tree)
+                    .args(["-L", "benchroot"])
+                    .arg(&or)
+                    .arg(format!("{kib}k")),
+            )
+        })
+    } else {
+        let mkfs_erofs = tool("mkfs.erofs")?;
+        Box::new(move || {
+            run_cmd(
+                Command::new(&mkfs_erofs)
+                    .args(["-T0", "--all-root"])
+                    .arg(&or)
+                    .arg(tree),
+            )
+        })
+    };
+    let or = work.join(format!("raw.{fs}"));
+    let name = if fs == FsType::Ext4 { "ext4" } else { "erofs" };
+    measure(
+        name,
+        args.runs,
+        (
+            &ob,
+            Box::new(|| make_image(&spec, &ob).map(drop).map_err(Into::into)),
+        ),
+        (&or, raw),
+    )
+}
+
+/// `find | cpio | gzip` in `tree` into `out`.
+fn raw_initramfs<'a>(tree: &'a Path, out: &'a Path) -> Bake<'a> {
+    Box::new(move || {
+        run_cmd(
+            Command::new("sh")
+                .arg("-c")
+                .arg("find . | cpio -o -H newc --quiet | gzip > \"$1\"")
+                .arg("sh")
+                .arg(out)
+                .current_dir(tree),
+        )
+    })
+}
+
+/// The initramfs bake (gzip, every file root's) against `find | cpio | gzip`.
+fn initramfs_row(args: &Args, tree: &Path, work: &Path, init: &Path) -> anyhow::Result<Row> {
+    let (ob, or) = (work.join("bootlace.cpio.gz"), work.join("raw.cpio.gz"));
+    let mut spec = BakeSpec::new(
+        Format::Initramfs,
+        ob.clone(),
+        Some(tree.to_owned()),
+        init.to_owned(),
+    );
+    spec.all_root = true;
+    measure(
+        "initramfs (gzip)",
+        args.runs,
+        (
+            &ob,
+            Box::new(|| bake(&spec, &mut |_| {}).map(drop).map_err(Into::into)),
+        ),
+        (&or, raw_initramfs(tree, &or)),
+    )
+}
+
+fn generated_table(o: &mut impl std::io::Write, rows: &[Row]) -> anyhow::Result<()> {
+    writeln!(o, "| format | bootlace median s | raw median s | ratio |")?;
+    writeln!(o, "|---|---:|---:|---:|")?;
+    for r in rows {
+        let (b, _) = median_p95(&r.bootlace);
+        let (w, _) = median_p95(&r.raw);
+        writeln!(
+            o,
+            "| {} | {:.2} | {:.2} | {:.2} |",
+            r.format,
+            b / 1000.0,
+            w / 1000.0,
+            b / w
+        )?;
+    }
+    writeln!(o)?;
+    for r in rows {
+        let (b95, w95) = (median_p95(&r.bootlace).1, median_p95(&r.raw).1);
+        writeln!(
+            o,
+            "- {}: output {:.1} MiB (bootlace) vs {:.1} MiB (raw); p95 {:.2} s vs {:.2} s",
+            r.format,
+            r.bootlace_bytes as f64 / 1048576.0,
+            r.raw_bytes as f64 / 1048576.0,
+            b95 / 1000.0,
+            w95 / 1000.0,
+        )?;
+    }
+    writeln!(
+        o,
+        "- raw commands: `mke2fs -q -F -t ext4 -b 4096 -d TREE -L benchroot OUT <1.25 x bootlace \
+         image size>`; `mkfs.erofs -T0 --all-root OUT TREE`; `find . | cpio -o -H newc --quiet | \
+         gzip > OUT` (in TREE)"
+    )?;
+    Ok(())
+}
+
+/// One format's `bake` runs: the row, the median staging/image/finish split, the staging.
+struct BakeRow {
+    row: Row,
+    split: (f64, f64, f64),
+    staging: Option<Staging>,
+}
+
 /// `bootlace-image bake` (directory input, no cache) per format against the raw tool alone on
 /// the same tree, for the busybox fixture and a large tree.
 fn bake_section(args: &Args, init: &Path, init_from: &str) -> anyhow::Result<()> {
-    use bootlace_image::bake::{bake, BakeSpec, Format};
     let work = tempfile::Builder::new()
         .prefix("bl-bake2.")
         .tempdir()
@@ -494,11 +494,11 @@ fn bake_section(args: &Args, init: &Path, init_from: &str) -> anyhow::Result<()>
     let fixture = work.path().join("fixture");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/busybox-rootfs.sh");
     run_cmd(Command::new("bash").arg(&script).arg(&fixture)).context("busybox fixture")?;
-    let mkfs_erofs = tool("mkfs.erofs")?;
-    let mke2fs = tool("mke2fs")?;
-    let mksquashfs = tool("mksquashfs")?;
-    let qemu_img = tool("qemu-img")?;
-    let mut o = std::io::stdout().lock();
+    let formats: Vec<Format> = args
+        .bake_formats
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
     for (tree_name, tree) in [
         ("busybox fixture", fixture.clone()),
         ("large tree", args.bake_tree.clone()),
@@ -509,93 +509,11 @@ fn bake_section(args: &Args, init: &Path, init_from: &str) -> anyhow::Result<()>
             tree.display(),
             bytes as f64 / 1048576.0
         );
-        let mut rows = Vec::new();
-        let mut breakdown = Vec::new();
-        let formats: Vec<Format> = args
-            .bake_formats
-            .split(',')
-            .map(str::parse)
-            .collect::<Result<_, _>>()?;
-        for format in formats {
-            let ob = work.path().join(format!("bootlace.{format}"));
-            let or = work.path().join(format!("raw.{format}"));
-            let mut spec = BakeSpec::new(format, ob.clone(), Some(tree.clone()), init.to_owned());
-            spec.version = "bench".into();
-            let mut phases: Vec<(Duration, Duration, Duration)> = Vec::new();
-            let mut run_bake = |spec: &BakeSpec| -> anyhow::Result<()> {
-                let r = bake(spec, &mut |_| {})?;
-                phases.push((r.staging_time, r.image_time, r.finish_time));
-                Ok(())
-            };
-            // ext4: raw mke2fs gets bootlace's image size plus a quarter (journal, reserve).
-            let mut kib = 0;
-            if format == Format::Ext4 {
-                run_bake(&spec).context("ext4 sizing run")?;
-                let len = std::fs::metadata(&ob)?.len();
-                kib = (len + len / 4).div_ceil(1 << 20) * 1024;
-            }
-            let tree_ref = &tree;
-            let raw: Bake<'_> = match format {
-                Format::Initramfs => Box::new(|| {
-                    run_cmd(
-                        Command::new("sh")
-                            .arg("-c")
-                            .arg("find . | cpio -o -H newc --quiet | gzip > \"$1\"")
-                            .arg("sh")
-                            .arg(&or)
-                            .current_dir(tree_ref),
-                    )
-                }),
-                Format::Erofs => Box::new(|| {
-                    run_cmd(Command::new(&mkfs_erofs).arg("-T0").arg(&or).arg(tree_ref))
-                }),
-                Format::Ext4 => Box::new(|| {
-                    run_cmd(
-                        Command::new(&mke2fs)
-                            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
-                            .arg(tree_ref)
-                            .arg(&or)
-                            .arg(format!("{kib}k")),
-                    )
-                }),
-                Format::Squashfs => Box::new(|| {
-                    run_cmd(Command::new(&mksquashfs).arg(tree_ref).arg(&or).args([
-                        "-noappend",
-                        "-no-progress",
-                        "-quiet",
-                    ]))
-                }),
-                Format::Qcow2 => Box::new(|| {
-                    let raw = or.with_extension("raw");
-                    run_cmd(Command::new(&mkfs_erofs).arg("-T0").arg(&raw).arg(tree_ref))?;
-                    run_cmd(
-                        Command::new(&qemu_img)
-                            .args(["convert", "-f", "raw", "-O", "qcow2"])
-                            .arg(&raw)
-                            .arg(&or),
-                    )?;
-                    std::fs::remove_file(&raw).context("remove raw")
-                }),
-            };
-            let row = measure(
-                format.as_str(),
-                args.bake_runs,
-                (&ob, Box::new(|| run_bake(&spec))),
-                (&or, raw),
-            )?;
-            let stage: Vec<Duration> = phases.iter().map(|p| p.0).collect();
-            let image: Vec<Duration> = phases.iter().map(|p| p.1).collect();
-            let finish: Vec<Duration> = phases.iter().map(|p| p.2).collect();
-            breakdown.push((
-                median_p95(&stage).0,
-                median_p95(&image).0,
-                median_p95(&finish).0,
-            ));
-            rows.push(row);
-            let _ = std::fs::remove_file(&ob);
-            let _ = std::fs::remove_file(bootlace_contract::image::ImageMeta::path_for(&ob));
-            let _ = std::fs::remove_file(&or);
-        }
+        let rows = formats
+            .iter()
+            .map(|f| bake_row(args, *f, &tree, work.path(), init))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut o = std::io::stdout().lock();
         writeln!(
             o,
             "\n`bootlace-image bake` on the {tree_name} `{}` ({files} files, {dirs} directories, \
@@ -603,46 +521,158 @@ fn bake_section(args: &Args, init: &Path, init_from: &str) -> anyhow::Result<()>
             tree.display(),
             bytes as f64 / 1048576.0,
             args.bake_runs,
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpus(),
             init.display(),
         )?;
-        writeln!(
-            o,
-            "| format | bake median s | raw tool median s | ratio | bake: staging s | bake: image s | bake: hash+sync s |"
-        )?;
-        writeln!(o, "|---|---:|---:|---:|---:|---:|---:|")?;
-        for (r, (st, im, fi)) in rows.iter().zip(&breakdown) {
-            let (b, _) = median_p95(&r.bootlace);
-            let (w, _) = median_p95(&r.raw);
-            writeln!(
-                o,
-                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
-                r.format,
-                b / 1000.0,
-                w / 1000.0,
-                b / w,
-                st / 1000.0,
-                im / 1000.0,
-                fi / 1000.0
-            )?;
-        }
-        writeln!(o)?;
-        for r in &rows {
-            writeln!(
-                o,
-                "- {}: output {:.1} MiB (bake) vs {:.1} MiB (raw)",
-                r.format,
-                r.bootlace_bytes as f64 / 1048576.0,
-                r.raw_bytes as f64 / 1048576.0,
-            )?;
-        }
+        bake_table(&mut o, &rows)?;
     }
     writeln!(
-        o,
+        std::io::stdout(),
         "- raw commands: `find . | cpio -o -H newc --quiet | gzip > OUT`; `mkfs.erofs -T0 OUT \
          TREE`; `mke2fs -q -F -t ext4 -b 4096 -d TREE OUT <1.25 x bake's image>`; `mksquashfs \
          TREE OUT -noappend -no-progress -quiet`; qcow2: `mkfs.erofs -T0 RAW TREE && qemu-img \
          convert -f raw -O qcow2 RAW OUT`"
     )?;
+    Ok(())
+}
+
+/// The raw tool alone for `format` on `tree` into `out` (`kib`: the ext4 size).
+fn raw_tool<'a>(
+    format: Format,
+    tree: &'a Path,
+    out: &'a Path,
+    kib: u64,
+) -> anyhow::Result<Bake<'a>> {
+    Ok(match format {
+        Format::Initramfs => raw_initramfs(tree, out),
+        Format::Erofs => {
+            let mkfs = tool("mkfs.erofs")?;
+            Box::new(move || run_cmd(Command::new(&mkfs).arg("-T0").arg(out).arg(tree)))
+        }
+        Format::Ext4 => {
+            let mke2fs = tool("mke2fs")?;
+            Box::new(move || {
+                run_cmd(
+                    Command::new(&mke2fs)
+                        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
+                        .arg(tree)
+                        .arg(out)
+                        .arg(format!("{kib}k")),
+                )
+            })
+        }
+        Format::Squashfs => {
+            let mksquashfs = tool("mksquashfs")?;
+            Box::new(move || {
+                run_cmd(Command::new(&mksquashfs).arg(tree).arg(out).args([
+                    "-noappend",
+                    "-no-progress",
+                    "-quiet",
+                ]))
+            })
+        }
+        Format::Qcow2 => {
+            let (mkfs, qemu_img) = (tool("mkfs.erofs")?, tool("qemu-img")?);
+            Box::new(move || {
+                let raw = out.with_extension("raw");
+                run_cmd(Command::new(&mkfs).arg("-T0").arg(&raw).arg(tree))?;
+                run_cmd(
+                    Command::new(&qemu_img)
+                        .args(["convert", "-f", "raw", "-O", "qcow2"])
+                        .arg(&raw)
+                        .arg(out),
+                )?;
+                std::fs::remove_file(&raw).context("remove raw")
+            })
+        }
+    })
+}
+
+/// `bake` in one format against its raw tool.
+fn bake_row(
+    args: &Args,
+    format: Format,
+    tree: &Path,
+    work: &Path,
+    init: &Path,
+) -> anyhow::Result<BakeRow> {
+    let ob = work.join(format!("bootlace.{format}"));
+    let or = work.join(format!("raw.{format}"));
+    let mut spec = BakeSpec::new(format, ob.clone(), Some(tree.to_owned()), init.to_owned());
+    spec.version = "bench".into();
+    spec.staging = args.bake_staging;
+    let mut phases: Vec<(Duration, Duration, Duration)> = Vec::new();
+    let mut staging = None;
+    let mut run_bake = |spec: &BakeSpec| -> anyhow::Result<()> {
+        let r = bake(spec, &mut |_| {})?;
+        phases.push((r.staging_time, r.image_time, r.finish_time));
+        staging = Some(r.staging);
+        Ok(())
+    };
+    // ext4: raw mke2fs gets bootlace's image size plus a quarter (journal, reserve).
+    let mut kib = 0;
+    if format == Format::Ext4 {
+        run_bake(&spec).context("ext4 sizing run")?;
+        let len = std::fs::metadata(&ob)?.len();
+        kib = (len + len / 4).div_ceil(1 << 20) * 1024;
+    }
+    let raw = raw_tool(format, tree, &or, kib)?;
+    let row = measure(
+        format.as_str(),
+        args.bake_runs,
+        (&ob, Box::new(|| run_bake(&spec))),
+        (&or, raw),
+    )?;
+    let median = |f: fn(&(Duration, Duration, Duration)) -> Duration| {
+        median_p95(&phases.iter().map(f).collect::<Vec<_>>()).0
+    };
+    let split = (median(|p| p.0), median(|p| p.1), median(|p| p.2));
+    let _ = std::fs::remove_file(&ob);
+    let _ = std::fs::remove_file(bootlace_contract::image::ImageMeta::path_for(&ob));
+    let _ = std::fs::remove_file(&or);
+    Ok(BakeRow {
+        row,
+        split,
+        staging,
+    })
+}
+
+fn bake_table(o: &mut impl std::io::Write, rows: &[BakeRow]) -> anyhow::Result<()> {
+    writeln!(
+        o,
+        "| format | bake median s | raw tool median s | ratio | staging | bake: staging s | bake: image s | bake: hash+sync s |"
+    )?;
+    writeln!(o, "|---|---:|---:|---:|---|---:|---:|---:|")?;
+    for BakeRow {
+        row: r,
+        split,
+        staging,
+    } in rows
+    {
+        let (b, _) = median_p95(&r.bootlace);
+        let (w, _) = median_p95(&r.raw);
+        writeln!(
+            o,
+            "| {} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} |",
+            r.format,
+            b / 1000.0,
+            w / 1000.0,
+            b / w,
+            staging.map_or("?", Staging::as_str),
+            split.0 / 1000.0,
+            split.1 / 1000.0,
+            split.2 / 1000.0
+        )?;
+    }
+    writeln!(o)?;
+    for BakeRow { row: r, .. } in rows {
+        writeln!(
+            o,
+            "- {}: output {:.1} MiB (bake) vs {:.1} MiB (raw)",
+            r.format,
+            r.bootlace_bytes as f64 / 1048576.0,
+            r.raw_bytes as f64 / 1048576.0,
+        )?;
+    }
     Ok(())
 }

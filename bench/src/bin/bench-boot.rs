@@ -29,8 +29,9 @@ use bootlace_contract::config::{
 };
 use bootlace_contract::kmod::{ModuleIndex, Resolved};
 use bootlace_contract::protocol::{Frame, Kind};
+use bootlace_image::bake::{BakeSpec, Format};
 use bootlace_image::bundle::{self, BundleFormat};
-use bootlace_image::initramfs::{self, Compression, Modules, Spec};
+use bootlace_image::initramfs::Modules;
 use bootlace_tests::{artifact, busybox_rootfs, test_kernel};
 use bootlace_vm::vsock::VsockSpec;
 use bootlace_vm::{Disk, Share, VmSpec};
@@ -193,20 +194,20 @@ fn module_paths(names: &[&str], release: &str) -> Result<String> {
 }
 
 fn bake(rootfs: &Path, init: &Path, cfg: InitConfig, release: &str, out: &Path) -> Result<()> {
-    let spec = Spec {
-        rootfs: Some(rootfs.to_owned()),
-        init: init.to_owned(),
-        config: cfg,
-        modules: Some(Modules {
-            root: PathBuf::from("/lib/modules"),
-            release: release.to_owned(),
-            extra: Vec::new(),
-        }),
-        keep_owners: false,
-        mtime: 0,
-        compression: Compression::Gzip,
-    };
-    initramfs::build(&spec, out)?;
+    let mut spec = BakeSpec::new(
+        Format::Initramfs,
+        out.to_owned(),
+        Some(rootfs.to_owned()),
+        init.to_owned(),
+    );
+    spec.config = cfg;
+    spec.modules = Some(Modules {
+        root: PathBuf::from("/lib/modules"),
+        release: release.to_owned(),
+        extra: Vec::new(),
+    });
+    spec.all_root = true;
+    bootlace_image::bake::bake(&spec, &mut |_| {})?;
     Ok(())
 }
 
