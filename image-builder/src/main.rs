@@ -325,6 +325,9 @@ fn main() -> ExitCode {
             log::LevelFilter::Warn
         });
     }
+    // First, before any thread: the overlays a bake mounts stay in a namespace of its own and
+    // cannot outlive the process, whatever ends it.
+    bootlace_image::overlay::private_mount_namespace();
     // With panic = "abort" no destructor runs: unmount a bake's overlay here.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -22,6 +22,31 @@ use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::path::join;
 
+/// Gives this process a mount namespace of its own, its mounts private to it, when it runs as
+/// root: an overlay it mounts is then seen only by it and the image tools it runs, and goes away
+/// with the process however it ends (Ctrl-C, a kill), never left on the host. Must be called
+/// before any thread is started (the kernel refuses it in a multithreaded process). Returns
+/// whether it worked; when not, overlays are mounted in the host's namespace and unmounted as
+/// usual.
+pub fn private_mount_namespace() -> bool {
+    if !rustix::process::geteuid().is_root() {
+        return false;
+    }
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS) {
+        log::info!("no private mount namespace ({e}): overlays are mounted on the host");
+        return false;
+    }
+    let private =
+        rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC;
+    if let Err(e) = rustix::mount::mount_change("/", private) {
+        // Still shared with the host: the mounts would propagate back. Keep the namespace
+        // (nothing is mounted yet) but do not count on it.
+        log::info!("cannot make / private in the new mount namespace ({e})");
+        return false;
+    }
+    true
+}
+
 /// Overlays mounted by this process and not unmounted yet.
 static MOUNTED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
