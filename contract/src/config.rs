@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::cmdline::{self, Param};
 pub use crate::digest::Sha256Digest;
 pub use crate::types::{
-    Command, EnvName, ExecString, HandoffMode, InvalidValue, ModuleName, TargetPath,
+    Command, EnvName, ExecString, HandoffMode, InvalidValue, Label, ModuleName, MountTag,
+    TargetPath,
 };
 
 /// Where the image builder bakes the config and where the init reads it.
@@ -179,12 +180,12 @@ impl FromStr for Source {
     }
 }
 
-fn default_label() -> ExecString {
-    ExecString::try_from("BOOTLACE".to_owned()).unwrap_or_else(|_| ExecString::empty())
+fn default_label() -> Label {
+    Label::trusted("BOOTLACE")
 }
 
-fn default_tag() -> ExecString {
-    ExecString::try_from("bootlace".to_owned()).unwrap_or_else(|_| ExecString::empty())
+fn default_tag() -> MountTag {
+    MountTag::trusted("bootlace")
 }
 
 fn default_wait_ms() -> u64 {
@@ -307,12 +308,12 @@ pub struct Bootstrap {
     /// Whether a boot without a bootstrap is a failure; default true.
     #[serde(default = "default_required")]
     pub required: bool,
-    /// Filesystem label of a bootstrap disk; default `BOOTLACE`.
+    /// Filesystem label of a bootstrap disk (1 to 32 bytes); default `BOOTLACE`.
     #[serde(default = "default_label")]
-    pub label: ExecString,
-    /// Mount tag of a bootstrap 9p share; default `bootlace`.
+    pub label: Label,
+    /// Mount tag of a bootstrap 9p share (1 to 31 bytes); default `bootlace`.
     #[serde(default = "default_tag")]
-    pub tag: ExecString,
+    pub tag: MountTag,
     /// How long each source waits for its device to appear, in ms; default 5000, at most 600000.
     #[serde(default = "default_wait_ms")]
     pub wait_ms: u64,
@@ -447,7 +448,21 @@ pub struct RootFs {
     /// image serves many guests. Each must exist in the image. Default none.
     #[serde(default)]
     pub writable: Vec<TargetPath>,
+    /// How stage 1 mounts this root when it is a disk: `false` read-write (an ext4 root baked
+    /// read-write), `true` read-only. `ro` / `rw` on the kernel command line win; default
+    /// (absent) read-only. The image builder writes it for every disk root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    /// In an initramfs: a file the image builder writes as the archive's last entry. The init
+    /// checks it is there before anything else: a kernel that ran out of memory while unpacking
+    /// the archive leaves it out (and boots on a truncated root). Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unpacked_marker: Option<TargetPath>,
 }
+
+/// The file the image builder writes as the last entry of every initramfs (see
+/// [`RootFs::unpacked_marker`]).
+pub const UNPACKED_MARKER: &str = "/etc/bootlace/unpacked";
 
 /// Where the real root filesystem is: `LABEL=<label>` or a device node such as `/dev/vda`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -463,14 +478,9 @@ impl TryFrom<String> for RootSpec {
     type Error = InvalidValue;
     fn try_from(s: String) -> Result<Self, InvalidValue> {
         if let Some(label) = s.strip_prefix("LABEL=") {
-            if label.is_empty() || label.len() > 255 || label.contains('\0') {
-                return Err(InvalidValue::new(
-                    "root",
-                    &s,
-                    "has a label that is not 1 to 255 bytes without NUL",
-                ));
-            }
-            return Ok(RootSpec::Label(label.to_owned()));
+            let label = Label::try_from(label.to_owned())
+                .map_err(|e| InvalidValue::new("root", &s, format!("LABEL=: {}", e.why)))?;
+            return Ok(RootSpec::Label(label.as_str().to_owned()));
         }
         let dev = s.strip_prefix("/dev/").filter(|rest| {
             !rest.is_empty()
@@ -773,9 +783,9 @@ pub struct Overrides {
     /// `bootlace.bootstrap=required|optional`.
     pub required: Option<bool>,
     /// `bootlace.label=`.
-    pub label: Option<ExecString>,
+    pub label: Option<Label>,
     /// `bootlace.tag=`.
-    pub tag: Option<ExecString>,
+    pub tag: Option<MountTag>,
     /// `bootlace.host=`.
     pub host: Option<HostAddress>,
     /// `bootlace.digest=`.
@@ -836,8 +846,8 @@ impl Overrides {
                     }
                 })
             }
-            "bootlace.label" => self.label = Some(ExecString::try_from(value.to_owned())?),
-            "bootlace.tag" => self.tag = Some(ExecString::try_from(value.to_owned())?),
+            "bootlace.label" => self.label = Some(value.parse()?),
+            "bootlace.tag" => self.tag = Some(value.parse()?),
             "bootlace.host" => self.host = Some(value.parse()?),
             "bootlace.digest" => {
                 self.digest = Some(value.parse().map_err(|e: crate::digest::BadDigest| {

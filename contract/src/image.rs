@@ -1,7 +1,7 @@
 //! The metadata file written beside every baked image (`<image>.meta.json`): what the image
 //! is (name, version, format), how to check it (sha256, size), what it was made from (input
 //! digests, init, kernel modules, tool versions) and when (SOURCE_DATE_EPOCH). The builder
-//! writes it; `bootlace-vm` reads it to boot an image by name and version. Schema 1;
+//! writes it; `bootlace-vm` reads it to boot an image by name and version. Schema 2 (1 is read);
 //! docs/image.md lists the fields.
 
 use std::collections::BTreeMap;
@@ -13,8 +13,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::fs::FsType;
 
-/// The schema version of the metadata.
-pub const SCHEMA: u32 = 1;
+/// The schema version this code writes: 2 adds `unpacked_size` and `min_memory_mib`.
+pub const SCHEMA: u32 = 2;
+
+/// The schema versions this code reads (a schema-1 file has no memory fields).
+pub const READS: &[u32] = &[1, 2];
 
 /// The suffix appended to the image's file name: `root.erofs` -> `root.erofs.meta.json`.
 pub const SUFFIX: &str = ".meta.json";
@@ -174,6 +177,14 @@ pub struct ImageMeta {
     pub built: String,
     /// The versions of the tools that made the image, by tool name.
     pub tool_versions: BTreeMap<String, String>,
+    /// An initramfs: the bytes its files take once the kernel has unpacked it into memory
+    /// (schema 2; absent in schema 1 and for disk images).
+    #[serde(default)]
+    pub unpacked_size: Option<u64>,
+    /// The least guest memory, in MiB, that boots this image to its init: for an initramfs the
+    /// kernel holds the archive and its unpacked files at once (schema 2; absent in schema 1).
+    #[serde(default)]
+    pub min_memory_mib: Option<u64>,
 }
 
 /// Why a metadata file could not be read or used.
@@ -227,7 +238,7 @@ impl ImageMeta {
     /// The checks a reader relies on beyond the types: the schema, a file name that stays
     /// beside the metadata, a sha256 of 64 hex digits, a filesystem type where there is a disk.
     pub fn check(&self) -> Result<(), BadMeta> {
-        if self.schema != SCHEMA {
+        if !READS.contains(&self.schema) {
             return Err(BadMeta::Schema(self.schema));
         }
         if self.file.is_empty() || self.file.contains('/') || self.file.starts_with('.') {
@@ -250,7 +261,7 @@ impl ImageMeta {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BadMeta {
     /// A schema this code does not know.
-    #[error("metadata schema {0} is not supported (this is schema {SCHEMA})")]
+    #[error("metadata schema {0} is not supported (this reads schemas {READS:?})")]
     Schema(u32),
     /// The image file is not a plain name beside the metadata.
     #[error("file {0:?} is not a plain file name beside the metadata")]
@@ -270,7 +281,7 @@ pub enum BadMeta {
 
 #[cfg(feature = "json")]
 impl ImageMeta {
-    /// Parses and checks metadata text (schema 1, known fields only); `path` names the file
+    /// Parses and checks metadata text (schemas 1 and 2, known fields only); `path` names the file
     /// in errors.
     pub fn from_json(text: &[u8], path: &Path) -> Result<ImageMeta, MetaError> {
         let parse = |message: String| MetaError::Parse {
@@ -286,7 +297,7 @@ impl ImageMeta {
             schema: Some(schema),
         }) = serde_json::from_slice::<Probe>(text)
         {
-            if schema != SCHEMA {
+            if !READS.contains(&schema) {
                 return Err(parse(BadMeta::Schema(schema).to_string()));
             }
         }
@@ -380,6 +391,8 @@ mod tests {
             source_date_epoch: 0,
             built: rfc3339(0),
             tool_versions: [("mkfs.erofs".to_owned(), "1.5".to_owned())].into(),
+            unpacked_size: None,
+            min_memory_mib: Some(128),
         }
     }
 
@@ -400,10 +413,10 @@ mod tests {
         for (bad, want) in [
             (
                 ImageMeta {
-                    schema: 2,
+                    schema: 3,
                     ..sample()
                 },
-                "schema 2",
+                "schema 3",
             ),
             (
                 ImageMeta {
@@ -442,10 +455,18 @@ mod tests {
         let p = Path::new("root.erofs.meta.json");
         assert_eq!(ImageMeta::from_json(text.as_bytes(), p).expect("parse"), m);
         assert!(text.contains("\"kind\": \"oci\"") && text.contains("\"format\": \"erofs\""));
-        let newer = text.replace("\"schema\": 1", "\"schema\": 2, \"new\": 1");
-        let e = ImageMeta::from_json(newer.as_bytes(), p).expect_err("schema 2");
-        assert!(e.to_string().contains("schema 2 is not supported"), "{e}");
-        let extra = text.replace("\"schema\": 1", "\"schema\": 1, \"x\": 1");
+        let newer = text.replace("\"schema\": 2", "\"schema\": 3, \"new\": 1");
+        let e = ImageMeta::from_json(newer.as_bytes(), p).expect_err("schema 3");
+        assert!(e.to_string().contains("schema 3 is not supported"), "{e}");
+        let extra = text.replace("\"schema\": 2", "\"schema\": 2, \"x\": 1");
         assert!(ImageMeta::from_json(extra.as_bytes(), p).is_err());
+        // A schema-1 file (no memory fields) still reads.
+        let old = text
+            .replace("\"schema\": 2", "\"schema\": 1")
+            .replace(",\n  \"unpacked_size\": null", "")
+            .replace(",\n  \"min_memory_mib\": 128", "");
+        assert!(!old.contains("min_memory_mib"), "{old}");
+        let m1 = ImageMeta::from_json(old.as_bytes(), p).expect("schema 1");
+        assert_eq!((m1.schema, m1.min_memory_mib), (1, None));
     }
 }

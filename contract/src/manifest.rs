@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
-    BundlePath, Command, EnvName, ExecString, HandoffMode, InvalidValue, Mode, ModuleName,
-    TargetPath,
+    BundlePath, Command, EnvName, ExecString, HandoffMode, InvalidValue, Label, Mode, ModuleName,
+    MountTag, TargetPath,
 };
 
 /// The manifest's file name at the bundle root.
@@ -359,8 +359,8 @@ pub struct TmpfsMount {
 pub struct DiskMount {
     /// Where.
     pub path: TargetPath,
-    /// The filesystem label to look for (ext4, erofs, vfat, iso9660).
-    pub label: Name,
+    /// The filesystem label to look for (ext4, erofs, vfat, iso9660), 1 to 32 bytes.
+    pub label: Label,
     /// Mount read-only; default false.
     #[serde(default)]
     pub read_only: bool,
@@ -372,8 +372,8 @@ pub struct DiskMount {
 pub struct NinePMount {
     /// Where.
     pub path: TargetPath,
-    /// The virtio 9p mount tag.
-    pub tag: Name,
+    /// The virtio 9p mount tag, 1 to 31 bytes.
+    pub tag: MountTag,
     /// Mount read-only; default false.
     #[serde(default)]
     pub read_only: bool,

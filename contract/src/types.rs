@@ -228,6 +228,120 @@ impl From<ExecString> for String {
     }
 }
 
+/// The longest filesystem label bootlace looks for, in bytes: the longest any filesystem it
+/// reads stores (an ISO 9660 volume id; ext4 keeps 16, erofs 15, FAT 11).
+pub const MAX_LABEL_BYTES: usize = 32;
+
+/// The longest 9p mount tag, in bytes (QEMU's limit).
+pub const MAX_TAG_BYTES: usize = 31;
+
+fn check_short_name(what: &'static str, s: &str, max: usize) -> Result<(), InvalidValue> {
+    if s.is_empty() || s.len() > max {
+        return Err(InvalidValue::new(
+            what,
+            s,
+            format!("must be 1 to {max} bytes"),
+        ));
+    }
+    if s.chars().any(|c| c.is_control() || c == '/') {
+        return Err(InvalidValue::new(
+            what,
+            s,
+            "may not hold control characters or '/'",
+        ));
+    }
+    Ok(())
+}
+
+/// A filesystem label to look for: 1 to [`MAX_LABEL_BYTES`] bytes, no control character, no
+/// `/`. A longer one could never match, so it is refused instead of waited for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Label(String);
+
+impl Label {
+    /// The label.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A label known to be valid (crate-internal defaults).
+    pub(crate) fn trusted(s: &'static str) -> Label {
+        Label(s.to_owned())
+    }
+}
+
+impl TryFrom<String> for Label {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
+        check_short_name("filesystem label", &s, MAX_LABEL_BYTES)?;
+        Ok(Label(s))
+    }
+}
+
+impl FromStr for Label {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        Label::try_from(s.to_owned())
+    }
+}
+
+impl From<Label> for String {
+    fn from(l: Label) -> String {
+        l.0
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A virtio 9p mount tag: 1 to [`MAX_TAG_BYTES`] bytes, no control character, no `/`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MountTag(String);
+
+impl MountTag {
+    /// The tag.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A tag known to be valid (crate-internal defaults).
+    pub(crate) fn trusted(s: &'static str) -> MountTag {
+        MountTag(s.to_owned())
+    }
+}
+
+impl TryFrom<String> for MountTag {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
+        check_short_name("9p mount tag", &s, MAX_TAG_BYTES)?;
+        Ok(MountTag(s))
+    }
+}
+
+impl FromStr for MountTag {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        MountTag::try_from(s.to_owned())
+    }
+}
+
+impl From<MountTag> for String {
+    fn from(t: MountTag) -> String {
+        t.0
+    }
+}
+
+impl fmt::Display for MountTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The argv of the hand-off command: at least one word, the first an absolute path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "Vec<String>", into = "Vec<String>")]

@@ -1241,6 +1241,9 @@ fn image_meta(spec: &BakeSpec, plan: &Plan, made: &Made, sha256: String, size: u
         source_date_epoch: spec.mtime,
         built: meta::rfc3339(spec.mtime),
         tool_versions: made.tool_versions.clone(),
+        // Filled in by the memory accounting of the image step (issue: least guest memory).
+        unpacked_size: None,
+        min_memory_mib: None,
     }
 }
 

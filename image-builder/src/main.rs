@@ -11,8 +11,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use bootlace_contract::compression::{sniff, Compression};
 use bootlace_contract::config::{
-    self, parse_command, Command, ExecString, FailurePolicy, HandoffMode, HostAddress, InitConfig,
-    LogLevel, ModuleName, Overrides, Sha256Digest, Source,
+    self, parse_command, Command, FailurePolicy, HandoffMode, HostAddress, InitConfig, Label,
+    LogLevel, ModuleName, MountTag, Overrides, Sha256Digest, Source,
 };
 use bootlace_contract::fs::FsType;
 use bootlace_image::bake::{self, BakeSpec, Format, Report, StagingMode};
@@ -150,10 +150,10 @@ struct ConfigArgs {
     bootstrap_optional: bool,
     /// Filesystem label of the bootstrap disk (default BOOTLACE).
     #[arg(long)]
-    label: Option<ExecString>,
+    label: Option<Label>,
     /// Mount tag of the bootstrap 9p share (default bootlace).
     #[arg(long)]
-    tag: Option<ExecString>,
+    tag: Option<MountTag>,
     /// Host configuration manager to report to: vsock:2:PORT.
     #[arg(long)]
     host: Option<HostAddress>,

@@ -350,6 +350,8 @@ mod tests {
             source_date_epoch: 0,
             built: bootlace_contract::image::rfc3339(0),
             tool_versions: Default::default(),
+            unpacked_size: None,
+            min_memory_mib: None,
         };
         std::fs::write(dir.join(format!("{file}{META_SUFFIX}")), meta.to_json()).expect("write");
     }
