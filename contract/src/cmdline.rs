@@ -18,27 +18,66 @@ pub struct Param {
 /// separated by whitespace; double quotes group whitespace and are removed from a quoted value.
 /// Everything after a lone `--` belongs to init's argv and is not returned.
 pub fn parse(line: &str) -> Vec<Param> {
+    parse_bytes(line.as_bytes())
+        .into_iter()
+        .filter_map(|p| p.ok())
+        .collect()
+}
+
+/// A `bootlace.*` parameter whose bytes are not UTF-8.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("kernel command line {key}=: the value is not UTF-8 ({value:?})")]
+pub struct NotUtf8 {
+    /// The key (lossily decoded).
+    pub key: String,
+    /// The value, lossily decoded.
+    pub value: String,
+}
+
+/// [`parse`] for the raw bytes of `/proc/cmdline`. Only `bootlace.*` parameters are bootlace's
+/// business: one whose key or value is not UTF-8 is returned as an error naming it; any other
+/// parameter (meant for the kernel or the real init) is decoded lossily, never refused.
+pub fn parse_bytes(line: &[u8]) -> Vec<Result<Param, NotUtf8>> {
     let mut params = Vec::new();
-    let mut rest = line.trim_start();
+    let mut rest = trim_start(line);
     while !rest.is_empty() {
         let mut in_quote = false;
         let mut end = rest.len();
-        for (i, c) in rest.char_indices() {
-            if c == '"' {
+        for (i, &c) in rest.iter().enumerate() {
+            if c == b'"' {
                 in_quote = !in_quote;
-            } else if c.is_whitespace() && !in_quote {
+            } else if c.is_ascii_whitespace() && !in_quote {
                 end = i;
                 break;
             }
         }
         let (token, tail) = rest.split_at(end);
-        rest = tail.trim_start();
-        if token == "--" {
+        rest = trim_start(tail);
+        if token == b"--" {
             break;
         }
-        params.push(param_of(token));
+        params.push(match std::str::from_utf8(token) {
+            Ok(t) => Ok(param_of(t)),
+            Err(_) => {
+                let lossy = String::from_utf8_lossy(token);
+                let p = param_of(&lossy);
+                if p.key.starts_with("bootlace.") {
+                    Err(NotUtf8 {
+                        key: p.key,
+                        value: p.value.unwrap_or_default(),
+                    })
+                } else {
+                    Ok(p)
+                }
+            }
+        });
     }
     params
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
+    b.get(n..).unwrap_or_default()
 }
 
 fn param_of(token: &str) -> Param {
@@ -178,6 +217,26 @@ mod tests {
         for (line, want) in cases {
             assert_eq!(&parse(line), want, "line {line:?}");
         }
+    }
+
+    #[test]
+    fn non_utf8_bytes_are_refused_only_in_bootlace_keys() {
+        let line = b"console=ttyS0 FOO=\xff quiet bootlace.label=\xfe\xff bootlace.log=debug";
+        let got = parse_bytes(line);
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[0], Ok(p("console", Some("ttyS0"))));
+        assert_eq!(got[1], Ok(p("FOO", Some("\u{fffd}"))));
+        assert_eq!(got[2], Ok(p("quiet", None)));
+        let e = got[3].clone().expect_err("not UTF-8");
+        assert_eq!(e.key, "bootlace.label");
+        assert!(
+            e.to_string()
+                .contains("bootlace.label=: the value is not UTF-8"),
+            "{e}"
+        );
+        assert_eq!(got[4], Ok(p("bootlace.log", Some("debug"))));
+        // A non-UTF-8 byte after `--` is the real init's business.
+        assert_eq!(parse_bytes(b"a -- \xff").len(), 1);
     }
 
     #[test]

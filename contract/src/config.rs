@@ -903,9 +903,9 @@ pub enum IfMissing {
     Error,
 }
 
-/// Loads the effective configuration from the file at `path` and the kernel command line,
-/// then validates the whole.
-pub fn load(path: &Path, cmdline: &str, if_missing: IfMissing) -> Loaded {
+/// Loads the effective configuration from the file at `path` and the kernel command line (its
+/// raw bytes: only `bootlace.*` parameters must be UTF-8), then validates the whole.
+pub fn load(path: &Path, cmdline: &[u8], if_missing: IfMissing) -> Loaded {
     let (mut config, from_file, mut error) = match InitConfig::read(path) {
         Ok(Some(c)) => (c, true, None),
         Ok(None) if if_missing == IfMissing::Defaults => (InitConfig::default(), false, None),
@@ -920,7 +920,18 @@ pub fn load(path: &Path, cmdline: &str, if_missing: IfMissing) -> Loaded {
     };
     let mut overrides = Overrides::default();
     let mut kernel_root = None;
-    for param in cmdline::parse(cmdline) {
+    for param in cmdline::parse_bytes(cmdline) {
+        let param = match param {
+            Ok(p) => p,
+            Err(e) => {
+                error.get_or_insert(ConfigError::BadValue {
+                    key: e.key,
+                    value: e.value,
+                    reason: "is not UTF-8".to_owned(),
+                });
+                continue;
+            }
+        };
         match (param.key.as_str(), param.value.as_deref()) {
             ("root", Some(v)) => kernel_root = Some(v.to_owned()),
             ("rw", None) => {
@@ -1156,7 +1167,7 @@ shutdown_grace_ms = 250
         std::fs::write(&path, "version = 1\non_failure = \"continue\"\n").expect("write");
         let l = load(
             &path,
-            "bootlace.nope=1 bootlace.log=debug bootlace.log=x",
+            "bootlace.nope=1 bootlace.log=debug bootlace.log=x".as_bytes(),
             IfMissing::Defaults,
         );
         assert!(l.from_file);
@@ -1165,14 +1176,22 @@ shutdown_grace_ms = 250
         assert!(matches!(l.error, Some(ConfigError::UnknownKey { .. })));
 
         std::fs::write(&path, "version = 9\n").expect("write");
-        let l = load(&path, "bootlace.failure=shell", IfMissing::Defaults);
+        let l = load(
+            &path,
+            "bootlace.failure=shell".as_bytes(),
+            IfMissing::Defaults,
+        );
         assert_eq!(l.config.on_failure, FailurePolicy::Shell);
         assert!(matches!(
             l.error,
             Some(ConfigError::Version { found: 9, .. })
         ));
 
-        let l = load(&dir.path().join("absent.toml"), "", IfMissing::Defaults);
+        let l = load(
+            &dir.path().join("absent.toml"),
+            "".as_bytes(),
+            IfMissing::Defaults,
+        );
         assert!(!l.from_file && l.error.is_none());
         assert_eq!(l.config, InitConfig::default());
     }
@@ -1200,7 +1219,11 @@ shutdown_grace_ms = 250
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("init.toml");
         std::fs::write(&path, "version = 1\n[bootstrap]\nsources = [\"vsock\"]\n").expect("w");
-        let l = load(&path, "bootlace.host=vsock:2:1024", IfMissing::Defaults);
+        let l = load(
+            &path,
+            "bootlace.host=vsock:2:1024".as_bytes(),
+            IfMissing::Defaults,
+        );
         assert!(
             matches!(
                 l.error,
@@ -1213,9 +1236,11 @@ shutdown_grace_ms = 250
             "bootlace.host=vsock:2:1024 bootlace.digest=sha256:{}",
             "1".repeat(64)
         );
-        assert!(load(&path, &line, IfMissing::Defaults).error.is_none());
+        assert!(load(&path, line.as_bytes(), IfMissing::Defaults)
+            .error
+            .is_none());
         // A command line error is the first error, not the inconsistency it leaves.
-        let l = load(&path, "bootlace.host=nope", IfMissing::Defaults);
+        let l = load(&path, "bootlace.host=nope".as_bytes(), IfMissing::Defaults);
         assert!(
             matches!(l.error, Some(ConfigError::BadValue { .. })),
             "{:?}",
@@ -1224,10 +1249,51 @@ shutdown_grace_ms = 250
     }
 
     #[test]
+    fn only_bootlace_keys_must_be_utf8_and_values_fit_their_type() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("absent.toml");
+        let l = load(
+            &path,
+            b"FOO=\xff init=/x\xfe bootlace.log=debug",
+            IfMissing::Defaults,
+        );
+        assert!(l.error.is_none(), "{:?}", l.error);
+        assert_eq!(l.config.log, LogLevel::Debug);
+        let l = load(&path, b"bootlace.tag=\xff", IfMissing::Defaults);
+        let e = l.error.expect("an error").to_string();
+        assert!(
+            e.contains("bootlace.tag=") && e.contains("is not UTF-8"),
+            "{e}"
+        );
+        // A label longer than any filesystem keeps is refused, naming the key, not waited for.
+        let long = format!("bootlace.label={}", "L".repeat(1900));
+        let e = load(&path, long.as_bytes(), IfMissing::Defaults)
+            .error
+            .expect("an error")
+            .to_string();
+        assert!(
+            e.contains("bootlace.label=") && e.contains("must be 1 to 32 bytes"),
+            "{e}"
+        );
+        let e = load(
+            &path,
+            format!("bootlace.tag={}", "t".repeat(32)).as_bytes(),
+            IfMissing::Defaults,
+        )
+        .error
+        .expect("an error")
+        .to_string();
+        assert!(
+            e.contains("bootlace.tag=") && e.contains("must be 1 to 31 bytes"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_named_config_that_is_missing_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("absent.toml");
-        let l = load(&path, "", IfMissing::Error);
+        let l = load(&path, "".as_bytes(), IfMissing::Error);
         let e = l.error.expect("an error");
         assert!(e.to_string().contains("absent.toml does not exist"), "{e}");
         assert!(!l.from_file);
@@ -1292,7 +1358,7 @@ shutdown_grace_ms = 250
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("init.toml");
         std::fs::write(&path, "version = 1\n[stage1]\n").expect("write");
-        let l = load(&path, "root=/dev/vda rw", IfMissing::Defaults);
+        let l = load(&path, "root=/dev/vda rw".as_bytes(), IfMissing::Defaults);
         assert!(l.error.is_none(), "{:?}", l.error);
         let s1 = l.config.stage1.expect("stage1");
         assert_eq!(s1.root, Some(RootSpec::Device("/dev/vda".into())));
@@ -1300,7 +1366,7 @@ shutdown_grace_ms = 250
         // bootlace.root= wins over root=, in any order.
         let l = load(
             &path,
-            "bootlace.root=LABEL=R root=/dev/vda",
+            "bootlace.root=LABEL=R root=/dev/vda".as_bytes(),
             IfMissing::Defaults,
         );
         assert_eq!(
@@ -1311,12 +1377,16 @@ shutdown_grace_ms = 250
         std::fs::write(&path, "version = 1\n").expect("write");
         let l = load(
             &path,
-            "bootlace.root=LABEL=R root=/dev/vda rw",
+            "bootlace.root=LABEL=R root=/dev/vda rw".as_bytes(),
             IfMissing::Defaults,
         );
         assert!(l.error.is_none() && l.config.stage1.is_none());
         // ... but a malformed bootlace.root= is still an error.
-        let l = load(&path, "bootlace.root=UUID=x", IfMissing::Defaults);
+        let l = load(
+            &path,
+            "bootlace.root=UUID=x".as_bytes(),
+            IfMissing::Defaults,
+        );
         assert!(l.error.is_some());
     }
 

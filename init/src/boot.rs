@@ -154,7 +154,7 @@ impl<'m, M: Machine> Boot<'m, M> {
             Err(_) => {}
         }
         let cmdline = m.cmdline();
-        let loaded = m.load_config(cmdline.as_deref().unwrap_or(""));
+        let loaded = m.load_config(cmdline.as_deref().unwrap_or_default());
         log::set_max_level(loaded.config.log.filter());
         timeline.mark("config", m.now());
         let first_error = match (early, cmdline, loaded.error) {

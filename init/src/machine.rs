@@ -34,10 +34,10 @@ pub trait Machine {
     /// The early mounts (proc, sys, dev, run), stdio on the console, ctrl-alt-del routed to
     /// PID 1. Returns the mounts made.
     fn early_setup(&mut self) -> Result<Vec<&'static str>, MountError>;
-    /// The kernel command line.
-    fn cmdline(&mut self) -> io::Result<String>;
+    /// The kernel command line, as its raw bytes.
+    fn cmdline(&mut self) -> io::Result<Vec<u8>>;
     /// The baked config with the command line applied and the whole validated.
-    fn load_config(&mut self, cmdline: &str) -> Loaded;
+    fn load_config(&mut self, cmdline: &[u8]) -> Loaded;
     /// Connects to the host and says HELLO.
     fn connect_host(&mut self, host: &Host) -> Result<(), ClientError>;
     /// Whether a host is connected.
@@ -113,11 +113,11 @@ impl Machine for RealMachine {
         early
     }
 
-    fn cmdline(&mut self) -> io::Result<String> {
-        std::fs::read_to_string("/proc/cmdline")
+    fn cmdline(&mut self) -> io::Result<Vec<u8>> {
+        std::fs::read("/proc/cmdline")
     }
 
-    fn load_config(&mut self, cmdline: &str) -> Loaded {
+    fn load_config(&mut self, cmdline: &[u8]) -> Loaded {
         config::load(Path::new(config::CONFIG_PATH), cmdline, IfMissing::Defaults)
     }
 

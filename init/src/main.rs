@@ -42,7 +42,8 @@ enum Request {
     Version,
     Check {
         config: Option<PathBuf>,
-        cmdline: String,
+        /// Raw bytes, as /proc/cmdline has them (only `bootlace.*` keys must be UTF-8).
+        cmdline: Vec<u8>,
     },
 }
 
@@ -83,7 +84,7 @@ fn parse(args: Vec<OsString>) -> Result<Request, Usage> {
         "check" => {}
         other => return Err(Usage(format!("unknown command {other:?}"))),
     }
-    let (mut config, mut cmdline) = (None, String::new());
+    let (mut config, mut cmdline) = (None, Vec::new());
     while let Some(flag) = it.next() {
         let flag = utf8(flag)?;
         if flag == "--help" || flag == "-h" {
@@ -94,14 +95,14 @@ fn parse(args: Vec<OsString>) -> Result<Request, Usage> {
             .ok_or_else(|| Usage(format!("{flag} needs a value")))?;
         match flag.as_str() {
             "--config" => config = Some(PathBuf::from(value)),
-            "--cmdline" => cmdline = utf8(value)?,
+            "--cmdline" => cmdline = std::os::unix::ffi::OsStringExt::into_vec(value),
             _ => return Err(Usage(format!("unknown option {flag:?}"))),
         }
     }
     Ok(Request::Check { config, cmdline })
 }
 
-fn check(path: Option<PathBuf>, cmdline: &str) -> ExitCode {
+fn check(path: Option<PathBuf>, cmdline: &[u8]) -> ExitCode {
     let (path, if_missing) = match path {
         Some(p) => (p, IfMissing::Error),
         None => (PathBuf::from(config::CONFIG_PATH), IfMissing::Defaults),

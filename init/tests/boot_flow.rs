@@ -169,15 +169,15 @@ impl Machine for Fake {
         Ok(vec!["/proc"])
     }
 
-    fn cmdline(&mut self) -> io::Result<String> {
+    fn cmdline(&mut self) -> io::Result<Vec<u8>> {
         self.log.push("cmdline".into());
         if self.fails(Step::Cmdline) {
             return Err(Fake::io("read"));
         }
-        Ok(String::new())
+        Ok(Vec::new())
     }
 
-    fn load_config(&mut self, _cmdline: &str) -> Loaded {
+    fn load_config(&mut self, _cmdline: &[u8]) -> Loaded {
         self.log.push("config".into());
         Loaded {
             config: self.config.clone(),

@@ -147,9 +147,30 @@ fn init_check_follows_cli_conventions() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing.toml does not exist"), "{err}");
     assert!(out.stdout.is_empty());
-    // A non-UTF-8 argument is a usage error naming it, not a panic.
-    let bad = std::ffi::OsStr::from_bytes(b"bootlace.log=\xff");
+    // A command line is checked as the init reads /proc/cmdline: raw bytes, of which only
+    // bootlace.* values must be UTF-8 (the error names the key); others pass untouched.
+    let bad = std::ffi::OsStr::from_bytes(b"FOO=\xff bootlace.log=\xff");
     let out = run(&[os("check").as_os_str(), os("--cmdline").as_os_str(), bad]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bootlace.log=") && err.contains("is not UTF-8"),
+        "{err}"
+    );
+    assert!(!err.contains("FOO"), "{err}");
+    let fine = std::ffi::OsStr::from_bytes(b"FOO=\xff init=/bin/\xfe");
+    let out = run(&[os("check").as_os_str(), os("--cmdline").as_os_str(), fine]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A non-UTF-8 option name is a usage error naming it, not a panic.
+    let out = run(&[
+        os("check").as_os_str(),
+        std::ffi::OsStr::from_bytes(b"--\xff"),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not UTF-8"));
     // Unknown options are usage errors.
