@@ -343,14 +343,13 @@ impl<'m, M: Machine> Boot<'m, M> {
     fn fail(&mut self, e: &BootError) {
         let text = chain(e);
         log::error!("{text}");
-        self.m.report(
-            Kind::Failed,
-            &[
-                ("STATUS", text.clone()),
-                ("EXIT_STATUS", e.status().to_string()),
-                ("POLICY", self.config.on_failure.as_str().to_owned()),
-            ],
-        );
+        let mut fields = vec![
+            ("STATUS", text.clone()),
+            ("EXIT_STATUS", e.status().to_string()),
+            ("POLICY", self.config.on_failure.as_str().to_owned()),
+        ];
+        fields.extend(self.memory_fields());
+        self.m.report(Kind::Failed, &fields);
         match self.config.on_failure {
             FailurePolicy::Continue => log::warn!("failure policy is continue: going on"),
             FailurePolicy::Poweroff => self.m.power_off(e.status(), &text),
@@ -369,15 +368,27 @@ impl<'m, M: Machine> Boot<'m, M> {
     fn report_ready(&mut self, config: &InitConfig) {
         let now = self.m.now();
         self.timeline.mark("ready", now);
-        let fields = [
+        let mut fields = vec![
             ("READY", "1".to_owned()),
             ("STATUS", format!("hand-off: {}", handoff_what(config))),
             ("TIMELINE", self.timeline.render()),
             ("BOOTTIME_NS", now.as_nanos().to_string()),
             ("VMHWM_KB", self.m.vm_hwm_kb().to_string()),
         ];
+        fields.extend(self.memory_fields());
         self.m.report(Kind::Ready, &fields);
         self.ready_sent = true;
+    }
+
+    /// `MEM_TOTAL_KB` and `MEM_PEAK_KB` (the guest's memory and its peak use so far).
+    fn memory_fields(&self) -> Vec<(&'static str, String)> {
+        match self.m.memory_kb() {
+            Some((total, peak)) => vec![
+                ("MEM_TOTAL_KB", total.to_string()),
+                ("MEM_PEAK_KB", peak.to_string()),
+            ],
+            None => Vec::new(),
+        }
     }
 
     /// Records a milestone that ended a step that worked, and reports it.

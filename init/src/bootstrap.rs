@@ -18,6 +18,7 @@ use crate::apply::{self, Applied, ApplyError};
 use crate::blkprobe::FsType;
 use crate::devices::{self, Want};
 use crate::extract::{self, ExtractError, Limits};
+use crate::memory::MemInfo;
 use crate::modload::ModuleLoader;
 use crate::mounts;
 use crate::sys::root::{Root, RootError};
@@ -50,9 +51,23 @@ pub enum BootstrapError {
     /// The vsock source without a pinned digest (the config check refuses this first).
     #[error("the vsock source needs a pinned digest (host.digest or bootlace.digest=sha256:…)")]
     NoDigest,
-    /// The unnamed file in /run that receives the bundle could not be made or read.
-    #[error("spool the bundle in /run")]
+    /// The unnamed file that receives the bundle could not be made or read.
+    #[error("spool the bundle on {BOOTSTRAP_DIR}")]
     Spool(#[source] io::Error),
+    /// The guest's memory could not be read.
+    #[error("read /proc/meminfo")]
+    Memory(#[source] io::Error),
+    /// The bundle, or what it unpacks to, does not fit in what the guest's memory holds.
+    #[error("{what} than {limit}; nothing of it is kept")]
+    NoRoom {
+        /// What did not fit.
+        what: String,
+        /// The limit and the memory it came from.
+        limit: Limit,
+        /// The unpack error that showed it, if any.
+        #[source]
+        source: Option<Box<ExtractError>>,
+    },
     /// Fetching the bundle from the host failed.
     #[error("fetch from the host")]
     Fetch(#[source] ClientError),
@@ -252,22 +267,76 @@ pub fn mount(
     }
 }
 
-/// Fetches the host's bundle into an unnamed file in /run, checks its sha256 against the
-/// pinned digest, and only then unpacks it into a fresh tmpfs on `/.bootstrap`, made
-/// read-only afterwards. On any error the caller's cleanup unmounts the tmpfs: nothing of a
-/// bad bundle stays.
+/// Fetches the host's bundle and unpacks it into a tmpfs on `/.bootstrap`, made read-only
+/// afterwards. The tmpfs is sized to what the guest can hold ([`MemInfo::budget`], at most
+/// `host.max_bundle_bytes` and a MiB) and holds both the bundle as received (an unnamed file)
+/// and what it unpacks to, so together they can never exceed it; a bundle whose announced size
+/// does not fit is refused before a byte is stored. Its sha256 is checked against the pinned
+/// digest before anything is unpacked; the received bytes are freed as the unpack consumes them.
+/// On any error the caller's cleanup unmounts the tmpfs: nothing of a bad bundle stays.
 fn fetch_and_unpack(config: &InitConfig, client: &mut Client) -> Result<(), BootstrapError> {
     let pinned = config
         .host
         .digest
         .as_ref()
         .ok_or(BootstrapError::NoDigest)?;
-    let max = config.host.max_bundle_bytes;
+    let mem = MemInfo::read().map_err(BootstrapError::Memory)?;
+    let room = Room::new(config.host.max_bundle_bytes, mem);
+    log::info!(
+        "bootstrap: room for {} MiB of bundle and files ({mem})",
+        room.bytes >> 20
+    );
     let dir = Path::new(BOOTSTRAP_DIR);
-    let mut file = sys::anonymous_file(Path::new("/run")).map_err(BootstrapError::Spool)?;
+    let tmpfs = |step| move |source| BootstrapError::Tmpfs { step, source };
+    let opts = std::ffi::CString::new(format!("mode=0700,size={}", room.tmpfs_size()))
+        .map_err(|e| tmpfs("options")(io::Error::other(e)))?;
+    let flags = Flags {
+        nosuid: true,
+        nodev: true,
+        noexec: false,
+        rdonly: false,
+    };
+    sys::mount("tmpfs", dir, "tmpfs", flags, &opts).map_err(tmpfs("mount"))?;
+    let file = sys::anonymous_file(dir).map_err(BootstrapError::Spool)?;
+    let mut spool = Spool::new(file);
     let got = client
-        .fetch_bundle(&mut file, max)
-        .map_err(BootstrapError::Fetch)?;
+        .fetch_bundle(spool.file_mut(), room.bytes)
+        .map_err(|e| room.refusal(e))?;
+    let _ = MemInfo::read();
+    log_fetched(&got);
+    if !pinned.matches_hex(&got.sha256) {
+        return Err(BootstrapError::Digest {
+            got: got.sha256,
+            pinned: pinned.hex().to_owned(),
+        });
+    }
+    let compression: Compression = got
+        .header
+        .compression
+        .parse()
+        .map_err(BootstrapError::Compression)?;
+    spool.rewind().map_err(BootstrapError::Spool)?;
+    let root = Root::open(dir).map_err(tmpfs("open"))?;
+    let limits = Limits {
+        max_bytes: room.bytes,
+        ..Limits::default()
+    };
+    let summary = extract::extract(&mut spool, got.header.size, compression, &root, &limits)
+        .map_err(|e| room.unpack_refusal(e))?;
+    let _ = MemInfo::read();
+    drop(spool);
+    sys::remount_read_only(dir).map_err(tmpfs("read-only remount"))?;
+    log::info!(
+        "bootstrap: unpacked {} entries ({} bytes) into a tmpfs on {BOOTSTRAP_DIR}; \
+         {} setuid, setgid or sticky bits stripped",
+        summary.entries,
+        summary.bytes,
+        summary.stripped_modes
+    );
+    Ok(())
+}
+
+fn log_fetched(got: &bootlace_agent::client::Received) {
     // MB/s with one decimal, in integers (no float formatting in PID 1).
     let micros = u64::try_from(got.elapsed.as_micros())
         .unwrap_or(u64::MAX)
@@ -281,44 +350,150 @@ fn fetch_and_unpack(config: &InitConfig, client: &mut Client) -> Result<(), Boot
         tenths / 10,
         tenths % 10
     );
-    if !pinned.matches_hex(&got.sha256) {
-        return Err(BootstrapError::Digest {
-            got: got.sha256,
-            pinned: pinned.hex().to_owned(),
-        });
+}
+
+/// What a vsock bundle may take of the guest: the smaller of `host.max_bundle_bytes` and what
+/// the guest's memory holds.
+#[derive(Debug, Clone, Copy)]
+struct Room {
+    /// The most bytes the bundle, and the files it unpacks to, may have.
+    bytes: u64,
+    /// The configured cap.
+    configured: u64,
+    /// The memory it was derived from.
+    mem: MemInfo,
+}
+
+impl Room {
+    fn new(configured: u64, mem: MemInfo) -> Room {
+        Room {
+            bytes: configured.min(mem.budget()),
+            configured,
+            mem,
+        }
     }
-    let compression: Compression = got
-        .header
-        .compression
-        .parse()
-        .map_err(BootstrapError::Compression)?;
-    let tmpfs = |step| move |source| BootstrapError::Tmpfs { step, source };
-    let opts = std::ffi::CString::new(format!("mode=0700,size={}", max.saturating_add(1 << 20)))
-        .map_err(|e| tmpfs("options")(io::Error::other(e)))?;
-    let flags = Flags {
-        nosuid: true,
-        nodev: true,
-        noexec: false,
-        rdonly: false,
-    };
-    sys::mount("tmpfs", dir, "tmpfs", flags, &opts).map_err(tmpfs("mount"))?;
-    file.seek(SeekFrom::Start(0))
-        .map_err(BootstrapError::Spool)?;
-    let root = Root::open(dir).map_err(tmpfs("open"))?;
-    let limits = Limits {
-        max_bytes: max,
-        ..Limits::default()
-    };
-    let summary = extract::extract(&mut file, got.header.size, compression, &root, &limits)
-        .map_err(BootstrapError::Extract)?;
-    drop(file);
-    sys::remount_read_only(dir).map_err(tmpfs("read-only remount"))?;
-    log::info!(
-        "bootstrap: unpacked {} entries ({} bytes) into a tmpfs on {BOOTSTRAP_DIR}",
-        summary.entries,
-        summary.bytes
-    );
-    Ok(())
+
+    /// The tmpfs that holds the bundle and its files: the room, plus a MiB for the directories
+    /// and the last partial pages (and never less than a MiB).
+    fn tmpfs_size(&self) -> u64 {
+        self.bytes.saturating_add(1 << 20)
+    }
+
+    /// Whether the guest's memory, not the configured cap, is the limit.
+    fn memory_bound(&self) -> bool {
+        self.bytes < self.configured
+    }
+
+    fn limit(&self) -> Limit {
+        Limit {
+            bytes: self.bytes,
+            configured: self.configured,
+            mem: self.mem,
+        }
+    }
+
+    /// A fetch error, naming the guest's memory when the bundle is too large for it.
+    fn refusal(&self, e: ClientError) -> BootstrapError {
+        match e {
+            ClientError::BundleTooLarge { size, .. } if self.memory_bound() => {
+                BootstrapError::NoRoom {
+                    what: format!("the host announces a bundle of {size} bytes: more"),
+                    limit: self.limit(),
+                    source: None,
+                }
+            }
+            other => BootstrapError::Fetch(other),
+        }
+    }
+
+    /// An unpack error, naming the guest's memory when the files outgrew it.
+    fn unpack_refusal(&self, e: ExtractError) -> BootstrapError {
+        let full = matches!(&e, ExtractError::TooManyBytes { .. })
+            || std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<RootError>())
+                .is_some_and(RootError::is_no_space);
+        if full && self.memory_bound() {
+            BootstrapError::NoRoom {
+                what: "the bundle unpacks to more".to_owned(),
+                limit: self.limit(),
+                source: Some(Box::new(e)),
+            }
+        } else {
+            BootstrapError::Extract(e)
+        }
+    }
+}
+
+/// The limit a bundle hit, for the message.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    /// The bytes allowed.
+    pub bytes: u64,
+    /// `host.max_bundle_bytes`.
+    pub configured: u64,
+    /// The guest's memory when the fetch began.
+    pub mem: MemInfo,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the {} bytes this guest holds for a bundle and its files ({}; \
+             host.max_bundle_bytes {})",
+            self.bytes, self.mem, self.configured
+        )
+    }
+}
+
+/// The bundle as received, in an unnamed file on the bootstrap's tmpfs. Read back for the
+/// unpack, it gives the memory of what was read back to the guest as it goes (hole punching),
+/// so a bundle and its unpacked files are never both held whole.
+struct Spool {
+    file: std::fs::File,
+    /// Bytes read back so far.
+    pos: u64,
+    /// Bytes already given back (a multiple of the page size).
+    freed: u64,
+}
+
+impl Spool {
+    /// How much is read back before it is given back.
+    const STEP: u64 = 1 << 20;
+
+    fn new(file: std::fs::File) -> Spool {
+        Spool {
+            file,
+            pos: 0,
+            freed: 0,
+        }
+    }
+
+    fn file_mut(&mut self) -> &mut std::fs::File {
+        &mut self.file
+    }
+
+    fn rewind(&mut self) -> io::Result<()> {
+        self.file.seek(SeekFrom::Start(0))?;
+        self.pos = 0;
+        self.freed = 0;
+        Ok(())
+    }
+}
+
+impl io::Read for Spool {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.pos = self.pos.saturating_add(n as u64);
+        let upto = self.pos & !4095;
+        if upto >= self.freed.saturating_add(Spool::STEP) {
+            // Best effort: a filesystem that cannot punch holes keeps the bytes until the end.
+            if sys::punch_hole(&self.file, self.freed, upto - self.freed).is_ok() {
+                self.freed = upto;
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// The mount points at or under `/.bootstrap` in `/proc/self/mountinfo`.

@@ -20,6 +20,7 @@
 //!   limits;
 //! - [`devices`]: finding block devices by label and 9p shares by tag, with bounded waits;
 //! - [`blkprobe`]: filesystem type and label of block devices, read from their superblocks;
+//! - [`memory`]: the guest's memory (`/proc/meminfo`) and what a bootstrap may take of it;
 //! - [`modload`]: loading modules with their dependencies;
 //! - [`mounts`]: the early mounts;
 //! - [`timeline`]: the boot's milestones;
@@ -49,6 +50,7 @@ pub mod extract;
 pub mod hostlink;
 pub mod logger;
 pub mod machine;
+pub mod memory;
 pub mod modload;
 pub mod mounts;
 pub mod stage1;

@@ -20,6 +20,7 @@ use bootlace_contract::status::{self, ExitStatus};
 use crate::apply::{Applied, ApplyError};
 use crate::bootstrap::{self, BootstrapError, Cleaned, Found};
 use crate::hostlink::HostLink;
+use crate::memory::{self, MemInfo};
 use crate::modload::{ModLoadError, ModuleLoader};
 use crate::mounts::{self, MountError};
 use crate::stage1::{self, Stage1Error};
@@ -79,6 +80,8 @@ pub trait Machine {
     fn sync(&mut self);
     /// Peak resident memory of PID 1 in KiB (VmHWM); 0 when unknown.
     fn vm_hwm_kb(&self) -> u64;
+    /// The guest's memory and its peak use so far (sampled at the boot's heavy steps), in KiB.
+    fn memory_kb(&self) -> Option<(u64, u64)>;
     /// Prints the power-off line and powers off.
     fn power_off(&mut self, status: ExitStatus, summary: &str) -> !;
 }
@@ -104,6 +107,8 @@ impl Machine for RealMachine {
 
     fn early_setup(&mut self) -> Result<Vec<&'static str>, MountError> {
         let early = mounts::early_mounts();
+        // The first reading of the guest's memory (the peak reported with READY starts here).
+        let _ = MemInfo::read();
         if let Err(e) = sys::ensure_stdio(Path::new("/dev/console")) {
             log::warn!("cannot open /dev/console for stdio: {e}");
         }
@@ -208,6 +213,12 @@ impl Machine for RealMachine {
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             })
             .unwrap_or(0)
+    }
+
+    fn memory_kb(&self) -> Option<(u64, u64)> {
+        // A reading now, too: the peak may be the present.
+        let _ = MemInfo::read();
+        memory::peak_used_kb()
     }
 
     fn power_off(&mut self, status: ExitStatus, summary: &str) -> ! {

@@ -333,6 +333,10 @@ impl Machine for Fake {
         1234
     }
 
+    fn memory_kb(&self) -> Option<(u64, u64)> {
+        Some((240_000, 61_000))
+    }
+
     fn power_off(&mut self, status: ExitStatus, summary: &str) -> ! {
         self.log.push(format!("power-off {status}"));
         self.ended(End::PowerOff(status.code(), summary.to_owned()))
@@ -395,6 +399,11 @@ fn a_good_boot_reports_ready_before_the_cleanup_and_execs_with_the_manifest_env(
         ready[0]
     );
     assert!(ready[0].contains("VMHWM_KB=1234"), "{}", ready[0]);
+    assert!(
+        ready[0].contains("MEM_TOTAL_KB=240000 MEM_PEAK_KB=61000"),
+        "{}",
+        ready[0]
+    );
     assert!(f.entries("exec")[0].contains("APP=1"), "{:#?}", f.log);
     assert!(!f.has("FAILED"), "{:#?}", f.log);
 }
@@ -408,7 +417,8 @@ fn a_failed_mount_is_cleaned_up_reported_and_powers_off() {
     assert!(
         failed.contains("STATUS=bootstrap: mount 9p share \"bootlace\" on /.bootstrap")
             && failed.contains("EXIT_STATUS=71")
-            && failed.contains("POLICY=poweroff"),
+            && failed.contains("POLICY=poweroff")
+            && failed.contains("MEM_PEAK_KB=61000"),
         "{failed}"
     );
     assert!(f.has("STEP STEP=bootstrap_mounted STATE=failed"));

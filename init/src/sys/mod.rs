@@ -402,6 +402,19 @@ pub fn anonymous_file(dir: &Path) -> io::Result<File> {
     Ok(File::from(fd))
 }
 
+/// Frees `len` bytes of `file` from `offset` (they read as zeros after), keeping its size: on a
+/// tmpfs, the memory they took is given back at once.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use rustix::fs::FallocateFlags;
+    rustix::fs::fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )?;
+    Ok(())
+}
+
 /// Remounts the mount at `target` read-only (nosuid, nodev kept).
 pub fn remount_read_only(target: &Path) -> io::Result<()> {
     rustix::mount::mount_remount(

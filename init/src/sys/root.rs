@@ -53,6 +53,14 @@ pub enum RootError {
     },
 }
 
+impl RootError {
+    /// Whether the filesystem ran out of space (ENOSPC): a tmpfs reached its size.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, RootError::Io { source, .. }
+            if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()))
+    }
+}
+
 /// A directory that confined operations cannot leave.
 #[derive(Debug)]
 pub struct Root {
