@@ -1,7 +1,8 @@
 //! The boot of PID 1, top to bottom — [`run`] reads as the boot does:
 //!
-//! 1. early mounts, the kernel command line and the configuration (the first failure wins,
-//!    and waits until the host is reachable to be reported);
+//! 1. early mounts, a check that the kernel unpacked the whole initramfs, the kernel command
+//!    line and the configuration (the first failure wins, and waits until the host is reachable
+//!    to be reported);
 //! 2. the host link, first, so that every later failure is reported to the host too;
 //! 3. the configured kernel modules;
 //! 4. stage 1 only: mount the real root and switch to it (returns only on failure);
@@ -32,6 +33,7 @@ use crate::mounts::MountError;
 use crate::stage1::Stage1Error;
 use crate::supervise::{handoff_env, AppEnd};
 use crate::timeline::Timeline;
+use crate::unpacked::Truncated;
 use crate::{logger, sys, VERSION};
 
 /// A failed boot step. The message names the step; the source says why.
@@ -67,6 +69,9 @@ pub enum BootError {
     /// Supervising the application failed.
     #[error("supervise")]
     Supervise(#[source] io::Error),
+    /// The kernel did not unpack the whole initramfs (the message says so).
+    #[error(transparent)]
+    Truncated(Truncated),
     /// Stage 1 could not switch to the real root.
     #[error("stage1")]
     Stage1(#[source] Stage1Error),
@@ -88,6 +93,7 @@ impl BootError {
             | BootError::Host(_)
             | BootError::Supervise(_)
             | BootError::Stage1(_)
+            | BootError::Truncated(_)
             | BootError::Writable(_) => ExitStatus::BootStep,
         }
     }
@@ -156,11 +162,14 @@ impl<'m, M: Machine> Boot<'m, M> {
         let cmdline = m.cmdline();
         let loaded = m.load_config(cmdline.as_deref().unwrap_or_default());
         log::set_max_level(loaded.config.log.filter());
+        // A truncated root explains a config that is missing or cut short: it wins over it.
+        let whole = m.unpacked_whole(loaded.config.root.unpacked_marker.as_ref());
         timeline.mark("config", m.now());
-        let first_error = match (early, cmdline, loaded.error) {
-            (Err(e), _, _) => Some(BootError::Mount(e)),
-            (_, Err(e), _) => Some(BootError::Cmdline(e)),
-            (_, _, Some(e)) => Some(BootError::Config(e)),
+        let first_error = match (early, whole, cmdline, loaded.error) {
+            (Err(e), _, _, _) => Some(BootError::Mount(e)),
+            (_, Err(e), _, _) => Some(BootError::Truncated(e)),
+            (_, _, Err(e), _) => Some(BootError::Cmdline(e)),
+            (_, _, _, Some(e)) => Some(BootError::Config(e)),
             _ => None,
         };
         let c = &loaded.config;

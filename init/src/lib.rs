@@ -24,6 +24,7 @@
 //! - [`modload`]: loading modules with their dependencies;
 //! - [`mounts`]: the early mounts;
 //! - [`timeline`]: the boot's milestones;
+//! - [`unpacked`]: whether the kernel unpacked the initramfs whole;
 //! - [`logger`]: console logging with CLOCK_BOOTTIME stamps;
 //! - [`sys`]: the syscall fence, the only module with `unsafe`.
 
@@ -57,6 +58,7 @@ pub mod stage1;
 pub mod supervise;
 pub mod sys;
 pub mod timeline;
+pub mod unpacked;
 
 /// The init's version, printed at start and said in HELLO.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

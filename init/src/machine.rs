@@ -25,6 +25,7 @@ use crate::modload::{ModLoadError, ModuleLoader};
 use crate::mounts::{self, MountError};
 use crate::stage1::{self, Stage1Error};
 use crate::supervise::{self, AppEnd};
+use crate::unpacked::{self, Truncated};
 use crate::{logger, sys};
 
 /// The effects of a boot. Methods that end the boot (`power_off`, a successful `exec` or
@@ -35,6 +36,9 @@ pub trait Machine {
     /// The early mounts (proc, sys, dev, run), stdio on the console, ctrl-alt-del routed to
     /// PID 1. Returns the mounts made.
     fn early_setup(&mut self) -> Result<Vec<&'static str>, MountError>;
+    /// Whether the kernel unpacked the initramfs whole (`marker`: the config's
+    /// `[root] unpacked_marker`); always fine when the root is not an initramfs.
+    fn unpacked_whole(&mut self, marker: Option<&TargetPath>) -> Result<(), Truncated>;
     /// The kernel command line, as its raw bytes.
     fn cmdline(&mut self) -> io::Result<Vec<u8>>;
     /// The baked config with the command line applied and the whole validated.
@@ -116,6 +120,10 @@ impl Machine for RealMachine {
             log::warn!("cannot route ctrl-alt-del to PID 1: {e}");
         }
         early
+    }
+
+    fn unpacked_whole(&mut self, marker: Option<&TargetPath>) -> Result<(), Truncated> {
+        unpacked::check(Path::new("/dev/kmsg"), marker.map(TargetPath::as_str))
     }
 
     fn cmdline(&mut self) -> io::Result<Vec<u8>> {

@@ -29,11 +29,13 @@ use bootlace_init::mounts::MountError;
 use bootlace_init::stage1::Stage1Error;
 use bootlace_init::supervise::AppEnd;
 use bootlace_init::sys::Ended;
+use bootlace_init::unpacked::Truncated;
 
 /// A step the fake can be told to fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Early,
+    Truncated,
     Cmdline,
     Host,
     Modules,
@@ -167,6 +169,20 @@ impl Machine for Fake {
             });
         }
         Ok(vec!["/proc"])
+    }
+
+    fn unpacked_whole(&mut self, marker: Option<&TargetPath>) -> Result<(), Truncated> {
+        self.log.push(format!(
+            "unpacked-whole {}",
+            marker.map_or("-", TargetPath::as_str)
+        ));
+        if self.fails(Step::Truncated) {
+            return Err(Truncated {
+                why: "Initramfs unpacking failed: write error".into(),
+                memory: None,
+            });
+        }
+        Ok(())
     }
 
     fn cmdline(&mut self) -> io::Result<Vec<u8>> {
@@ -474,6 +490,32 @@ fn the_first_early_failure_wins() {
         text.starts_with("config: cannot read /proc/cmdline"),
         "{text}"
     );
+}
+
+#[test]
+fn a_truncated_initramfs_is_reported_before_the_config_it_explains() {
+    let mut c = hosted();
+    c.root.unpacked_marker =
+        Some(TargetPath::try_from("/etc/bootlace/unpacked".to_owned()).expect("path"));
+    let mut f = Fake::new(c).failing(&[Step::Truncated]);
+    f.config_error = Some(ConfigError::UnknownKey {
+        key: "bootlace.bogus".into(),
+    });
+    let f = f.boot();
+    assert!(
+        f.has("unpacked-whole /etc/bootlace/unpacked"),
+        "{:#?}",
+        f.log
+    );
+    let (status, text) = f.powered_off();
+    assert_eq!(status, 71);
+    assert!(
+        text.starts_with(
+            "the initramfs was not unpacked whole (Initramfs unpacking failed: write error)"
+        ),
+        "{text}"
+    );
+    assert!(!f.has("find") && !f.has("modules"), "{:#?}", f.log);
 }
 
 #[test]

@@ -194,3 +194,47 @@ fn a_plain_tar_that_fits_is_unpacked_without_holding_it_twice() {
         tail(&r.outcome, 30)
     );
 }
+
+#[test]
+fn a_truncated_initramfs_is_reported_not_booted() {
+    // The padding sorts after the init (var/ after sbin/), so the kernel still finds the init
+    // after it ran out of memory unpacking: the init must notice and stop.
+    let dir = scratch().expect("scratch");
+    let rootfs = dir.path().join("rootfs");
+    probe_rootfs(&rootfs, None).expect("rootfs");
+    let mut pad = vec![0u8; 120 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in pad.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::create_dir_all(rootfs.join("var")).expect("mkdir");
+    std::fs::write(rootfs.join("var/pad"), &pad).expect("pad");
+    let mut c = InitConfig::default();
+    c.handoff.command = Argv::try_from(vec!["/sbin/probe".to_owned()]).expect("argv");
+    let img = dir.path().join("initrd.img");
+    bake(&rootfs, c, &img).expect("bake");
+    let o = boot_with("mem_truncated_initramfs", &img, &[], |spec| {
+        spec.memory_mib = 256;
+    })
+    .expect("boot");
+    assert!(
+        o.console.contains("Initramfs unpacking failed"),
+        "the kernel unpacked it whole: no test\n{}",
+        tail(&o, 40)
+    );
+    clean(&o);
+    assert_eq!(o.exit_status, Some(71), "{}", tail(&o, 40));
+    assert!(
+        o.console
+            .contains("the initramfs was not unpacked whole (Initramfs unpacking failed"),
+        "{}",
+        tail(&o, 40)
+    );
+    assert!(
+        !o.console.contains("PROBE"),
+        "the probe ran on a truncated root"
+    );
+}
