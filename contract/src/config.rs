@@ -540,9 +540,13 @@ pub struct Stage1 {
     #[serde(default)]
     pub root: Option<RootSpec>,
     /// Mount the root read-write (ext4 only; erofs and squashfs are always read-only).
-    /// Default false; `rw` on the kernel command line sets it.
+    /// Default false: the image's own `[root] read_only` decides (see [`Stage1::read_only`]).
     #[serde(default)]
     pub read_write: bool,
+    /// `rw` (true) or `ro` (false) on the kernel command line, the last one given: it wins over
+    /// everything else. Not part of the file.
+    #[serde(skip)]
+    pub kernel_rw: Option<bool>,
     /// What to execute inside the real root. Default `["/sbin/bootlace-init"]`.
     #[serde(default = "default_stage1_init")]
     pub init: Command,
@@ -551,11 +555,28 @@ pub struct Stage1 {
     pub wait_ms: u64,
 }
 
+impl Stage1 {
+    /// Whether stage 1 mounts a root of `fstype` read-only, given the image's own
+    /// `[root] read_only`: `rw`/`ro` on the kernel command line first, then `read_write` here,
+    /// then the image; read-only when nothing says otherwise. Only ext4 can be read-write.
+    pub fn read_only(&self, fstype: crate::fs::FsType, image_read_only: Option<bool>) -> bool {
+        if fstype != crate::fs::FsType::Ext4 {
+            return true;
+        }
+        match (self.kernel_rw, self.read_write, image_read_only) {
+            (Some(rw), _, _) => !rw,
+            (None, true, _) => false,
+            (None, false, image) => image.unwrap_or(true),
+        }
+    }
+}
+
 impl Default for Stage1 {
     fn default() -> Self {
         Stage1 {
             root: None,
             read_write: false,
+            kernel_rw: None,
             init: default_stage1_init(),
             wait_ms: default_root_wait_ms(),
         }
@@ -934,9 +955,9 @@ pub fn load(path: &Path, cmdline: &[u8], if_missing: IfMissing) -> Loaded {
         };
         match (param.key.as_str(), param.value.as_deref()) {
             ("root", Some(v)) => kernel_root = Some(v.to_owned()),
-            ("rw", None) => {
+            ("rw" | "ro", None) => {
                 if let Some(s1) = &mut config.stage1 {
-                    s1.read_write = true;
+                    s1.kernel_rw = Some(param.key == "rw");
                 }
             }
             _ => {}
@@ -1354,6 +1375,40 @@ shutdown_grace_ms = 250
     }
 
     #[test]
+    fn stage1_mounts_the_root_as_the_image_says_unless_told_otherwise() {
+        use crate::fs::FsType::{Erofs, Ext4, Squashfs};
+        let s1 = |kernel_rw, read_write| Stage1 {
+            kernel_rw,
+            read_write,
+            ..Stage1::default()
+        };
+        // (kernel rw/ro, [stage1] read_write, fstype, the image's [root] read_only) -> ro?
+        let cases = [
+            (None, false, Ext4, None, true),
+            (None, false, Ext4, Some(false), false),
+            (None, false, Ext4, Some(true), true),
+            (None, true, Ext4, None, false),
+            (None, true, Ext4, Some(true), false),
+            (Some(false), true, Ext4, Some(false), true),
+            (Some(true), false, Ext4, Some(true), false),
+            (Some(true), true, Erofs, Some(false), true),
+            (None, false, Squashfs, Some(false), true),
+        ];
+        for (kernel, rw, fstype, image, want) in cases {
+            assert_eq!(
+                s1(kernel, rw).read_only(fstype, image),
+                want,
+                "{kernel:?} {rw} {fstype} {image:?}"
+            );
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("init.toml");
+        std::fs::write(&path, "version = 1\n[stage1]\n").expect("write");
+        let l = load(&path, b"rw ro", IfMissing::Defaults);
+        assert_eq!(l.config.stage1.expect("stage1").kernel_rw, Some(false));
+    }
+
+    #[test]
     fn stage1_root_from_the_command_line() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("init.toml");
@@ -1362,7 +1417,7 @@ shutdown_grace_ms = 250
         assert!(l.error.is_none(), "{:?}", l.error);
         let s1 = l.config.stage1.expect("stage1");
         assert_eq!(s1.root, Some(RootSpec::Device("/dev/vda".into())));
-        assert!(s1.read_write);
+        assert_eq!(s1.kernel_rw, Some(true));
         // bootlace.root= wins over root=, in any order.
         let l = load(
             &path,

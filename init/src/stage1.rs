@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
-use crate::blkprobe::FsType;
 use crate::devices::{self, Block, Want};
 use crate::modload::ModuleLoader;
 use crate::mounts;
 use crate::sys::{self, root::Root, Flags};
-use bootlace_contract::config::{RootSpec, Source, Stage1};
+use bootlace_contract::config::{
+    InitConfig, RootSpec, Source, Stage1, CONFIG_PATH, MAX_CONFIG_BYTES,
+};
 use bootlace_contract::drivers;
 
 /// Where the real root is mounted before the switch.
@@ -93,11 +94,6 @@ pub enum Stage1Error {
     },
 }
 
-/// Whether the root is mounted read-only: always, but for an ext4 root with `read_write`.
-pub fn mounts_read_only(cfg: &Stage1, fstype: FsType) -> bool {
-    !(cfg.read_write && fstype == FsType::Ext4)
-}
-
 /// Finds and mounts the real root, switches to it and executes its init. Returns only on
 /// failure; the caller reports it and applies the failure policy.
 pub fn switch_root(cfg: &Stage1, loader: &mut ModuleLoader) -> Stage1Error {
@@ -109,6 +105,40 @@ pub fn switch_root(cfg: &Stage1, loader: &mut ModuleLoader) -> Stage1Error {
 
 fn prepare(cfg: &Stage1, loader: &mut ModuleLoader) -> Result<Block, Stage1Error> {
     let spec = cfg.root.as_ref().ok_or(Stage1Error::NoRoot)?;
+    let found = find_root(cfg, spec, loader)?;
+    // Read-only first: the image's own config says whether it is a read-write root.
+    mount_root(&found)?;
+    let image_read_only = image_read_only();
+    let read_only = cfg.read_only(found.fstype, image_read_only);
+    if !read_only {
+        sys::remount_read_write(Path::new(SYSROOT)).map_err(|source| Stage1Error::Mount {
+            dev: found.dev.clone(),
+            fstype: found.fstype.as_str(),
+            source,
+        })?;
+    }
+    log::info!(
+        "stage1: root {spec} is {} ({}), mounted {} on {SYSROOT}{}",
+        found.dev.display(),
+        found.fstype.as_str(),
+        if read_only { "read-only" } else { "read-write" },
+        match (cfg.kernel_rw, image_read_only) {
+            (Some(true), _) => " (rw on the kernel command line)",
+            (Some(false), _) => " (ro on the kernel command line)",
+            (None, Some(false)) if !read_only => " (the image's [root] read_only = false)",
+            _ => "",
+        }
+    );
+    check_init(cfg, &found)?;
+    Ok(found)
+}
+
+/// Loads the block drivers and waits for the root device.
+fn find_root(
+    cfg: &Stage1,
+    spec: &RootSpec,
+    loader: &mut ModuleLoader,
+) -> Result<Block, Stage1Error> {
     let loaded = loader.load_best_effort(drivers::source(Source::Disk));
     if !loaded.is_empty() {
         log::debug!("stage1: loaded {}", loaded.join(" "));
@@ -126,7 +156,11 @@ fn prepare(cfg: &Stage1, loader: &mut ModuleLoader) -> Result<Block, Stage1Error
         seen: seen.to_string(),
     })?;
     loader.load_best_effort(drivers::filesystem(found.fstype));
-    let read_only = mounts_read_only(cfg, found.fstype);
+    Ok(found)
+}
+
+/// Mounts the root read-only on [`SYSROOT`].
+fn mount_root(found: &Block) -> Result<(), Stage1Error> {
     if let Err(e) = std::fs::create_dir(SYSROOT) {
         if e.kind() != io::ErrorKind::AlreadyExists {
             return Err(Stage1Error::Switch {
@@ -136,7 +170,7 @@ fn prepare(cfg: &Stage1, loader: &mut ModuleLoader) -> Result<Block, Stage1Error
         }
     }
     let flags = Flags {
-        rdonly: read_only,
+        rdonly: true,
         ..Flags::default()
     };
     sys::mount(
@@ -150,14 +184,24 @@ fn prepare(cfg: &Stage1, loader: &mut ModuleLoader) -> Result<Block, Stage1Error
         dev: found.dev.clone(),
         fstype: found.fstype.as_str(),
         source,
-    })?;
-    log::info!(
-        "stage1: root {spec} is {} ({}), mounted {} on {SYSROOT}",
-        found.dev.display(),
-        found.fstype.as_str(),
-        if read_only { "read-only" } else { "read-write" },
-    );
-    // The init is resolved inside the new root (an absolute /sbin -> usr/sbin link included).
+    })
+}
+
+/// The root's own `[root] read_only` (its `/etc/bootlace/init.toml`), read inside the root;
+/// `None` when it has none or it cannot be read (its init reports a bad config itself).
+fn image_read_only() -> Option<bool> {
+    let root = Root::open(Path::new(SYSROOT)).ok()?;
+    let file = root.open_file(CONFIG_PATH.trim_start_matches('/')).ok()?;
+    let text = bootlace_contract::types::read_capped(file, MAX_CONFIG_BYTES).ok()?;
+    InitConfig::from_toml(&text, Path::new(CONFIG_PATH))
+        .ok()?
+        .root
+        .read_only
+}
+
+/// The init to execute must be an executable file inside the root (an absolute
+/// `/sbin -> usr/sbin` link included); otherwise the root is unmounted again.
+fn check_init(cfg: &Stage1, found: &Block) -> Result<(), Stage1Error> {
     let init = cfg.init.program().to_string_lossy().into_owned();
     let has_init = Root::open(Path::new(SYSROOT))
         .ok()
@@ -171,7 +215,7 @@ fn prepare(cfg: &Stage1, loader: &mut ModuleLoader) -> Result<Block, Stage1Error
             init,
         });
     }
-    Ok(found)
+    Ok(())
 }
 
 trait ModeBits {

@@ -415,6 +415,12 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Remounts the mount at `target` read-write (its other flags cleared).
+pub fn remount_read_write(target: &Path) -> io::Result<()> {
+    rustix::mount::mount_remount(target, MountFlags::empty(), "")?;
+    Ok(())
+}
+
 /// Remounts the mount at `target` read-only (nosuid, nodev kept).
 pub fn remount_read_only(target: &Path) -> io::Result<()> {
     rustix::mount::mount_remount(
