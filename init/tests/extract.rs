@@ -1055,3 +1055,44 @@ fn corrupted_streams_are_refused() {
         "bundle: corrupt archive: zstd",
     );
 }
+
+#[test]
+#[ignore = "needs root"]
+fn entries_under_directories_the_archive_does_not_list_are_placed() {
+    // `tar c files/app.conf` writes no entry for `files/`: its parents are made (0755, root).
+    let f = Fixture::new();
+    let mut b = tar::Builder::new(Vec::new());
+    file(&mut b, "bootlace.toml", 0o644, b"version = 1\n");
+    file(&mut b, "files/deep/app.conf", 0o640, b"conf");
+    symlink(&mut b, "links/here", "../files/deep/app.conf");
+    dir(&mut b, "empty/inside", 0o700);
+    let s = f
+        .run(&finish(b), Compression::None, &Limits::default())
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(s.files, 2);
+    assert_eq!(
+        std::fs::read(f.root.join("links/here")).expect("through the link"),
+        b"conf"
+    );
+    for d in ["files", "files/deep", "links", "empty"] {
+        let m = std::fs::metadata(f.root.join(d)).expect(d);
+        assert_eq!((m.mode() & 0o7777, m.uid()), (0o755, 0), "{d}");
+    }
+    f.assert_untouched();
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_entry_through_a_dangling_link_says_so() {
+    let f = Fixture::new();
+    let mut b = tar::Builder::new(Vec::new());
+    symlink(&mut b, "files", "missing/dir");
+    file(&mut b, "files/app.conf", 0o644, b"conf");
+    f.refuse(
+        &finish(b),
+        Compression::None,
+        &Limits::default(),
+        "bundle entry \"files/app.conf\": files/app.conf: /files is a symlink to \"missing/dir\", \
+         which is not an existing directory",
+    );
+}

@@ -193,8 +193,20 @@ impl Root {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(io_err(shown, "create directory")(e)),
                 }
-                rustix::fs::openat2(self.fd(), rel, flags, Mode::empty(), RESOLVE)
-                    .map_err(io_err(shown, "open directory"))
+                rustix::fs::openat2(self.fd(), rel, flags, Mode::empty(), RESOLVE).map_err(|e| {
+                    // Still missing after mkdir: `name` is a link to a directory that is not
+                    // there (a dangling link is never followed to create its target).
+                    match (e, rustix::fs::readlinkat(&pfd, name, Vec::new())) {
+                        (Errno::NOENT, Ok(target)) => RootError::InTheWay {
+                            path: shown.to_owned(),
+                            what: format!(
+                                "/{rel} is a symlink to {:?}, which is not an existing directory",
+                                target.to_string_lossy()
+                            ),
+                        },
+                        (e, _) => io_err(shown, "open directory")(e),
+                    }
+                })
             }
             Err(Errno::NOTDIR) => Err(RootError::InTheWay {
                 path: shown.to_owned(),
@@ -244,7 +256,14 @@ impl Root {
             Mode::empty(),
             RESOLVE,
         )
-        .map_err(io_err(path, "open"))?;
+        .map_err(|e| match e {
+            // O_NOFOLLOW on a symlink: say so, not "too many levels of symbolic links".
+            Errno::LOOP => RootError::InTheWay {
+                path: path.to_owned(),
+                what: "a symlink, which is not followed: it must be a regular file".to_owned(),
+            },
+            e => io_err(path, "open")(e),
+        })?;
         let st = rustix::fs::fstat(&fd).map_err(io_err(path, "stat"))?;
         if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
             return Err(RootError::InTheWay {
