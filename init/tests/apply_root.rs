@@ -174,7 +174,7 @@ fn planted_symlinks_never_lead_out_of_the_root() {
         ),
         (
             "[[files]]\npath = \"/etc/x\"\nsource = \"files/leak\"",
-            "files: files/leak: open",
+            "files: files/leak: a symlink, which is not followed",
         ),
         (
             "[[files]]\npath = \"/etc/proc-link/core_pattern\"\ncontent = \"|/bin/evil\"",
