@@ -1,16 +1,22 @@
 //! The guest side of the conversation, independent of the transport: the init gives it a
-//! function that opens a connection (AF_VSOCK to CID 2 in a guest; anything `Read + Write` in
-//! tests).
+//! function that opens a connection (AF_VSOCK to CID 2 in a guest; a Unix socket in tests).
 //!
 //! - Connecting retries with exponential backoff until a total deadline, so the boot never
 //!   waits forever for an absent host.
-//! - Every message is acknowledged. A message whose ack does not come (the connection broke,
-//!   or the per-read timeout of the transport fired) is sent again on a new connection, with
-//!   the same sequence number, a bounded number of times; the host drops duplicates.
+//! - Up to READY, every message is acknowledged. A message whose ack does not come (the
+//!   connection broke, or the per-read timeout of the transport fired) is sent again on a new
+//!   connection, with the same sequence number, a bounded number of times; the host drops
+//!   duplicates.
+//! - Once READY is acknowledged the hand-off must not wait for the host: a later report is
+//!   written without waiting for its ack (a host that is there still acks it; the ack is
+//!   skipped later, like a duplicate), a write that the host does not take within
+//!   [`AFTER_READY_WRITE_LIMIT`] is given up, and nothing is resent. Only FAILED and EXIT, the
+//!   guest's last words before it powers off, wait up to [`FINAL_ACK_WAIT`] for their ack.
 //! - A bundle is streamed into a sink while its sha256 is computed over the bytes as
 //!   received; the caller compares it with the pinned digest before extracting anything.
 
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use bootlace_contract::digest::HashingReader;
@@ -18,9 +24,24 @@ use bootlace_contract::protocol::{
     read_frame, write_frame, BundleHeader, Decoder, Frame, Kind, ProtocolError, VERSION,
 };
 
-/// A connection to the host.
-pub trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
+/// After READY: the longest a report's write may block. A write waits only when the socket has
+/// no room left, that is when the host stopped reading; then the report is lost, not the
+/// guest's hand-off.
+pub const AFTER_READY_WRITE_LIMIT: Duration = Duration::from_millis(5);
+
+/// After READY: how long FAILED and EXIT wait for their ack. They precede a power-off, and the
+/// ack is the only sign the host has them before the VM ends (a frame still queued when the VM
+/// powers off may never reach the host). A host that is there acks as soon as it reads the
+/// frame, so 1 s leaves a wide margin for a loaded host, while a hung host delays the
+/// power-off by 1 s at most. A host that is gone costs nothing: its closed connection ends the
+/// wait at once.
+pub const FINAL_ACK_WAIT: Duration = Duration::from_secs(1);
+
+/// A connection to the host: a socket (AF_VSOCK in a guest, a Unix socket in tests). Its file
+/// descriptor lets the client bound its writes and reads after READY without changing the
+/// socket's own timeouts.
+pub trait Stream: Read + Write + Send + AsFd {}
+impl<T: Read + Write + Send + AsFd> Stream for T {}
 
 /// Opens a new connection, within the time given (what is left of the connect deadline).
 pub type Connector = Box<dyn FnMut(Duration) -> io::Result<Box<dyn Stream>> + Send>;
@@ -97,12 +118,50 @@ pub enum ClientError {
         /// Announced.
         announced: String,
     },
+    /// A report after READY was not delivered (it is not resent: the hand-off does not wait).
+    #[error("{kind} after READY")]
+    AfterReady {
+        /// The message.
+        kind: Kind,
+        /// What went wrong.
+        #[source]
+        source: AfterReadyError,
+    },
     /// The bundle transfer failed.
     #[error("bundle transfer")]
     Transfer(#[source] ProtocolError),
     /// Writing the received bytes failed.
     #[error("storing the bundle")]
     Sink(#[source] io::Error),
+}
+
+/// Why a report after READY was not delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum AfterReadyError {
+    /// The connection was lost before (an earlier report after READY failed).
+    #[error("the connection to the host was lost earlier")]
+    Lost,
+    /// The host has closed the connection.
+    #[error("the host has closed the connection (as `bootlace-agent wait-ready` does at READY)")]
+    HostGone,
+    /// The host took nothing of the frame within the limit: it is not reading.
+    #[error("the host took none of it within {} ms: it is not reading", limit.as_millis())]
+    Stalled {
+        /// The limit ([`AFTER_READY_WRITE_LIMIT`]).
+        limit: Duration,
+    },
+    /// Writing failed (the host hung up, or the frame could not be encoded).
+    #[error("writing it")]
+    Write(#[source] ProtocolError),
+    /// No ack came within the wait ([`FINAL_ACK_WAIT`]).
+    #[error("no ACK within {} ms", waited.as_millis())]
+    NoAck {
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// Reading the ack failed (the host hung up, or sent something else).
+    #[error("waiting for its ACK")]
+    Ack(#[source] ProtocolError),
 }
 
 /// A received bundle.
@@ -124,6 +183,8 @@ pub struct Client {
     seq: u64,
     hello: Frame,
     retry: Retry,
+    /// READY was acknowledged (or, without acks, written): nothing may hold the hand-off now.
+    after_ready: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -131,6 +192,7 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("connected", &self.stream.is_some())
             .field("seq", &self.seq)
+            .field("after_ready", &self.after_ready)
             .finish()
     }
 }
@@ -154,6 +216,7 @@ impl Client {
             seq: 0,
             hello: frame,
             retry,
+            after_ready: false,
         };
         c.reconnect()?;
         Ok(c)
@@ -205,14 +268,28 @@ impl Client {
         }
     }
 
-    /// Sends a message and waits for its ack, resending (on a new connection, same sequence
-    /// number) when the ack does not come.
+    /// Sends a message. Up to READY: waits for its ack, resending (on a new connection, same
+    /// sequence number) when the ack does not come. After READY: see [`Client::send_after_ready`].
     pub fn send(&mut self, kind: Kind, fields: &[(&str, String)]) -> Result<(), ClientError> {
         self.seq += 1;
         let mut frame = Frame::new(kind, self.seq);
         for (k, v) in fields {
             frame = frame.with(k, v);
         }
+        if self.after_ready {
+            return self.send_after_ready(&frame);
+        }
+        self.send_acknowledged(&frame)?;
+        if kind == Kind::Ready {
+            self.after_ready = true;
+        }
+        Ok(())
+    }
+
+    /// Writes `frame` and waits for its ack, resending it on a new connection when the ack
+    /// does not come.
+    fn send_acknowledged(&mut self, frame: &Frame) -> Result<(), ClientError> {
+        let kind = frame.kind;
         let mut last = None;
         for attempt in 0..=self.retry.resends {
             if self.stream.is_none() {
@@ -225,7 +302,7 @@ impl Client {
                 continue;
             };
             let acks = self.retry.acks;
-            match write_frame(s, &frame).and_then(|()| {
+            match write_frame(s, frame).and_then(|()| {
                 if acks {
                     expect_ack(s, &mut self.dec, frame.seq)
                 } else {
@@ -245,6 +322,39 @@ impl Client {
             tries: self.retry.resends + 1,
             last: last.unwrap_or(ProtocolError::Closed { mid_frame: false }),
         })
+    }
+
+    /// After READY nothing may hold the hand-off, whether the host is still there or not: the
+    /// frame is written on the open connection within [`AFTER_READY_WRITE_LIMIT`], never on a
+    /// new one, and never resent. Its ack is not awaited (a host that is there still sends it;
+    /// a later wait skips it like a duplicate), except for FAILED and EXIT, which precede a
+    /// power-off and wait up to [`FINAL_ACK_WAIT`] for it. Any failure drops the connection.
+    fn send_after_ready(&mut self, frame: &Frame) -> Result<(), ClientError> {
+        let failed = |source| ClientError::AfterReady {
+            kind: frame.kind,
+            source,
+        };
+        let Some(s) = self.stream.as_mut() else {
+            return Err(failed(AfterReadyError::Lost));
+        };
+        let wait_ack = self.retry.acks && matches!(frame.kind, Kind::Failed | Kind::Exit);
+        let result = frame
+            .encode()
+            .map_err(AfterReadyError::Write)
+            .and_then(|bytes| write_within(s.as_mut(), &bytes, AFTER_READY_WRITE_LIMIT))
+            .and_then(|()| {
+                if wait_ack {
+                    ack_within(s.as_mut(), &mut self.dec, frame.seq, FINAL_ACK_WAIT)
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = &result {
+            log::debug!("{} after READY: {e}", frame.kind);
+            self.stream = None;
+            self.dec = Decoder::new();
+        }
+        result.map_err(failed)
     }
 
     /// Asks for the bundle and streams it into `sink` (at most `max_size` bytes), hashing the
@@ -349,17 +459,111 @@ fn receive_bundle(
 /// acks a resent message again) and is skipped; anything else is an error.
 fn expect_ack(s: &mut dyn Stream, dec: &mut Decoder, seq: u64) -> Result<(), ProtocolError> {
     loop {
-        let f = read_frame(s, dec)?;
-        match f.kind {
-            Kind::Ack if f.seq == seq => return Ok(()),
-            Kind::Ack if f.seq < seq => log::debug!("skipped a duplicate ACK {}", f.seq),
-            got => {
-                return Err(ProtocolError::Unexpected {
-                    got,
-                    expected: "ACK",
-                })
-            }
+        if is_ack_of(&read_frame(s, dec)?, seq)? {
+            return Ok(());
         }
+    }
+}
+
+/// Whether `f` is the ack of `seq`: `false` for an ack of an earlier message (a duplicate, or
+/// the ack of a report after READY that nobody waited for), an error for anything else.
+fn is_ack_of(f: &Frame, seq: u64) -> Result<bool, ProtocolError> {
+    match f.kind {
+        Kind::Ack if f.seq == seq => Ok(true),
+        Kind::Ack if f.seq < seq => {
+            log::debug!("skipped the ACK {} of an earlier message", f.seq);
+            Ok(false)
+        }
+        got => Err(ProtocolError::Unexpected {
+            got,
+            expected: "ACK",
+        }),
+    }
+}
+
+/// Writes all of `bytes` without blocking past `limit` (non-blocking sends, polling for room
+/// in between), whatever timeouts the socket itself has.
+fn write_within(s: &mut dyn Stream, bytes: &[u8], limit: Duration) -> Result<(), AfterReadyError> {
+    use rustix::io::Errno;
+    use rustix::net::SendFlags;
+    let deadline = Instant::now() + limit;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match rustix::net::send(s.as_fd(), rest, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+            Ok(n) => rest = rest.get(n..).unwrap_or_default(),
+            Err(Errno::INTR) => {}
+            Err(Errno::AGAIN) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(AfterReadyError::Stalled { limit });
+                }
+                ready_within(s.as_fd(), rustix::event::PollFlags::OUT, left)
+                    .map_err(|e| AfterReadyError::Write(ProtocolError::Io(e)))?;
+            }
+            Err(Errno::PIPE | Errno::CONNRESET | Errno::NOTCONN) => {
+                return Err(AfterReadyError::HostGone)
+            }
+            Err(e) => return Err(AfterReadyError::Write(ProtocolError::Io(e.into()))),
+        }
+    }
+    Ok(())
+}
+
+/// Reads frames up to the ack of `seq` (skipping acks of earlier messages) for at most
+/// `limit`: each read follows a poll, so a silent host cannot hold it longer.
+fn ack_within(
+    s: &mut dyn Stream,
+    dec: &mut Decoder,
+    seq: u64,
+    limit: Duration,
+) -> Result<(), AfterReadyError> {
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(f) = dec.next_frame().map_err(AfterReadyError::Ack)? {
+            if is_ack_of(&f, seq).map_err(AfterReadyError::Ack)? {
+                return Ok(());
+            }
+            continue;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(AfterReadyError::NoAck { waited: limit });
+        }
+        let io_err = |e| AfterReadyError::Ack(ProtocolError::Io(e));
+        if !ready_within(s.as_fd(), rustix::event::PollFlags::IN, left).map_err(io_err)? {
+            continue;
+        }
+        let want = dec.wanted().min(buf.len());
+        match s.read(buf.get_mut(..want).unwrap_or_default()) {
+            Ok(0) => return Err(AfterReadyError::HostGone),
+            Ok(n) => dec.push(buf.get(..n).unwrap_or_default()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(AfterReadyError::HostGone)
+            }
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+}
+
+/// Polls `fd` for `events` up to `left`: whether it is ready (`false` on a timeout or a
+/// signal; the caller checks its deadline and polls again). Hang-ups and errors count as ready:
+/// the next read or write reports them.
+fn ready_within(
+    fd: BorrowedFd<'_>,
+    events: rustix::event::PollFlags,
+    left: Duration,
+) -> io::Result<bool> {
+    let ts = rustix::time::Timespec {
+        tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(left.subsec_nanos()),
+    };
+    let mut pfd = [rustix::event::PollFd::new(&fd, events)];
+    match rustix::event::poll(&mut pfd, Some(&ts)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

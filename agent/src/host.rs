@@ -15,9 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bootlace_contract::compression::Compression;
-use bootlace_contract::protocol::{
-    read_frame, write_frame, BundleHeader, Decoder, Frame, Kind, ProtocolError,
-};
+use bootlace_contract::protocol::{read_frame, BundleHeader, Decoder, Frame, Kind, ProtocolError};
 
 /// A bundle ready to serve: the exact bytes, their digest and compression.
 #[derive(Debug, Clone)]
@@ -149,7 +147,8 @@ pub enum Event {
     },
     /// The guest asked for a bundle there is none of.
     NoBundle,
-    /// The conversation broke (garbage, a dropped connection mid-frame, an I/O error).
+    /// The conversation broke (garbage, a dropped connection mid-frame, a write deadline): the
+    /// [`ConnectionError`] with its causes, in words.
     Error(String),
     /// The connection closed.
     Disconnected,
@@ -162,6 +161,88 @@ pub struct GuestEvent {
     pub guest: String,
     /// What happened.
     pub event: Event,
+}
+
+/// What the host was writing to a guest when a write failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Writing {
+    /// The ack of a guest message.
+    Ack {
+        /// The message's kind.
+        kind: Kind,
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// The answer to GET-BUNDLE when there is no bundle.
+    NoBundle,
+    /// The BUNDLE frame announcing the bytes.
+    BundleHeader,
+    /// The bundle's bytes.
+    BundleBytes {
+        /// Bytes the guest had taken when the write failed.
+        written: u64,
+        /// The bundle's size.
+        size: u64,
+    },
+}
+
+impl std::fmt::Display for Writing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Writing::Ack { kind, seq } => write!(f, "the ACK of {kind} {seq}"),
+            Writing::NoBundle => f.write_str("NO-BUNDLE"),
+            Writing::BundleHeader => f.write_str("the BUNDLE header"),
+            Writing::BundleBytes { written, size } => {
+                write!(f, "the bundle ({written} of {size} bytes taken)")
+            }
+        }
+    }
+}
+
+/// Why the host ended a guest's connection (the text of an [`Event::Error`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The guest sent something that is not a frame, or hung up mid-frame, or reading failed.
+    #[error("reading from the guest")]
+    Read(#[source] ProtocolError),
+    /// The guest sent a frame only a host sends.
+    #[error("the guest sent {got}, which only a host sends")]
+    HostOnly {
+        /// The frame's kind.
+        got: Kind,
+    },
+    /// A write blocked for the whole write deadline: the guest stopped reading.
+    #[error(
+        "dropped the guest at the write deadline: it took nothing for {} while the host wrote {what}",
+        human(*deadline)
+    )]
+    WriteDeadline {
+        /// What was being written.
+        what: Writing,
+        /// The deadline ([`Host::with_write_timeout`]).
+        deadline: Duration,
+    },
+    /// A write failed otherwise (the guest hung up).
+    #[error("writing {what} to the guest")]
+    Write {
+        /// What was being written.
+        what: Writing,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Fault injection closed the connection.
+    #[error("fault injection: {0}")]
+    Fault(&'static str),
+}
+
+/// `30 s`, `300 ms`.
+fn human(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
 }
 
 /// Fault injection for tests of the guest: what the host does wrong on purpose. Parsed from
@@ -267,76 +348,139 @@ impl Host {
     /// Runs one connection to its end.
     pub fn handle<S: Read + Write>(&self, mut stream: S, guest: &str) {
         self.emit(guest, Event::Connected);
-        if take_one(&self.refused, self.faults.refuse_connections) {
-            self.emit(
-                guest,
-                Event::Error("fault injection: connection refused".to_owned()),
-            );
-            self.emit(guest, Event::Disconnected);
-            return;
+        let result = if take_one(&self.refused, self.faults.refuse_connections) {
+            Err(ConnectionError::Fault("connection refused"))
+        } else {
+            self.converse(&mut stream, guest)
+        };
+        if let Err(e) = result {
+            self.emit(guest, Event::Error(bootlace_contract::chain(&e)));
         }
+        self.emit(guest, Event::Disconnected);
+    }
+
+    /// Answers the guest's frames until it hangs up (`Ok`) or the conversation breaks.
+    fn converse<S: Read + Write>(
+        &self,
+        stream: &mut S,
+        guest: &str,
+    ) -> Result<(), ConnectionError> {
         let mut dec = Decoder::new();
         let mut boot_id = String::new();
         loop {
-            let f = match read_frame(&mut stream, &mut dec) {
+            let f = match read_frame(stream, &mut dec) {
                 Ok(f) => f,
-                Err(ProtocolError::Closed { mid_frame: false }) => break,
-                Err(e) => {
-                    self.emit(guest, Event::Error(e.to_string()));
-                    break;
-                }
+                Err(ProtocolError::Closed { mid_frame: false }) => return Ok(()),
+                Err(e) => return Err(ConnectionError::Read(e)),
             };
-            let ack = |stream: &mut S, seq, droppable: bool| -> Result<(), ProtocolError> {
-                if self.faults.stall_acks
-                    || (droppable && take_one(&self.acks_dropped, self.faults.drop_acks))
-                {
-                    return Ok(());
-                }
-                self.pause();
-                write_frame(stream, &Frame::new(Kind::Ack, seq))?;
-                if self.faults.duplicate_acks {
-                    write_frame(stream, &Frame::new(Kind::Ack, seq))?;
-                }
-                Ok(())
-            };
-            let result = match f.kind {
+            match f.kind {
                 Kind::Hello => {
                     boot_id = f.get("BOOT_ID").unwrap_or("").to_owned();
                     // Ack before telling anyone: a caller that exits on an event (wait-ready)
                     // must not leave the guest without its ack.
-                    let r = ack(&mut stream, f.seq, false);
+                    let r = self.ack(stream, &f, false);
                     self.emit(guest, Event::Hello(f));
-                    r
+                    r?;
                 }
-                Kind::GetBundle => self.send_bundle(&mut stream, guest, f.seq),
+                Kind::GetBundle => self.send_bundle(stream, guest, f.seq)?,
                 Kind::Step | Kind::Log | Kind::Ready | Kind::Failed | Kind::Exit => {
-                    let seq = f.seq;
-                    let fresh = {
-                        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-                        let last = seen.entry((guest.to_owned(), boot_id.clone())).or_insert(0);
-                        let fresh = seq > *last;
-                        if fresh {
-                            *last = seq;
-                        }
-                        fresh
-                    };
-                    let r = ack(&mut stream, seq, true);
+                    let fresh = self.first_time(guest, &boot_id, f.seq);
+                    let r = self.ack(stream, &f, true);
                     if fresh {
                         self.emit(guest, Event::Report(f));
                     }
-                    r
+                    r?;
                 }
-                Kind::Ack | Kind::Bundle | Kind::NoBundle => Err(ProtocolError::Unexpected {
-                    got: f.kind,
-                    expected: "a guest message",
-                }),
-            };
-            if let Err(e) = result {
-                self.emit(guest, Event::Error(e.to_string()));
-                break;
+                Kind::Ack | Kind::Bundle | Kind::NoBundle => {
+                    return Err(ConnectionError::HostOnly { got: f.kind })
+                }
             }
         }
-        self.emit(guest, Event::Disconnected);
+    }
+
+    /// Whether report `seq` of this guest and boot is new (a resend is not); records it.
+    fn first_time(&self, guest: &str, boot_id: &str, seq: u64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let last = seen
+            .entry((guest.to_owned(), boot_id.to_owned()))
+            .or_insert(0);
+        let fresh = seq > *last;
+        if fresh {
+            *last = seq;
+        }
+        fresh
+    }
+
+    /// Acknowledges `f` (unless a fault says not to; `droppable`: the drop-acks fault applies).
+    fn ack<S: Write>(
+        &self,
+        stream: &mut S,
+        f: &Frame,
+        droppable: bool,
+    ) -> Result<(), ConnectionError> {
+        if self.faults.stall_acks
+            || (droppable && take_one(&self.acks_dropped, self.faults.drop_acks))
+        {
+            return Ok(());
+        }
+        self.pause();
+        let what = Writing::Ack {
+            kind: f.kind,
+            seq: f.seq,
+        };
+        let ack = Frame::new(Kind::Ack, f.seq);
+        self.write_frame(stream, &ack, &what)?;
+        if self.faults.duplicate_acks {
+            self.write_frame(stream, &ack, &what)?;
+        }
+        Ok(())
+    }
+
+    fn write_frame<S: Write>(
+        &self,
+        stream: &mut S,
+        frame: &Frame,
+        what: &Writing,
+    ) -> Result<(), ConnectionError> {
+        let bytes = frame.encode().map_err(|e| ConnectionError::Write {
+            what: what.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })?;
+        self.write_bytes(stream, &bytes, |_| what.clone())
+    }
+
+    /// Writes all of `bytes`; a failure names what was written (`what` is given the count of
+    /// bytes the guest had taken) and, when the write deadline passed, says so.
+    fn write_bytes<S: Write>(
+        &self,
+        stream: &mut S,
+        bytes: &[u8],
+        what: impl Fn(u64) -> Writing,
+    ) -> Result<(), ConnectionError> {
+        let mut written = 0u64;
+        let mut rest = bytes;
+        let failed = |written, source: io::Error| match source.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ConnectionError::WriteDeadline {
+                what: what(written),
+                deadline: self.write_timeout,
+            },
+            _ => ConnectionError::Write {
+                what: what(written),
+                source,
+            },
+        };
+        while !rest.is_empty() {
+            match stream.write(rest) {
+                Ok(0) => return Err(failed(written, io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    written += n as u64;
+                    rest = rest.get(n..).unwrap_or_default();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(failed(written, e)),
+            }
+        }
+        stream.flush().map_err(|e| failed(written, e))
     }
 
     fn send_bundle<S: Write>(
@@ -344,14 +488,12 @@ impl Host {
         stream: &mut S,
         guest: &str,
         seq: u64,
-    ) -> Result<(), ProtocolError> {
+    ) -> Result<(), ConnectionError> {
         let Some(b) = &self.bundle else {
             self.emit(guest, Event::NoBundle);
-            return write_frame(
-                stream,
-                &Frame::new(Kind::NoBundle, seq)
-                    .with("STATUS", "no bundle is configured for this guest"),
-            );
+            let none = Frame::new(Kind::NoBundle, seq)
+                .with("STATUS", "no bundle is configured for this guest");
+            return self.write_frame(stream, &none, &Writing::NoBundle);
         };
         let header = BundleHeader {
             size: self.faults.announce_size.unwrap_or(b.bytes.len() as u64),
@@ -360,7 +502,7 @@ impl Host {
         };
         self.pause();
         let started = Instant::now();
-        write_frame(stream, &header.to_frame(seq))?;
+        self.write_frame(stream, &header.to_frame(seq), &Writing::BundleHeader)?;
         let mut bytes: &[u8] = &b.bytes;
         let owned;
         if self.faults.corrupt_bundle && !bytes.is_empty() {
@@ -372,21 +514,18 @@ impl Host {
             owned = v;
             bytes = &owned;
         }
+        let size = bytes.len() as u64;
+        let what = |written| Writing::BundleBytes { written, size };
         if let Some(n) = self.faults.drop_bundle_after {
             let cut = usize::try_from(n).unwrap_or(usize::MAX).min(bytes.len());
-            stream
-                .write_all(bytes.get(..cut).unwrap_or(&[]))
-                .map_err(ProtocolError::Io)?;
-            return Err(ProtocolError::Io(io::Error::other(
-                "fault injection: dropped mid-bundle",
-            )));
+            self.write_bytes(stream, bytes.get(..cut).unwrap_or_default(), what)?;
+            return Err(ConnectionError::Fault("dropped mid-bundle"));
         }
-        stream.write_all(bytes).map_err(ProtocolError::Io)?;
-        stream.flush().map_err(ProtocolError::Io)?;
+        self.write_bytes(stream, bytes, what)?;
         self.emit(
             guest,
             Event::BundleSent {
-                bytes: bytes.len() as u64,
+                bytes: size,
                 elapsed: started.elapsed(),
             },
         );

@@ -125,3 +125,38 @@ fn help_and_usage_errors() {
     let out = agent(&["serve"]);
     assert_eq!(out.status.code(), Some(3), "nothing to listen on");
 }
+
+/// The README's recipe: `wait-ready` exits once READY arrives. The guest's reports after READY
+/// (STEP cleanup_done at once, then, in supervise mode, EXIT when the app ends) must not hold
+/// its hand-off, whether the host is still there or gone; before the fix the STEP after a gone
+/// host was retried until `STEP was not acknowledged after 4 tries`, about 30 s later.
+#[test]
+fn reports_after_ready_do_not_wait_for_a_wait_ready_that_exited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uds = dir.path().join("vm");
+    let child = wait_ready(&uds, 30);
+    // The init's retry settings (Retry::default() but for the connect deadline it configures).
+    let mut g = guest(&uds);
+    g.send(Kind::Step, &[("STEP", "manifest_done".into())])
+        .expect("STEP before READY is acknowledged");
+    g.send(Kind::Ready, &[("READY", "1".into())])
+        .expect("READY acknowledged");
+    // At once, as the init does: the host may or may not have gone yet.
+    let started = Instant::now();
+    let _ = g.send(Kind::Step, &[("STEP", "cleanup_done".into())]);
+    let first = started.elapsed();
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0));
+    // The host is gone for sure now.
+    let mut took = Vec::new();
+    for kind in [Kind::Log, Kind::Step, Kind::Exit] {
+        let started = Instant::now();
+        let r = g.send(kind, &[("STATUS", "after the host left".into())]);
+        took.push((kind, started.elapsed(), r.map_err(|e| e.to_string())));
+    }
+    eprintln!("STEP right after READY: {first:?}; after the host left: {took:?}");
+    assert!(first < Duration::from_millis(100), "STEP took {first:?}");
+    for (kind, t, r) in &took {
+        assert!(*t < Duration::from_millis(100), "{kind} took {t:?}: {r:?}");
+    }
+}

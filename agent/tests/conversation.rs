@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use bootlace_agent::client::{Client, ClientError, Connector, Retry};
+use bootlace_agent::client::{
+    AfterReadyError, Client, ClientError, Connector, Retry, FINAL_ACK_WAIT,
+};
 use bootlace_agent::host::{hybrid_path, BundleSource, Event, Faults, GuestEvent, Host};
-use bootlace_contract::protocol::Kind;
+use bootlace_contract::protocol::{read_frame, write_frame, Decoder, Frame, Kind};
 
 fn start(
     dir: &Path,
@@ -293,5 +295,166 @@ fn a_guest_leaving_mid_bundle_does_not_hurt_the_host() {
             .filter(|e| matches!(e, Event::BundleSent { .. }))
             .count(),
         1
+    );
+}
+
+/// A host that acks every message up to READY, then keeps the connection open and reads
+/// nothing more: hung, or busy elsewhere. The connection is handed back when `release` says.
+fn hung_after_ready(path: &Path) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    let (release, hold) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut dec = Decoder::new();
+        loop {
+            let f = read_frame(&mut s, &mut dec).expect("frame");
+            write_frame(&mut s, &Frame::new(Kind::Ack, f.seq)).expect("ack");
+            if f.kind == Kind::Ready {
+                break;
+            }
+        }
+        let _ = hold.recv();
+        drop(s);
+    });
+    (release, t)
+}
+
+#[test]
+fn after_ready_a_hung_host_holds_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hung_1024");
+    let (release, host) = hung_after_ready(&path);
+    let mut c = Client::connect(connector(path), &hello(), quick()).expect("connect");
+    c.send(Kind::Ready, &[("READY", "1".into())])
+        .expect("READY acknowledged");
+    // Small reports go into the socket buffer: written at once, their acks not awaited.
+    let started = Instant::now();
+    c.send(Kind::Step, &[("STEP", "cleanup_done".into())])
+        .expect("written");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "STEP took {:?}",
+        started.elapsed()
+    );
+    // Large ones fill the buffer the host does not read: each send still returns in bounded
+    // time, the one that finds no room fails, and every later one fails at once.
+    let big = "x".repeat(60_000);
+    let mut outcomes = Vec::new();
+    for _ in 0..40 {
+        let started = Instant::now();
+        let r = c.send(Kind::Log, &[("MESSAGE", big.clone())]);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(100),
+            "LOG took {took:?}: {r:?}"
+        );
+        outcomes.push(r);
+    }
+    let first_err = outcomes
+        .iter()
+        .position(Result::is_err)
+        .expect("the buffer filled up");
+    let e = outcomes[first_err].as_ref().expect_err("failed");
+    assert!(
+        matches!(
+            e,
+            ClientError::AfterReady {
+                kind: Kind::Log,
+                source: AfterReadyError::Stalled { .. }
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        bootlace_contract::chain(e),
+        "LOG after READY: the host took none of it within 5 ms: it is not reading"
+    );
+    for r in &outcomes[first_err + 1..] {
+        assert!(
+            matches!(
+                r,
+                Err(ClientError::AfterReady {
+                    source: AfterReadyError::Lost,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    release.send(()).expect("release");
+    host.join().expect("host");
+}
+
+#[test]
+fn after_ready_exit_waits_a_bounded_time_for_its_ack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("silent_1024");
+    let (release, host) = hung_after_ready(&path);
+    let mut c = Client::connect(connector(path), &hello(), quick()).expect("connect");
+    c.send(Kind::Ready, &[("READY", "1".into())])
+        .expect("READY acknowledged");
+    let started = Instant::now();
+    let e = c
+        .send(Kind::Exit, &[("EXIT_STATUS", "0".into())])
+        .expect_err("no ack");
+    let took = started.elapsed();
+    assert!(
+        took >= FINAL_ACK_WAIT && took < FINAL_ACK_WAIT + Duration::from_millis(300),
+        "EXIT waited {took:?}"
+    );
+    assert_eq!(
+        bootlace_contract::chain(&e),
+        "EXIT after READY: no ACK within 1000 ms"
+    );
+    // The host hangs up: a gone host ends the wait at once.
+    release.send(()).expect("release");
+    host.join().expect("host");
+
+    let path = dir.path().join("leaves_1024");
+    let (release, host) = hung_after_ready(&path);
+    let mut c = Client::connect(connector(path), &hello(), quick()).expect("connect");
+    c.send(Kind::Ready, &[("READY", "1".into())])
+        .expect("READY acknowledged");
+    release.send(()).expect("release");
+    host.join().expect("host");
+    let started = Instant::now();
+    let e = c
+        .send(Kind::Exit, &[("EXIT_STATUS", "0".into())])
+        .expect_err("gone");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "EXIT took {:?}: {e}",
+        started.elapsed()
+    );
+    assert_eq!(
+        bootlace_contract::chain(&e),
+        "EXIT after READY: the host has closed the connection (as `bootlace-agent wait-ready` \
+         does at READY)"
+    );
+}
+
+#[test]
+fn after_ready_a_live_host_still_gets_and_acks_every_report() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, rx) = start(
+        dir.path(),
+        None,
+        Faults {
+            duplicate_acks: true,
+            ..Faults::default()
+        },
+    );
+    let mut c = Client::connect(connector(path), &hello(), quick()).expect("connect");
+    c.send(Kind::Ready, &[("READY", "1".into())])
+        .expect("ready");
+    for step in ["cleanup_done", "extra"] {
+        c.send(Kind::Step, &[("STEP", step.into())]).expect("step");
+    }
+    // EXIT's wait skips the acks (and duplicate acks) of the two STEPs nobody waited for.
+    c.send(Kind::Exit, &[("EXIT_STATUS", "0".into())])
+        .expect("EXIT acknowledged");
+    assert_eq!(
+        reports(&rx),
+        [Kind::Ready, Kind::Step, Kind::Step, Kind::Exit]
     );
 }

@@ -444,5 +444,19 @@ fn a_guest_that_stops_reading_loses_its_connection_at_the_write_deadline() {
         "{gave_up} after {:?}",
         started.elapsed()
     );
+    // The message says it was the write deadline and what was being written (not a bare
+    // "transport").
+    let prefix = "dropped the guest at the write deadline: it took nothing for 300 ms while \
+                  the host wrote the bundle (";
+    let taken: u64 = gave_up
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_suffix(" of 8388608 bytes taken)"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{gave_up:?}"));
+    assert!(taken < 8 << 20, "{gave_up}");
+    assert_eq!(
+        bootlace_agent::host::describe(&Event::Error(gave_up.clone())),
+        format!("error: {gave_up}")
+    );
     drop(s);
 }

@@ -26,6 +26,8 @@ pub const MAGIC: &str = "BL1";
 pub const MAX_HEADER: usize = 64;
 /// Largest payload.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// How many bytes of a refused header line an error quotes.
+const HEADER_START_SHOWN: usize = 16;
 /// The default vsock port of the host configuration manager.
 pub const DEFAULT_PORT: u32 = 1024;
 
@@ -160,10 +162,22 @@ pub enum ProtocolError {
     /// The peer sent bytes that are not a frame.
     #[error("malformed frame: {0}")]
     Malformed(String),
-    /// A header or payload over its limit (refused before allocating for it).
+    /// No newline within the first [`MAX_HEADER`] bytes: no header line is that long, so the
+    /// bytes are refused without reading further.
+    #[error(
+        "no frame header: no newline within the first {max} bytes (a header line is at most \
+         {max} bytes, newline included); the bytes begin {start:?}"
+    )]
+    UnterminatedHeader {
+        /// The limit ([`MAX_HEADER`]).
+        max: usize,
+        /// The first bytes, for a person to recognise what was sent (lossy UTF-8).
+        start: String,
+    },
+    /// A payload over its limit (refused before allocating for it).
     #[error("{what} of {len} bytes is over the {max}-byte limit")]
     TooLong {
-        /// Header or payload.
+        /// What is too long (`payload`).
         what: &'static str,
         /// The length claimed or seen.
         len: u64,
@@ -233,10 +247,10 @@ impl Decoder {
         if self.pending.is_none() {
             let Some(nl) = self.buf.iter().take(MAX_HEADER).position(|b| *b == b'\n') else {
                 if self.buf.len() >= MAX_HEADER {
-                    return Err(ProtocolError::TooLong {
-                        what: "header line",
-                        len: self.buf.len() as u64,
+                    let start = self.buf.get(..HEADER_START_SHOWN).unwrap_or(&self.buf);
+                    return Err(ProtocolError::UnterminatedHeader {
                         max: MAX_HEADER,
+                        start: String::from_utf8_lossy(start).into_owned(),
                     });
                 }
                 return Ok(None);
@@ -462,7 +476,7 @@ mod tests {
             (b"BL1 READY 1 0 extra\n", "bad header line"),
             (b"BL1 READY 1 3\nabc", "not KEY=VALUE"),
             (b"BL1 READY 1 2\n\xff\xfe", "not UTF-8"),
-            (&[b'A'; 100], "header line of"),
+            (&[b'A'; 100], "no newline within the first 64 bytes"),
             (b"\xff\xff\xff\xff\n", "not ASCII"),
         ];
         for (bytes, want) in cases {
@@ -476,6 +490,44 @@ mod tests {
                 d.buf.capacity()
             );
         }
+    }
+
+    #[test]
+    fn an_unterminated_header_says_what_was_refused_and_why() {
+        // Exactly the limit without a newline (what a reader that takes `wanted()` bytes sees),
+        // and far more, in one piece or byte by byte: the same message, quoting the start.
+        let mut long = b"BL1 LOG 1 0".to_vec();
+        long.extend_from_slice(&[b' '; 200]);
+        for bytes in [&[b'A'; MAX_HEADER][..], &long] {
+            for chunk in [1, bytes.len()] {
+                let mut d = Decoder::new();
+                let mut err = None;
+                for piece in bytes.chunks(chunk) {
+                    d.push(piece);
+                    if let Err(e) = d.next_frame() {
+                        err = Some(e);
+                        break;
+                    }
+                }
+                let err = err.expect("refused").to_string();
+                let start = String::from_utf8_lossy(&bytes[..16]).into_owned();
+                assert_eq!(
+                    err,
+                    format!(
+                        "no frame header: no newline within the first 64 bytes (a header line \
+                         is at most 64 bytes, newline included); the bytes begin {start:?}"
+                    )
+                );
+            }
+        }
+        // Through a stream: refused after 64 bytes, whatever follows.
+        let mut r: &[u8] = &[b'x'; 10_000];
+        let err = read_frame(&mut r, &mut Decoder::new()).expect_err("refused");
+        assert!(
+            matches!(err, ProtocolError::UnterminatedHeader { max: 64, .. }),
+            "{err}"
+        );
+        assert_eq!(r.len(), 10_000 - 64, "read past the limit");
     }
 
     #[test]

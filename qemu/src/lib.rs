@@ -13,6 +13,7 @@
 //! - [`images`]: a directory of baked images, chosen by name and version through their
 //!   metadata, checked against their sha256.
 //! - [`kernel`]: finding an installed kernel and its release.
+//! - [`memory`]: the guest's memory against the least memory an image's metadata records.
 //! - [`outcome`]: how a run ended, the exit codes of `bootlace-vm run` ([`Ended`]) and its
 //!   `--json` report ([`Report`]).
 //! - [`vsock`]: guest vsock through a `vhost-device-vsock` daemon per VM and hybrid-vsock Unix
@@ -22,6 +23,7 @@
 
 pub mod images;
 pub mod kernel;
+pub mod memory;
 pub mod outcome;
 pub mod vsock;
 
@@ -127,7 +129,7 @@ impl VmSpec {
             kernel: kernel.into(),
             initrd: None,
             append: Vec::new(),
-            memory_mib: 256,
+            memory_mib: memory::DEFAULT_MEMORY_MIB,
             cpus: 1,
             accel: Accel::Tcg,
             timeout: Duration::from_secs(120),
@@ -152,6 +154,23 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     }
     words.extend(spec.append.iter().cloned());
     words.join(" ")
+}
+
+/// The x86-64 kernel's command-line buffer (`COMMAND_LINE_SIZE`), its terminating NUL
+/// included: the longest line the kernel takes whole is one byte shorter.
+pub const KERNEL_COMMAND_LINE_SIZE: usize = 2048;
+
+/// Refuses a kernel command line ([`kernel_cmdline`]: bootlace-vm's own parameters, every
+/// appended one and `bootlace.root=`) that the kernel would not take whole.
+pub fn check_kernel_cmdline(spec: &VmSpec) -> Result<(), VmError> {
+    let len = kernel_cmdline(spec).len();
+    if len >= KERNEL_COMMAND_LINE_SIZE {
+        return Err(VmError::CommandLineTooLong {
+            len,
+            max: KERNEL_COMMAND_LINE_SIZE,
+        });
+    }
+    Ok(())
 }
 
 /// The QEMU arguments (without the program name). With vsock on, the guest memory lives in a
@@ -297,6 +316,20 @@ pub fn share_args(i: usize, s: &Share) -> Vec<String> {
 /// Why a run could not happen at all.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The kernel command line is longer than the kernel takes.
+    #[error(
+        "the kernel command line is {len} bytes; with its terminating NUL that is over the \
+         x86-64 kernel's {max}-byte limit (COMMAND_LINE_SIZE), so it takes at most {} bytes \
+         (bootlace-vm's own console=, panic= and quiet, every --append and bootlace.root= \
+         count)",
+        max - 1
+    )]
+    CommandLineTooLong {
+        /// Bytes of the line, without the NUL.
+        len: usize,
+        /// The limit, NUL included ([`KERNEL_COMMAND_LINE_SIZE`]).
+        max: usize,
+    },
     /// A file the spec names does not exist.
     #[error("{what} {} not found", path.display())]
     Missing {
@@ -336,7 +369,9 @@ impl VmError {
     /// Which kind of "could not run" this is (the exit code is 125 for every one).
     pub fn reason(&self) -> Reason {
         match self {
-            VmError::Missing { .. } | VmError::Log { .. } => Reason::BadInput,
+            VmError::Missing { .. } | VmError::Log { .. } | VmError::CommandLineTooLong { .. } => {
+                Reason::BadInput
+            }
             VmError::Spawn { .. } | VmError::Wait(_) => Reason::Qemu,
             VmError::Vsock(_) => Reason::HostSetup,
         }
@@ -413,8 +448,10 @@ pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
     })
 }
 
-/// Every file the spec names exists (before anything starts).
+/// The kernel takes the command line whole, and every file the spec names exists (before
+/// anything starts).
 fn check_inputs(spec: &VmSpec) -> Result<(), VmError> {
+    check_kernel_cmdline(spec)?;
     let missing = |what, path: &Path| VmError::Missing {
         what,
         path: path.to_owned(),
@@ -633,6 +670,70 @@ mod tests {
         spec.accel = Accel::Kvm;
         let joined = qemu_args(&spec).join(" ");
         assert!(joined.contains("-machine q35,memory-backend=mem -accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn an_over_long_kernel_command_line_is_refused_before_qemu_starts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"not a kernel").expect("write");
+        let mut spec = VmSpec::new(&kernel);
+        // A QEMU that cannot start: a run that got past the check would fail with Spawn.
+        spec.qemu = dir.path().join("no-qemu");
+        let own = "console=ttyS0 panic=-1 quiet ".len();
+        // The longest line the kernel takes: 2047 bytes and the NUL.
+        spec.append = vec![format!("x={}", "a".repeat(2047 - own - 2))];
+        assert_eq!(kernel_cmdline(&spec).len(), 2047);
+        check_kernel_cmdline(&spec).expect("2047 bytes fit");
+        assert!(matches!(run(&spec), Err(VmError::Spawn { .. })));
+        // One byte more, counted across bootlace-vm's own words and several --append values.
+        spec.append = vec![
+            format!("x={}", "a".repeat(1000)),
+            format!("y={}", "b".repeat(2047 - own - 1000 - 2 - 3)),
+        ];
+        assert_eq!(kernel_cmdline(&spec).len(), 2047);
+        check_kernel_cmdline(&spec).expect("2047 bytes fit");
+        spec.append.push("z".to_owned());
+        assert_eq!(kernel_cmdline(&spec).len(), 2049);
+        let err = run(&spec).expect_err("too long");
+        assert!(
+            matches!(
+                err,
+                VmError::CommandLineTooLong {
+                    len: 2049,
+                    max: 2048
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.reason(), Reason::BadInput);
+        assert_eq!(
+            err.to_string(),
+            "the kernel command line is 2049 bytes; with its terminating NUL that is over the \
+             x86-64 kernel's 2048-byte limit (COMMAND_LINE_SIZE), so it takes at most 2047 \
+             bytes (bootlace-vm's own console=, panic= and quiet, every --append and \
+             bootlace.root= count)"
+        );
+        // Without `quiet` the same parameters fit again.
+        spec.quiet_kernel = false;
+        spec.append.pop();
+        spec.append.push("zzzzz".to_owned());
+        assert_eq!(kernel_cmdline(&spec).len(), 2047);
+        check_kernel_cmdline(&spec).expect("fits without quiet");
+        // bootlace.root= that boot_image adds counts too: a line one byte short of fitting
+        // with it fits without it.
+        spec.quiet_kernel = true;
+        let root = "bootlace.root=LABEL=rootfs".to_owned();
+        spec.append = vec![String::new()];
+        let room = 2047 - kernel_cmdline(&spec).len() - (root.len() + 1) + 1;
+        spec.append = vec![format!("y={}", "b".repeat(room - 2))];
+        check_kernel_cmdline(&spec).expect("fits before bootlace.root=");
+        spec.append.push(root);
+        assert_eq!(kernel_cmdline(&spec).len(), 2048);
+        assert!(matches!(
+            check_kernel_cmdline(&spec),
+            Err(VmError::CommandLineTooLong { len: 2048, .. })
+        ));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bootlace_agent::fault::Fault;
+use bootlace_vm::memory::{self, MemoryNeed};
 use bootlace_vm::outcome::EXIT_CODES_HELP;
 use bootlace_vm::{images, kernel, Accel, Disk, Ended, Outcome, Reason, Report, Share, VmSpec};
 use bootlace_vm::{VmError, VsockSpec};
@@ -57,9 +58,10 @@ struct RunArgs {
     /// Kernel parameter to add (repeatable), e.g. --append bootlace.log=debug.
     #[arg(long)]
     append: Vec<String>,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u32,
+    /// Guest memory in MiB [default: 256, raised with a warning to the least memory the
+    /// image's metadata records (min_memory_mib); a --memory below that is refused].
+    #[arg(long)]
+    memory: Option<u32>,
     /// Guest CPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
@@ -224,10 +226,20 @@ fn run(a: RunArgs) -> Result<Outcome, CannotRun> {
         .because(Reason::Usage);
     }
     let mut spec = base_spec(&a)?;
-    if let (Some(wanted), Some(dir)) = (&a.image, &a.images) {
-        choose_image(&mut spec, dir, wanted, a.stage1.as_deref()).because(Reason::BadInput)?;
+    let needs = match (&a.image, &a.images) {
+        (Some(wanted), Some(dir)) => {
+            choose_image(&mut spec, dir, wanted, a.stage1.as_deref()).because(Reason::BadInput)?
+        }
+        _ => a.initrd.iter().filter_map(|p| need_beside(p)).collect(),
+    };
+    let mem = memory::guest_memory(&needs, a.memory).because(Reason::BadInput)?;
+    if let Some(w) = &mem.raised {
+        eprintln!("bootlace-vm: warning: {w}");
     }
+    spec.memory_mib = mem.mib;
     attach_disks_and_shares(&mut spec, &a);
+    // Before anything starts (the vsock daemon, the host agent, QEMU).
+    bootlace_vm::check_kernel_cmdline(&spec)?;
     // Removed when this function returns, after the VM and the vsock daemon are gone.
     let _vsock_tmp = add_vsock(&mut spec, &a).because(Reason::HostSetup)?;
     // Held to the end of this function, then dropped before `_vsock_tmp` (reverse order).
@@ -258,7 +270,6 @@ fn base_spec(a: &RunArgs) -> Result<VmSpec, CannotRun> {
     spec.qemu = a.qemu.clone();
     spec.initrd = a.initrd.clone();
     spec.append = a.append.clone();
-    spec.memory_mib = a.memory;
     spec.cpus = a.cpus;
     spec.accel = if a.kvm { Accel::Kvm } else { Accel::Tcg };
     spec.timeout = Duration::from_secs(a.timeout);
@@ -269,14 +280,27 @@ fn base_spec(a: &RunArgs) -> Result<VmSpec, CannotRun> {
     Ok(spec)
 }
 
+/// The least memory recorded in `FILE.meta.json` beside an image given by path, if any; a
+/// metadata file that cannot be read is a warning (the need is then not checked).
+fn need_beside(image: &Path) -> Option<MemoryNeed> {
+    memory::need_beside(image).unwrap_or_else(|e| {
+        eprintln!(
+            "bootlace-vm: warning: {}; the guest memory is not checked against it",
+            bootlace_contract::chain(&e)
+        );
+        None
+    })
+}
+
 /// `--image NAME[@VERSION]` from `--images DIR`: the image (or its default version, with a
-/// warning), through a stage-1 initramfs for a disk image.
+/// warning), through a stage-1 initramfs for a disk image. Returns the least memory the image
+/// and its stage 1 record.
 fn choose_image(
     spec: &mut VmSpec,
     dir: &Path,
     wanted: &str,
     stage1: Option<&Path>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<MemoryNeed>> {
     let (name, version) = match wanted.split_once('@') {
         Some((n, v)) => (n, Some(v)),
         None => (wanted, None),
@@ -286,9 +310,18 @@ fn choose_image(
         eprintln!("bootlace-vm: warning: {w}");
     }
     let m = &chosen.entry.meta;
+    let mut needs: Vec<MemoryNeed> = MemoryNeed::of(m).into_iter().collect();
     let stage1 = match (stage1, m.is_disk()) {
-        (Some(p), _) => Some(p.to_owned()),
-        (None, true) => Some(images::stage1(dir)?.path()),
+        (Some(p), true) => {
+            needs.extend(need_beside(p));
+            Some(p.to_owned())
+        }
+        (Some(p), false) => Some(p.to_owned()),
+        (None, true) => {
+            let s1 = images::stage1(dir)?;
+            needs.extend(MemoryNeed::of(&s1.meta));
+            Some(s1.path())
+        }
         (None, false) => None,
     };
     bootlace_vm::boot_image(spec, &chosen.entry, stage1.as_deref())?;
@@ -302,7 +335,7 @@ fn choose_image(
             None => String::new(),
         }
     );
-    Ok(())
+    Ok(needs)
 }
 
 /// `--bootstrap-disk`, `--disk`, `--bootstrap-9p`, `--share`.

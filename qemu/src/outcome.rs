@@ -54,7 +54,8 @@ pub enum Reason {
     /// The command line was refused (clap's errors, remapped from 2).
     Usage,
     /// Input found bad before QEMU started: a missing kernel, initrd, disk, share or bundle
-    /// file, an unknown image, an unwritable console log.
+    /// file, an unknown image, an unwritable console log, a kernel command line over the
+    /// kernel's limit, a `--memory` below the image's least memory.
     BadInput,
     /// The host side could not be set up: the vsock daemon, its directory, the host agent's
     /// listener.
@@ -143,7 +144,8 @@ Exit codes:
   123    the guest ended without a power-off line: kernel panic or reset
   124    the hard timeout (--timeout) passed; QEMU was killed
   125    bootlace-vm could not run the VM: a usage error, bad input found before QEMU
-         started (a missing kernel, initrd, disk or bundle, an unknown image), the host
+         started (a missing kernel, initrd, disk or bundle, an unknown image, a kernel
+         command line over the kernel's limit, a --memory below the image's need), the host
          side (vsock daemon, host agent) could not be set up, or QEMU failed to start or
          failed; the message says which";
 

@@ -32,6 +32,9 @@ pub struct Outcome {
 pub fn error_kind(e: &ProtocolError) -> String {
     match e {
         ProtocolError::Malformed(m) => format!("malformed: {m}"),
+        ProtocolError::UnterminatedHeader { max, .. } => {
+            format!("too long: header line (max {max})")
+        }
         ProtocolError::TooLong { what, max, .. } => format!("too long: {what} (max {max})"),
         ProtocolError::Closed { mid_frame } => format!("closed (mid frame: {mid_frame})"),
         ProtocolError::Unexpected { got, expected } => format!("unexpected {got} ({expected})"),
