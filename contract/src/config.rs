@@ -464,6 +464,11 @@ pub struct RootFs {
 /// [`RootFs::unpacked_marker`]).
 pub const UNPACKED_MARKER: &str = "/etc/bootlace/unpacked";
 
+/// [`UNPACKED_MARKER`] as a path.
+pub fn unpacked_marker() -> TargetPath {
+    TargetPath::trusted(UNPACKED_MARKER)
+}
+
 /// Where the real root filesystem is: `LABEL=<label>` or a device node such as `/dev/vda`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bootlace_contract::config::{
-    ConfigError, InitConfig, RootSpec, Stage1, TargetPath, CONFIG_PATH,
+    unpacked_marker, ConfigError, InitConfig, RootSpec, Stage1, TargetPath, CONFIG_PATH,
 };
 use bootlace_contract::digest::{self, HashingReader};
 use bootlace_contract::fs::FsType;
@@ -43,7 +43,10 @@ use bootlace_contract::types::InvalidValue;
 
 use crate::additions::{AddError, Additions, Content, Node};
 use crate::fsimage::{self, FsImageError, FsOptions, FsSpec};
-use crate::initramfs::{self, Archive, ArchiveError, ModuleError, ModulePlan, Modules};
+use crate::initramfs::{
+    self, Archive, ArchiveError, ArchiveSummary, ModuleError, ModulePlan, Modules,
+};
+use crate::need;
 use crate::oci::{self, Image, LayerCache, OciError};
 use crate::overlay::{self, Overlay};
 use crate::path::{normalise, Anchor, BadPath};
@@ -237,6 +240,12 @@ pub enum BakeError {
         /// The formats it applies to.
         applies: &'static str,
     },
+    /// The config says `[root] read_only = false` for a root that cannot be written.
+    #[error(
+        "the config says [root] read_only = false, but a {0} root cannot be written: \
+         bake ext4 (--format ext4, or --format qcow2 --qcow2-fs ext4) or leave read_only out"
+    )]
+    ReadOnlyRoot(FsType),
     /// `--qcow2-fs` names a filesystem a qcow2 is not made of.
     #[error("--qcow2-fs {0}: a qcow2 image holds erofs or ext4")]
     Qcow2Fs(FsType),
@@ -470,6 +479,8 @@ struct Plan {
     writable: Vec<String>,
     /// `/etc/bootlace/init.toml`.
     config_text: String,
+    /// The initramfs's last entry, relative (`[root] unpacked_marker`).
+    marker: Option<String>,
     /// The kernel modules to copy.
     modules: ModulePlan,
     /// The labelled filesystem and its label (erofs, ext4, the one in a qcow2).
@@ -509,6 +520,11 @@ fn validate(spec: &BakeSpec) -> Result<Plan, BakeError> {
         None => None,
     };
     let (writable, config) = config_of(spec)?;
+    let marker = config
+        .root
+        .unpacked_marker
+        .as_ref()
+        .map(|m| m.relative().to_owned());
     let modules = initramfs::module_plan(&config, spec.modules.as_ref())?;
     let (out_dir, out_name) = out_paths(spec, input.as_ref())?;
     Ok(Plan {
@@ -516,6 +532,7 @@ fn validate(spec: &BakeSpec) -> Result<Plan, BakeError> {
         init_path,
         writable,
         config_text: config_text(&config)?,
+        marker,
         modules,
         labelled,
         compression: spec.compress.unwrap_or(Compression::Gzip),
@@ -608,6 +625,17 @@ fn config_of(spec: &BakeSpec) -> Result<(Vec<String>, InitConfig), BakeError> {
             })
         })
         .collect::<Result<_, _>>()?;
+    if spec.format == Format::Initramfs {
+        config.root.read_only = None;
+        config.root.unpacked_marker = Some(unpacked_marker());
+    } else if let Some(fs) = spec.fstype() {
+        // Stage 1 mounts the root as this says (the kernel's rw/ro aside).
+        if config.root.read_only == Some(false) && spec.read_only() {
+            return Err(BakeError::ReadOnlyRoot(fs));
+        }
+        config.root.read_only = Some(config.root.read_only.unwrap_or(spec.read_only()));
+        config.root.unpacked_marker = None;
+    }
     if spec.stage1 {
         let root = spec
             .stage1_root
@@ -889,6 +917,8 @@ struct Made {
     staged_tree: Option<PathBuf>,
     staging_time: Duration,
     image_time: Duration,
+    /// What an initramfs holds.
+    archive: Option<ArchiveSummary>,
 }
 
 /// Step 4: the image at `work/image`, from the staged tree and the additions.
@@ -914,6 +944,7 @@ fn make_image(
         tool_versions: BTreeMap::new(),
         staging_time: Duration::ZERO,
         image_time: Duration::ZERO,
+        archive: None,
     };
     if spec.format == Format::Initramfs {
         made.staging_time = staged.started.elapsed();
@@ -926,8 +957,9 @@ fn make_image(
             mtime: spec.mtime as u32,
             compression: plan.compression,
             progress: Some(progress),
+            marker: plan.marker.as_deref(),
         };
-        initramfs::write_archive(&archive, &work.image())?;
+        made.archive = Some(initramfs::write_archive(&archive, &work.image())?);
         made.image_time = started.elapsed();
         return Ok(made);
     }
@@ -1241,9 +1273,8 @@ fn image_meta(spec: &BakeSpec, plan: &Plan, made: &Made, sha256: String, size: u
         source_date_epoch: spec.mtime,
         built: meta::rfc3339(spec.mtime),
         tool_versions: made.tool_versions.clone(),
-        // Filled in by the memory accounting of the image step (issue: least guest memory).
-        unpacked_size: None,
-        min_memory_mib: None,
+        unpacked_size: made.archive.map(|a| a.unpacked),
+        min_memory_mib: Some(need::min_memory_mib(size, made.archive.as_ref())),
     }
 }
 

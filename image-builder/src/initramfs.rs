@@ -24,6 +24,12 @@ use crate::progress::Progress;
 /// Where the init is installed in the image by default.
 pub const INIT_PATH: &str = "/sbin/bootlace-init";
 
+/// The page size the kernel's rootfs holds files in.
+const PAGE: u64 = 4096;
+
+/// The mode of the archive's root (`.`), owned by root.
+pub const ROOT_MODE: u32 = 0o755;
+
 /// The zstd level of an initramfs.
 pub const ZSTD_LEVEL: i32 = 9;
 
@@ -200,6 +206,10 @@ pub struct Archive<'a> {
     pub compression: Compression,
     /// Where entries and bytes written are counted.
     pub progress: Option<&'a Progress>,
+    /// The file written as the archive's last entry (relative, `etc/bootlace/unpacked`): the
+    /// init checks it is there (`[root] unpacked_marker`). An input entry of the same path is
+    /// left out. Its directory must be in the archive before it.
+    pub marker: Option<&'a str>,
 }
 
 /// What was written.
@@ -209,11 +219,17 @@ pub struct ArchiveSummary {
     pub entries: u64,
     /// Bytes of file contents.
     pub bytes: u64,
+    /// What the files and symlinks take once unpacked into the kernel's rootfs: each rounded
+    /// up to whole 4 KiB pages.
+    pub unpacked: u64,
 }
 
 /// Writes the archive at `out` (created, 0644; not synced), the input and the additions
 /// merged: an addition hides the input's entry of the same path; a directory in both is
 /// written once, with the addition's attributes (the input's, see [`crate::additions`]).
+///
+/// The first entry is `.`, the root itself, 0755 root:root (without it the kernel leaves the
+/// rootfs `drwxrwxrwt`); the last is the marker, when there is one.
 pub fn write_archive(a: &Archive<'_>, out: &Path) -> Result<ArchiveSummary, ArchiveError> {
     let err = |source| ArchiveError::Output {
         path: out.to_owned(),
@@ -275,7 +291,20 @@ fn write_entries<W: Write>(
         Some(p) => Some(open_dir(None, p).map_err(|e| m.read_err("", e))?),
         None => None,
     };
+    let dot = Header {
+        name: ".".to_owned(),
+        kind: Kind::Dir,
+        perm: ROOT_MODE,
+        uid: 0,
+        gid: 0,
+        mtime: a.mtime,
+    };
+    m.emit(&dot, None)?;
     m.dir(root, "")?;
+    if let Some(marker) = a.marker {
+        let h = m.header(marker.to_owned(), Kind::File { size: 0 }, 0o644, 0, 0);
+        m.emit(&h, Some(&mut io::empty()))?;
+    }
     let (path, summary) = (m.out, m.summary);
     let w = m.w.finish().map_err(|source| ArchiveError::Output {
         path: path.to_owned(),
@@ -357,6 +386,7 @@ impl<W: Write> Merge<'_, W> {
             let input = if order.is_le() { listed.next() } else { None };
             let addition = if order.is_ge() { added.next() } else { None };
             match (input, addition) {
+                (Some(l), None) if self.a.marker == Some(join(rel, &l.name).as_str()) => {}
                 (Some(l), None) => self.input_entry(dir.as_ref(), rel, l)?,
                 (l, Some((name, node))) => {
                     let path = join(rel, name);
@@ -403,6 +433,12 @@ impl<W: Write> Merge<'_, W> {
             _ => 0,
         };
         self.summary.bytes += size;
+        let held = match &h.kind {
+            Kind::File { size } => *size,
+            Kind::Symlink { target } => target.len() as u64,
+            _ => 0,
+        };
+        self.summary.unpacked += held.div_ceil(PAGE) * PAGE;
         if let Some(p) = self.a.progress {
             p.add_entries(1);
             p.add_bytes(size);

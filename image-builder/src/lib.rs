@@ -11,6 +11,7 @@
 //! - [`oci`]: OCI image layouts (index, manifest, layers; digests checked) and the layer cache;
 //! - [`initramfs`]: the kernel modules an image gets; the newc archive written from the input
 //!   and the additions merged;
+//! - [`need`]: the least guest memory an image boots in;
 //! - [`cpio`]: the newc archive format (writer and reader);
 //! - [`fsimage`]: a directory -> a reproducible, labelled ext4 or erofs image (mke2fs,
 //!   mkfs.erofs), a squashfs image (mksquashfs), a qcow2 of a raw image (qemu-img);
@@ -26,6 +27,7 @@ pub mod bundle;
 pub mod cpio;
 pub mod fsimage;
 pub mod initramfs;
+pub mod need;
 pub mod oci;
 pub mod overlay;
 pub mod path;

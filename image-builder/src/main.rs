@@ -592,6 +592,18 @@ fn print_contents(m: &bootlace_contract::image::ImageMeta) {
             .unwrap_or_default(),
         none_or(&m.modules)
     );
+    let unpacked = m
+        .unpacked_size
+        .map(|u| {
+            format!(
+                "unpacks to {} MiB in the guest's memory; ",
+                u.div_ceil(1 << 20)
+            )
+        })
+        .unwrap_or_default();
+    if let Some(min) = m.min_memory_mib {
+        println!("  memory: {unpacked}boots in {min} MiB or more (bootlace-vm --memory)");
+    }
 }
 
 fn bundle_cmd(a: BundleArgs) -> anyhow::Result<()> {

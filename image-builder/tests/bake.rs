@@ -224,6 +224,10 @@ fn baked_config_and_modes_in_an_ext4_root() -> Result<()> {
         cat.contains("writable = [\"/etc\", \"/srv/data\"]"),
         "{cat}"
     );
+    // Issue 12, item 7: stage 1 mounts an ext4 root read-write by the image's own config.
+    let baked = bootlace_contract::config::InitConfig::from_toml(&cat, Path::new("init.toml"))?;
+    assert_eq!(baked.root.read_only, Some(false), "{cat}");
+    assert_eq!(baked.root.unpacked_marker, None, "{cat}");
     let stat = |p: &str| -> Result<String> {
         run(Command::new("debugfs")
             .arg("-R")
@@ -689,6 +693,16 @@ fn bad_specs_give_clear_errors_and_leave_nothing() -> Result<()> {
     let mut s = spec(Format::Ext4, &out, &rootfs, &init);
     s.stage1 = true;
     assert!(bad_bake(&s).contains("--format initramfs"));
+    // A config asking for a writable erofs or squashfs root (issue 12, item 7).
+    for format in [Format::Erofs, Format::Squashfs] {
+        let mut s = spec(format, &out, &rootfs, &init);
+        s.config.root.read_only = Some(false);
+        let e = bad_bake(&s);
+        assert!(
+            e.contains("read_only = false") && e.contains(format.as_str()) && e.contains("ext4"),
+            "{e}"
+        );
+    }
     // An unknown format, in the library and on the command line.
     let e = "vhdx".parse::<Format>().expect_err("unknown");
     assert_eq!(

@@ -6,7 +6,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bootlace_contract::config::{InitConfig, ModuleName};
+use bootlace_contract::config::{unpacked_marker, InitConfig, ModuleName};
 use bootlace_image::bake::{bake, BakeError, BakeSpec, Compression, Format, Report};
 use bootlace_image::cpio::{self, Kind};
 use bootlace_image::initramfs::Modules;
@@ -136,7 +136,9 @@ fn archive_holds_the_rootfs_init_config_and_module_closure() {
     let config = String::from_utf8(get("etc/bootlace/init.toml").data.clone()).expect("utf8");
     let parsed =
         InitConfig::from_toml(&config, Path::new("init.toml")).expect("baked config is valid");
-    assert_eq!(parsed, f.spec().config);
+    let mut want = f.spec().config;
+    want.root.unpacked_marker = Some(unpacked_marker());
+    assert_eq!(parsed, want);
     assert_eq!(
         String::from_utf8(get("usr/lib/modules/9.9.9-test/modules.dep").data.clone()).expect("utf8"),
         "kernel/a/leaf.ko:\nkernel/a/mid.ko: kernel/a/leaf.ko\nkernel/a/top.ko: kernel/a/mid.ko kernel/a/leaf.ko\n"
@@ -161,6 +163,85 @@ fn archive_holds_the_rootfs_init_config_and_module_closure() {
             assert!(p < i, "{parent} after {n}");
         }
     }
+}
+
+/// Issue 12, items 2 and 3: the archive's first entry is its root, 0755 root:root (else the
+/// guest's `/` is world-writable), its last is the marker the init checks for a whole unpack
+/// (an input's own marker is left out), and the metadata says what the guest needs.
+#[test]
+fn root_entry_first_marker_last_and_the_memory_it_needs() {
+    let f = Fixture::new();
+    write(
+        &f.dir.path().join("rootfs/etc/bootlace/unpacked"),
+        b"stale",
+        0o600,
+    );
+    let mut spec = f.spec();
+    // Owners as on disk: the root entry is root's whoever bakes.
+    spec.all_root = false;
+    let out = f.dir.path().join("out.cpio");
+    let report = build(&spec, &out).expect("build");
+    let entries = cpio::read_all(&std::fs::read(&out).expect("read")).expect("parse");
+    let first = &entries.first().expect("entries").header;
+    assert_eq!(
+        (
+            first.name.as_str(),
+            &first.kind,
+            first.perm,
+            first.uid,
+            first.gid
+        ),
+        (".", &Kind::Dir, 0o755, 0, 0)
+    );
+    let last = entries.last().expect("entries");
+    assert_eq!(last.header.name, "etc/bootlace/unpacked");
+    assert_eq!(last.header.kind, Kind::File { size: 0 });
+    assert_eq!((last.header.perm, last.header.uid), (0o644, 0));
+    let markers = entries
+        .iter()
+        .filter(|e| e.header.name == "etc/bootlace/unpacked")
+        .count();
+    assert_eq!(markers, 1, "the input's own marker is left out");
+    assert_eq!(entries.iter().filter(|e| e.header.name == ".").count(), 1);
+    let config = entries
+        .iter()
+        .find(|e| e.header.name == "etc/bootlace/init.toml")
+        .expect("config");
+    let parsed = InitConfig::from_toml(
+        std::str::from_utf8(&config.data).expect("utf8"),
+        Path::new("init.toml"),
+    )
+    .expect("config");
+    assert_eq!(parsed.root.unpacked_marker, Some(unpacked_marker()));
+    assert_eq!(parsed.root.read_only, None);
+    // Each file and symlink in whole pages: at least a page per file, less than the archive
+    // plus a page per entry.
+    let m = &report.meta;
+    let unpacked = m.unpacked_size.expect("unpacked_size");
+    let files = entries
+        .iter()
+        .filter(|e| matches!(e.header.kind, Kind::File { .. } | Kind::Symlink { .. }))
+        .count() as u64;
+    let nonempty = entries
+        .iter()
+        .filter(|e| !e.data.is_empty() || matches!(e.header.kind, Kind::Symlink { .. }))
+        .count() as u64;
+    assert!(unpacked >= nonempty * 4096, "{unpacked} < {nonempty} pages");
+    assert!(unpacked <= m.size + files * 4096, "{unpacked}");
+    assert_eq!(
+        m.min_memory_mib,
+        Some(bootlace_image::need::min_memory_mib(
+            m.size,
+            Some(&bootlace_image::initramfs::ArchiveSummary {
+                entries: entries.len() as u64,
+                bytes: 0,
+                unpacked,
+            })
+        ))
+    );
+    assert!(m.min_memory_mib.expect("min") >= bootlace_image::need::FLOOR_MIB);
+    let text = std::fs::read_to_string(f.dir.path().join("out.cpio.meta.json")).expect("meta");
+    assert!(text.contains("\"unpacked_size\"") && text.contains("\"min_memory_mib\""));
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! an initramfs booted directly — each chosen by name from a directory of images through its
 //! metadata, as `bootlace-vm --images DIR --image NAME` does. Each reaches the probe (the
 //! image's "real init"); on the read-only roots a write to /etc works (tmpfs) while / stays
-//! read-only.
+//! read-only; the ext4 root is read-write as its config says; the initramfs's `/` is 0755
+//! root's.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -23,6 +24,7 @@ if touch /root-write 2>/dev/null; then echo "PROBE root_write=yes"; else echo "P
 echo "PROBE root_fs=$(awk '$2 == "/" { print $3 }' /proc/mounts | tail -n 1)"
 echo "PROBE etc_fs=$(awk '$2 == "/etc" { print $3 }' /proc/mounts | tail -n 1)"
 echo "PROBE initramfs_left=$(ls /sysroot 2>/dev/null | wc -l)"
+echo "PROBE root_mode=$(stat -c '%a %u:%g' /)"
 "#;
 
 /// The images directory, baked once for every test in this file.
@@ -165,8 +167,14 @@ fn ext4_root_boots_through_stage1() {
     let o = boot_image("base-ext4").expect("boot");
     assert_reached_probe(&o);
     assert_eq!(probe(&o, "root_fs"), "ext4");
-    // ext4 has no default writable locations and is mounted read-only without `rw`.
-    assert_eq!(probe(&o, "root_write"), "no");
+    // Issue 12, item 7: the image says `[root] read_only = false` and stage 1 follows it,
+    // with no `rw` on the command line (bootlace-vm adds none).
+    assert_eq!(probe(&o, "root_write"), "yes", "{}", tail(&o, 40));
+    assert!(
+        o.console.contains("(the image's [root] read_only = false)"),
+        "{}",
+        tail(&o, 40)
+    );
 }
 
 #[test]
@@ -175,6 +183,8 @@ fn initramfs_boots_directly() {
     assert_reached_probe(&o);
     assert_eq!(probe(&o, "etc_write"), "hello");
     assert!(!o.console.contains("stage1:"), "{}", tail(&o, 40));
+    // Issue 12, item 3: the archive's `.` entry, not the kernel's world-writable default.
+    assert_eq!(probe(&o, "root_mode"), "755 0:0", "{}", tail(&o, 40));
 }
 
 #[test]
