@@ -302,7 +302,8 @@ impl Default for Host {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Bootstrap {
-    /// Sources tried in order; the first found wins. Default none (no bootstrap).
+    /// Sources looked at together: the first to appear wins, the order decides only between
+    /// sources present at once. Default none (no bootstrap).
     #[serde(default)]
     pub sources: Vec<Source>,
     /// Whether a boot without a bootstrap is a failure; default true.
@@ -314,7 +315,8 @@ pub struct Bootstrap {
     /// Mount tag of a bootstrap 9p share (1 to 31 bytes); default `bootlace`.
     #[serde(default = "default_tag")]
     pub tag: MountTag,
-    /// How long each source waits for its device to appear, in ms; default 5000, at most 600000.
+    /// How long to wait for any source to appear (one deadline for all), in ms; default 5000,
+    /// at most 600000.
     #[serde(default = "default_wait_ms")]
     pub wait_ms: u64,
 }

@@ -141,8 +141,8 @@ struct ConfigArgs {
     /// Console log level: error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL")]
     log: Option<LogLevel>,
-    /// Bootstrap sources to try in order: disk, 9p, vsock (comma-separated; vsock needs --host
-    /// and --digest).
+    /// Bootstrap sources, looked at together (the first to appear wins; the order breaks ties):
+    /// disk, 9p, vsock (comma-separated; vsock needs --host and --digest).
     #[arg(long, value_delimiter = ',', value_name = "disk|9p|vsock")]
     source: Option<Vec<Source>>,
     /// Boot on when no bootstrap is found (default: a missing bootstrap is a failure).

@@ -159,68 +159,99 @@ impl std::fmt::Display for Found {
     }
 }
 
-/// Tries the configured sources in order, each waiting up to `wait_ms` for its device. The
-/// vsock source is "found" when a host is connected. `Ok(None)`: an optional bootstrap that no
-/// source has.
+/// Looks for every configured source at once, under one deadline of `wait_ms`: the first that
+/// appears wins, and the configured order decides only between sources present at the same
+/// look. The drivers of every source are loaded first. The vsock source is present when a host
+/// is connected. `Ok(None)`: an optional bootstrap that no source has.
 pub fn find(
     cfg: &Bootstrap,
     loader: &mut ModuleLoader,
     host_connected: bool,
 ) -> Result<Option<Found>, BootstrapError> {
-    let mut probed = Vec::new();
-    let wait = Duration::from_millis(cfg.wait_ms);
     for &source in &cfg.sources {
         if source == Source::Vsock {
-            if host_connected {
-                return Ok(Some(Found::Vsock));
-            }
-            probed.push("vsock (no host connected)".to_owned());
             continue;
         }
         let loaded = loader.load_best_effort(drivers::source(source));
         if !loaded.is_empty() {
             log::debug!("{} source: loaded {}", source.as_str(), loaded.join(" "));
         }
-        let (found, wanted) = match source {
-            Source::Disk => (
-                devices::wait_for(wait, || {
-                    devices::find_block(Want::Label(cfg.label.as_str()))
-                })
-                .map(|b| Found::Disk {
-                    dev: b.dev,
-                    fstype: b.fstype,
-                })
-                .map_err(|seen| seen.to_string()),
-                format!("label {:?}", cfg.label.as_str()),
-            ),
-            Source::NineP | Source::Vsock => (
-                devices::wait_for(wait, || devices::find_share(cfg.tag.as_str()))
-                    .map(|()| Found::NineP {
-                        tag: cfg.tag.as_str().to_owned(),
-                    })
-                    .map_err(|seen| seen.to_string()),
-                format!("tag {:?}", cfg.tag.as_str()),
-            ),
-        };
-        match found {
-            Ok(found) => return Ok(Some(found)),
-            Err(seen) => probed.push(format!(
-                "{} (waited {} ms for {wanted}; saw {seen})",
-                source.as_str(),
-                wait.as_millis()
-            )),
-        }
     }
-    let probed = if probed.is_empty() {
+    let wait = Duration::from_millis(cfg.wait_ms);
+    let label = cfg.label.as_str();
+    let tag = cfg.tag.as_str();
+    let look = |source: Source| match source {
+        Source::Vsock if host_connected => Ok(Found::Vsock),
+        Source::Vsock => Err("no host connected".to_owned()),
+        Source::Disk => devices::find_block(Want::Label(label))
+            .map(|b| Found::Disk {
+                dev: b.dev,
+                fstype: b.fstype,
+            })
+            .map_err(|seen| {
+                format!(
+                    "waited {} ms for label {label:?}; saw {seen}",
+                    wait.as_millis()
+                )
+            }),
+        Source::NineP => devices::find_share(tag)
+            .map(|()| Found::NineP {
+                tag: tag.to_owned(),
+            })
+            .map_err(|seen| format!("waited {} ms for tag {tag:?}; saw {seen}", wait.as_millis())),
+    };
+    let seen = match first_present(&cfg.sources, wait, devices::POLL, look) {
+        Ok((found, after)) => {
+            let names: Vec<&str> = cfg.sources.iter().map(|s| s.as_str()).collect();
+            log::info!(
+                "bootstrap: looked at {} for {} ms",
+                names.join(", "),
+                after.as_millis()
+            );
+            return Ok(Some(found));
+        }
+        Err(seen) => seen,
+    };
+    let probed = if seen.is_empty() {
         "no sources configured".to_owned()
     } else {
-        probed.join("; ")
+        seen.iter()
+            .map(|(source, seen)| format!("{} ({seen})", source.as_str()))
+            .collect::<Vec<_>>()
+            .join("; ")
     };
     if cfg.required {
         Err(BootstrapError::NotFound { probed })
     } else {
         log::warn!("bootstrap not found (optional): probed {probed}");
         Ok(None)
+    }
+}
+
+/// Looks at each of `sources`, in order, every `poll` until one is present or `wait` has
+/// passed: the first present at a look, and how long it took; else what each source showed at
+/// the last look. Every source is looked at once at least, even with no wait.
+pub fn first_present<T>(
+    sources: &[Source],
+    wait: Duration,
+    poll: Duration,
+    mut look: impl FnMut(Source) -> Result<T, String>,
+) -> Result<(T, Duration), Vec<(Source, String)>> {
+    let started = std::time::Instant::now();
+    loop {
+        let mut seen = Vec::with_capacity(sources.len());
+        for &source in sources {
+            match look(source) {
+                Ok(found) => return Ok((found, started.elapsed())),
+                Err(s) => seen.push((source, s)),
+            }
+        }
+        // Nothing to wait for when no source can appear later (vsock is known at once).
+        let can_appear = sources.iter().any(|&s| s != Source::Vsock);
+        if !can_appear || started.elapsed() >= wait {
+            return Err(seen);
+        }
+        std::thread::sleep(poll.min(wait.saturating_sub(started.elapsed())));
     }
 }
 
@@ -628,4 +659,109 @@ pub fn apply_bundle(
     let applied =
         apply::apply(&manifest, root, bundle, loader, &cfg).map_err(BootstrapError::Apply)?;
     Ok((cfg, applied))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLL: Duration = Duration::from_millis(1);
+
+    /// A source that appears at the `n`th look (`None`: never).
+    fn appearing(at: [Option<u32>; 3]) -> impl FnMut(Source) -> Result<Source, String> {
+        let mut looks = [0u32; 3];
+        move |s| {
+            let i = match s {
+                Source::Disk => 0,
+                Source::NineP => 1,
+                Source::Vsock => 2,
+            };
+            looks[i] += 1;
+            match at[i] {
+                Some(n) if looks[i] >= n => Ok(s),
+                _ => Err(format!("{} looks", looks[i])),
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_source_to_appear_wins_without_waiting_out_the_others() {
+        let order = [Source::Disk, Source::NineP];
+        // The share is there from the start; the disk never comes: no wait for the disk.
+        let (found, after) = first_present(
+            &order,
+            Duration::from_secs(5),
+            POLL,
+            appearing([None, Some(1), None]),
+        )
+        .expect("found");
+        assert_eq!(found, Source::NineP);
+        assert!(after < Duration::from_secs(1), "{after:?}");
+        // The disk appears at the third look, the share at the fifth: the disk.
+        let (found, _) = first_present(
+            &order,
+            Duration::from_secs(5),
+            POLL,
+            appearing([Some(3), Some(5), None]),
+        )
+        .expect("found");
+        assert_eq!(found, Source::Disk);
+    }
+
+    #[test]
+    fn the_configured_order_decides_between_sources_present_at_once() {
+        let both = appearing([Some(2), Some(2), None]);
+        let (found, _) = first_present(
+            &[Source::NineP, Source::Disk],
+            Duration::from_secs(5),
+            POLL,
+            both,
+        )
+        .expect("found");
+        assert_eq!(found, Source::NineP);
+        let both = appearing([Some(1), Some(1), Some(1)]);
+        let (found, _) = first_present(
+            &[Source::Vsock, Source::Disk, Source::NineP],
+            Duration::from_secs(5),
+            POLL,
+            both,
+        )
+        .expect("found");
+        assert_eq!(found, Source::Vsock);
+    }
+
+    #[test]
+    fn nothing_found_says_what_each_source_showed_after_one_deadline() {
+        let started = std::time::Instant::now();
+        let seen = first_present(
+            &[Source::Disk, Source::NineP, Source::Vsock],
+            Duration::from_millis(50),
+            POLL,
+            appearing([None, None, None]),
+        )
+        .expect_err("none");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        let sources: Vec<Source> = seen.iter().map(|(s, _)| *s).collect();
+        assert_eq!(sources, [Source::Disk, Source::NineP, Source::Vsock]);
+        // One deadline for all, the sources looked at in turns: as many looks each.
+        let looks: Vec<&str> = seen.iter().map(|(_, s)| s.as_str()).collect();
+        assert!(
+            looks[0] != "1 looks" && looks.iter().all(|l| *l == looks[0]),
+            "{seen:?}"
+        );
+        // Only vsock, no host: no wait at all; no wait given: one look.
+        let started = std::time::Instant::now();
+        let seen = first_present(
+            &[Source::Vsock],
+            Duration::from_secs(5),
+            POLL,
+            appearing([None, None, None]),
+        )
+        .expect_err("none");
+        assert_eq!(seen, [(Source::Vsock, "1 looks".to_owned())]);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let seen = first_present(&[Source::Disk], Duration::ZERO, POLL, appearing([None; 3]))
+            .expect_err("none");
+        assert_eq!(seen, [(Source::Disk, "1 looks".to_owned())]);
+    }
 }

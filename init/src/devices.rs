@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::blkprobe::{self, Candidate, FsType};
 
 /// How often a wait looks again.
-const POLL: Duration = Duration::from_millis(5);
+pub const POLL: Duration = Duration::from_millis(5);
 
 /// Where the kernel lists block devices.
 const SYS_CLASS_BLOCK: &str = "/sys/class/block";

@@ -105,12 +105,24 @@ fn assert_applied(o: &Outcome) {
 #[test]
 fn ninep_bootstrap_end_to_end() {
     let dir = scratch().expect("scratch");
-    let img = image(dir.path(), config(&[Source::NineP]));
+    // The disk is listed first and never comes: the share is taken as soon as it is seen, not
+    // after the disk's 5000 ms (issue 13: sources are looked at concurrently).
+    let img = image(dir.path(), config(&[Source::Disk, Source::NineP]));
     let share_dir = bundle(dir.path(), MANIFEST);
     let before = bootlace_tests::tree_snapshot(&share_dir).expect("snapshot");
     let o = boot_with("bootstrap_9p", &img, &[], share(&share_dir)).expect("boot");
     assert_applied(&o);
     assert!(o.console.contains("bootstrap: found 9p share \"bootlace\""));
+    let looked = o
+        .lines_with("bootstrap: looked at disk, 9p for ")
+        .next()
+        .unwrap_or_else(|| panic!("no look line:\n{}", tail(&o, 40)));
+    let ms: u64 = looked
+        .rsplit_once(" for ")
+        .and_then(|(_, v)| v.trim().strip_suffix(" ms"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{looked}"));
+    assert!(ms < 5000, "waited out the disk: {looked}");
     // Content, mode and mtime of everything in the share: cleanup changed nothing.
     assert_eq!(
         bootlace_tests::tree_snapshot(&share_dir).expect("snapshot"),
