@@ -41,6 +41,7 @@ bench: build
 	./target/release/bench-agent-scale
 	./target/release/bench-bundle-memory
 	./target/release/bench-bake
+	./target/release/bench-writable
 
 # Fuzzing (not part of `make test`, which replays the committed corpora): every target for
 # FUZZ_SECONDS (default 600) each, one after another; see docs/fuzzing.md.

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cmdline::{self, Param};
 pub use crate::digest::Sha256Digest;
+pub use crate::manifest::TmpfsSize;
 pub use crate::types::{
     Command, EnvName, ExecString, HandoffMode, InvalidValue, Label, ModuleName, MountTag,
     TargetPath,
@@ -460,6 +461,30 @@ pub struct RootFs {
     /// the archive leaves it out (and boots on a truncated root). Default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unpacked_marker: Option<TargetPath>,
+    /// The size of each writable location's tmpfs (the upper layer of its overlay, or its
+    /// copy): bytes with a `k`, `m` or `g` suffix, or a percentage of the guest's memory.
+    /// Default [`DEFAULT_WRITABLE_SIZE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writable_size: Option<TmpfsSize>,
+    /// Sizes of single writable locations, over `writable_size`: `{ "/var" = "512m" }`. Each
+    /// must be listed in `writable`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub writable_sizes: BTreeMap<TargetPath, TmpfsSize>,
+}
+
+/// The size of a writable location's tmpfs when the config gives none: a quarter of the
+/// guest's memory, so that four of them cannot take it all.
+pub const DEFAULT_WRITABLE_SIZE: &str = "25%";
+
+impl RootFs {
+    /// The size of the tmpfs behind the writable location `path`.
+    pub fn writable_size_of(&self, path: &TargetPath) -> TmpfsSize {
+        self.writable_sizes
+            .get(path)
+            .or(self.writable_size.as_ref())
+            .cloned()
+            .unwrap_or_else(|| TmpfsSize::trusted(DEFAULT_WRITABLE_SIZE))
+    }
 }
 
 /// The file the image builder writes as the last entry of every initramfs (see
@@ -678,6 +703,20 @@ impl InitConfig {
                     message: format!("stage1.wait_ms = {wait} is over {MAX_WAIT_MS}"),
                 });
             }
+        }
+        if let Some(p) = config
+            .root
+            .writable_sizes
+            .keys()
+            .find(|p| !config.root.writable.contains(p))
+        {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "root.writable_sizes names {}, which root.writable does not list",
+                    p.as_str()
+                ),
+            });
         }
         for (i, w) in config.root.writable.iter().enumerate() {
             let clash = config
@@ -1375,10 +1414,37 @@ shutdown_grace_ms = 250
             ("[stage1]\nroot = \"/dev/../etc\"", "device node"),
             ("[stage1]\nwait_ms = 600001", "over"),
             ("[stage1]\nbogus = 1", "bogus"),
+            (
+                "[root]\nwritable = [\"/etc\"]\nwritable_sizes = { \"/var\" = \"1m\" }",
+                "root.writable_sizes names /var, which root.writable does not list",
+            ),
+            ("[root]\nwritable_size = \"lots\"", "tmpfs size"),
         ] {
             let e = parse(&format!("version = 1\n{text}\n")).expect_err(text);
             assert!(e.to_string().contains(want), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn each_writable_location_has_a_size() {
+        let c = parse("version = 1\n[root]\nwritable = [\"/etc\", \"/var\"]\n").expect("parses");
+        let size = |c: &InitConfig, p: &str| {
+            c.root
+                .writable_size_of(&TargetPath::try_from(p.to_owned()).expect("path"))
+                .as_str()
+                .to_owned()
+        };
+        assert_eq!(size(&c, "/var"), DEFAULT_WRITABLE_SIZE);
+        let c = parse(
+            "version = 1\n[root]\nwritable = [\"/etc\", \"/var\"]\nwritable_size = \"16m\"\n\
+             writable_sizes = { \"/var\" = \"50%\" }\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            (size(&c, "/etc"), size(&c, "/var")),
+            ("16m".into(), "50%".into())
+        );
+        assert_eq!(parse(&c.to_toml()).expect("round trip"), c);
     }
 
     #[test]

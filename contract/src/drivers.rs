@@ -17,6 +17,10 @@ const BLOCK: &[&str] = &[VIRTIO_PCI, "virtio_blk"];
 /// The drivers of a virtio 9p share.
 const NINEP: &[&str] = &[VIRTIO_PCI, "9pnet_virtio", "9p"];
 
+/// The filesystem of the writable locations of a read-only root: an overlay over the image's
+/// directory, with a tmpfs upper layer.
+pub const OVERLAY: &str = "overlay";
+
 /// The filesystems a root image is made in (stage 1 mounts one of them).
 pub const ROOT_FILESYSTEMS: &[FsType] = &[FsType::Ext4, FsType::Erofs, FsType::Squashfs];
 
@@ -67,9 +71,13 @@ pub fn for_stage1() -> Vec<&'static str> {
 }
 
 /// Every module a configuration may load at boot, besides the ones it names: the drivers of its
-/// bootstrap sources, of its host link and, in stage 1, of the root disk.
+/// bootstrap sources, of its host link, overlayfs for its writable locations and, in stage 1,
+/// of the root disk.
 pub fn implied_by(config: &InitConfig) -> Vec<&'static str> {
     let mut out = for_sources(&config.bootstrap.sources);
+    if !config.root.writable.is_empty() {
+        out.push(OVERLAY);
+    }
     if config.host.address.is_some() {
         out.extend(VSOCK);
     }
@@ -110,5 +118,10 @@ mod tests {
         assert!(implied_by(&c).is_empty());
         c.host.address = "vsock:2:1024".parse().ok();
         assert_eq!(implied_by(&c), VSOCK);
+        c.root.writable = vec![crate::config::TargetPath::trusted("/etc")];
+        assert_eq!(
+            implied_by(&c),
+            ["overlay", "virtio_pci", "vmw_vsock_virtio_transport"]
+        );
     }
 }

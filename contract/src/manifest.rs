@@ -206,6 +206,12 @@ impl fmt::Display for Name {
 pub struct TmpfsSize(String);
 
 impl TmpfsSize {
+    /// A size known to be valid (crate-internal defaults).
+    pub(crate) fn trusted(s: &str) -> TmpfsSize {
+        debug_assert!(TmpfsSize::try_from(s.to_owned()).is_ok(), "{s}");
+        TmpfsSize(s.to_owned())
+    }
+
     /// The size as the tmpfs `size=` option takes it.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -99,7 +99,8 @@ pub fn module_plan(config: &InitConfig, spec: Option<&Modules>) -> Result<Module
     // The drivers and filesystems the configured sources, host link and stage 1 may need.
     let implied = drivers::implied_by(config);
     let Some(mspec) = spec else {
-        if wanted.is_empty() && implied.is_empty() {
+        // overlayfs is optional: without it the init copies the writable locations.
+        if wanted.is_empty() && implied.iter().all(|m| *m == drivers::OVERLAY) {
             return Ok(ModulePlan::default());
         }
         return Err(ModuleError::NoKernelRelease {

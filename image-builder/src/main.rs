@@ -11,8 +11,9 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use bootlace_contract::compression::{sniff, Compression};
 use bootlace_contract::config::{
-    self, parse_command, Command, FailurePolicy, HandoffMode, HostAddress, InitConfig, Label,
-    LogLevel, ModuleName, MountTag, Overrides, Sha256Digest, Source,
+    self, parse_command, Command, FailurePolicy, HandoffMode, HostAddress, InitConfig,
+    InvalidValue, Label, LogLevel, ModuleName, MountTag, Overrides, Sha256Digest, Source,
+    TmpfsSize,
 };
 use bootlace_contract::fs::FsType;
 use bootlace_image::bake::{self, BakeSpec, Format, Report, StagingMode};
@@ -222,6 +223,11 @@ struct BakeArgs {
     /// /etc,/var,/tmp,/home for erofs, squashfs and qcow2 of erofs; none otherwise).
     #[arg(long)]
     writable: Option<String>,
+    /// Size of each writable location's tmpfs (the upper layer of its overlay): bytes with a
+    /// k, m or g suffix, or a percentage of the guest's memory (default 25%). Per location:
+    /// `writable_sizes` in --config.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    writable_size: Option<TmpfsSize>,
     /// Filesystem label of erofs/ext4 root images and of the filesystem in a qcow2 (erofs: at
     /// most 15 bytes, ext4: 16; default bootlace-root). Refused for initramfs and squashfs.
     #[arg(long)]
@@ -397,6 +403,7 @@ fn modules_for(
     a: &ConfigArgs,
     config: &InitConfig,
     force: bool,
+    writable: bool,
 ) -> anyhow::Result<Option<Modules>> {
     let wants_modules = force
         || !config.modules.is_empty()
@@ -404,7 +411,16 @@ fn modules_for(
         || !config.bootstrap.sources.is_empty()
         || config.host.address.is_some();
     if !wants_modules {
-        return Ok(None);
+        // A read-only root's writable locations are overlays when the image has overlayfs:
+        // copy its module when the kernel release is known, else the init copies them.
+        return Ok(writable
+            .then(|| kernel_release(a).ok())
+            .flatten()
+            .map(|release| Modules {
+                root: a.modules_root.clone(),
+                release,
+                extra: Vec::new(),
+            }));
     }
     Ok(Some(Modules {
         root: a.modules_root.clone(),
@@ -436,8 +452,8 @@ fn layer_cache(cache: Option<PathBuf>, no_cache: bool) -> Option<PathBuf> {
 fn bake_spec(a: BakeArgs) -> anyhow::Result<BakeSpec> {
     let config = build_config(&a.cfg)?;
     let mut spec = BakeSpec::new(a.format, a.out, a.input, a.init);
-    spec.modules = modules_for(&a.cfg, &config, a.stage1)?;
     spec.config = config;
+    spec.config.root.writable_size = a.writable_size;
     spec.oci_ref = a.oci_ref;
     spec.init_path = a.init_path;
     spec.writable = a.writable.as_deref().map(writable);
@@ -452,14 +468,25 @@ fn bake_spec(a: BakeArgs) -> anyhow::Result<BakeSpec> {
     spec.version = a.image_version;
     spec.cache = layer_cache(a.cache, a.no_cache);
     spec.mtime = bake::source_date_epoch()?;
+    let writable = !spec
+        .writable
+        .clone()
+        .unwrap_or_else(|| bake::default_writable(&spec))
+        .is_empty();
+    spec.modules = modules_for(&a.cfg, &spec.config, a.stage1, writable)?;
     Ok(spec)
+}
+
+/// `--writable-size`.
+fn parse_size(s: &str) -> Result<TmpfsSize, InvalidValue> {
+    TmpfsSize::try_from(s.to_owned())
 }
 
 /// `initramfs`: `bake --format initramfs` with bake's defaults.
 fn initramfs_spec(a: InitramfsArgs) -> anyhow::Result<BakeSpec> {
     let config = build_config(&a.cfg)?;
     let mut spec = BakeSpec::new(Format::Initramfs, a.out, a.input, a.init);
-    spec.modules = modules_for(&a.cfg, &config, false)?;
+    spec.modules = modules_for(&a.cfg, &config, false, false)?;
     spec.config = config;
     spec.all_root = a.all_root;
     spec.compress = a.compress;

@@ -11,7 +11,9 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
-use bootlace_contract::manifest::{Frequency, Manifest, Mount, OnFailure, Run, TmpfsMount};
+use bootlace_contract::manifest::{
+    Frequency, Manifest, Mount, OnFailure, Run, TmpfsMount, TmpfsSize,
+};
 use bootlace_contract::types::TargetPath;
 
 use crate::devices::{self, Block, Want};
@@ -128,28 +130,22 @@ pub fn merge_handoff(cfg: &mut InitConfig, manifest: &Manifest) {
     }
 }
 
-/// Backs each of `paths` with a fresh tmpfs holding a copy of what the image has there (the
-/// writable locations of a read-only root, `[root] writable`). Each tmpfs takes the mode and
-/// owner of the directory it covers. Returns the number of entries copied.
-pub fn writable_locations(
-    paths: &[TargetPath],
+/// A tmpfs of `size` over `path`, holding a copy of what the image has there (a writable
+/// location where overlayfs cannot be used; see [`crate::writable`]). Logged as `origin`.
+pub fn tmpfs_with_copy(
+    path: &TargetPath,
+    size: &TmpfsSize,
+    root: &Root,
     loader: &mut ModuleLoader,
+    origin: &str,
 ) -> Result<(), ApplyError> {
-    let root = Root::open(Path::new("/")).map_err(|source| ApplyError::Mount {
-        path: "/".to_owned(),
-        what: "open the root".to_owned(),
-        source: Some(source),
-    })?;
-    for path in paths {
-        let mount = Mount::Tmpfs(TmpfsMount {
-            path: path.clone(),
-            size: None,
-            mode: None,
-            copy_defaults: true,
-        });
-        apply_mount(&mount, &root, loader, "root: writable")?;
-    }
-    Ok(())
+    let mount = Mount::Tmpfs(TmpfsMount {
+        path: path.clone(),
+        size: Some(size.clone()),
+        mode: None,
+        copy_defaults: true,
+    });
+    apply_mount(&mount, root, loader, origin)
 }
 
 fn root_err(step: &'static str) -> impl FnOnce(RootError) -> ApplyError {

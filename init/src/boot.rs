@@ -228,12 +228,12 @@ impl<'m, M: Machine> Boot<'m, M> {
         self.m.power_off(e.status(), &chain(&e))
     }
 
-    /// Step 5: a tmpfs over each writable location of a read-only root.
+    /// Step 5: an overlay (or a tmpfs copy) over each writable location of a read-only root.
     fn writable(&mut self) {
         if self.config.root.writable.is_empty() {
             return;
         }
-        if let Err(e) = self.m.writable(&self.config.root.writable) {
+        if let Err(e) = self.m.writable(&self.config.root) {
             self.fail(&BootError::Writable(e));
         }
         self.step_done("writable");

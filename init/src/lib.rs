@@ -25,6 +25,7 @@
 //! - [`mounts`]: the early mounts;
 //! - [`timeline`]: the boot's milestones;
 //! - [`unpacked`]: whether the kernel unpacked the initramfs whole;
+//! - [`writable`]: the writable locations of a read-only root (overlays, else copies);
 //! - [`logger`]: console logging with CLOCK_BOOTTIME stamps;
 //! - [`sys`]: the syscall fence, the only module with `unsafe`.
 
@@ -59,6 +60,7 @@ pub mod supervise;
 pub mod sys;
 pub mod timeline;
 pub mod unpacked;
+pub mod writable;
 
 /// The init's version, printed at start and said in HELLO.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

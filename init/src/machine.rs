@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bootlace_agent::client::ClientError;
 use bootlace_contract::config::{
-    self, Bootstrap, Command, Host, IfMissing, InitConfig, Loaded, ModuleName, Stage1, TargetPath,
+    self, Bootstrap, Command, Host, IfMissing, InitConfig, Loaded, ModuleName, RootFs, Stage1,
+    TargetPath,
 };
 use bootlace_contract::protocol::Kind;
 use bootlace_contract::status::{self, ExitStatus};
@@ -54,8 +55,9 @@ pub trait Machine {
     fn load_modules(&mut self, names: &[ModuleName]) -> Result<Vec<String>, ModLoadError>;
     /// Mounts the real root, switches to it and executes its init; returns only on failure.
     fn switch_root(&mut self, stage1: &Stage1) -> Stage1Error;
-    /// Backs the writable locations of a read-only root with tmpfs (their contents copied).
-    fn writable(&mut self, paths: &[TargetPath]) -> Result<(), ApplyError>;
+    /// Makes the writable locations of a read-only root writable: an overlay with a tmpfs upper
+    /// layer over each, else a tmpfs holding a copy.
+    fn writable(&mut self, root: &RootFs) -> Result<(), ApplyError>;
     /// Looks for the bootstrap in the configured sources.
     fn find_bootstrap(&mut self, cfg: &Bootstrap) -> Result<Option<Found>, BootstrapError>;
     /// Mounts what was found on `/.bootstrap` (a vsock bundle: fetched, checked, unpacked).
@@ -155,8 +157,8 @@ impl Machine for RealMachine {
         stage1::switch_root(stage1, &mut self.loader)
     }
 
-    fn writable(&mut self, paths: &[TargetPath]) -> Result<(), ApplyError> {
-        crate::apply::writable_locations(paths, &mut self.loader)
+    fn writable(&mut self, root: &RootFs) -> Result<(), ApplyError> {
+        crate::writable::writable_locations(root, &mut self.loader)
     }
 
     fn find_bootstrap(&mut self, cfg: &Bootstrap) -> Result<Option<Found>, BootstrapError> {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bootlace_agent::client::ClientError;
 use bootlace_contract::config::{
     Bootstrap, Command, ConfigError, FailurePolicy, HandoffMode, Host, InitConfig, Loaded,
-    ModuleName, Source, Stage1, TargetPath,
+    ModuleName, RootFs, Source, Stage1, TargetPath,
 };
 use bootlace_contract::kmod::KmodError;
 use bootlace_contract::manifest::ManifestError;
@@ -247,8 +247,8 @@ impl Machine for Fake {
         self.ended(End::Switched)
     }
 
-    fn writable(&mut self, paths: &[TargetPath]) -> Result<(), ApplyError> {
-        self.log.push(format!("writable {}", paths.len()));
+    fn writable(&mut self, root: &RootFs) -> Result<(), ApplyError> {
+        self.log.push(format!("writable {}", root.writable.len()));
         if self.fails(Step::Writable) {
             return Err(ApplyError::Mount {
                 path: "/etc".into(),

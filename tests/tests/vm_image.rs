@@ -25,6 +25,9 @@ echo "PROBE root_fs=$(awk '$2 == "/" { print $3 }' /proc/mounts | tail -n 1)"
 echo "PROBE etc_fs=$(awk '$2 == "/etc" { print $3 }' /proc/mounts | tail -n 1)"
 echo "PROBE initramfs_left=$(ls /sysroot 2>/dev/null | wc -l)"
 echo "PROBE root_mode=$(stat -c '%a %u:%g' /)"
+echo "PROBE etc_default=$(grep -c '^version = 1' /etc/bootlace/init.toml)"
+rm -f /etc/bootlace/init.toml && echo "PROBE etc_rm=$(ls /etc/bootlace | grep -c init.toml)"
+echo "PROBE upper=$(awk '$2 == "/run/bootlace/writable/0" { print $3 }' /proc/mounts)"
 "#;
 
 /// The images directory, baked once for every test in this file.
@@ -82,6 +85,11 @@ fn bake_all() -> Result<PathBuf> {
         if format == Format::Qcow2 {
             spec.qcow2_fs = Some(FsType::Erofs);
         }
+        // erofs and qcow2 get overlayfs (their writable locations are overlays); squashfs
+        // none, so its locations are copied into tmpfs.
+        if matches!(format, Format::Erofs | Format::Qcow2) {
+            spec.modules = Some(modules());
+        }
         if format == Format::Initramfs {
             // The initramfs is writable as it is; no tmpfs needed.
             spec.writable = Some(Vec::new());
@@ -123,9 +131,11 @@ fn assert_reached_probe(o: &Outcome) {
     assert!(!o.console.contains("Kernel panic"), "{}", tail(o, 40));
 }
 
-/// A read-only root booted through stage 1: the probe runs inside it, /etc is a tmpfs seeded
-/// from the image, / refuses writes, and nothing of the initramfs is left.
-fn assert_read_only_root(o: &Outcome, fstype: &str) {
+/// A read-only root booted through stage 1: the probe runs inside it, /etc is writable (an
+/// overlay over the image's /etc, or a tmpfs holding a copy: `etc_fs`) and shows the image's
+/// files, a file of the image can be removed from it, / refuses writes, and nothing of the
+/// initramfs is left.
+fn assert_read_only_root(o: &Outcome, fstype: &str, etc_fs: &str) {
     assert_reached_probe(o);
     assert!(
         o.console.contains("stage1: root LABEL=") || o.console.contains("stage1: root /dev/vda"),
@@ -133,8 +143,26 @@ fn assert_read_only_root(o: &Outcome, fstype: &str) {
         tail(o, 40)
     );
     assert_eq!(probe(o, "root_fs"), fstype);
-    assert_eq!(probe(o, "etc_fs"), "tmpfs");
+    assert_eq!(probe(o, "etc_fs"), etc_fs, "{}", tail(o, 40));
     assert_eq!(probe(o, "etc_write"), "hello");
+    assert_eq!(probe(o, "etc_default"), "1");
+    assert_eq!(probe(o, "etc_rm"), "0");
+    if etc_fs == "overlay" {
+        assert_eq!(probe(o, "upper"), "tmpfs");
+        assert!(
+            o.console
+                .contains("root: writable: overlay on /etc (upper: a tmpfs of 25% on /run/bootlace/writable/0)"),
+            "{}",
+            tail(o, 40)
+        );
+    } else {
+        assert!(
+            o.console
+                .contains("root: writable: copying /etc into a tmpfs: no overlayfs"),
+            "{}",
+            tail(o, 40)
+        );
+    }
     assert_eq!(probe(o, "root_write"), "no");
     assert_eq!(probe(o, "initramfs_left"), "0");
 }
@@ -142,13 +170,13 @@ fn assert_read_only_root(o: &Outcome, fstype: &str) {
 #[test]
 fn erofs_root_boots_read_only_with_a_writable_etc() {
     let o = boot_image("base-erofs").expect("boot");
-    assert_read_only_root(&o, "erofs");
+    assert_read_only_root(&o, "erofs", "overlay");
 }
 
 #[test]
 fn squashfs_root_boots_by_device() {
     let o = boot_image("base-squashfs").expect("boot");
-    assert_read_only_root(&o, "squashfs");
+    assert_read_only_root(&o, "squashfs", "tmpfs");
     assert!(
         o.console.contains("stage1: root /dev/vda"),
         "{}",
@@ -159,7 +187,7 @@ fn squashfs_root_boots_by_device() {
 #[test]
 fn qcow2_of_erofs_boots() {
     let o = boot_image("base-qcow2").expect("boot");
-    assert_read_only_root(&o, "erofs");
+    assert_read_only_root(&o, "erofs", "overlay");
 }
 
 #[test]
