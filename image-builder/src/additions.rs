@@ -253,6 +253,21 @@ impl Additions {
         }
     }
 
+    /// The input's directory at `path`, resolved through the input's symlinks inside it: opened
+    /// (never through a link) with its path on the host; `None` when the input has no directory
+    /// there.
+    pub fn input_dir(&self, path: &str) -> Result<Option<(OwnedFd, PathBuf)>, AddError> {
+        let Some(base) = &self.base else {
+            return Ok(None);
+        };
+        let resolved = self.resolve(path, path)?.join("/");
+        match open_beneath(base, &resolved) {
+            Ok(fd) => Ok(Some((fd, base.path().join(&resolved)))),
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => Ok(None),
+            Err(e) => Err(self.read_err(&resolved, "open", e.into())),
+        }
+    }
+
     /// Places a file, symlink or device at `path` (its directory resolved through the input's
     /// symlinks; the last component never followed), hiding what the input has there unless
     /// that is a directory. Returns the resolved path.

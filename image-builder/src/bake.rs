@@ -42,6 +42,7 @@ use bootlace_contract::image::{self as meta, ImageMeta, InitInfo, Input, InputKi
 use bootlace_contract::types::InvalidValue;
 
 use crate::additions::{AddError, Additions, Content, Node};
+use crate::depmod::{self, DepmodError};
 use crate::fsimage::{self, FsImageError, FsOptions, FsSpec};
 use crate::initramfs::{
     self, Archive, ArchiveError, ArchiveSummary, ModuleError, ModulePlan, Modules,
@@ -353,6 +354,9 @@ pub enum BakeError {
     /// What the bake adds could not be placed.
     #[error("add the init, its config and modules")]
     Additions(#[from] AddError),
+    /// The kernel-module indexes could not be made.
+    #[error("kernel-module indexes")]
+    Depmod(#[from] DepmodError),
     /// Writing the initramfs failed.
     #[error("write the initramfs")]
     Archive(#[from] ArchiveError),
@@ -453,7 +457,7 @@ pub fn bake_with(
             .dir_input()
             .map(|dir| s.spawn(|| stage::digest_dir(dir, &cancel)));
         let made = stage_input(spec, &plan, &work, progress, notes).and_then(|staged| {
-            let payload = add_payload(spec, &plan, &staged)?;
+            let payload = add_payload(spec, &plan, &staged, &work)?;
             make_image(spec, &plan, &work, staged, &payload, progress)
         });
         if made.is_err() {
@@ -863,7 +867,12 @@ struct Payload {
 
 /// Step 3: the mount points, the writable directories, the init, its config and the kernel
 /// modules, resolved against the staged tree.
-fn add_payload(spec: &BakeSpec, plan: &Plan, staged: &Staged) -> Result<Payload, BakeError> {
+fn add_payload(
+    spec: &BakeSpec,
+    plan: &Plan,
+    staged: &Staged,
+    work: &Work,
+) -> Result<Payload, BakeError> {
     let mut a = Additions::new(staged.base.as_deref())?;
     for (dir, mode) in MOUNT_POINTS {
         a.ensure_dir(dir, &Meta::root(*mode))?;
@@ -888,17 +897,59 @@ fn add_payload(spec: &BakeSpec, plan: &Plan, staged: &Staged) -> Result<Payload,
         CONFIG_PATH.trim_start_matches('/'),
         Node::root(config, 0o644),
     )?;
-    for (path, host) in &plan.modules.files {
-        a.put(path, Node::root(Content::HostFile(host.clone()), 0o644))?;
-    }
-    if let Some((path, text)) = &plan.modules.dep {
-        let dep = Content::Bytes(text.clone().into_bytes());
-        a.put(path, Node::root(dep, 0o644))?;
-    }
+    add_modules(&mut a, &plan.modules, &work.path("depmod"))?;
     Ok(Payload {
         additions: a,
         init_sha,
     })
+}
+
+/// The kernel modules of the plan, merged with the image's own tree for the same release when it
+/// has one ([`depmod`]): the image's modules and lines stay, the binary indexes are rewritten.
+fn add_modules(a: &mut Additions, modules: &ModulePlan, work: &Path) -> Result<(), BakeError> {
+    let (Some(release), Some((dep_path, ours))) = (&modules.release, &modules.dep) else {
+        return Ok(());
+    };
+    let top = format!("lib/modules/{release}");
+    let image = match a.input_dir(&top)? {
+        Some((fd, host)) => Some(depmod::scan(fd, host)?),
+        None => None,
+    };
+    let mut added = Vec::new();
+    for (path, host) in &modules.files {
+        let rel = path.strip_prefix(&format!("{top}/")).unwrap_or(path);
+        let has = image
+            .as_ref()
+            .is_some_and(|i| i.files.contains(rel) || i.meta.contains(rel));
+        if !has {
+            a.put(path, Node::root(Content::HostFile(host.clone()), 0o644))?;
+            added.push((rel.to_owned(), host.clone()));
+        }
+    }
+    let dep = match image.as_ref().and_then(|i| i.dep.as_deref()) {
+        Some(theirs) => depmod::merged_dep(theirs, ours),
+        None => ours.clone(),
+    };
+    a.put(
+        dep_path,
+        Node::root(Content::Bytes(dep.into_bytes()), 0o644),
+    )?;
+    let indexes = match depmod::indexes(release, image.as_ref(), &added, work) {
+        Ok(indexes) => indexes,
+        // Without an image tree of its own there is nothing stale: the text index serves.
+        Err(DepmodError::Spawn(e)) if image.is_none() => {
+            log::warn!("depmod cannot run ({e}): the image gets no binary module indexes");
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for (name, file) in indexes {
+        a.put(
+            &format!("{top}/{name}"),
+            Node::root(Content::HostFile(file), 0o644),
+        )?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

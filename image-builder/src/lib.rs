@@ -13,6 +13,7 @@
 //!   and the additions merged;
 //! - [`need`]: the least guest memory an image boots in;
 //! - [`cpio`]: the newc archive format (writer and reader);
+//! - [`depmod`]: the image's module indexes, its own modules kept, rewritten by depmod;
 //! - [`fsimage`]: a directory -> a reproducible, labelled ext4 or erofs image (mke2fs,
 //!   mkfs.erofs), a squashfs image (mksquashfs), a qcow2 of a raw image (qemu-img);
 //! - [`bundle`]: bootstrap bundles (validated) as disk images, directories or tarballs;
@@ -25,6 +26,7 @@ pub mod additions;
 pub mod bake;
 pub mod bundle;
 pub mod cpio;
+pub mod depmod;
 pub mod fsimage;
 pub mod initramfs;
 pub mod need;
