@@ -12,7 +12,7 @@ pkg_installed() {
 }
 
 wanted=(qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools
-  squashfs-tools xorriso socat zstd kmod)
+  squashfs-tools xorriso socat zstd kmod debootstrap)
 missing_packages() {
   missing=()
   for pkg in "${wanted[@]}"; do

@@ -268,6 +268,18 @@ impl Additions {
         }
     }
 
+    /// Whether the input has something at `path` (its directory resolved through the input's
+    /// symlinks, inside it; the last component not followed).
+    pub fn input_has(&self, path: &str) -> Result<bool, AddError> {
+        if self.base.is_none() {
+            return Ok(false);
+        }
+        let (parent, name) = split(path);
+        let dirs = self.resolve(parent, path)?;
+        let resolved = join(&dirs.join("/"), name);
+        Ok(!matches!(self.find(&resolved)?, Found::Missing))
+    }
+
     /// Places a file, symlink or device at `path` (its directory resolved through the input's
     /// symlinks; the last component never followed), hiding what the input has there unless
     /// that is a directory. Returns the resolved path.

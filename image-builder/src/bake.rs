@@ -943,7 +943,13 @@ fn add_modules(a: &mut Additions, modules: &ModulePlan, work: &Path) -> Result<(
         }
         Err(e) => return Err(e.into()),
     };
+    // modules.devname is read by `kmod static-nodes` alone (systemd's kmod-static-nodes.service
+    // runs /bin/kmod when it is not empty): an image without kmod gets none.
+    let kmod = a.input_has("bin/kmod")?;
     for (name, file) in indexes {
+        if name == "modules.devname" && !kmod {
+            continue;
+        }
         a.put(
             &format!("{top}/{name}"),
             Node::root(Content::HostFile(file), 0o644),

@@ -102,6 +102,10 @@ fn the_images_own_modules_stay_and_every_index_covers_both() {
     std::fs::write(mine.join("modules.dep"), their_dep).expect("dep");
     std::fs::write(mine.join("modules.dep.bin"), b"stale").expect("bin");
     std::os::unix::fs::symlink("usr/lib", input.join("lib")).expect("merged /usr");
+    // The image has kmod (through /bin -> usr/bin): it gets modules.devname.
+    std::fs::create_dir_all(input.join("usr/bin")).expect("mkdir");
+    std::fs::write(input.join("usr/bin/kmod"), b"kmod").expect("kmod");
+    std::os::unix::fs::symlink("usr/bin", input.join("bin")).expect("merged /usr");
     let s = spec(dir.path(), input.clone(), &release);
     let report = bake(&s, &mut |_| {}).expect("bake");
     assert!(report.meta.modules.contains(&"9p".to_owned()));
@@ -128,6 +132,7 @@ fn the_images_own_modules_stay_and_every_index_covers_both() {
         ninep.contains("9p/9p.ko") && ninep.contains("9pnet.ko"),
         "{ninep}"
     );
+    assert!(top.join("modules.devname").is_file());
     // The input is left as it was.
     assert_eq!(
         std::fs::read(mine.join("modules.dep.bin")).expect("bin"),
@@ -151,4 +156,6 @@ fn an_image_without_modules_gets_the_indexes_of_what_is_copied() {
     }
     let ninep = show_depends(&tree, &release, "9p");
     assert!(ninep.contains("9p/9p.ko"), "{ninep}");
+    // No kmod in the image: no modules.devname for systemd's kmod-static-nodes to trip on.
+    assert!(!top.join("modules.devname").exists());
 }

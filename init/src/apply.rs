@@ -105,6 +105,8 @@ pub struct Applied {
     pub ran: usize,
     /// Commands skipped (once-per-instance, already done).
     pub skipped: usize,
+    /// The manifest's `instance_id`.
+    pub instance_id: Option<String>,
 }
 
 impl Applied {
@@ -163,8 +165,11 @@ pub fn apply(
     cfg: &InitConfig,
 ) -> Result<Applied, ApplyError> {
     preflight(m, root, bundle)?;
-    let mut done = Applied::default();
-    system_settings(m, loader)?;
+    let mut done = Applied {
+        instance_id: m.instance_id.as_ref().map(|i| i.as_str().to_owned()),
+        ..Applied::default()
+    };
+    system_settings(m, root, loader)?;
     for mount in &m.mounts {
         apply_mount(mount, root, loader, "manifest: mounts")?;
         done.mounts += 1;
@@ -178,12 +183,13 @@ pub fn apply(
 }
 
 /// The hostname, sysctl values and modules.
-fn system_settings(m: &Manifest, loader: &mut ModuleLoader) -> Result<(), ApplyError> {
+fn system_settings(m: &Manifest, root: &Root, loader: &mut ModuleLoader) -> Result<(), ApplyError> {
     if let Some(name) = &m.hostname {
         sys::set_hostname(name.as_str()).map_err(|source| ApplyError::Hostname {
             name: name.as_str().to_owned(),
             source,
         })?;
+        persist_hostname(root, name.as_str())?;
         log::info!("manifest: hostname {}", name.as_str());
     }
     for (key, value) in &m.sysctl {
@@ -203,6 +209,32 @@ fn system_settings(m: &Manifest, loader: &mut ModuleLoader) -> Result<(), ApplyE
         log::info!("manifest: modules: loaded {}", loaded.join(" "));
     }
     Ok(())
+}
+
+/// The host name in `/etc/hostname` too, where a real init (systemd) reads it again: written
+/// when `/etc` is writable, covered by a bind mount when the image has one on a read-only
+/// `/etc`, left alone when the image has none and cannot get one.
+fn persist_hostname(root: &Root, name: &str) -> Result<(), ApplyError> {
+    const HOSTNAME: &str = "/etc/hostname";
+    let wanted = format!("{name}\n");
+    let current = std::fs::read_to_string(HOSTNAME).ok();
+    if current.as_deref() == Some(wanted.as_str()) {
+        return Ok(());
+    }
+    match crate::identity::persist(root, HOSTNAME, &wanted, 0o644) {
+        Ok(()) => Ok(()),
+        Err(e) if current.is_none() => {
+            log::info!(
+                "manifest: hostname not persisted ({})",
+                bootlace_contract::chain(&e)
+            );
+            Ok(())
+        }
+        Err(e) => Err(ApplyError::Hostname {
+            name: name.to_owned(),
+            source: io::Error::other(bootlace_contract::chain(&e)),
+        }),
+    }
 }
 
 /// Directories, files and symlinks, in that order.

@@ -9,7 +9,8 @@
 //! 5. the writable locations of a read-only root;
 //! 6. the bootstrap: find, mount, apply the manifest, READY, unmount and remove — the cleanup
 //!    runs whenever something was mounted, whatever failed;
-//! 7. the hand-off: exec the real init, or supervise the application and power off.
+//! 7. the guest's identity: its machine ID, and systemd's environment when it is the real init;
+//! 8. the hand-off: exec the real init, or supervise the application and power off.
 //!
 //! Every failure goes through one place, [`Boot::fail`]: console first, then the host, then
 //! the failure policy (power off, continue, or a shell then power off). Every effect goes
@@ -27,6 +28,7 @@ use bootlace_contract::status::{self, ExitStatus};
 
 use crate::apply::ApplyError;
 use crate::bootstrap::{BootstrapError, Cleaned, BOOTSTRAP_DIR};
+use crate::identity::IdentityError;
 use crate::machine::{Machine, RealMachine};
 use crate::modload::ModLoadError;
 use crate::mounts::MountError;
@@ -78,6 +80,9 @@ pub enum BootError {
     /// A writable location of the root could not be set up.
     #[error("root")]
     Writable(#[source] ApplyError),
+    /// The guest's identity could not be set.
+    #[error("identity")]
+    Identity(#[source] IdentityError),
 }
 
 impl BootError {
@@ -94,7 +99,8 @@ impl BootError {
             | BootError::Supervise(_)
             | BootError::Stage1(_)
             | BootError::Truncated(_)
-            | BootError::Writable(_) => ExitStatus::BootStep,
+            | BootError::Writable(_)
+            | BootError::Identity(_) => ExitStatus::BootStep,
         }
     }
 }
@@ -132,6 +138,7 @@ pub fn run<M: Machine>(m: &mut M, entry: Duration) -> ! {
     }
     boot.writable();
     boot.bootstrap();
+    boot.identity();
     boot.handoff()
 }
 
@@ -144,6 +151,8 @@ struct Boot<'m, M: Machine> {
     first_error: Option<BootError>,
     /// READY has been reported (after the manifest, before the cleanup).
     ready_sent: bool,
+    /// The applied manifest's `instance_id`.
+    instance_id: Option<String>,
 }
 
 impl<'m, M: Machine> Boot<'m, M> {
@@ -190,6 +199,7 @@ impl<'m, M: Machine> Boot<'m, M> {
             timeline,
             first_error,
             ready_sent: false,
+            instance_id: None,
         }
     }
 
@@ -279,6 +289,7 @@ impl<'m, M: Machine> Boot<'m, M> {
         self.step("cleanup_done", cleaned.is_ok());
         match (applied, cleaned) {
             (Ok((cfg, applied)), Ok(cleaned)) => {
+                self.instance_id = applied.instance_id.clone();
                 log::info!(
                     "bootstrap: applied {MANIFEST_NAME} ({}); {BOOTSTRAP_DIR} unmounted{}",
                     applied.summary(),
@@ -298,7 +309,14 @@ impl<'m, M: Machine> Boot<'m, M> {
         }
     }
 
-    /// Step 7: READY (unless the bootstrap sent it), the timeline, then exec or supervise.
+    /// Step 7: the machine ID and systemd's environment ([`crate::identity`]).
+    fn identity(&mut self) {
+        if let Err(e) = self.m.identity(&self.config, self.instance_id.as_deref()) {
+            self.fail(&BootError::Identity(e));
+        }
+    }
+
+    /// Step 8: READY (unless the bootstrap sent it), the timeline, then exec or supervise.
     fn handoff(mut self) -> ! {
         if !self.ready_sent {
             let config = self.config.clone();

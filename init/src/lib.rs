@@ -26,6 +26,7 @@
 //! - [`timeline`]: the boot's milestones;
 //! - [`unpacked`]: whether the kernel unpacked the initramfs whole;
 //! - [`writable`]: the writable locations of a read-only root (overlays, else copies);
+//! - [`identity`]: the machine ID, the persisted host name and systemd's environment of a guest;
 //! - [`logger`]: console logging with CLOCK_BOOTTIME stamps;
 //! - [`sys`]: the syscall fence, the only module with `unsafe`.
 
@@ -50,6 +51,7 @@ pub mod bootstrap;
 pub mod devices;
 pub mod extract;
 pub mod hostlink;
+pub mod identity;
 pub mod logger;
 pub mod machine;
 pub mod memory;

@@ -21,6 +21,7 @@ use bootlace_contract::status::{self, ExitStatus};
 use crate::apply::{Applied, ApplyError};
 use crate::bootstrap::{self, BootstrapError, Cleaned, Found};
 use crate::hostlink::HostLink;
+use crate::identity::IdentityError;
 use crate::memory::{self, MemInfo};
 use crate::modload::{ModLoadError, ModuleLoader};
 use crate::mounts::{self, MountError};
@@ -70,6 +71,12 @@ pub trait Machine {
     ) -> Result<(InitConfig, Applied), BootstrapError>;
     /// Unmounts and removes `/.bootstrap`.
     fn cleanup_bootstrap(&mut self) -> Result<Cleaned, BootstrapError>;
+    /// Sets the guest's machine ID and, for systemd, its environment ([`crate::identity`]).
+    fn identity(
+        &mut self,
+        config: &InitConfig,
+        instance_id: Option<&str>,
+    ) -> Result<(), IdentityError>;
     /// Replaces PID 1 with `cmd` (the kernel's arguments for init follow); returns only the
     /// error when it could not.
     fn exec(&mut self, cmd: &Command, env: &[(String, String)]) -> io::Error;
@@ -183,6 +190,14 @@ impl Machine for RealMachine {
 
     fn cleanup_bootstrap(&mut self) -> Result<Cleaned, BootstrapError> {
         bootstrap::cleanup()
+    }
+
+    fn identity(
+        &mut self,
+        config: &InitConfig,
+        instance_id: Option<&str>,
+    ) -> Result<(), IdentityError> {
+        crate::identity::set(config, instance_id)
     }
 
     fn exec(&mut self, cmd: &Command, env: &[(String, String)]) -> io::Error {

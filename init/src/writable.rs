@@ -6,6 +6,11 @@
 //! Where overlayfs is missing (no `overlay` module in the image or the kernel) or refuses the
 //! directory, the location gets a tmpfs of the same size holding a copy of it instead, and the
 //! console says why.
+//!
+//! Each location is recorded in libmount's `/run/mount/utab` with the option `x-initrd.mount`:
+//! mounted before the real init, kept until the end. systemd then leaves it out of its shutdown
+//! transaction (where unmounting `/var` fails while journald still writes there) and
+//! `systemd-shutdown` unmounts it last.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -43,6 +48,7 @@ pub fn writable_locations(cfg: &RootFs, loader: &mut ModuleLoader) -> Result<(),
     })?;
     let started = std::time::Instant::now();
     let overlay = overlay_available(loader);
+    let mut made = Vec::new();
     for (i, path) in cfg.writable.iter().enumerate() {
         let size = cfg.writable_size_of(path);
         let why = match &overlay {
@@ -53,6 +59,7 @@ pub fn writable_locations(cfg: &RootFs, loader: &mut ModuleLoader) -> Result<(),
                         size.as_str(),
                         upper.display()
                     );
+                    made.push(("overlay", path.as_str()));
                     continue;
                 }
                 Err(e) => bootlace_contract::chain(&e),
@@ -61,6 +68,10 @@ pub fn writable_locations(cfg: &RootFs, loader: &mut ModuleLoader) -> Result<(),
         };
         log::info!("root: writable: copying {path} into a tmpfs: {why}");
         apply::tmpfs_with_copy(path, &size, &root, loader, "root: writable")?;
+        made.push(("tmpfs", path.as_str()));
+    }
+    if let Err(e) = record_in_utab(&made) {
+        log::warn!("root: writable: {UTAB}: {e}");
     }
     log::info!(
         "root: writable: {} locations in {} us",
@@ -147,6 +158,49 @@ fn overlay_on(
     Ok(upper_root)
 }
 
+/// libmount's table of userspace mount options.
+const UTAB: &str = "/run/mount/utab";
+
+/// Appends a line per mount (`source`, mount point) to [`UTAB`], marking it `x-initrd.mount`.
+fn record_in_utab(mounts: &[(&str, &str)]) -> io::Result<()> {
+    use std::io::Write as _;
+    if mounts.is_empty() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create("/run/mount")?;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(UTAB)?;
+    f.write_all(utab_lines(mounts).as_bytes())
+}
+
+/// The lines of [`record_in_utab`]: values with spaces, tabs, newlines and backslashes in
+/// octal escapes, as libmount writes them.
+pub fn utab_lines(mounts: &[(&str, &str)]) -> String {
+    let mangle = |s: &str| -> String {
+        s.chars()
+            .map(|c| match c {
+                ' ' | '\t' | '\n' | '\\' => format!("\\{:03o}", c as u32),
+                c => c.to_string(),
+            })
+            .collect()
+    };
+    mounts
+        .iter()
+        .map(|(src, target)| {
+            format!(
+                "SRC={} TARGET={} ROOT=/ OPTS=x-initrd.mount\n",
+                mangle(src),
+                mangle(target)
+            )
+        })
+        .collect()
+}
+
 /// `upper` (with the mode and owner of the directory it covers) and `work` in `dir`.
 fn layers(dir: &Path, mode: u32, uid: u32, gid: u32) -> io::Result<()> {
     let upper = dir.join("upper");
@@ -167,6 +221,15 @@ fn plain(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utab_marks_each_location_as_mounted_before_the_real_init() {
+        assert_eq!(
+            utab_lines(&[("overlay", "/var"), ("tmpfs", "/srv/my data")]),
+            "SRC=overlay TARGET=/var ROOT=/ OPTS=x-initrd.mount\n\
+             SRC=tmpfs TARGET=/srv/my\\040data ROOT=/ OPTS=x-initrd.mount\n"
+        );
+    }
 
     #[test]
     fn only_plain_paths_go_in_the_options() {

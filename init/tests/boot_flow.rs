@@ -23,6 +23,7 @@ use bootlace_contract::status::ExitStatus;
 use bootlace_init::apply::{Applied, ApplyError};
 use bootlace_init::boot;
 use bootlace_init::bootstrap::{BootstrapError, Cleaned, Found};
+use bootlace_init::identity::IdentityError;
 use bootlace_init::machine::Machine;
 use bootlace_init::modload::ModLoadError;
 use bootlace_init::mounts::MountError;
@@ -304,7 +305,11 @@ impl Machine for Fake {
                 v.clone().try_into().expect("value"),
             );
         }
-        Ok((cfg, Applied::default()))
+        let applied = Applied {
+            instance_id: Some("i-7".into()),
+            ..Applied::default()
+        };
+        Ok((cfg, applied))
     }
 
     fn cleanup_bootstrap(&mut self) -> Result<Cleaned, BootstrapError> {
@@ -316,6 +321,16 @@ impl Machine for Fake {
             });
         }
         Ok(Cleaned::Removed)
+    }
+
+    fn identity(
+        &mut self,
+        _config: &InitConfig,
+        instance_id: Option<&str>,
+    ) -> Result<(), IdentityError> {
+        self.log
+            .push(format!("identity {}", instance_id.unwrap_or("-")));
+        Ok(())
     }
 
     fn exec(&mut self, cmd: &Command, env: &[(String, String)]) -> io::Error {
@@ -666,6 +681,17 @@ fn writable_locations_come_before_the_bootstrap() {
     let (status, text) = f.powered_off();
     assert_eq!(status, 71);
     assert!(text.starts_with("root: mounts: /etc: tmpfs"), "{text}");
+}
+
+#[test]
+fn the_identity_is_set_after_the_manifest_with_its_instance_id_before_the_hand_off() {
+    let f = Fake::new(hosted()).boot();
+    assert!(f.at("apply") < f.at("identity i-7"), "{:#?}", f.log);
+    assert!(f.at("cleanup") < f.at("identity i-7"), "{:#?}", f.log);
+    assert!(matches!(f.end, Some(End::Exec(_))));
+    // Without a bootstrap there is no instance id: the identity is still set.
+    let f = Fake::new(InitConfig::default()).boot();
+    assert!(f.has("identity -"), "{:#?}", f.log);
 }
 
 #[test]

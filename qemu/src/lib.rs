@@ -85,7 +85,42 @@ pub struct VmSpec {
     pub vsock: Option<VsockSpec>,
     /// The root disk of a disk-root boot (attached first, as `/dev/vda`), if any.
     pub root_disk: Option<RootDisk>,
+    /// The VM's SMBIOS system UUID (QEMU `-uuid`): the guest's machine ID follows it, so one
+    /// UUID is one guest across reboots. `None`: QEMU's default.
+    pub uuid: Option<Uuid>,
 }
+
+/// An SMBIOS system UUID: 8-4-4-4-12 hexadecimal digits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uuid(String);
+
+impl std::str::FromStr for Uuid {
+    type Err = BadUuid;
+    fn from_str(s: &str) -> Result<Uuid, BadUuid> {
+        let groups: Vec<&str> = s.split('-').collect();
+        let lens: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+        let hex = groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()));
+        if lens == [8, 4, 4, 4, 12] && hex {
+            Ok(Uuid(s.to_ascii_lowercase()))
+        } else {
+            Err(BadUuid(s.to_owned()))
+        }
+    }
+}
+
+impl Uuid {
+    /// The UUID, lowercase.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A UUID that is not 8-4-4-4-12 hexadecimal digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a UUID (8-4-4-4-12 hexadecimal digits)")]
+pub struct BadUuid(String);
 
 /// A raw disk image attached as a virtio-blk device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +176,7 @@ impl VmSpec {
             extra_args: Vec::new(),
             vsock: None,
             root_disk: None,
+            uuid: None,
         }
     }
 }
@@ -197,6 +233,9 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     let mem = spec.memory_mib.to_string();
     let cpus = spec.cpus.to_string();
     push(&["-m", &mem, "-smp", &cpus]);
+    if let Some(uuid) = &spec.uuid {
+        push(&["-uuid", uuid.as_str()]);
+    }
     if let Some(v) = &spec.vsock {
         let vsock_args = vsock::vsock_qemu_args(&v.control_socket(), spec.memory_mib);
         push(&vsock_args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -605,6 +644,25 @@ mod tests {
             args[append_at + 1],
             "console=ttyS0 panic=-1 quiet bootlace.log=debug"
         );
+        assert!(!joined.contains("-uuid"));
+        spec.uuid = Some(
+            "0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0"
+                .parse()
+                .expect("uuid"),
+        );
+        let joined = qemu_args(&spec).join(" ");
+        assert!(
+            joined.contains("-uuid 0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
+            "{joined}"
+        );
+        for bad in [
+            "",
+            "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1fg",
+        ] {
+            let e = bad.parse::<Uuid>().expect_err(bad);
+            assert!(e.to_string().contains("is not a UUID"), "{e}");
+        }
     }
 
     #[test]

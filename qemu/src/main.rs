@@ -65,6 +65,10 @@ struct RunArgs {
     /// Guest CPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
+    /// The VM's SMBIOS system UUID (QEMU -uuid): a guest's machine ID follows it, so boots
+    /// with one UUID are one guest (default: none; the machine ID is then random per boot).
+    #[arg(long)]
+    uuid: Option<bootlace_vm::Uuid>,
     /// Use KVM instead of TCG (stock kernels hang on nested /dev/kvm here; time-boxed anyway).
     #[arg(long)]
     kvm: bool,
@@ -271,6 +275,7 @@ fn base_spec(a: &RunArgs) -> Result<VmSpec, CannotRun> {
     spec.initrd = a.initrd.clone();
     spec.append = a.append.clone();
     spec.cpus = a.cpus;
+    spec.uuid = a.uuid.clone();
     spec.accel = if a.kvm { Accel::Kvm } else { Accel::Tcg };
     spec.timeout = Duration::from_secs(a.timeout);
     spec.console_log = a.console_log.clone();

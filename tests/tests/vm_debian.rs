@@ -1,0 +1,258 @@
+//! A real distribution behind bootlace: a Debian bookworm root made by debootstrap (minbase,
+//! systemd-sysv, udev, dbus; `scripts/debian-root.sh`, cached under target/debian), baked as
+//! erofs and ext4 with bootlace-init handing off to systemd, booted by name through a stage-1
+//! initramfs with a bundle over 9p. A service the manifest installs (a oneshot of the bundle)
+//! waits until systemd says the system is running, prints what it sees, and powers off:
+//!
+//! - systemd is PID 1, the system is `running` with no failed unit, and systemd loaded autofs4
+//!   from the image's module indexes (no "Failed to find module");
+//! - the manifest's host name, file and environment are what the service sees;
+//! - each guest has its own machine ID (D-Bus's copy too): two SMBIOS UUIDs, two IDs, one UUID
+//!   booted twice, one ID; never the one the image ships;
+//! - the power-off is clean: no `[FAILED]` line on the console, from boot to power-off.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use bootlace_contract::config::{Command as Argv, InitConfig, ModuleName, Source};
+use bootlace_image::bake::{self, BakeSpec, Format};
+use bootlace_image::initramfs::Modules;
+use bootlace_tests::{artifact, scratch, tail, test_kernel, workspace};
+use bootlace_vm::{images, Outcome, Share, VmSpec};
+
+const PROBE: &str = r#"#!/bin/sh
+exec > /dev/console 2>&1
+state=$(systemctl is-system-running --wait)
+echo "PROBE state=$state"
+echo "PROBE failed=$(systemctl --failed --no-legend --plain | wc -l)"
+echo "PROBE pid1=$(cat /proc/1/comm)"
+echo "PROBE hostname=$(cat /proc/sys/kernel/hostname)"
+echo "PROBE etc_hostname=$(cat /etc/hostname)"
+echo "PROBE machine_id=$(cat /etc/machine-id)"
+echo "PROBE dbus_id=$(cat /var/lib/dbus/machine-id)"
+echo "PROBE env=$APP_MODE"
+echo "PROBE file=$(cat /etc/app.conf)"
+echo "PROBE autofs4=$(grep -c '^autofs4 ' /proc/modules)"
+echo "PROBE done"
+systemctl poweroff
+"#;
+
+const MANIFEST: &str = r#"version = 1
+hostname = "guest-1"
+
+[env]
+APP_MODE = "production"
+
+[[files]]
+path = "/etc/app.conf"
+content = "from the manifest\n"
+
+[[files]]
+path = "/etc/bootlace-probe.sh"
+source = "probe.sh"
+mode = 0o755
+
+[[files]]
+path = "/etc/systemd/system/bootlace-probe.service"
+content = """
+[Unit]
+Description=bootlace test probe
+[Service]
+Type=simple
+ExecStart=/etc/bootlace-probe.sh
+[Install]
+WantedBy=multi-user.target
+"""
+
+[[symlinks]]
+path = "/etc/systemd/system/multi-user.target.wants/bootlace-probe.service"
+target = "/etc/systemd/system/bootlace-probe.service"
+"#;
+
+/// The Debian root, made once (and cached between runs) by scripts/debian-root.sh.
+fn debian_root() -> Result<PathBuf> {
+    let root = workspace().join("target/debian/bookworm");
+    let out = Command::new("bash")
+        .arg(workspace().join("scripts/debian-root.sh"))
+        .arg(&root)
+        .output()
+        .context("run scripts/debian-root.sh")?;
+    ensure!(
+        out.status.success(),
+        "scripts/debian-root.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(root)
+}
+
+struct Fixture {
+    images: PathBuf,
+    bundle: PathBuf,
+    /// The machine ID the image ships.
+    shipped_id: String,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| make_fixture().expect("the Debian images"))
+}
+
+fn make_fixture() -> Result<Fixture> {
+    let root = debian_root()?;
+    let shipped_id = std::fs::read_to_string(root.join("etc/machine-id"))?
+        .trim()
+        .to_owned();
+    // Kept for the whole run.
+    let dir = scratch()?.keep();
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images)?;
+    let k = test_kernel()?;
+    let modules = |extra: Vec<ModuleName>| Modules {
+        root: PathBuf::from("/lib/modules"),
+        release: k.release.clone(),
+        extra,
+    };
+    let mut s1 = BakeSpec::new(
+        Format::Initramfs,
+        images.join("stage1.img"),
+        None,
+        artifact("bootlace-init")?,
+    );
+    s1.stage1 = true;
+    s1.modules = Some(modules(Vec::new()));
+    s1.name = Some("stage1".to_owned());
+    bake::bake(&s1, &mut |_| {}).context("bake stage 1")?;
+    let mut cfg = InitConfig::default();
+    cfg.handoff.command = Argv::try_from(vec!["/sbin/init".to_owned()])?;
+    cfg.bootstrap.sources = vec![Source::NineP];
+    for (format, file) in [
+        (Format::Erofs, "debian.erofs"),
+        (Format::Ext4, "debian.ext4"),
+    ] {
+        let name = format!("debian-{format}");
+        let mut spec = BakeSpec::new(
+            format,
+            images.join(file),
+            Some(root.clone()),
+            artifact("bootlace-init")?,
+        );
+        spec.config = cfg.clone();
+        spec.name = Some(name.clone());
+        // systemd loads autofs4 itself: through the image's binary module indexes.
+        spec.modules = Some(modules(vec![ModuleName::try_from("autofs4".to_owned())?]));
+        bake::bake(&spec, &mut |_| {}).with_context(|| format!("bake {name}"))?;
+    }
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle)?;
+    std::fs::write(bundle.join("bootlace.toml"), MANIFEST)?;
+    std::fs::write(bundle.join("probe.sh"), PROBE)?;
+    Ok(Fixture {
+        images,
+        bundle,
+        shipped_id,
+    })
+}
+
+/// Boots `name` with the bundle, as the VM whose SMBIOS UUID is `uuid`.
+fn boot(name: &str, uuid: &str, log: &str) -> Result<Outcome> {
+    let f = fixture();
+    let chosen = images::choose(&f.images, name, None)?;
+    let mut spec = VmSpec::new(test_kernel()?.image);
+    let stage1 = images::stage1(&f.images)?.path();
+    bootlace_vm::boot_image(&mut spec, &chosen.entry, Some(&stage1))?;
+    spec.memory_mib = 512;
+    spec.timeout = Duration::from_secs(240);
+    spec.uuid = Some(uuid.parse()?);
+    spec.shares.push(Share {
+        dir: f.bundle.clone(),
+        tag: "bootlace".to_owned(),
+        read_only: true,
+    });
+    let logs = workspace().join("target/vm-logs");
+    std::fs::create_dir_all(&logs)?;
+    spec.console_log = Some(bootlace_vm::console_log_path(&logs, log));
+    Ok(bootlace_vm::run(&spec)?)
+}
+
+/// The value of `PROBE key=` anywhere in a console line.
+fn probe(o: &Outcome, key: &str) -> String {
+    let needle = format!("PROBE {key}=");
+    o.console
+        .lines()
+        .find_map(|l| {
+            let at = l.find(&needle)?;
+            Some(l[at + needle.len()..].trim_end_matches('\r').to_owned())
+        })
+        .unwrap_or_else(|| panic!("no PROBE {key}:\n{}", tail(o, 60)))
+}
+
+/// What every boot of the Debian root must show.
+fn assert_clean_systemd_boot(o: &Outcome) {
+    assert_eq!(probe(o, "pid1"), "systemd", "{}", tail(o, 60));
+    assert_eq!(probe(o, "state"), "running", "{}", tail(o, 60));
+    assert_eq!(probe(o, "failed"), "0");
+    assert_eq!(probe(o, "hostname"), "guest-1");
+    assert_eq!(probe(o, "etc_hostname"), "guest-1");
+    assert_eq!(probe(o, "env"), "production");
+    assert_eq!(probe(o, "file"), "from the manifest");
+    assert_eq!(probe(o, "autofs4"), "1");
+    assert!(
+        !o.console.contains("Failed to find module"),
+        "{}",
+        tail(o, 60)
+    );
+    assert_eq!(probe(o, "dbus_id"), probe(o, "machine_id"));
+    assert_ne!(probe(o, "machine_id"), fixture().shipped_id);
+    assert!(
+        !o.console.contains("FAILED"),
+        "a [FAILED] line:\n{}",
+        tail(o, 60)
+    );
+    assert_eq!(o.end, bootlace_vm::End::PoweredOff, "{}", tail(o, 60));
+}
+
+const UUID_A: &str = "0a0a0a0a-1111-4222-8333-444444444444";
+const UUID_B: &str = "0b0b0b0b-1111-4222-8333-444444444444";
+
+#[test]
+fn debian_on_erofs_boots_systemd_with_a_per_guest_identity() {
+    let a = boot("debian-erofs", UUID_A, "debian-erofs-a").expect("boot");
+    assert_clean_systemd_boot(&a);
+    assert_eq!(probe(&a, "machine_id"), UUID_A.replace('-', ""));
+    assert!(a.console.contains("root: writable: overlay on /var"));
+    // Another guest of the same image: another machine ID.
+    let b = boot("debian-erofs", UUID_B, "debian-erofs-b").expect("boot");
+    assert_clean_systemd_boot(&b);
+    assert_ne!(probe(&a, "machine_id"), probe(&b, "machine_id"));
+    // The first guest again: its own ID again.
+    let again = boot("debian-erofs", UUID_A, "debian-erofs-a2").expect("boot");
+    assert_clean_systemd_boot(&again);
+    assert_eq!(probe(&again, "machine_id"), probe(&a, "machine_id"));
+}
+
+#[test]
+fn debian_on_ext4_boots_systemd_read_write() {
+    let o = boot("debian-ext4", UUID_A, "debian-ext4").expect("boot");
+    assert_clean_systemd_boot(&o);
+    assert!(
+        o.console.contains("(the image's [root] read_only = false)"),
+        "{}",
+        tail(&o, 60)
+    );
+    assert_eq!(probe(&o, "machine_id"), UUID_A.replace('-', ""));
+}
+
+#[test]
+fn the_root_is_debians_own() {
+    let root = debian_root().expect("root");
+    for want in [
+        "usr/lib/systemd/systemd",
+        "usr/bin/dbus-daemon",
+        "etc/debian_version",
+    ] {
+        assert!(Path::new(&root).join(want).exists(), "{want} missing");
+    }
+}
