@@ -84,6 +84,15 @@ struct Listen {
     faults: Vec<Fault>,
 }
 
+/// `wait-ready --until`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Until {
+    /// bootlace's READY.
+    Bootlace,
+    /// systemd's readiness, after bootlace's READY.
+    Systemd,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Serve guests until killed.
@@ -97,6 +106,11 @@ enum Cmd {
         /// Seconds to wait.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// What "ready" means: bootlace's READY (the bootstrap is done, the hand-off follows),
+        /// or systemd's (`STEP systemd_ready`, relayed once systemd, the real init, has
+        /// finished starting up).
+        #[arg(long, value_enum, default_value = "bootlace")]
+        until: Until,
     },
     /// Print the EXIT_STATUS a guest reported on its console (exit 1 when there is none).
     #[command(after_help = EXIT_CODES)]
@@ -141,7 +155,11 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
             }
             Ok(Exit::Success)
         }
-        Cmd::WaitReady { listen, timeout } => wait_ready(&listen, Duration::from_secs(timeout)),
+        Cmd::WaitReady {
+            listen,
+            timeout,
+            until,
+        } => wait_ready(&listen, Duration::from_secs(timeout), until),
         Cmd::ExitStatus { log, json } => exit_status(&log, json),
     }
 }
@@ -240,9 +258,9 @@ impl Outcome {
 }
 
 /// Serves until a guest reports READY or FAILED, or `timeout` passes.
-fn wait_ready(l: &Listen, timeout: Duration) -> anyhow::Result<Exit> {
+fn wait_ready(l: &Listen, timeout: Duration, until: Until) -> anyhow::Result<Exit> {
     let rx = start(l)?;
-    let outcome = wait_for_outcome(l, &rx, timeout);
+    let outcome = wait_for_outcome(l, &rx, timeout, until);
     match &outcome {
         Outcome::Ready { .. } => {}
         Outcome::Failed { guest, status } => eprintln!(
@@ -260,8 +278,14 @@ fn wait_ready(l: &Listen, timeout: Duration) -> anyhow::Result<Exit> {
     Ok(outcome.exit())
 }
 
-/// Prints events until the first READY or FAILED report, or the deadline.
-fn wait_for_outcome(l: &Listen, rx: &mpsc::Receiver<GuestEvent>, timeout: Duration) -> Outcome {
+/// Prints events until the first READY (or, `until` systemd, the first `STEP systemd_ready`)
+/// or FAILED report, or the deadline.
+fn wait_for_outcome(
+    l: &Listen,
+    rx: &mpsc::Receiver<GuestEvent>,
+    timeout: Duration,
+    until: Until,
+) -> Outcome {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -271,8 +295,16 @@ fn wait_for_outcome(l: &Listen, rx: &mpsc::Receiver<GuestEvent>, timeout: Durati
         print(l, &e);
         let Event::Report(f) = &e.event else { continue };
         let status = f.get("STATUS").map(str::to_owned);
+        let systemd_ready = f.kind == Kind::Step
+            && f.get("STEP") == Some(bootlace_contract::protocol::SYSTEMD_READY_STEP);
         match f.kind {
-            Kind::Ready => {
+            Kind::Ready if until == Until::Bootlace => {
+                return Outcome::Ready {
+                    guest: e.guest,
+                    status,
+                }
+            }
+            Kind::Step if until == Until::Systemd && systemd_ready => {
                 return Outcome::Ready {
                     guest: e.guest,
                     status,

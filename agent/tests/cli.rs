@@ -160,3 +160,71 @@ fn reports_after_ready_do_not_wait_for_a_wait_ready_that_exited() {
         assert!(*t < Duration::from_millis(100), "{kind} took {t:?}: {r:?}");
     }
 }
+
+/// `wait-ready --until systemd` does not end at bootlace's READY but at the `STEP
+/// systemd_ready` the guest's relay sends after the hand-off, with systemd's STATUS.
+#[test]
+fn wait_ready_until_systemd_waits_for_systemds_readiness() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uds = dir.path().join("vm");
+    let child = Command::new(env!("CARGO_BIN_EXE_bootlace-agent"))
+        .args([
+            "wait-ready",
+            "--json",
+            "--until",
+            "systemd",
+            "--timeout",
+            "30",
+            "--uds",
+        ])
+        .arg(&uds)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut g = guest(&uds);
+    g.send(Kind::Ready, &[("READY", "1".into())])
+        .expect("READY acknowledged");
+    g.send(Kind::Step, &[("STEP", "cleanup_done".into())])
+        .expect("written");
+    g.send(
+        Kind::Step,
+        &[
+            (
+                "STEP",
+                bootlace_contract::protocol::SYSTEMD_READY_STEP.into(),
+            ),
+            ("STATE", "finished".into()),
+            ("STATUS", "Ready.".into()),
+        ],
+    )
+    .expect("written");
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let last = stdout.lines().last().expect("outcome");
+    let v: serde_json::Value = serde_json::from_str(last).expect("json");
+    assert_eq!(v["outcome"], "ready", "{last}");
+    assert_eq!(v["status"], "Ready.", "{last}");
+    // bootlace's READY alone is not enough: the wait times out.
+    let uds = dir.path().join("vm2");
+    let child = Command::new(env!("CARGO_BIN_EXE_bootlace-agent"))
+        .args([
+            "wait-ready",
+            "--until",
+            "systemd",
+            "--timeout",
+            "2",
+            "--uds",
+        ])
+        .arg(&uds)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut g = guest(&uds);
+    g.send(Kind::Ready, &[("READY", "1".into())])
+        .expect("READY acknowledged");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(124));
+}

@@ -31,6 +31,10 @@ const HEADER_START_SHOWN: usize = 16;
 /// The default vsock port of the host configuration manager.
 pub const DEFAULT_PORT: u32 = 1024;
 
+/// The `STEP` a guest reports after its READY when the real init is systemd and systemd
+/// has said `READY=1` (start-up finished): `STEP=systemd_ready STATE=finished STATUS=…`.
+pub const SYSTEMD_READY_STEP: &str = "systemd_ready";
+
 /// What a frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {

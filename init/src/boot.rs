@@ -9,8 +9,11 @@
 //! 5. the writable locations of a read-only root;
 //! 6. the bootstrap: find, mount, apply the manifest, READY, unmount and remove — the cleanup
 //!    runs whenever something was mounted, whatever failed;
-//! 7. the guest's identity: its machine ID, and systemd's environment when it is the real init;
-//! 8. the hand-off: exec the real init, or supervise the application and power off.
+//! 7. the hand-off: exec the real init, or supervise the application and power off.
+//!
+//! Just before READY (after the manifest, or before the hand-off without a bootstrap), the
+//! guest's identity is set: its machine ID, and systemd's environment when systemd is the real
+//! init ([`crate::identity`]).
 //!
 //! Every failure goes through one place, [`Boot::fail`]: console first, then the host, then
 //! the failure policy (power off, continue, or a shell then power off). Every effect goes
@@ -138,7 +141,6 @@ pub fn run<M: Machine>(m: &mut M, entry: Duration) -> ! {
     }
     boot.writable();
     boot.bootstrap();
-    boot.identity();
     boot.handoff()
 }
 
@@ -281,7 +283,8 @@ impl<'m, M: Machine> Boot<'m, M> {
         log::info!("bootstrap: mounted {found} read-only on {BOOTSTRAP_DIR}");
         let applied = self.m.apply_bootstrap(&self.config);
         self.step("manifest_done", applied.is_ok());
-        if let Ok((cfg, _)) = &applied {
+        if let Ok((cfg, applied)) = &applied {
+            self.instance_id = applied.instance_id.clone();
             // The host learns of READY without waiting for the unmount.
             self.report_ready(cfg);
         }
@@ -289,7 +292,6 @@ impl<'m, M: Machine> Boot<'m, M> {
         self.step("cleanup_done", cleaned.is_ok());
         match (applied, cleaned) {
             (Ok((cfg, applied)), Ok(cleaned)) => {
-                self.instance_id = applied.instance_id.clone();
                 log::info!(
                     "bootstrap: applied {MANIFEST_NAME} ({}); {BOOTSTRAP_DIR} unmounted{}",
                     applied.summary(),
@@ -309,14 +311,7 @@ impl<'m, M: Machine> Boot<'m, M> {
         }
     }
 
-    /// Step 7: the machine ID and systemd's environment ([`crate::identity`]).
-    fn identity(&mut self) {
-        if let Err(e) = self.m.identity(&self.config, self.instance_id.as_deref()) {
-            self.fail(&BootError::Identity(e));
-        }
-    }
-
-    /// Step 8: READY (unless the bootstrap sent it), the timeline, then exec or supervise.
+    /// Step 7: READY (unless the bootstrap sent it), the timeline, then exec or supervise.
     fn handoff(mut self) -> ! {
         if !self.ready_sent {
             let config = self.config.clone();
@@ -393,6 +388,10 @@ impl<'m, M: Machine> Boot<'m, M> {
     /// Stamps `ready` and reports READY with the timeline so far, the boot time and VmHWM;
     /// `config` is the one the hand-off will use.
     fn report_ready(&mut self, config: &InitConfig) {
+        // The guest is itself before it says it is ready: nothing after READY holds the hand-off.
+        if let Err(e) = self.m.identity(config, self.instance_id.as_deref()) {
+            self.fail(&BootError::Identity(e));
+        }
         let now = self.m.now();
         self.timeline.mark("ready", now);
         let mut fields = vec![

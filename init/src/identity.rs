@@ -99,8 +99,7 @@ pub fn set(config: &InitConfig, instance_id: Option<&str>) -> Result<(), Identit
     let systemd = hands_off_to_systemd(config);
     if systemd || root.exists(MACHINE_ID) {
         let smbios = std::fs::read_to_string(PRODUCT_UUID).ok();
-        let random = random_bytes();
-        let (id, from) = machine_id(instance_id, smbios.as_deref(), random);
+        let (id, from) = machine_id(instance_id, smbios.as_deref(), random_bytes);
         let text = format!("{id}\n");
         persist(&root, MACHINE_ID, &text, 0o444)?;
         // D-Bus's copy, unless it is a link (to /etc/machine-id).
@@ -174,29 +173,45 @@ fn cover_file(path: &str, content: &str, mode: u32) -> Result<PathBuf, (PathBuf,
 }
 
 /// Whether the hand-off executes systemd (the command, its links followed, is `systemd`).
-fn hands_off_to_systemd(config: &InitConfig) -> bool {
-    std::fs::canonicalize(config.handoff.command.program())
+pub fn hands_off_to_systemd(config: &InitConfig) -> bool {
+    runs_systemd(&config.handoff.command)
+}
+
+/// Whether `cmd` executes systemd (its program, links followed, is `systemd`).
+pub fn runs_systemd(cmd: &bootlace_contract::config::Command) -> bool {
+    std::fs::canonicalize(cmd.program())
         .ok()
         .and_then(|p| p.file_name().map(|n| n == "systemd"))
         .unwrap_or(false)
 }
 
-/// 16 random bytes (zeros when the kernel has none to give, which the caller never keeps).
+/// 16 random bytes, without waiting for the kernel's random pool to be seeded (`GRND_INSECURE`:
+/// early in a VM's boot the wait can take seconds; a machine ID must be unique, not secret).
 fn random_bytes() -> [u8; 16] {
     let mut b = [0u8; 16];
-    if rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).is_err() {
-        log::warn!("identity: getrandom failed");
+    let insecure = rustix::rand::GetRandomFlags::INSECURE;
+    if rustix::rand::getrandom(&mut b, insecure).is_err()
+        && rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::NONBLOCK).is_err()
+    {
+        log::warn!("identity: getrandom failed; the machine ID is made of the boot id");
+        let boot_id =
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let digest = bootlace_contract::digest::of_bytes(boot_id.as_bytes());
+        for (i, byte) in b.iter_mut().enumerate() {
+            let pair = digest.hex().get(2 * i..2 * i + 2).unwrap_or("00");
+            *byte = u8::from_str_radix(pair, 16).unwrap_or(0);
+        }
     }
     b
 }
 
 /// The machine ID (32 lowercase hex digits) and where it came from: the instance id (hashed),
-/// the SMBIOS UUID when it is set (not all zeros or ones), else `random`; a made-up ID is
+/// the SMBIOS UUID when it is set (not all zeros or ones), else `random()`; a made-up ID is
 /// shaped as a version-4 UUID, as systemd makes them.
 pub fn machine_id(
     instance_id: Option<&str>,
     smbios: Option<&str>,
-    random: [u8; 16],
+    random: impl FnOnce() -> [u8; 16],
 ) -> (String, IdSource) {
     if let Some(id) = instance_id {
         let digest =
@@ -222,7 +237,7 @@ pub fn machine_id(
     if set {
         return (uuid, IdSource::Smbios);
     }
-    (v4(random), IdSource::Random)
+    (v4(random()), IdSource::Random)
 }
 
 fn v4(mut b: [u8; 16]) -> String {
@@ -290,10 +305,10 @@ mod tests {
 
     #[test]
     fn a_machine_id_per_guest() {
-        let r = [7u8; 16];
+        let r = || [7u8; 16];
         let (a, from) = machine_id(Some("i-1"), Some("11111111-2222-3333-4444-555555555555"), r);
         assert_eq!(from, IdSource::Instance);
-        assert_eq!(a, machine_id(Some("i-1"), None, [9u8; 16]).0, "stable");
+        assert_eq!(a, machine_id(Some("i-1"), None, || [9u8; 16]).0, "stable");
         assert_ne!(a, machine_id(Some("i-2"), None, r).0);
         assert_eq!(a.len(), 32);
         assert_eq!(&a[12..13], "4");

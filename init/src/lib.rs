@@ -21,6 +21,7 @@
 //! - [`devices`]: finding block devices by label and 9p shares by tag, with bounded waits;
 //! - [`blkprobe`]: filesystem type and label of block devices, read from their superblocks;
 //! - [`memory`]: the guest's memory (`/proc/meminfo`) and what a bootstrap may take of it;
+//! - [`relay`]: systemd's readiness relayed to the host after the hand-off;
 //! - [`modload`]: loading modules with their dependencies;
 //! - [`mounts`]: the early mounts;
 //! - [`timeline`]: the boot's milestones;
@@ -57,6 +58,7 @@ pub mod machine;
 pub mod memory;
 pub mod modload;
 pub mod mounts;
+pub mod relay;
 pub mod stage1;
 pub mod supervise;
 pub mod sys;

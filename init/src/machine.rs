@@ -201,11 +201,31 @@ impl Machine for RealMachine {
     }
 
     fn exec(&mut self, cmd: &Command, env: &[(String, String)]) -> io::Error {
+        let mut env = env.to_vec();
+        if let Some(client) = self
+            .link
+            .client()
+            .filter(|_| crate::identity::runs_systemd(cmd))
+        {
+            match crate::relay::start(client) {
+                Ok(pid) => {
+                    log::info!(
+                        "hand-off: systemd's readiness goes to the host through {} (relay pid {pid})",
+                        crate::relay::NOTIFY_SOCKET
+                    );
+                    env.push((
+                        "NOTIFY_SOCKET".to_owned(),
+                        crate::relay::NOTIFY_SOCKET.to_owned(),
+                    ));
+                }
+                Err(e) => log::warn!("hand-off: no relay for systemd's readiness: {e}"),
+            }
+        }
         if let Err(e) = sys::cloexec_all_but_stdio() {
             log::warn!("cannot mark fds close-on-exec: {e}");
         }
         let kernel_args: Vec<OsString> = supervise::kernel_args();
-        supervise::command(cmd, &kernel_args, env).exec()
+        supervise::command(cmd, &kernel_args, &env).exec()
     }
 
     fn supervise(

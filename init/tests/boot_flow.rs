@@ -684,10 +684,11 @@ fn writable_locations_come_before_the_bootstrap() {
 }
 
 #[test]
-fn the_identity_is_set_after_the_manifest_with_its_instance_id_before_the_hand_off() {
+fn the_identity_is_set_after_the_manifest_with_its_instance_id_before_ready() {
     let f = Fake::new(hosted()).boot();
     assert!(f.at("apply") < f.at("identity i-7"), "{:#?}", f.log);
-    assert!(f.at("cleanup") < f.at("identity i-7"), "{:#?}", f.log);
+    // Before READY: nothing after it holds the hand-off.
+    assert!(f.at("identity i-7") < f.at("READY "), "{:#?}", f.log);
     assert!(matches!(f.end, Some(End::Exec(_))));
     // Without a bootstrap there is no instance id: the identity is still set.
     let f = Fake::new(InitConfig::default()).boot();

@@ -1,27 +1,36 @@
 //! A real distribution behind bootlace: a Debian bookworm root made by debootstrap (minbase,
 //! systemd-sysv, udev, dbus; `scripts/debian-root.sh`, cached under target/debian), baked as
 //! erofs and ext4 with bootlace-init handing off to systemd, booted by name through a stage-1
-//! initramfs with a bundle over 9p. A service the manifest installs (a oneshot of the bundle)
-//! waits until systemd says the system is running, prints what it sees, and powers off:
+//! initramfs with a bundle fetched over vsock (digest-pinned) from a host agent. A service the
+//! manifest installs waits until systemd says the system is running, prints what it sees, and
+//! powers off:
 //!
 //! - systemd is PID 1, the system is `running` with no failed unit, and systemd loaded autofs4
 //!   from the image's module indexes (no "Failed to find module");
 //! - the manifest's host name, file and environment are what the service sees;
 //! - each guest has its own machine ID (D-Bus's copy too): two SMBIOS UUIDs, two IDs, one UUID
 //!   booted twice, one ID; never the one the image ships;
+//! - the host heard bootlace's READY, then systemd's readiness (`STEP systemd_ready`, relayed
+//!   from systemd's NOTIFY_SOCKET after the hand-off);
 //! - the power-off is clean: no `[FAILED]` line on the console, from boot to power-off.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use bootlace_contract::config::{Command as Argv, InitConfig, ModuleName, Source};
+use bootlace_agent::host::{hybrid_path, BundleSource, Event, GuestEvent, Host};
+use bootlace_contract::config::{
+    Command as Argv, HostAddress, InitConfig, ModuleName, Sha256Digest, Source,
+};
+use bootlace_contract::protocol::{Frame, Kind, SYSTEMD_READY_STEP};
 use bootlace_image::bake::{self, BakeSpec, Format};
+use bootlace_image::bundle::{self, BundleFormat};
 use bootlace_image::initramfs::Modules;
 use bootlace_tests::{artifact, scratch, tail, test_kernel, workspace};
-use bootlace_vm::{images, Outcome, Share, VmSpec};
+use bootlace_vm::vsock::VsockSpec;
+use bootlace_vm::{images, Outcome, VmSpec};
 
 const PROBE: &str = r#"#!/bin/sh
 exec > /dev/console 2>&1
@@ -89,8 +98,10 @@ fn debian_root() -> Result<PathBuf> {
 }
 
 struct Fixture {
+    dir: PathBuf,
     images: PathBuf,
-    bundle: PathBuf,
+    /// The bundle (tar.gz) the host serves.
+    bundle: Vec<u8>,
     /// The machine ID the image ships.
     shipped_id: String,
 }
@@ -125,9 +136,20 @@ fn make_fixture() -> Result<Fixture> {
     s1.modules = Some(modules(Vec::new()));
     s1.name = Some("stage1".to_owned());
     bake::bake(&s1, &mut |_| {}).context("bake stage 1")?;
+    let bundle_dir = dir.join("bundle");
+    std::fs::create_dir_all(&bundle_dir)?;
+    std::fs::write(bundle_dir.join("bootlace.toml"), MANIFEST)?;
+    std::fs::write(bundle_dir.join("probe.sh"), PROBE)?;
+    let tarball = dir.join("bundle.tar.gz");
+    bundle::build(&bundle_dir, BundleFormat::TarGz, "BOOTLACE", 0, &tarball)?;
+    let bundle = std::fs::read(&tarball)?;
     let mut cfg = InitConfig::default();
     cfg.handoff.command = Argv::try_from(vec!["/sbin/init".to_owned()])?;
-    cfg.bootstrap.sources = vec![Source::NineP];
+    cfg.bootstrap.sources = vec![Source::Vsock];
+    cfg.host.address = Some(HostAddress::try_from("vsock:2:1024".to_owned())?);
+    cfg.host.digest = Some(Sha256Digest::try_from(
+        bootlace_contract::digest::of_bytes(&bundle).to_string(),
+    )?);
     for (format, file) in [
         (Format::Erofs, "debian.erofs"),
         (Format::Ext4, "debian.ext4"),
@@ -145,20 +167,32 @@ fn make_fixture() -> Result<Fixture> {
         spec.modules = Some(modules(vec![ModuleName::try_from("autofs4".to_owned())?]));
         bake::bake(&spec, &mut |_| {}).with_context(|| format!("bake {name}"))?;
     }
-    let bundle = dir.join("bundle");
-    std::fs::create_dir_all(&bundle)?;
-    std::fs::write(bundle.join("bootlace.toml"), MANIFEST)?;
-    std::fs::write(bundle.join("probe.sh"), PROBE)?;
     Ok(Fixture {
+        dir,
         images,
         bundle,
         shipped_id,
     })
 }
 
-/// Boots `name` with the bundle, as the VM whose SMBIOS UUID is `uuid`.
-fn boot(name: &str, uuid: &str, log: &str) -> Result<Outcome> {
+/// A boot: the console, and the reports the host heard.
+struct Run {
+    o: Outcome,
+    reports: Vec<Frame>,
+}
+
+/// Boots `name` as the VM whose SMBIOS UUID is `uuid`, a host agent serving the bundle.
+fn boot(name: &str, uuid: &str, log: &str) -> Result<Run> {
     let f = fixture();
+    let vdir = f.dir.join(format!("vsock-{log}"));
+    std::fs::create_dir_all(&vdir)?;
+    let events: Arc<Mutex<Vec<GuestEvent>>> = Arc::default();
+    let sink = Arc::clone(&events);
+    let host = Arc::new(Host::new(
+        Some(BundleSource::from_bytes(f.bundle.clone())),
+        move |e| sink.lock().expect("lock").push(e),
+    ));
+    host.serve_unix(&hybrid_path(&vdir.join("vsock"), 1024))?;
     let chosen = images::choose(&f.images, name, None)?;
     let mut spec = VmSpec::new(test_kernel()?.image);
     let stage1 = images::stage1(&f.images)?.path();
@@ -166,15 +200,21 @@ fn boot(name: &str, uuid: &str, log: &str) -> Result<Outcome> {
     spec.memory_mib = 512;
     spec.timeout = Duration::from_secs(240);
     spec.uuid = Some(uuid.parse()?);
-    spec.shares.push(Share {
-        dir: f.bundle.clone(),
-        tag: "bootlace".to_owned(),
-        read_only: true,
-    });
+    spec.vsock = Some(VsockSpec::new(vdir.clone()));
     let logs = workspace().join("target/vm-logs");
     std::fs::create_dir_all(&logs)?;
     spec.console_log = Some(bootlace_vm::console_log_path(&logs, log));
-    Ok(bootlace_vm::run(&spec)?)
+    let o = bootlace_vm::run(&spec)?;
+    let reports = events
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::Report(f) => Some(f.clone()),
+            _ => None,
+        })
+        .collect();
+    Ok(Run { o, reports })
 }
 
 /// The value of `PROBE key=` anywhere in a console line.
@@ -190,7 +230,20 @@ fn probe(o: &Outcome, key: &str) -> String {
 }
 
 /// What every boot of the Debian root must show.
-fn assert_clean_systemd_boot(o: &Outcome) {
+fn assert_clean_systemd_boot(r: &Run) {
+    let o = &r.o;
+    // The host heard bootlace's READY, then systemd's.
+    let ready = r.reports.iter().position(|f| f.kind == Kind::Ready);
+    let systemd = r
+        .reports
+        .iter()
+        .position(|f| f.kind == Kind::Step && f.get("STEP") == Some(SYSTEMD_READY_STEP));
+    assert!(
+        matches!((ready, systemd), (Some(a), Some(b)) if a < b),
+        "READY at {ready:?}, systemd_ready at {systemd:?}: {:?}\n{}",
+        r.reports.iter().map(|f| f.kind).collect::<Vec<_>>(),
+        tail(o, 60)
+    );
     assert_eq!(probe(o, "pid1"), "systemd", "{}", tail(o, 60));
     assert_eq!(probe(o, "state"), "running", "{}", tail(o, 60));
     assert_eq!(probe(o, "failed"), "0");
@@ -221,28 +274,29 @@ const UUID_B: &str = "0b0b0b0b-1111-4222-8333-444444444444";
 fn debian_on_erofs_boots_systemd_with_a_per_guest_identity() {
     let a = boot("debian-erofs", UUID_A, "debian-erofs-a").expect("boot");
     assert_clean_systemd_boot(&a);
-    assert_eq!(probe(&a, "machine_id"), UUID_A.replace('-', ""));
-    assert!(a.console.contains("root: writable: overlay on /var"));
+    assert_eq!(probe(&a.o, "machine_id"), UUID_A.replace('-', ""));
+    assert!(a.o.console.contains("root: writable: overlay on /var"));
     // Another guest of the same image: another machine ID.
     let b = boot("debian-erofs", UUID_B, "debian-erofs-b").expect("boot");
     assert_clean_systemd_boot(&b);
-    assert_ne!(probe(&a, "machine_id"), probe(&b, "machine_id"));
+    assert_ne!(probe(&a.o, "machine_id"), probe(&b.o, "machine_id"));
     // The first guest again: its own ID again.
     let again = boot("debian-erofs", UUID_A, "debian-erofs-a2").expect("boot");
     assert_clean_systemd_boot(&again);
-    assert_eq!(probe(&again, "machine_id"), probe(&a, "machine_id"));
+    assert_eq!(probe(&again.o, "machine_id"), probe(&a.o, "machine_id"));
 }
 
 #[test]
 fn debian_on_ext4_boots_systemd_read_write() {
-    let o = boot("debian-ext4", UUID_A, "debian-ext4").expect("boot");
-    assert_clean_systemd_boot(&o);
+    let r = boot("debian-ext4", UUID_A, "debian-ext4").expect("boot");
+    assert_clean_systemd_boot(&r);
     assert!(
-        o.console.contains("(the image's [root] read_only = false)"),
+        r.o.console
+            .contains("(the image's [root] read_only = false)"),
         "{}",
-        tail(&o, 60)
+        tail(&r.o, 60)
     );
-    assert_eq!(probe(&o, "machine_id"), UUID_A.replace('-', ""));
+    assert_eq!(probe(&r.o, "machine_id"), UUID_A.replace('-', ""));
 }
 
 #[test]

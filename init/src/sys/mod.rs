@@ -288,6 +288,36 @@ pub fn reset_signals_on_exec(cmd: &mut std::process::Command) {
     }
 }
 
+/// Forks: `Ok(None)` in the child, `Ok(Some(pid))` in the parent. Only for a process that has
+/// started no thread (PID 1 starts none), so that the child may go on running Rust code.
+pub fn fork_single_threaded() -> io::Result<Option<u32>> {
+    // SAFETY: fork(2) in a single-threaded process: no other thread can hold a lock (of the
+    // allocator or of std) that the child would then wait on forever; the child gets a copy
+    // of a consistent address space. Callers state that no thread was started.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Child => Ok(None),
+        nix::unistd::ForkResult::Parent { child } => Ok(Some(child.as_raw().unsigned_abs())),
+    }
+}
+
+/// This process's signals as a fresh program has them: an empty mask, every disposition the
+/// default (for a forked child of PID 1 that keeps running).
+pub fn reset_signals() -> io::Result<()> {
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    let default = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::SigDfl,
+        nix::sys::signal::SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in Signal::iterator() {
+        if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+            // SAFETY: installing the default disposition runs no handler code of ours.
+            let _ = unsafe { nix::sys::signal::sigaction(sig, &default) };
+        }
+    }
+    Ok(())
+}
+
 /// Sends `sig` to one process.
 pub fn kill(pid: u32, sig: Signal) -> io::Result<()> {
     let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
