@@ -42,6 +42,7 @@ bench: build
 	./target/release/bench-bundle-memory
 	./target/release/bench-bake
 	./target/release/bench-writable
+	./target/release/bench-debian
 
 # Fuzzing (not part of `make test`, which replays the committed corpora): every target for
 # FUZZ_SECONDS (default 600) each, one after another; see docs/fuzzing.md.

@@ -44,6 +44,24 @@ pub fn test_kernel() -> Result<kernel::Kernel> {
     kernel::find().context("no kernel for the VM tests (make setup installs linux-image-amd64)")
 }
 
+/// The Debian bookworm root with systemd (`scripts/debian-root.sh`: debootstrap minbase with
+/// systemd-sysv, udev and dbus), made once and cached under target/debian between runs.
+pub fn debian_root() -> Result<PathBuf> {
+    let root = workspace().join("target/debian/bookworm");
+    let out = Command::new("bash")
+        .arg(workspace().join("scripts/debian-root.sh"))
+        .arg(&root)
+        .output()
+        .context("run scripts/debian-root.sh")?;
+    if !out.status.success() {
+        bail!(
+            "scripts/debian-root.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(root)
+}
+
 /// A scratch directory for one test, removed when dropped.
 pub fn scratch() -> Result<tempfile::TempDir> {
     let base = workspace().join("target/test-scratch");

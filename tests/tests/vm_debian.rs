@@ -15,11 +15,10 @@
 //! - the power-off is clean: no `[FAILED]` line on the console, from boot to power-off.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use bootlace_agent::host::{hybrid_path, BundleSource, Event, GuestEvent, Host};
 use bootlace_contract::config::{
     Command as Argv, HostAddress, InitConfig, ModuleName, Sha256Digest, Source,
@@ -28,7 +27,7 @@ use bootlace_contract::protocol::{Frame, Kind, SYSTEMD_READY_STEP};
 use bootlace_image::bake::{self, BakeSpec, Format};
 use bootlace_image::bundle::{self, BundleFormat};
 use bootlace_image::initramfs::Modules;
-use bootlace_tests::{artifact, scratch, tail, test_kernel, workspace};
+use bootlace_tests::{artifact, debian_root, scratch, tail, test_kernel, workspace};
 use bootlace_vm::vsock::VsockSpec;
 use bootlace_vm::{images, Outcome, VmSpec};
 
@@ -80,22 +79,6 @@ WantedBy=multi-user.target
 path = "/etc/systemd/system/multi-user.target.wants/bootlace-probe.service"
 target = "/etc/systemd/system/bootlace-probe.service"
 "#;
-
-/// The Debian root, made once (and cached between runs) by scripts/debian-root.sh.
-fn debian_root() -> Result<PathBuf> {
-    let root = workspace().join("target/debian/bookworm");
-    let out = Command::new("bash")
-        .arg(workspace().join("scripts/debian-root.sh"))
-        .arg(&root)
-        .output()
-        .context("run scripts/debian-root.sh")?;
-    ensure!(
-        out.status.success(),
-        "scripts/debian-root.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(root)
-}
 
 struct Fixture {
     dir: PathBuf,
