@@ -6,7 +6,8 @@
 //! powers off:
 //!
 //! - systemd is PID 1, the system is `running` with no failed unit, and systemd loaded autofs4
-//!   from the image's module indexes (no "Failed to find module");
+//!   from the image's module indexes (no "Failed to find module"); the manifest loaded `dummy`,
+//!   a module of the image's own that the bake never listed;
 //! - the manifest's host name, file and environment are what the service sees;
 //! - each guest has its own machine ID (D-Bus's copy too): two SMBIOS UUIDs, two IDs, one UUID
 //!   booted twice, one ID; never the one the image ships;
@@ -15,6 +16,7 @@
 //! - the power-off is clean: no `[FAILED]` line on the console, from boot to power-off.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -44,12 +46,14 @@ echo "PROBE dbus_id=$(cat /var/lib/dbus/machine-id)"
 echo "PROBE env=$APP_MODE"
 echo "PROBE file=$(cat /etc/app.conf)"
 echo "PROBE autofs4=$(grep -c '^autofs4 ' /proc/modules)"
+echo "PROBE dummy=$(grep -c '^dummy ' /proc/modules)"
 echo "PROBE done"
 systemctl poweroff
 "#;
 
 const MANIFEST: &str = r#"version = 1
 hostname = "guest-1"
+modules = ["dummy"]
 
 [env]
 APP_MODE = "production"
@@ -94,9 +98,29 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| make_fixture().expect("the Debian images"))
 }
 
+/// The Debian root with a kernel module of its own that no bake lists (`dummy`, with the
+/// image's own `modules.dep`): a copy, so the cached root stays as debootstrap made it.
+fn root_with_a_module(dir: &Path, release: &str) -> Result<PathBuf> {
+    let root = dir.join("root");
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(debian_root()?)
+        .arg(&root)
+        .status()?;
+    anyhow::ensure!(cp.success(), "cp -a the Debian root");
+    let mods = root.join(format!("usr/lib/modules/{release}"));
+    std::fs::create_dir_all(mods.join("kernel/drivers/net"))?;
+    std::fs::copy(
+        format!("/lib/modules/{release}/kernel/drivers/net/dummy.ko"),
+        mods.join("kernel/drivers/net/dummy.ko"),
+    )?;
+    std::fs::write(mods.join("modules.dep"), "kernel/drivers/net/dummy.ko:\n")?;
+    Ok(root)
+}
+
 fn make_fixture() -> Result<Fixture> {
-    let root = debian_root()?;
-    let shipped_id = std::fs::read_to_string(root.join("etc/machine-id"))?
+    let debian = debian_root()?;
+    let shipped_id = std::fs::read_to_string(debian.join("etc/machine-id"))?
         .trim()
         .to_owned();
     // Kept for the whole run.
@@ -104,6 +128,7 @@ fn make_fixture() -> Result<Fixture> {
     let images = dir.join("images");
     std::fs::create_dir_all(&images)?;
     let k = test_kernel()?;
+    let root = root_with_a_module(&dir, &k.release)?;
     let modules = |extra: Vec<ModuleName>| Modules {
         root: PathBuf::from("/lib/modules"),
         release: k.release.clone(),
@@ -235,6 +260,8 @@ fn assert_clean_systemd_boot(r: &Run) {
     assert_eq!(probe(o, "env"), "production");
     assert_eq!(probe(o, "file"), "from the manifest");
     assert_eq!(probe(o, "autofs4"), "1");
+    // The manifest loaded a module the image has and the bake never listed.
+    assert_eq!(probe(o, "dummy"), "1");
     assert!(
         !o.console.contains("Failed to find module"),
         "{}",
