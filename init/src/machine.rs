@@ -107,6 +107,34 @@ pub struct RealMachine {
 }
 
 impl RealMachine {
+    /// For an exec of systemd with a host connected: the relay of systemd's readiness
+    /// ([`crate::relay`]) and `NOTIFY_SOCKET` in `env`; its pid.
+    fn start_relay(&mut self, cmd: &Command, env: &mut Vec<(String, String)>) -> Option<u32> {
+        let client = self.link.client()?;
+        if !crate::identity::runs_systemd(cmd) {
+            return None;
+        }
+        match crate::relay::start(client) {
+            Ok(pid) => {
+                log::info!(
+                    "hand-off: systemd's readiness goes to the host through {} (relay pid {pid})",
+                    crate::relay::NOTIFY_SOCKET
+                );
+                env.push((
+                    "NOTIFY_SOCKET".to_owned(),
+                    crate::relay::NOTIFY_SOCKET.to_owned(),
+                ));
+                Some(pid)
+            }
+            Err(e) => {
+                log::warn!("hand-off: no relay for systemd's readiness: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl RealMachine {
     /// The machine this process runs on.
     pub fn new() -> Self {
         RealMachine::default()
@@ -202,30 +230,19 @@ impl Machine for RealMachine {
 
     fn exec(&mut self, cmd: &Command, env: &[(String, String)]) -> io::Error {
         let mut env = env.to_vec();
-        if let Some(client) = self
-            .link
-            .client()
-            .filter(|_| crate::identity::runs_systemd(cmd))
-        {
-            match crate::relay::start(client) {
-                Ok(pid) => {
-                    log::info!(
-                        "hand-off: systemd's readiness goes to the host through {} (relay pid {pid})",
-                        crate::relay::NOTIFY_SOCKET
-                    );
-                    env.push((
-                        "NOTIFY_SOCKET".to_owned(),
-                        crate::relay::NOTIFY_SOCKET.to_owned(),
-                    ));
-                }
-                Err(e) => log::warn!("hand-off: no relay for systemd's readiness: {e}"),
-            }
-        }
+        let relay = self.start_relay(cmd, &mut env);
         if let Err(e) = sys::cloexec_all_but_stdio() {
             log::warn!("cannot mark fds close-on-exec: {e}");
         }
         let kernel_args: Vec<OsString> = supervise::kernel_args();
-        supervise::command(cmd, &kernel_args, &env).exec()
+        let e = supervise::command(cmd, &kernel_args, &env).exec();
+        // Still here: systemd never ran, and its relay has nothing to wait for.
+        if let Some(pid) = relay {
+            if let Err(k) = sys::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+                log::warn!("hand-off: stop the relay (pid {pid}): {k}");
+            }
+        }
+        e
     }
 
     fn supervise(
