@@ -98,15 +98,7 @@ pub fn set(config: &InitConfig, instance_id: Option<&str>) -> Result<(), Identit
     })?;
     let systemd = hands_off_to_systemd(config);
     if systemd || root.exists(MACHINE_ID) {
-        let smbios = std::fs::read_to_string(PRODUCT_UUID).ok();
-        let (id, from) = machine_id(instance_id, smbios.as_deref(), random_bytes);
-        let text = format!("{id}\n");
-        persist(&root, MACHINE_ID, &text, 0o444)?;
-        // D-Bus's copy, unless it is a link (to /etc/machine-id).
-        if std::fs::symlink_metadata(DBUS_MACHINE_ID).is_ok_and(|m| m.is_file()) {
-            persist(&root, DBUS_MACHINE_ID, &text, 0o444)?;
-        }
-        log::info!("identity: machine-id {id} ({})", from.as_str());
+        set_machine_id(&root, instance_id)?;
     }
     if systemd {
         let env: Vec<(String, String)> = config
@@ -124,6 +116,31 @@ pub fn set(config: &InitConfig, instance_id: Option<&str>) -> Result<(), Identit
             );
         }
     }
+    Ok(())
+}
+
+/// `/etc/machine-id` and D-Bus's copy (see the module).
+fn set_machine_id(root: &Root, instance_id: Option<&str>) -> Result<(), IdentityError> {
+    let smbios = std::fs::read_to_string(PRODUCT_UUID).ok();
+    let (id, from) = machine_id(instance_id, smbios.as_deref(), random_bytes);
+    let text = format!("{id}\n");
+    match persist(root, MACHINE_ID, &text, 0o444) {
+        Ok(()) => {}
+        // A read-only /etc without the file: nothing to cover; systemd makes a transient ID.
+        Err(e) if !root.exists(MACHINE_ID) => {
+            log::warn!(
+                "identity: no machine ID written: {}",
+                bootlace_contract::chain(&e)
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    }
+    // D-Bus's copy, unless it is a link (to /etc/machine-id).
+    if std::fs::symlink_metadata(DBUS_MACHINE_ID).is_ok_and(|m| m.is_file()) {
+        persist(root, DBUS_MACHINE_ID, &text, 0o444)?;
+    }
+    log::info!("identity: machine-id {id} ({})", from.as_str());
     Ok(())
 }
 
