@@ -7,7 +7,8 @@
 //! 1. [`validate`]: the flags against the format, the init binary, the input's kind, the
 //!    config (validated as the init will), the kernel modules it needs — before any work;
 //! 2. [`stage_input`]: a directory input is used where it is (never written to); a tarball is
-//!    unpacked and OCI layers applied into `work/root` ([`crate::stage`], [`crate::oci`]);
+//!    unpacked and OCI layers applied into `work/root` ([`crate::stage`], [`crate::oci`]); its
+//!    entries, bytes and compression ratio held to the bake limits ([`crate::limits`]);
 //! 3. [`add_payload`]: what the init needs, as an in-memory tree resolved through the input's
 //!    own symlinks ([`crate::additions`]): the mount points (`/proc /sys /dev /run /tmp`,
 //!    `/.bootstrap` 0700 — a read-only root cannot get them at boot), the writable
@@ -47,6 +48,7 @@ use crate::fsimage::{self, FsImageError, FsOptions, FsSpec};
 use crate::initramfs::{
     self, Archive, ArchiveError, ArchiveSummary, ModuleError, ModulePlan, Modules,
 };
+use crate::limits::{self, Budget, CountError, LimitError, Limits};
 use crate::need;
 use crate::oci::{self, Image, LayerCache, OciError};
 use crate::overlay::{self, Overlay};
@@ -170,6 +172,8 @@ pub struct BakeSpec {
     pub cache: Option<PathBuf>,
     /// SOURCE_DATE_EPOCH: every timestamp in the image.
     pub mtime: u64,
+    /// How much of the input the bake reads before it refuses it (see [`crate::limits`]).
+    pub limits: Limits,
 }
 
 impl BakeSpec {
@@ -198,6 +202,7 @@ impl BakeSpec {
             version: "0".to_owned(),
             cache: None,
             mtime: 0,
+            limits: Limits::default(),
         }
     }
 
@@ -339,6 +344,9 @@ pub enum BakeError {
     /// A helper thread of the bake panicked.
     #[error("the {0} thread panicked")]
     Thread(&'static str),
+    /// A bake limit was reached: the input, the limit and the flag that raises it.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     /// The OCI layout is unusable.
     #[error(transparent)]
     Oci(#[from] OciError),
@@ -775,8 +783,10 @@ fn stage_input(
     let Some((path, kind)) = &plan.input else {
         return Ok(staged);
     };
+    let budget = Budget::new(spec.limits);
     let digest = match kind {
         InputKind::Dir => {
+            count_input_dir(path, &budget)?;
             staged.base = Some(path.clone());
             // Filled in from the digest thread.
             String::new()
@@ -787,11 +797,12 @@ fn stage_input(
             staged.base = Some(root_dir);
             staged.unpacked = true;
             if *kind == InputKind::Tar {
-                let (digest, stats) = stage_tarball(&root, path, progress)?;
+                let (digest, stats) = stage_tarball(&root, path, &budget, progress)?;
                 staged.stats = stats;
                 digest
             } else {
-                stage_oci(spec, &root, path, &mut staged.layers, progress, notes)?
+                let layers = &mut staged.layers;
+                stage_oci(spec, &root, path, layers, &budget, progress, notes)?
             }
         }
     };
@@ -803,11 +814,21 @@ fn stage_input(
     Ok(staged)
 }
 
-/// Unpacks a tarball (tar, gzip or zstd by its first bytes) into the staging tree; returns the
-/// file's digest.
+/// Counts a directory input's entries and bytes against the limits, before any work.
+fn count_input_dir(path: &Path, budget: &Budget) -> Result<(), BakeError> {
+    let input = format!("directory {}", path.display());
+    limits::count_dir(path, budget, &input).map_err(|e| match e {
+        CountError::Limit(e) => BakeError::Limit(e),
+        CountError::Io { path, source } => BakeError::InputIo { path, source },
+    })
+}
+
+/// Unpacks a tarball (tar, gzip or zstd by its first bytes) into the staging tree, charging
+/// `budget`; returns the file's digest.
 fn stage_tarball(
     root: &Confined,
     path: &Path,
+    budget: &Budget,
     progress: &Progress,
 ) -> Result<(String, stage::Stats), BakeError> {
     use bootlace_contract::compression::{is_tar, sniff};
@@ -823,8 +844,11 @@ fn stage_tarball(
         return Err(BakeError::NotATarball(path.to_owned()));
     }
     let origin = format!("tarball {}", path.display());
-    let mut w = Writer::new(root, origin.clone(), false).with_progress(progress);
-    oci::unpack_stream(&mut w, &mut h, compression, &origin)?;
+    let mut w = Writer::new(root, origin.clone(), false)
+        .with_progress(progress)
+        .with_budget(budget);
+    let max_ratio = budget.limits().ratio;
+    oci::unpack_stream(&mut w, &mut h, compression, &origin, max_ratio)?;
     io::copy(&mut h, &mut io::sink()).map_err(io_err)?;
     Ok((h.finish().0.to_string(), w.stats()))
 }
@@ -835,15 +859,17 @@ fn stage_oci(
     root: &Confined,
     layout: &Path,
     layers: &mut Vec<(String, bool)>,
+    budget: &Budget,
     progress: &Progress,
     notes: &mut dyn FnMut(&str),
 ) -> Result<String, BakeError> {
-    let image = Image::open(layout, spec.oci_ref.as_deref())?;
+    let image = Image::open(layout, spec.oci_ref.as_deref(), &spec.limits)?;
     let cache = spec.cache.as_deref().map(LayerCache::open).transpose()?;
     image.apply(
         root,
         cache.as_ref(),
         Some(progress),
+        budget,
         &mut |digest, cached| {
             notes(&format!(
                 "layer {digest} {}",

@@ -8,6 +8,7 @@ use bootlace_contract::fs::FsType;
 use bootlace_contract::manifest::{check_bundle_dir, ManifestError};
 
 use crate::fsimage::{self, FsImageError, FsSpec};
+use crate::limits::{self, Budget, CountError, LimitError, Limits};
 use crate::progress::Progress;
 
 /// What to make of a bundle.
@@ -53,6 +54,20 @@ pub enum BundleError {
         #[source]
         source: io::Error,
     },
+    /// The bundle directory is over `--max-entries` or `--max-bytes`.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// The bundle directory could not be read.
+    #[error("bundle {}: read {}", dir.display(), path.display())]
+    Read {
+        /// The bundle directory.
+        dir: PathBuf,
+        /// What could not be read.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// The output exists and is not something this command replaces.
     #[error("{}: exists (remove it first)", .0.display())]
     Exists(PathBuf),
@@ -86,7 +101,7 @@ impl BundleFormat {
     }
 }
 
-/// Validates `dir` and makes the bundle at `out`.
+/// Validates `dir` and makes the bundle at `out`, within the default limits.
 pub fn build(
     dir: &Path,
     format: BundleFormat,
@@ -94,23 +109,35 @@ pub fn build(
     mtime: u64,
     out: &Path,
 ) -> Result<BundleSummary, BundleError> {
-    build_with(dir, format, label, mtime, out, &Progress::new())
+    let limits = Limits::default();
+    build_with(dir, format, label, mtime, out, &limits, &Progress::new())
 }
 
-/// [`build`], counting what is done into `progress` (phases `check`, then `image`, `copy` or
-/// `tar`).
+/// [`build`], the directory's entries and bytes counted against `limits` (its `entries` and
+/// `bytes`) before any work, what is done counted into `progress` (phases `check`, then
+/// `image`, `copy` or `tar`).
 pub fn build_with(
     dir: &Path,
     format: BundleFormat,
     label: &str,
     mtime: u64,
     out: &Path,
+    limits: &Limits,
     progress: &Progress,
 ) -> Result<BundleSummary, BundleError> {
     progress.phase("check");
     let manifest = check_bundle_dir(dir).map_err(|source| BundleError::Manifest {
         dir: dir.to_owned(),
         source,
+    })?;
+    let input = format!("bundle {}", dir.display());
+    limits::count_dir(dir, &Budget::new(*limits), &input).map_err(|e| match e {
+        CountError::Limit(e) => BundleError::Limit(e),
+        CountError::Io { path, source } => BundleError::Read {
+            dir: dir.to_owned(),
+            path,
+            source,
+        },
     })?;
     let mut summary = BundleSummary {
         files: manifest.files.len(),

@@ -306,6 +306,8 @@ impl Job<'_> {
             tmp: Some(self.tmp),
             write_back: self.opts.write_back,
             progress: self.spec.progress,
+            // debugfs echoes every command of its script: a line per inode, not kept.
+            keep_stdout: self.backend.tools[tool] != "debugfs",
         };
         run_tool(
             &self.tools[tool],
@@ -332,6 +334,8 @@ struct Target<'a> {
     write_back: bool,
     /// Count its size here while the tool runs.
     progress: Option<&'a Progress>,
+    /// Capture the tool's stdout (for error messages); else it goes to `/dev/null`.
+    keep_stdout: bool,
 }
 
 impl<'a> Target<'a> {
@@ -341,6 +345,7 @@ impl<'a> Target<'a> {
             tmp: None,
             write_back: false,
             progress: None,
+            keep_stdout: true,
         }
     }
 
@@ -370,7 +375,11 @@ fn run_tool(
         .env("PATH", search_path())
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(if target.keep_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
@@ -856,10 +865,16 @@ const MKE2FS_PROFILE: &str = "\
 	}
 ";
 
+/// Hard-linked files at least this large (16 blocks) are counted once, by inode; smaller
+/// ones once per link. Only the large ones are remembered: the census's memory does not grow
+/// with a tree's entries (a mirror's every file has a second link, in the input).
+const CENSUS_DEDUP_BYTES: u64 = 16 * EXT4_BLOCK;
+
 /// What the input directory needs, in ext4 terms.
 #[derive(Debug, Default)]
 struct Census {
-    /// Inodes below the root (hard links counted once).
+    /// Inodes below the root (a hard-linked file of [`CENSUS_DEDUP_BYTES`] or more counted
+    /// once, a smaller one once per link: a few inodes and blocks too many at most).
     inodes: u64,
     /// Blocks for file data, directories and long symlinks.
     blocks: u64,
@@ -882,7 +897,11 @@ impl Census {
                 let path = entry.path();
                 let meta = std::fs::symlink_metadata(&path).map_err(|e| err(&path, e))?;
                 dir_bytes += 8 + (entry.file_name().len() as u64).next_multiple_of(4);
-                if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
+                if meta.nlink() > 1
+                    && meta.is_file()
+                    && meta.len() >= CENSUS_DEDUP_BYTES
+                    && !seen.insert((meta.dev(), meta.ino()))
+                {
                     continue;
                 }
                 census.inodes += 1;
@@ -976,22 +995,10 @@ fn build_ext4(job: &Job<'_>) -> Result<(), FsImageError> {
     let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
     job.run(0, &args, &env)?;
 
-    // Owner and times of every inode mke2fs -d filled from the host.
-    let inodes = ext4_inodes_to_normalise(job.tmp).map_err(|e| job.out_err(e))?;
-    let mut script = String::new();
-    for ino in inodes {
-        if !job.opts.keep_owners {
-            for field in ["uid", "gid"] {
-                let _ = writeln!(script, "sif <{ino}> {field} 0");
-            }
-        }
-        // mke2fs copies whole seconds only, so the nanosecond parts are already 0.
-        for field in ["atime", "ctime", "mtime", "crtime"] {
-            let _ = writeln!(script, "sif <{ino}> {field} @{mtime}");
-        }
-    }
+    // Owner and times of every inode mke2fs -d filled from the host: the script is written as
+    // the inode bitmaps are read, nothing kept per inode.
     let script_path = scratch.path().join("normalise.debugfs");
-    std::fs::write(&script_path, script).map_err(|e| job.out_err(e))?;
+    write_normalise_script(job, &script_path, &mtime).map_err(|e| job.out_err(e))?;
     let args = [
         OsStr::new("-w"),
         OsStr::new("-f"),
@@ -1006,6 +1013,29 @@ fn build_ext4(job: &Job<'_>) -> Result<(), FsImageError> {
     Ok(())
 }
 
+/// The debugfs script that sets the owner (with `--all-root`) and every time of each inode in
+/// use to `mtime`.
+fn write_normalise_script(job: &Job<'_>, path: &Path, mtime: &str) -> io::Result<()> {
+    use std::io::Write as _;
+    let mut script = io::BufWriter::new(File::create(path)?);
+    ext4_inodes_to_normalise(job.tmp, &mut |ino| {
+        if !job.opts.keep_owners {
+            for field in ["uid", "gid"] {
+                writeln!(script, "sif <{ino}> {field} 0")?;
+            }
+        }
+        // mke2fs copies whole seconds only, so the nanosecond parts are already 0.
+        for field in ["atime", "ctime", "mtime", "crtime"] {
+            writeln!(script, "sif <{ino}> {field} @{mtime}")?;
+        }
+        Ok(())
+    })?;
+    script
+        .into_inner()
+        .map_err(io::IntoInnerError::into_error)?;
+    Ok(())
+}
+
 /// The error lines in debugfs's stderr: it reports failed commands there and still exits 0;
 /// its only normal stderr line is the version banner.
 fn debugfs_errors(stderr: &[u8]) -> Vec<u8> {
@@ -1017,8 +1047,11 @@ fn debugfs_errors(stderr: &[u8]) -> Vec<u8> {
 }
 
 /// The root directory and every in-use inode from the first non-reserved one on, read from the
-/// inode bitmaps of the ext4 image at `image`.
-fn ext4_inodes_to_normalise(image: &Path) -> io::Result<Vec<u32>> {
+/// inode bitmaps of the ext4 image at `image`, each given to `each` in order.
+fn ext4_inodes_to_normalise(
+    image: &Path,
+    each: &mut dyn FnMut(u32) -> io::Result<()>,
+) -> io::Result<()> {
     let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, msg);
     let file = File::open(image)?;
     let mut sb = [0u8; 1024];
@@ -1046,7 +1079,7 @@ fn ext4_inodes_to_normalise(image: &Path) -> io::Result<Vec<u32>> {
     }
     let groups = inodes_count.div_ceil(per_group);
     let gdt = (first_data_block + 1) * block;
-    let mut used = vec![2];
+    each(2)?;
     let mut desc = vec![0u8; desc_size as usize];
     let mut bitmap = vec![0u8; (per_group as usize).div_ceil(8)];
     for g in 0..groups {
@@ -1066,11 +1099,11 @@ fn ext4_inodes_to_normalise(image: &Path) -> io::Result<Vec<u32>> {
                 && ino <= inodes_count
                 && bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0
             {
-                used.push(ino);
+                each(ino)?;
             }
         }
     }
-    Ok(used)
+    Ok(())
 }
 
 #[cfg(test)]

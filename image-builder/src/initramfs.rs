@@ -4,7 +4,7 @@
 //! same inputs give the same bytes: entries in depth-first order, names sorted in each
 //! directory, inode numbers in write order, every mtime SOURCE_DATE_EPOCH.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::os::fd::OwnedFd;
@@ -18,6 +18,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::additions::{Additions, Content, Node};
 use crate::cpio::{self, Header, Kind};
+use crate::dirnames::DirNames;
 use crate::path::join;
 use crate::progress::Progress;
 
@@ -341,51 +342,54 @@ impl<W: Write> Merge<'_, W> {
         }
     }
 
-    /// The input's entries in `dir` (at `rel`), sorted by name.
-    fn list(&self, dir: &OwnedFd, rel: &str) -> Result<Vec<Listed>, ArchiveError> {
-        let err = |e: rustix::io::Errno| self.read_err(rel, e.into());
-        let mut names = Vec::new();
-        for entry in rustix::fs::Dir::read_from(dir).map_err(err)? {
-            let n = entry.map_err(err)?.file_name().to_owned();
-            if n.as_bytes() != b"." && n.as_bytes() != b".." {
-                names.push(n);
-            }
+    /// The input's names in `dir` (at `rel`), sorted, packed ([`DirNames`]: a directory's
+    /// listing costs its names alone); a name that is not UTF-8 is refused.
+    fn list(&self, dir: &OwnedFd, rel: &str) -> Result<DirNames, ArchiveError> {
+        let mut names = DirNames::read(dir).map_err(|e| self.read_err(rel, e.into()))?;
+        if let Some(bad) = names.iter().find(|n| n.to_str().is_err()) {
+            let shown = join(rel, &bad.to_string_lossy());
+            return Err(ArchiveError::Name {
+                path: self.host(&shown),
+            });
         }
         names.sort();
-        names
-            .into_iter()
-            .map(|cname| {
-                let Ok(name) = cname.to_str().map(str::to_owned) else {
-                    let shown = join(rel, &cname.to_string_lossy());
-                    return Err(ArchiveError::Name {
-                        path: self.host(&shown),
-                    });
-                };
-                let st = rustix::fs::statat(dir, cname.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| self.read_err(&join(rel, &name), e.into()))?;
-                Ok(Listed { cname, name, st })
-            })
-            .collect()
+        Ok(names)
+    }
+
+    /// A listed name with its `lstat`.
+    fn stat(&self, dir: &OwnedFd, rel: &str, name: &CStr) -> Result<Listed, ArchiveError> {
+        let shown = name.to_string_lossy();
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.read_err(&join(rel, &shown), e.into()))?;
+        Ok(Listed {
+            name: shown.into_owned(),
+            cname: name.to_owned(),
+            st,
+        })
     }
 
     /// Writes directory `rel`: the input's entries (from `dir`) and the additions, by name.
     fn dir(&mut self, dir: Option<OwnedFd>, rel: &str) -> Result<(), ArchiveError> {
         let listed = match &dir {
             Some(d) => self.list(d, rel)?,
-            None => Vec::new(),
+            None => DirNames::default(),
         };
         let additions = self.a.additions;
         let mut added = additions.children(rel).into_iter().flatten().peekable();
-        let mut listed = listed.into_iter().peekable();
+        let mut listed = listed.iter().peekable();
         loop {
             let order = match (listed.peek(), added.peek()) {
                 (None, None) => return Ok(()),
                 (Some(_), None) => std::cmp::Ordering::Less,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some(l), Some((n, _))) => l.name.as_str().cmp(n.as_str()),
+                (Some(l), Some((n, _))) => l.to_bytes().cmp(n.as_bytes()),
             };
             let input = if order.is_le() { listed.next() } else { None };
             let addition = if order.is_ge() { added.next() } else { None };
+            let input = match (input, &dir) {
+                (Some(name), Some(d)) => Some(self.stat(d, rel, name)?),
+                _ => None,
+            };
             match (input, addition) {
                 (Some(l), None) if self.a.marker == Some(join(rel, &l.name).as_str()) => {}
                 (Some(l), None) => self.input_entry(dir.as_ref(), rel, l)?,

@@ -17,8 +17,11 @@
 //! - [`fsimage`]: a directory -> a reproducible, labelled ext4 or erofs image (mke2fs,
 //!   mkfs.erofs), a squashfs image (mksquashfs), a qcow2 of a raw image (qemu-img);
 //! - [`bundle`]: bootstrap bundles (validated) as disk images, directories or tarballs;
+//! - [`limits`]: the bake limits (JSON document size, entries, bytes, compression ratio) and
+//!   their counters;
 //! - [`progress`]: counters of long work and the once-a-second progress line;
-//! - [`path`]: the one path normaliser.
+//! - [`path`]: the one path normaliser;
+//! - [`dirnames`]: a directory's names, sorted, packed in one buffer.
 
 #![deny(unsafe_code)]
 
@@ -27,8 +30,10 @@ pub mod bake;
 pub mod bundle;
 pub mod cpio;
 pub mod depmod;
+pub mod dirnames;
 pub mod fsimage;
 pub mod initramfs;
+pub mod limits;
 pub mod need;
 pub mod oci;
 pub mod overlay;

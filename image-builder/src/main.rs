@@ -19,6 +19,7 @@ use bootlace_contract::fs::FsType;
 use bootlace_image::bake::{self, BakeSpec, Format, Report, StagingMode};
 use bootlace_image::bundle::{self, BundleFormat, BundleSummary};
 use bootlace_image::initramfs::Modules;
+use bootlace_image::limits::{self, Limits};
 use bootlace_image::progress::{self, Progress, Ticker};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -105,6 +106,47 @@ struct ReportArgs {
     quiet: bool,
 }
 
+/// The bake limits (see docs/image.md, "Bake limits"); 0 is no limit.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct LimitArgs {
+    /// Largest JSON document of an OCI layout (oci-layout, index.json, index, manifest, config):
+    /// bytes, or with K, M, G, T (powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = limits::parse_size)]
+    max_json_bytes: u64,
+    /// Most entries over every input (a tarball's, the layers', a directory's).
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_ENTRIES)]
+    max_entries: u64,
+    /// Most bytes of file contents unpacked over every input: bytes, or with K, M, G, T.
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = limits::parse_size)]
+    max_bytes: u64,
+    /// Highest compression ratio of a gzip or zstd tarball or layer (bytes out per byte in,
+    /// checked past 1 MiB out).
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_RATIO)]
+    max_ratio: u64,
+}
+
+impl From<LimitArgs> for Limits {
+    fn from(a: LimitArgs) -> Limits {
+        Limits {
+            json_bytes: a.max_json_bytes,
+            entries: a.max_entries,
+            bytes: a.max_bytes,
+            ratio: a.max_ratio,
+        }
+    }
+}
+
+/// The limits of a bundle directory; 0 is no limit.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct BundleLimitArgs {
+    /// Most entries in the bundle directory.
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_ENTRIES)]
+    max_entries: u64,
+    /// Most bytes of files in the bundle directory: bytes, or with K, M, G, T.
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = limits::parse_size)]
+    max_bytes: u64,
+}
+
 #[derive(clap::Args, Debug)]
 struct BundleArgs {
     /// The bundle directory (bootlace.toml at its root).
@@ -118,6 +160,8 @@ struct BundleArgs {
     /// Filesystem label the init looks for.
     #[arg(long, default_value = "BOOTLACE")]
     label: String,
+    #[command(flatten)]
+    limits: BundleLimitArgs,
     #[command(flatten)]
     report: ReportArgs,
 }
@@ -267,6 +311,8 @@ struct BakeArgs {
     #[arg(long)]
     all_root: bool,
     #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
     report: ReportArgs,
 }
 
@@ -293,6 +339,8 @@ struct InitramfsArgs {
     /// Make every file root-owned.
     #[arg(long)]
     all_root: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
     #[command(flatten)]
     report: ReportArgs,
 }
@@ -467,6 +515,7 @@ fn bake_spec(a: BakeArgs) -> anyhow::Result<BakeSpec> {
     spec.name = a.name;
     spec.version = a.image_version;
     spec.cache = layer_cache(a.cache, a.no_cache);
+    spec.limits = a.limits.into();
     spec.mtime = bake::source_date_epoch()?;
     let writable = !spec
         .writable
@@ -491,6 +540,7 @@ fn initramfs_spec(a: InitramfsArgs) -> anyhow::Result<BakeSpec> {
     spec.all_root = a.all_root;
     spec.compress = a.compress;
     spec.cache = layer_cache(None, false);
+    spec.limits = a.limits.into();
     spec.mtime = bake::source_date_epoch()?;
     Ok(spec)
 }
@@ -638,7 +688,12 @@ fn bundle_cmd(a: BundleArgs) -> anyhow::Result<()> {
     let mtime = bake::source_date_epoch()?;
     let progress = Arc::new(Progress::new());
     let ticker = ticker(&progress, a.report);
-    let s = bundle::build_with(&a.dir, format, &a.label, mtime, &a.out, &progress);
+    let limits = Limits {
+        entries: a.limits.max_entries,
+        bytes: a.limits.max_bytes,
+        ..Limits::default()
+    };
+    let s = bundle::build_with(&a.dir, format, &a.label, mtime, &a.out, &limits, &progress);
     drop(ticker);
     let s = s?;
     if a.report.json {

@@ -5,8 +5,10 @@
 //!
 //! Every blob read is checked against its descriptor: the size first, then the sha256 of all
 //! its bytes (index, manifest and config before they are parsed; a layer as it streams, before
-//! its cache entry is committed). Layer media types: tar, tar+gzip, tar+zstd (OCI and Docker
-//! names).
+//! its cache entry is committed). `oci-layout`, `index.json`, the index, manifest and config
+//! are refused over the JSON limit ([`crate::limits`]) before they are read whole; a layer's
+//! entries, bytes and compression ratio are held to the bake's limits as it unpacks. Layer
+//! media types: tar, tar+gzip, tar+zstd (OCI and Docker names).
 //!
 //! The layer cache ([`LayerCache`]) keeps each layer unpacked, verbatim (whiteout markers
 //! included), under `<cache>/sha256/<hex>/`, keyed by the digest of the compressed blob. An
@@ -23,11 +25,9 @@ use std::path::{Path, PathBuf};
 use bootlace_contract::digest::{self, HashingReader};
 use serde::Deserialize;
 
+use crate::limits::{Budget, LimitError, Limits, RatioGuard};
 use crate::progress::Progress;
 use crate::stage::{self, Confined, StageError, Writer};
-
-/// Largest index, manifest or config blob read into memory.
-const MAX_JSON_BLOB: u64 = 4 * 1024 * 1024;
 
 /// Age after which a cache's temporary unpacking directory is taken as left behind.
 const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -83,6 +83,9 @@ pub enum OciError {
     /// Unpacking or applying a layer failed.
     #[error(transparent)]
     Stage(#[from] StageError),
+    /// A JSON document of the layout is over `--max-json-bytes`.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     /// The layer cache could not be used.
     #[error("layer cache {}", path.display())]
     Cache {
@@ -169,6 +172,7 @@ pub fn is_layout(dir: &Path) -> bool {
 #[derive(Debug)]
 pub struct Image {
     layout: PathBuf,
+    limits: Limits,
     /// The manifest's digest (`sha256:…`): the image's identity.
     pub manifest_digest: String,
     /// The layers, bottom first.
@@ -200,14 +204,19 @@ fn parse_digest(layout: &Path, digest: &str) -> Result<PathBuf, OciError> {
 
 impl Image {
     /// Opens the layout at `layout` and picks a manifest: the one whose ref name is
-    /// `reference` when given; otherwise the only one, or the only linux/amd64 one.
-    pub fn open(layout: &Path, reference: Option<&str>) -> Result<Image, OciError> {
+    /// `reference` when given; otherwise the only one, or the only linux/amd64 one. Every JSON
+    /// document read is refused over `limits.json_bytes` before it is read whole.
+    pub fn open(
+        layout: &Path,
+        reference: Option<&str>,
+        limits: &Limits,
+    ) -> Result<Image, OciError> {
         let bad = |m: String| OciError::Layout {
             layout: layout.to_owned(),
             message: m,
         };
-        let lf = std::fs::read(layout.join("oci-layout"))
-            .map_err(|e| bad(format!("oci-layout: {e}")))?;
+        let max = limits.json_bytes;
+        let lf = read_json_file(layout, "oci-layout", max)?;
         let lf: LayoutFile =
             serde_json::from_slice(&lf).map_err(|e| bad(format!("oci-layout: {e}")))?;
         if !lf.version.starts_with("1.") {
@@ -216,8 +225,7 @@ impl Image {
                 lf.version
             )));
         }
-        let text = std::fs::read(layout.join("index.json"))
-            .map_err(|e| bad(format!("index.json: {e}")))?;
+        let text = read_json_file(layout, "index.json", max)?;
         let mut index: Index =
             serde_json::from_slice(&text).map_err(|e| bad(format!("index.json: {e}")))?;
         let mut depth = 0;
@@ -237,14 +245,14 @@ impl Image {
                 if depth > 4 {
                     return Err(bad("indexes nested too deeply".to_owned()));
                 }
-                let bytes = read_json_blob(layout, &d)?;
+                let bytes = read_json_blob(layout, &d, max)?;
                 index = serde_json::from_slice(&bytes)
                     .map_err(|e| bad(format!("index {}: {e}", d.digest)))?;
                 continue;
             }
             break d;
         };
-        let bytes = read_json_blob(layout, &chosen)?;
+        let bytes = read_json_blob(layout, &chosen, max)?;
         let manifest: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| bad(format!("manifest {}: {e}", chosen.digest)))?;
         if manifest.schema_version != 2 {
@@ -254,7 +262,7 @@ impl Image {
             )));
         }
         // The config is read to check it; its contents are not needed.
-        read_json_blob(layout, &manifest.config)?;
+        read_json_blob(layout, &manifest.config, max)?;
         for l in &manifest.layers {
             if layer_compression(&l.media_type).is_none() {
                 return Err(bad(format!(
@@ -266,33 +274,40 @@ impl Image {
         }
         Ok(Image {
             layout: layout.to_owned(),
+            limits: *limits,
             manifest_digest: chosen.digest,
             layers: manifest.layers,
         })
     }
 
     /// Applies every layer, bottom first, onto `stage`: from the cache when it has the layer,
-    /// else unpacked (into the cache first when there is one). Calls `report` once per layer
-    /// with the digest and whether it came from the cache.
+    /// else unpacked (into the cache first when there is one). Every entry of every layer is
+    /// charged to `budget` (a layer filled into the cache is also held to the limits alone, as
+    /// it unpacks). Calls `report` once per layer with the digest and whether it came from the
+    /// cache.
     pub fn apply(
         &self,
         stage: &Confined,
         cache: Option<&LayerCache>,
         progress: Option<&Progress>,
+        budget: &Budget,
         report: &mut dyn FnMut(&str, bool),
     ) -> Result<(), OciError> {
         let writer = |origin: String| {
-            let w = Writer::new(stage, origin, true);
+            let w = Writer::new(stage, origin, true).with_budget(budget);
             match progress {
                 Some(p) => w.with_progress(p),
                 None => w,
             }
         };
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let origin = format!("layer {}", layer.digest);
             match cache {
                 None => {
                     let mut w = writer(origin);
+                    if i == 0 {
+                        w = w.bottom_layer();
+                    }
                     self.unpack(layer, &mut w)?;
                     report(&layer.digest, false);
                 }
@@ -328,7 +343,7 @@ impl Image {
         let compression = layer_compression(&layer.media_type)
             .unwrap_or(bootlace_contract::compression::Compression::None);
         let origin = format!("layer {}", layer.digest);
-        let result = unpack_stream(w, &mut h, compression, &origin);
+        let result = unpack_stream(w, &mut h, compression, &origin, self.limits.ratio);
         // Whatever happened, a digest mismatch is the clearer error: read the rest and check.
         let rest = io::copy(&mut h, &mut io::sink());
         let actual = h.finish().0.to_string();
@@ -352,26 +367,39 @@ impl Image {
 }
 
 /// Decompresses `r` as `compression` and unpacks the tar stream into `w`, then reads the
-/// decompressor to its end (so the gzip CRC / zstd checksum is checked).
+/// decompressor to its end (so the gzip CRC / zstd checksum is checked). A compressed stream
+/// that unpacks to more than `max_ratio` times the bytes read of it (`0`: no limit; checked
+/// past [`crate::limits::RATIO_FLOOR`]) is refused as it unpacks.
 pub fn unpack_stream<R: Read>(
     w: &mut Writer<'_>,
     r: R,
     compression: bootlace_contract::compression::Compression,
     origin: &str,
+    max_ratio: u64,
 ) -> Result<(), StageError> {
     use bootlace_contract::compression::Compression as C;
     let archive_err = |source| StageError::Archive {
         origin: origin.to_owned(),
         source,
     };
+    let guard = RatioGuard::new(max_ratio);
     let mut reader: Box<dyn Read + '_> = match compression {
         C::None => Box::new(r),
-        C::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
-        C::Zstd => Box::new(zstd::stream::read::Decoder::new(r).map_err(archive_err)?),
+        C::Gzip => Box::new(guard.unpacked(flate2::read::MultiGzDecoder::new(guard.compressed(r)))),
+        C::Zstd => {
+            Box::new(guard.unpacked(
+                zstd::stream::read::Decoder::new(guard.compressed(r)).map_err(archive_err)?,
+            ))
+        }
     };
-    stage::unpack_tar(w, &mut reader)?;
-    io::copy(&mut reader, &mut io::sink()).map_err(archive_err)?;
-    Ok(())
+    let result = stage::unpack_tar(w, &mut reader)
+        .and_then(|()| io::copy(&mut reader, &mut io::sink()).map_err(archive_err));
+    drop(reader);
+    match (result, guard.error(origin)) {
+        // Whatever the archive reader made of it, the ratio stopped it.
+        (Err(_), Some(e)) => Err(e.into()),
+        (result, _) => result.map(drop),
+    }
 }
 
 /// Why no manifest could be picked from an index.
@@ -458,8 +486,36 @@ fn prefer_amd64(ds: &[&Descriptor]) -> Option<Descriptor> {
     }
 }
 
-/// Reads a small blob, checking its size and digest.
-fn read_json_blob(layout: &Path, d: &Descriptor) -> Result<Vec<u8>, OciError> {
+/// Reads `name` in the layout (`oci-layout`, `index.json`): refused over `max` bytes (`0`: no
+/// limit) by its size first, and while reading (it may grow, or be no regular file), so no more
+/// than `max + 1` bytes are ever read.
+fn read_json_file(layout: &Path, name: &str, max: u64) -> Result<Vec<u8>, OciError> {
+    let path = layout.join(name);
+    let bad = |e: io::Error| OciError::Layout {
+        layout: layout.to_owned(),
+        message: format!("{name}: {e}"),
+    };
+    let over = |size| LimitError::Json {
+        input: format!("OCI layout {}: {name}", layout.display()),
+        size,
+        max,
+    };
+    let file = File::open(&path).map_err(bad)?;
+    let len = file.metadata().map_err(bad)?.len();
+    if max != 0 && len > max {
+        return Err(over(len).into());
+    }
+    let mut bytes = Vec::new();
+    let cap = if max == 0 { u64::MAX } else { max + 1 };
+    file.take(cap).read_to_end(&mut bytes).map_err(bad)?;
+    if max != 0 && bytes.len() as u64 > max {
+        return Err(over(bytes.len() as u64).into());
+    }
+    Ok(bytes)
+}
+
+/// Reads a small blob, checking its size (refused over `max`, `0`: no limit) and digest.
+fn read_json_blob(layout: &Path, d: &Descriptor, max: u64) -> Result<Vec<u8>, OciError> {
     let path = parse_digest(layout, &d.digest)?;
     let blob_err = |source| OciError::Blob {
         layout: layout.to_owned(),
@@ -473,18 +529,18 @@ fn read_json_blob(layout: &Path, d: &Descriptor) -> Result<Vec<u8>, OciError> {
         expected,
         actual,
     };
-    if d.size > MAX_JSON_BLOB {
-        return Err(OciError::Layout {
-            layout: layout.to_owned(),
-            message: format!(
-                "blob {} is {} bytes (at most {MAX_JSON_BLOB})",
-                d.digest, d.size
-            ),
-        });
+    if max != 0 && d.size > max {
+        return Err(LimitError::Json {
+            input: format!("OCI layout {}: blob {}", layout.display(), d.digest),
+            size: d.size,
+            max,
+        }
+        .into());
     }
     let file = File::open(&path).map_err(blob_err)?;
     let mut bytes = Vec::new();
-    file.take(MAX_JSON_BLOB + 1)
+    // No more than the descriptor's size (itself within the limit) and one byte to tell.
+    file.take(d.size.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(blob_err)?;
     if bytes.len() as u64 != d.size {
@@ -577,7 +633,8 @@ impl LayerCache {
     }
 
     /// Unpacks a layer into the cache: into a temporary directory there, committed by rename
-    /// once the blob's digest is verified.
+    /// once the blob's digest is verified. The layer alone is held to the image's limits while
+    /// it unpacks (the bake's total is counted when it is applied).
     fn fill(&self, image: &Image, layer: &Descriptor) -> Result<PathBuf, OciError> {
         let cache_err = |path: &Path| {
             let path = path.to_owned();
@@ -594,7 +651,9 @@ impl LayerCache {
         let tree = tmp.path().join("tree");
         std::fs::create_dir(&tree).map_err(cache_err(&tree))?;
         let root = Confined::open(&tree)?;
-        let mut w = Writer::new(&root, format!("layer {}", layer.digest), false);
+        let budget = Budget::new(image.limits);
+        let mut w =
+            Writer::new(&root, format!("layer {}", layer.digest), false).with_budget(&budget);
         image.unpack(layer, &mut w)?;
         let implicit = serde_json::to_vec(w.implicit_dirs()).unwrap_or_else(|_| b"[]".to_vec());
         let ipath = tmp.path().join("implicit.json");

@@ -28,7 +28,7 @@
 //! the source is never changed; a file placed over an existing name replaces the name.
 
 use std::collections::{HashSet, VecDeque};
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -37,6 +37,8 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, XattrFlags};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
+use crate::dirnames::DirNames;
+use crate::limits::{Budget, LimitError};
 use crate::path::{join, normalise, split, Anchor};
 use crate::progress::Progress;
 
@@ -79,6 +81,9 @@ pub enum StageError {
         #[source]
         source: io::Error,
     },
+    /// A bake limit was reached (entries, bytes, compression ratio).
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     /// The staging directory could not be made or opened.
     #[error("staging directory {}", path.display())]
     Setup {
@@ -205,14 +210,29 @@ pub struct Stats {
     pub whiteouts: u64,
 }
 
+/// How a writer with whiteouts on tells a layer's own entries from the lower layers' when an
+/// opaque marker empties a directory.
+#[derive(Debug)]
+enum Opaque {
+    /// Whiteouts off: markers are plain files.
+    Off,
+    /// A layer streams in any order: the paths it placed are remembered and kept.
+    Remember(HashSet<String>),
+    /// A sorted walk places each directory's marker before its other entries: everything in
+    /// the directory then is the lower layers'; nothing is remembered.
+    MarkerFirst,
+    /// The bottom layer: nothing is below it, nothing to remove or remember.
+    Bottom,
+}
+
 /// Places entries into a [`Confined`] tree; one per archive or layer.
 #[derive(Debug)]
 pub struct Writer<'a> {
     root: &'a Confined,
     origin: String,
     whiteouts: bool,
-    /// Paths placed by this writer (an opaque directory keeps them).
-    written: HashSet<String>,
+    /// What an opaque marker (whiteouts on) removes.
+    opaque: Opaque,
     /// The last parent directory resolved: its path and fd.
     parent_cache: Option<(String, OwnedFd)>,
     /// Directories created because an entry needed them, not from an entry of their own.
@@ -220,6 +240,8 @@ pub struct Writer<'a> {
     stats: Stats,
     /// Where entries and bytes placed are counted as they go.
     progress: Option<&'a Progress>,
+    /// The bake's limits, charged for every entry read (none: not counted).
+    budget: Option<&'a Budget>,
 }
 
 const STEP: ResolveFlags = ResolveFlags::BENEATH
@@ -283,11 +305,46 @@ impl<'a> Writer<'a> {
             root,
             origin: origin.into(),
             whiteouts,
-            written: HashSet::new(),
+            opaque: if whiteouts {
+                Opaque::Remember(HashSet::new())
+            } else {
+                Opaque::Off
+            },
             parent_cache: None,
             implicit: Vec::new(),
             stats: Stats::default(),
             progress: None,
+            budget: None,
+        }
+    }
+
+    /// Charges every entry read, and the bytes of regular files, to `budget`.
+    pub fn with_budget(mut self, budget: &'a Budget) -> Writer<'a> {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// One more entry read (placed or not), with `bytes` of contents: refused over a limit.
+    fn charge(&self, bytes: u64) -> Result<(), StageError> {
+        match self.budget {
+            Some(b) => Ok(b.charge(&self.origin, bytes)?),
+            None => Ok(()),
+        }
+    }
+
+    /// For the bottom layer (the tree is empty): an opaque marker has nothing to remove, and
+    /// no path is remembered for it.
+    pub fn bottom_layer(mut self) -> Writer<'a> {
+        if self.whiteouts {
+            self.opaque = Opaque::Bottom;
+        }
+        self
+    }
+
+    /// Remembers a path placed, when an opaque marker may come after it.
+    fn wrote(&mut self, path: &str) {
+        if let Opaque::Remember(w) = &mut self.opaque {
+            w.insert(path.to_owned());
         }
     }
 
@@ -493,7 +550,7 @@ impl<'a> Writer<'a> {
                     let fd = open_dir_at(pfd, name).map_err(self.io(path, "open directory"))?;
                     set_owner_mode(fd.as_fd(), meta).map_err(self.io(path, "chown/chmod"))?;
                     set_xattrs(fd.as_fd(), meta, path);
-                    self.written.insert(path.to_owned());
+                    self.wrote(path);
                     self.placed();
                     return Ok(());
                 }
@@ -503,7 +560,7 @@ impl<'a> Writer<'a> {
             Err(e) => return Err(self.io(path, "stat")(e)),
         }
         self.create(pfd, name, path, kind, meta)?;
-        self.written.insert(path.to_owned());
+        self.wrote(path);
         self.placed();
         Ok(())
     }
@@ -664,10 +721,13 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
-    /// `.wh..wh..opq` in `dir`: removes what lower layers put in it.
+    /// `.wh..wh..opq` in `dir`: removes what lower layers put in it (see [`Opaque`]).
     fn opaque(&mut self, dir: &str, shown: &str) -> Result<(), StageError> {
         let dfd = self.resolve_dir(dir, true, shown)?;
         self.stats.whiteouts += 1;
+        if matches!(self.opaque, Opaque::Bottom | Opaque::Off) {
+            return Ok(());
+        }
         let mut names = Vec::new();
         for entry in rustix::fs::Dir::read_from(&dfd).map_err(self.io(shown, "read directory"))? {
             let entry = entry.map_err(self.io(shown, "read directory"))?;
@@ -678,7 +738,11 @@ impl<'a> Writer<'a> {
             names.push(String::from_utf8_lossy(n).into_owned());
         }
         for n in names {
-            if !self.written.contains(&join(dir, &n)) {
+            let keep = match &self.opaque {
+                Opaque::Remember(w) => w.contains(&join(dir, &n)),
+                _ => false,
+            };
+            if !keep {
                 self.remove_all(dfd.as_fd(), &n, shown)?;
             }
         }
@@ -719,6 +783,12 @@ pub fn unpack_tar<R: Read>(w: &mut Writer<'_>, reader: R) -> Result<(), StageErr
     let mut ar = tar::Archive::new(reader);
     for entry in ar.entries().map_err(archive_err)? {
         let mut entry = entry.map_err(archive_err)?;
+        let header = entry.header();
+        let data = match header.entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => entry.size(),
+            _ => 0,
+        };
+        w.charge(data)?;
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
         let path = match normalise(&raw, Anchor::Relative) {
@@ -834,10 +904,12 @@ fn place_tar_entry<R: Read>(
     w.put(path, kind, meta)
 }
 
-/// Walks `src` (sorted by name, parents first) and places every entry with `w`: regular files
-/// by hard link from `src`, directories, symlinks and nodes recreated with their owner, mode and
-/// xattrs. Directories listed in `skip_dirs` get no entry of their own (they were implicit in
-/// the layer: their children are placed through whatever is at that path).
+/// Walks `src` (sorted by name, parents first; with whiteouts on, each directory's opaque
+/// marker and whiteouts before its other entries) and places every entry with `w`: regular
+/// files by hard link from `src`, directories, symlinks and nodes recreated with their owner,
+/// mode and xattrs. Directories listed in `skip_dirs` get no entry of their own (they were
+/// implicit in the layer: their children are placed through whatever is at that path). Every
+/// other entry is charged to `w`'s budget, with the size of a regular file.
 pub fn apply_dir(
     w: &mut Writer<'_>,
     src: &Path,
@@ -859,51 +931,52 @@ pub fn apply_dir(
         op: "duplicate fd",
         source,
     })?;
+    // Sorted, the opaque marker first: nothing of this layer is in a directory yet when it
+    // is emptied, so no path needs remembering.
+    if matches!(w.opaque, Opaque::Remember(_)) {
+        w.opaque = Opaque::MarkerFirst;
+    }
     walk(w, fd, "", skip_dirs)
 }
 
-/// One entry of a directory being staged.
-struct Listed {
-    cname: CString,
-    name: String,
-    /// Its path in the tree.
-    path: String,
-    /// Its `lstat`.
-    st: rustix::fs::Stat,
+/// The names in a directory being staged, sorted (whiteout markers first when `w` applies
+/// them), `.` and `..` left out. Only the names are kept, packed ([`DirNames`]): the largest
+/// directory is what this costs.
+fn list_dir(w: &Writer<'_>, dir: &OwnedFd, rel: &str) -> Result<DirNames, StageError> {
+    let shown_dir = if rel.is_empty() { "." } else { rel };
+    let mut names = DirNames::read(dir).map_err(w.io(shown_dir, "read directory"))?;
+    if w.whiteouts {
+        // The opaque marker, then the whiteouts, before anything of this layer is placed.
+        let rank = |n: &[u8]| match n {
+            b".wh..wh..opq" => 0,
+            b if b.starts_with(b".wh.") => 1,
+            _ => 2,
+        };
+        names.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)));
+    } else {
+        names.sort();
+    }
+    Ok(names)
 }
 
-/// The entries of `dir` (at `rel` in the tree) sorted by name, each with its path and its
-/// `lstat`; `.` and `..` left out, a name that is not UTF-8 refused.
-fn list_dir(w: &Writer<'_>, dir: &OwnedFd, rel: &str) -> Result<Vec<Listed>, StageError> {
-    let shown_dir = if rel.is_empty() { "." } else { rel };
-    let mut names: Vec<CString> = Vec::new();
-    for entry in rustix::fs::Dir::read_from(dir).map_err(w.io(shown_dir, "read directory"))? {
-        let entry = entry.map_err(w.io(shown_dir, "read directory"))?;
-        let n = entry.file_name();
-        if n.to_bytes() != b"." && n.to_bytes() != b".." {
-            names.push(n.to_owned());
-        }
-    }
-    names.sort();
-    let mut out = Vec::with_capacity(names.len());
-    for cname in names {
-        let Ok(name) = cname.to_str() else {
-            return Err(w.refused(
-                &join(rel, &cname.to_string_lossy()),
-                "the file name is not UTF-8",
-            ));
-        };
-        let (name, path) = (name.to_owned(), join(rel, name));
-        let st = rustix::fs::statat(dir, cname.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(w.io(&path, "stat"))?;
-        out.push(Listed {
-            cname,
-            name,
-            path,
-            st,
-        });
-    }
-    Ok(out)
+/// One entry of a directory being staged: its name (refused unless UTF-8), its path in the
+/// tree and its `lstat`.
+fn entry_of<'n>(
+    w: &Writer<'_>,
+    dir: &OwnedFd,
+    rel: &str,
+    cname: &'n CStr,
+) -> Result<(&'n str, String, rustix::fs::Stat), StageError> {
+    let Ok(name) = cname.to_str() else {
+        return Err(w.refused(
+            &join(rel, &cname.to_string_lossy()),
+            "the file name is not UTF-8",
+        ));
+    };
+    let path = join(rel, name);
+    let st =
+        rustix::fs::statat(dir, cname, AtFlags::SYMLINK_NOFOLLOW).map_err(w.io(&path, "stat"))?;
+    Ok((name, path, st))
 }
 
 fn walk(
@@ -912,14 +985,9 @@ fn walk(
     rel: &str,
     skip_dirs: &HashSet<String>,
 ) -> Result<(), StageError> {
-    for Listed {
-        cname,
-        name,
-        path,
-        st,
-    } in list_dir(w, &dir, rel)?
-    {
-        let name = name.as_str();
+    let names = list_dir(w, &dir, rel)?;
+    for cname in names.iter() {
+        let (name, path, st) = entry_of(w, &dir, rel, cname)?;
         let mut meta = Meta {
             mode: st.st_mode & 0o7777,
             uid: st.st_uid,
@@ -927,10 +995,19 @@ fn walk(
             xattrs: Vec::new(),
         };
         let ft = FileType::from_raw_mode(st.st_mode);
+        let implicit = ft == FileType::Directory && skip_dirs.contains(&path);
+        if !implicit {
+            let bytes = if ft == FileType::RegularFile {
+                st.st_size as u64
+            } else {
+                0
+            };
+            w.charge(bytes)?;
+        }
         match ft {
             FileType::Directory => {
                 let sub = open_dir_at(dir.as_fd(), name).map_err(w.io(&path, "open directory"))?;
-                if !skip_dirs.contains(&path) {
+                if !implicit {
                     meta.xattrs = read_xattrs(sub.as_fd());
                     w.put(&path, Kind::Dir, &meta)?;
                 }
@@ -941,13 +1018,13 @@ fn walk(
                     &path,
                     Kind::LinkFrom {
                         dir: dir.as_fd(),
-                        name: cname.as_c_str(),
+                        name: cname,
                     },
                     &meta,
                 )?;
             }
             FileType::Symlink => {
-                let target = rustix::fs::readlinkat(&dir, cname.as_c_str(), Vec::new())
+                let target = rustix::fs::readlinkat(&dir, cname, Vec::new())
                     .map_err(w.io(&path, "read link"))?;
                 let target = target
                     .into_string()
@@ -999,14 +1076,9 @@ pub fn mirror_dir(w: &mut Writer<'_>, src: &Path) -> Result<(), StageError> {
 }
 
 fn mirror(w: &mut Writer<'_>, src: OwnedFd, dst: OwnedFd, rel: &str) -> Result<(), StageError> {
-    for Listed {
-        cname,
-        name,
-        path,
-        st,
-    } in list_dir(w, &src, rel)?
-    {
-        let name = name.as_str();
+    let names = list_dir(w, &src, rel)?;
+    for cname in names.iter() {
+        let (name, path, st) = entry_of(w, &src, rel, cname)?;
         let mut meta = Meta {
             mode: st.st_mode & 0o7777,
             uid: st.st_uid,
@@ -1026,10 +1098,10 @@ fn mirror(w: &mut Writer<'_>, src: OwnedFd, dst: OwnedFd, rel: &str) -> Result<(
             }
             FileType::RegularFile => Kind::LinkFrom {
                 dir: src.as_fd(),
-                name: cname.as_c_str(),
+                name: cname,
             },
             FileType::Symlink => {
-                let target = rustix::fs::readlinkat(&src, cname.as_c_str(), Vec::new())
+                let target = rustix::fs::readlinkat(&src, cname, Vec::new())
                     .map_err(w.io(&path, "read link"))?;
                 Kind::Symlink(
                     target
@@ -1076,15 +1148,20 @@ fn digest_walk(
 ) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<io::Result<_>>()?;
-    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    for name in names {
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut names = DirNames::read(&fd)?;
+    drop(fd);
+    names.sort();
+    for name in names.iter() {
         if cancel.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(io::Error::other("cancelled"));
         }
-        let host = dir.join(&name);
+        let name = std::ffi::OsStr::from_bytes(name.to_bytes());
+        let host = dir.join(name);
         let path = join(rel, &name.to_string_lossy());
         let m = std::fs::symlink_metadata(&host)?;
         let ft = m.file_type();

@@ -512,6 +512,43 @@ fn oci_layers_whiteouts_opaque_dirs_and_the_cache() -> Result<()> {
     Ok(())
 }
 
+/// Opaque markers after the layer's own entries: in the bottom layer (nothing below to remove)
+/// and in an upper one whose own entry sorts before the marker (`-x`); with and without the
+/// cache, the layer's own entries stay and only the lower layer's go.
+#[test]
+#[ignore = "needs root"]
+fn opaque_markers_keep_the_layers_own_entries() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let lower = tar_bytes(&[
+        E::File("a/1", b"1", 0o644, 0),
+        E::File("a/.wh..wh..opq", b"", 0o644, 0),
+        E::File("a/2", b"2", 0o644, 0),
+        E::File("d/old", b"old", 0o644, 0),
+    ]);
+    let upper = tar_bytes(&[
+        E::File("d/-x", b"x", 0o644, 0),
+        E::File("d/new", b"new", 0o644, 0),
+        E::File("d/.wh..wh..opq", b"", 0o644, 0),
+    ]);
+    let layout = tmp.path().join("layout");
+    oci_layout(&layout, &[(TAR, lower), (TAR_GZ, gzip(&upper))])?;
+    let cache = tmp.path().join("cache");
+    for cache in [None, Some(&cache)] {
+        let out = tmp.path().join(format!("{}.squashfs", cache.is_some()));
+        let mut s = spec(Format::Squashfs, &out, &layout, &init);
+        s.cache = cache.cloned();
+        bake(&s, &mut |_| {})?;
+        let x = tmp.path().join(format!("{}.x", cache.is_some()));
+        unsquash(&out, &x)?;
+        for kept in ["a/1", "a/2", "d/-x", "d/new"] {
+            assert!(x.join(kept).is_file(), "cache {}: {kept}", cache.is_some());
+        }
+        assert!(!x.join("d/old").exists(), "cache {}", cache.is_some());
+    }
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs root"]
 fn tarballs_by_magic_gzip_and_zstd() -> Result<()> {
