@@ -211,6 +211,12 @@ pub enum ConnectionError {
         /// The frame's kind.
         got: Kind,
     },
+    /// The guest sent something before its HELLO: nothing of it is believed.
+    #[error("the guest sent {got} before HELLO (every connection starts with HELLO): dropped")]
+    BeforeHello {
+        /// The frame's kind.
+        got: Kind,
+    },
     /// A write blocked for the whole write deadline: the guest stopped reading.
     #[error(
         "dropped the guest at the write deadline: it took nothing for {} while the host wrote {what}",
@@ -366,16 +372,20 @@ impl Host {
         guest: &str,
     ) -> Result<(), ConnectionError> {
         let mut dec = Decoder::new();
-        let mut boot_id = String::new();
+        // `Some` once the guest said HELLO on this connection: before it, nothing is believed.
+        let mut boot_id: Option<String> = None;
         loop {
             let f = match read_frame(stream, &mut dec) {
                 Ok(f) => f,
                 Err(ProtocolError::Closed { mid_frame: false }) => return Ok(()),
                 Err(e) => return Err(ConnectionError::Read(e)),
             };
+            if boot_id.is_none() && f.kind != Kind::Hello {
+                return Err(ConnectionError::BeforeHello { got: f.kind });
+            }
             match f.kind {
                 Kind::Hello => {
-                    boot_id = f.get("BOOT_ID").unwrap_or("").to_owned();
+                    boot_id = Some(f.get("BOOT_ID").unwrap_or("").to_owned());
                     // Ack before telling anyone: a caller that exits on an event (wait-ready)
                     // must not leave the guest without its ack.
                     let r = self.ack(stream, &f, false);
@@ -384,7 +394,7 @@ impl Host {
                 }
                 Kind::GetBundle => self.send_bundle(stream, guest, f.seq)?,
                 Kind::Step | Kind::Log | Kind::Ready | Kind::Failed | Kind::Exit => {
-                    let fresh = self.first_time(guest, &boot_id, f.seq);
+                    let fresh = self.first_time(guest, boot_id.as_deref().unwrap_or(""), f.seq);
                     let r = self.ack(stream, &f, true);
                     if fresh {
                         self.emit(guest, Event::Report(f));
@@ -568,6 +578,24 @@ pub fn hybrid_path(uds_path: &Path, port: u32) -> PathBuf {
 
 /// One line for people: `READY STATUS=up`, `bundle sent: 1048576 bytes in 12 ms (87.4 MB/s)`.
 pub fn describe(event: &Event) -> String {
+    escape_controls(&describe_raw(event))
+}
+
+/// Control characters (escape sequences, carriage returns, …) as Rust escapes, so that text a
+/// guest sends cannot drive the terminal that shows it: `\u{1b}[2J`, `\r`.
+pub fn escape_controls(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+fn describe_raw(event: &Event) -> String {
     match event {
         Event::Connected => "connected".to_owned(),
         Event::Hello(f) | Event::Report(f) => {

@@ -265,7 +265,7 @@ fn wait_ready(l: &Listen, timeout: Duration, until: Until) -> anyhow::Result<Exi
         Outcome::Ready { .. } => {}
         Outcome::Failed { guest, status } => eprintln!(
             "bootlace-agent: {guest} failed: {}",
-            status.as_deref().unwrap_or("no reason given")
+            host::escape_controls(status.as_deref().unwrap_or("no reason given"))
         ),
         Outcome::TimedOut => eprintln!(
             "bootlace-agent: no guest was ready within {} s",

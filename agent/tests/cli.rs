@@ -228,3 +228,23 @@ fn wait_ready_until_systemd_waits_for_systemds_readiness() {
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(124));
 }
+
+/// One forged READY with no HELLO before it does not end `wait-ready`: it times out (124).
+#[test]
+fn wait_ready_does_not_believe_a_ready_without_hello() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uds = dir.path().join("vm");
+    let child = wait_ready(&uds, 2);
+    let path = bootlace_agent::host::hybrid_path(&uds, 1024);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut s = UnixStream::connect(&path).expect("connect");
+    s.write_all(b"BL1 READY 1 8\nREADY=1\n").expect("write");
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(124), "{stdout}");
+    assert!(stdout.contains("before HELLO"), "{stdout}");
+}

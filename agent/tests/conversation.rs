@@ -458,3 +458,66 @@ fn after_ready_a_live_host_still_gets_and_acks_every_report() {
         [Kind::Ready, Kind::Step, Kind::Step, Kind::Exit]
     );
 }
+
+/// Nothing a connection says before its HELLO is believed: a forged READY (or a bundle asked
+/// for) as the first frame drops the connection with an error that says so, no report reaches
+/// the host's listeners, and the same socket still serves a guest that starts with HELLO.
+#[test]
+fn nothing_before_hello_is_believed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, rx) = start(dir.path(), None, Faults::default());
+    for kind in [Kind::Ready, Kind::GetBundle, Kind::Step] {
+        let mut s = UnixStream::connect(&path).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let forged = Frame::new(kind, 1).with("READY", "1");
+        write_frame(&mut s, &forged).expect("write");
+        // The host hangs up without an ack or a bundle.
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            s.read(&mut buf).expect("read"),
+            0,
+            "{kind}: the host answered"
+        );
+    }
+    let mut errors = Vec::new();
+    while let Ok(e) = rx.recv_timeout(Duration::from_millis(300)) {
+        match e.event {
+            Event::Report(f) => panic!("a report before HELLO was believed: {f:?}"),
+            Event::Error(msg) => errors.push(msg),
+            _ => {}
+        }
+    }
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors[0]
+            .contains("the guest sent READY before HELLO (every connection starts with HELLO)"),
+        "{errors:?}"
+    );
+    // A well-behaved guest on the same socket is heard.
+    let mut c = Client::connect(connector(path), &hello(), quick()).expect("connect");
+    c.send(Kind::Ready, &[("READY", "1".into())])
+        .expect("ready");
+    assert_eq!(reports(&rx), [Kind::Ready]);
+}
+
+/// Text a guest sends reaches a terminal with its control characters escaped; JSON keeps it
+/// exact.
+#[test]
+fn guest_text_cannot_drive_the_terminal() {
+    let mut f = Frame::new(Kind::Log, 3).with("MESSAGE", "\u{1b}[2Jcleared\tover\u{7}");
+    f = f.with("STATUS", "ok");
+    let e = GuestEvent {
+        guest: "vm1".to_owned(),
+        event: Event::Report(f),
+    };
+    let human = bootlace_agent::host::describe(&e.event);
+    assert_eq!(
+        human,
+        "LOG MESSAGE=\\u{1b}[2Jcleared\\tover\\u{7} STATUS=ok"
+    );
+    assert!(!human.chars().any(char::is_control));
+    let json = bootlace_agent::host::to_json(&e);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(v["fields"]["MESSAGE"], "\u{1b}[2Jcleared\tover\u{7}");
+}

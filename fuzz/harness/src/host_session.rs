@@ -12,7 +12,8 @@
 //!   independent model of the conversation: an `ACK` for every guest message (duplicates
 //!   acked again but reported once per guest and boot id), `BUNDLE` with the right size,
 //!   sha256 and bytes (or `NO-BUNDLE`) for `GET-BUNDLE`, an error and the end of the session
-//!   for garbage, a host-only kind, a cut frame or a transport error; with a failing writer,
+//!   for garbage, a frame before HELLO, a host-only kind, a cut frame or a transport error;
+//!   with a failing writer,
 //!   what was sent is a prefix of that;
 //! - afterwards the same host serves a well-behaved session from another guest, and a
 //!   reconnect of the same guest, exactly as the model says.
@@ -140,10 +141,18 @@ impl Model {
         let mut sent = Vec::new();
         let mut events = vec![Seen::Connected];
         let mut boot_id = String::new();
+        let mut said_hello = false;
         let mut broken = false;
         for f in outcome.frames {
+            // Nothing before HELLO is believed: the session ends with an error.
+            if !said_hello && f.kind != Kind::Hello {
+                events.push(Seen::Error);
+                broken = true;
+                break;
+            }
             match f.kind {
                 Kind::Hello => {
+                    said_hello = true;
                     boot_id = f.get("BOOT_ID").unwrap_or("").to_owned();
                     sent.push(Sent::Ack(f.seq));
                     events.push(Seen::Hello(f));
