@@ -213,11 +213,18 @@ fn random_bytes() -> [u8; 16] {
         log::warn!("identity: getrandom failed; the machine ID is made of the boot id");
         let boot_id =
             std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-        let digest = bootlace_contract::digest::of_bytes(boot_id.as_bytes());
-        for (i, byte) in b.iter_mut().enumerate() {
-            let pair = digest.hex().get(2 * i..2 * i + 2).unwrap_or("00");
-            *byte = u8::from_str_radix(pair, 16).unwrap_or(0);
-        }
+        b = hashed(boot_id.as_bytes());
+    }
+    b
+}
+
+/// The first 16 bytes of the SHA-256 of `data`.
+fn hashed(data: &[u8]) -> [u8; 16] {
+    let digest = bootlace_contract::digest::of_bytes(data);
+    let mut b = [0u8; 16];
+    for (i, byte) in b.iter_mut().enumerate() {
+        let pair = digest.hex().get(2 * i..2 * i + 2).unwrap_or("00");
+        *byte = u8::from_str_radix(pair, 16).unwrap_or(0);
     }
     b
 }
@@ -231,13 +238,7 @@ pub fn machine_id(
     random: impl FnOnce() -> [u8; 16],
 ) -> (String, IdSource) {
     if let Some(id) = instance_id {
-        let digest =
-            bootlace_contract::digest::of_bytes(format!("bootlace machine-id\0{id}").as_bytes());
-        let mut b = [0u8; 16];
-        for (i, byte) in b.iter_mut().enumerate() {
-            let pair = digest.hex().get(2 * i..2 * i + 2).unwrap_or("00");
-            *byte = u8::from_str_radix(pair, 16).unwrap_or(0);
-        }
+        let b = hashed(format!("bootlace machine-id\0{id}").as_bytes());
         return (v4(b), IdSource::Instance);
     }
     let uuid: String = smbios

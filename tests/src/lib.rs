@@ -62,6 +62,36 @@ pub fn debian_root() -> Result<PathBuf> {
     Ok(root)
 }
 
+/// The test kernel's modules (`/lib/modules/<release>`), with `extra` copied too.
+pub fn kernel_modules(extra: &[&str]) -> Result<Modules> {
+    Ok(Modules {
+        root: PathBuf::from("/lib/modules"),
+        release: test_kernel()?.release,
+        extra: extra
+            .iter()
+            .map(|m| bootlace_contract::config::ModuleName::try_from((*m).to_owned()))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// Bakes bootlace's stage-1 initramfs for the test kernel as `DIR/stage1.img` (named
+/// `stage1`), with `stage1` as its `[stage1]` (the root comes from the command line).
+pub fn bake_stage1(dir: &Path, stage1: bootlace_contract::config::Stage1) -> Result<PathBuf> {
+    let out = dir.join("stage1.img");
+    let mut s1 = BakeSpec::new(
+        Format::Initramfs,
+        out.clone(),
+        None,
+        artifact("bootlace-init")?,
+    );
+    s1.stage1 = true;
+    s1.config.stage1 = Some(stage1);
+    s1.modules = Some(kernel_modules(&[])?);
+    s1.name = Some("stage1".to_owned());
+    bootlace_image::bake::bake(&s1, &mut |_| {}).context("bake stage 1")?;
+    Ok(out)
+}
+
 /// A scratch directory for one test, removed when dropped.
 pub fn scratch() -> Result<tempfile::TempDir> {
     let base = workspace().join("target/test-scratch");

@@ -23,13 +23,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bootlace_agent::host::{hybrid_path, BundleSource, Event, GuestEvent, Host};
 use bootlace_contract::config::{
-    Command as Argv, HostAddress, InitConfig, ModuleName, Sha256Digest, Source,
+    Command as Argv, HostAddress, InitConfig, Sha256Digest, Source, Stage1,
 };
 use bootlace_contract::protocol::{Frame, Kind, SYSTEMD_READY_STEP};
 use bootlace_image::bake::{self, BakeSpec, Format};
 use bootlace_image::bundle::{self, BundleFormat};
-use bootlace_image::initramfs::Modules;
-use bootlace_tests::{artifact, debian_root, scratch, tail, test_kernel, workspace};
+use bootlace_tests::{
+    artifact, bake_stage1, debian_root, kernel_modules, scratch, tail, test_kernel, workspace,
+};
 use bootlace_vm::vsock::VsockSpec;
 use bootlace_vm::{images, Outcome, VmSpec};
 
@@ -129,21 +130,7 @@ fn make_fixture() -> Result<Fixture> {
     std::fs::create_dir_all(&images)?;
     let k = test_kernel()?;
     let root = root_with_a_module(&dir, &k.release)?;
-    let modules = |extra: Vec<ModuleName>| Modules {
-        root: PathBuf::from("/lib/modules"),
-        release: k.release.clone(),
-        extra,
-    };
-    let mut s1 = BakeSpec::new(
-        Format::Initramfs,
-        images.join("stage1.img"),
-        None,
-        artifact("bootlace-init")?,
-    );
-    s1.stage1 = true;
-    s1.modules = Some(modules(Vec::new()));
-    s1.name = Some("stage1".to_owned());
-    bake::bake(&s1, &mut |_| {}).context("bake stage 1")?;
+    bake_stage1(&images, Stage1::default())?;
     let bundle_dir = dir.join("bundle");
     std::fs::create_dir_all(&bundle_dir)?;
     std::fs::write(bundle_dir.join("bootlace.toml"), MANIFEST)?;
@@ -172,7 +159,7 @@ fn make_fixture() -> Result<Fixture> {
         spec.config = cfg.clone();
         spec.name = Some(name.clone());
         // systemd loads autofs4 itself: through the image's binary module indexes.
-        spec.modules = Some(modules(vec![ModuleName::try_from("autofs4".to_owned())?]));
+        spec.modules = Some(kernel_modules(&["autofs4"])?);
         bake::bake(&spec, &mut |_| {}).with_context(|| format!("bake {name}"))?;
     }
     Ok(Fixture {

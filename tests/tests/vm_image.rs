@@ -11,11 +11,13 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bootlace_contract::config::{Command as Argv, HandoffMode, InitConfig};
+use bootlace_contract::config::{Command as Argv, HandoffMode, InitConfig, Stage1};
 use bootlace_contract::fs::FsType;
 use bootlace_image::bake::{self, BakeSpec, Format};
-use bootlace_image::initramfs::Modules;
-use bootlace_tests::{artifact, probe_rootfs, probe_value, scratch, tail, test_kernel, workspace};
+use bootlace_tests::{
+    artifact, bake_stage1, kernel_modules, probe_rootfs, probe_value, scratch, tail, test_kernel,
+    workspace,
+};
 use bootlace_vm::{images, Outcome, VmSpec};
 
 const PROBE_SCRIPT: &str = r#"
@@ -37,33 +39,18 @@ fn images_dir() -> &'static Path {
 }
 
 fn bake_all() -> Result<PathBuf> {
-    let k = test_kernel()?;
     // Kept for the whole test run (scratch dirs are removed on drop: leak it on purpose).
     let scratch = scratch()?.keep();
     let rootfs = scratch.join("rootfs");
     probe_rootfs(&rootfs, Some(PROBE_SCRIPT))?;
     let dir = scratch.join("images");
     std::fs::create_dir_all(&dir)?;
-    let modules = || Modules {
-        root: PathBuf::from("/lib/modules"),
-        release: k.release.clone(),
-        extra: Vec::new(),
-    };
     let mut cfg = InitConfig::default();
     cfg.handoff.mode = HandoffMode::Supervise;
     cfg.handoff.command =
         Argv::try_from(vec!["/sbin/probe".to_owned()]).map_err(|e| anyhow::anyhow!(e))?;
 
-    let mut s1 = BakeSpec::new(
-        Format::Initramfs,
-        dir.join("stage1.img"),
-        None,
-        artifact("bootlace-init")?,
-    );
-    s1.stage1 = true;
-    s1.modules = Some(modules());
-    s1.name = Some("stage1".to_owned());
-    bake::bake(&s1, &mut |_| {}).context("bake stage 1")?;
+    bake_stage1(&dir, Stage1::default())?;
 
     for (name, format, file) in [
         ("base-initramfs", Format::Initramfs, "base.cpio.gz"),
@@ -88,7 +75,7 @@ fn bake_all() -> Result<PathBuf> {
         // erofs and qcow2 get overlayfs (their writable locations are overlays); squashfs
         // none, so its locations are copied into tmpfs.
         if matches!(format, Format::Erofs | Format::Qcow2) {
-            spec.modules = Some(modules());
+            spec.modules = Some(kernel_modules(&[])?);
         }
         if format == Format::Initramfs {
             // The initramfs is writable as it is; no tmpfs needed.

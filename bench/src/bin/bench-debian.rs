@@ -32,8 +32,7 @@ use bootlace_contract::config::{Command as Argv, HostAddress, InitConfig, Sha256
 use bootlace_contract::protocol::{Kind, SYSTEMD_READY_STEP};
 use bootlace_image::bake::{self, BakeSpec, Format};
 use bootlace_image::bundle::{self, BundleFormat};
-use bootlace_image::initramfs::Modules;
-use bootlace_tests::{artifact, debian_root, scratch, test_kernel};
+use bootlace_tests::{artifact, bake_stage1, debian_root, kernel_modules, scratch, test_kernel};
 use bootlace_vm::vsock::VsockSpec;
 use bootlace_vm::{images, Outcome, VmSpec};
 
@@ -103,31 +102,16 @@ struct Images {
     bundle: Vec<u8>,
 }
 
-fn modules() -> Result<Modules> {
-    Ok(Modules {
-        root: PathBuf::from("/lib/modules"),
-        release: test_kernel()?.release,
-        extra: Vec::new(),
-    })
-}
-
-/// The stage-1 initramfs handing to `init` in the real root.
-fn stage1(images: &Path, name: &str, init: &str, read_write: bool) -> Result<()> {
-    let mut s1 = BakeSpec::new(
-        Format::Initramfs,
-        images.join(format!("{name}.img")),
-        None,
-        artifact("bootlace-init")?,
-    );
-    s1.stage1 = true;
-    s1.modules = Some(modules()?);
-    s1.name = Some(name.to_owned());
-    s1.config.stage1 = Some(bootlace_contract::config::Stage1 {
-        init: Argv::try_from(vec![init.to_owned()])?,
-        read_write,
-        ..bootlace_contract::config::Stage1::default()
-    });
-    bake::bake(&s1, &mut |_| {}).with_context(|| format!("bake {name}"))?;
+/// The stage-1 initramfs in `images`, handing to `init` in the real root.
+fn stage1(images: &Path, init: &str, read_write: bool) -> Result<()> {
+    bake_stage1(
+        images,
+        bootlace_contract::config::Stage1 {
+            init: Argv::try_from(vec![init.to_owned()])?,
+            read_write,
+            ..bootlace_contract::config::Stage1::default()
+        },
+    )?;
     Ok(())
 }
 
@@ -135,7 +119,7 @@ fn bake_images(dir: &Path) -> Result<Images> {
     let root = debian_root()?;
     let images = dir.join("images");
     std::fs::create_dir_all(&images)?;
-    stage1(&images, "stage1", "/sbin/bootlace-init", false)?;
+    stage1(&images, "/sbin/bootlace-init", false)?;
     // The bundle and the bootlace image.
     let bdir = dir.join("bundle");
     std::fs::create_dir_all(&bdir)?;
@@ -160,7 +144,7 @@ fn bake_images(dir: &Path) -> Result<Images> {
     );
     spec.config = cfg;
     spec.name = Some("bootlace".to_owned());
-    spec.modules = Some(modules()?);
+    spec.modules = Some(kernel_modules(&[])?);
     bake::bake(&spec, &mut |_| {}).context("bake the bootlace image")?;
     // systemd alone: a copy of the root with the work unit, the probe and the environment.
     let plain = dir.join("plain-root");
@@ -198,7 +182,7 @@ fn bake_images(dir: &Path) -> Result<Images> {
     )?;
     let plain_images = dir.join("plain-images");
     std::fs::create_dir_all(&plain_images)?;
-    stage1(&plain_images, "stage1", "/lib/systemd/systemd", true)?;
+    stage1(&plain_images, "/lib/systemd/systemd", true)?;
     let mut spec = BakeSpec::new(
         Format::Ext4,
         plain_images.join("plain.ext4"),
@@ -206,7 +190,7 @@ fn bake_images(dir: &Path) -> Result<Images> {
         artifact("bootlace-init")?,
     );
     spec.name = Some("plain".to_owned());
-    spec.modules = Some(modules()?);
+    spec.modules = Some(kernel_modules(&[])?);
     bake::bake(&spec, &mut |_| {}).context("bake the systemd-alone image")?;
     Ok(Images {
         dir: dir.to_owned(),

@@ -21,8 +21,7 @@ use anyhow::{bail, Context, Result};
 use bootlace_bench::EXIT_CODES_HELP;
 use bootlace_contract::config::{Command as Argv, HandoffMode, InitConfig};
 use bootlace_image::bake::{self, BakeSpec, Format};
-use bootlace_image::initramfs::Modules;
-use bootlace_tests::{artifact, probe_rootfs, scratch, test_kernel};
+use bootlace_tests::{artifact, bake_stage1, kernel_modules, probe_rootfs, scratch, test_kernel};
 use bootlace_vm::{images, VmSpec};
 
 #[derive(clap::Parser, Debug)]
@@ -69,28 +68,11 @@ fn rootfs(dir: &Path, mib: u64) -> Result<PathBuf> {
     Ok(root)
 }
 
-fn modules() -> Result<Modules> {
-    Ok(Modules {
-        root: PathBuf::from("/lib/modules"),
-        release: test_kernel()?.release,
-        extra: Vec::new(),
-    })
-}
-
 /// Bakes the stage-1 initramfs and, per size, an erofs root with and without overlayfs.
 fn bake_images(dir: &Path, sizes: &[u64]) -> Result<PathBuf> {
     let images = dir.join("images");
     std::fs::create_dir_all(&images)?;
-    let mut s1 = BakeSpec::new(
-        Format::Initramfs,
-        images.join("stage1.img"),
-        None,
-        artifact("bootlace-init")?,
-    );
-    s1.stage1 = true;
-    s1.modules = Some(modules()?);
-    s1.name = Some("stage1".to_owned());
-    bake::bake(&s1, &mut |_| {}).context("bake stage 1")?;
+    bake_stage1(&images, bootlace_contract::config::Stage1::default())?;
     let mut cfg = InitConfig::default();
     cfg.handoff.mode = HandoffMode::Supervise;
     cfg.handoff.command = Argv::try_from(vec!["/bin/true".to_owned()])?;
@@ -108,7 +90,7 @@ fn bake_images(dir: &Path, sizes: &[u64]) -> Result<PathBuf> {
             spec.name = Some(name.clone());
             spec.all_root = true;
             if overlay {
-                spec.modules = Some(modules()?);
+                spec.modules = Some(kernel_modules(&[])?);
             }
             bake::bake(&spec, &mut |_| {}).with_context(|| format!("bake {name}"))?;
         }

@@ -271,20 +271,7 @@ pub fn reset_signals_on_exec(cmd: &mut std::process::Command) {
     // sigaction(2) system calls (through nix, which allocates nothing for these) and
     // touches no lock or heap memory.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
-            let default = nix::sys::signal::SigAction::new(
-                nix::sys::signal::SigHandler::SigDfl,
-                nix::sys::signal::SaFlags::empty(),
-                SigSet::empty(),
-            );
-            for sig in Signal::iterator() {
-                if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
-                    let _ = nix::sys::signal::sigaction(sig, &default);
-                }
-            }
-            Ok(())
-        });
+        cmd.pre_exec(reset_signals);
     }
 }
 
@@ -301,7 +288,8 @@ pub fn fork_single_threaded() -> io::Result<Option<u32>> {
 }
 
 /// This process's signals as a fresh program has them: an empty mask, every disposition the
-/// default (for a forked child of PID 1 that keeps running).
+/// default (a forked child of PID 1 that keeps running; a child between fork and exec: only
+/// sigprocmask(2) and sigaction(2), no allocation).
 pub fn reset_signals() -> io::Result<()> {
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
     let default = nix::sys::signal::SigAction::new(
