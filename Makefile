@@ -39,6 +39,7 @@ bench: build
 	./target/release/bench-boot
 	./target/release/bench-native
 	./target/release/bench-agent-scale
+	./target/release/bench-fleet
 	./target/release/bench-bundle-memory
 	./target/release/bench-bake
 	./target/release/bench-writable

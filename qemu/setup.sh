@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what bootlace's build, demo and tests need and is missing: Debian packages (QEMU, a
-# Debian kernel with its modules, busybox-static, cpio, mkfs tools, qemu-img), the Rust musl target and
+# Debian kernel with its modules, busybox-static, cpio, mkfs tools, qemu-img, openssl for the key
+# tests, umoci for the tests that bake OCI layouts made by a real tool), the Rust musl target and
 # vhost-device-vsock (cargo install). Idempotent: when everything is present it only checks, in
 # well under a second.
 set -euo pipefail
@@ -12,7 +13,7 @@ pkg_installed() {
 }
 
 wanted=(qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools
-  squashfs-tools xorriso socat zstd kmod debootstrap)
+  squashfs-tools xorriso socat zstd kmod debootstrap openssl umoci)
 missing_packages() {
   missing=()
   for pkg in "${wanted[@]}"; do

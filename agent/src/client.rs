@@ -13,16 +13,20 @@
 //!   [`AFTER_READY_WRITE_LIMIT`] is given up, and nothing is resent. Only FAILED and EXIT, the
 //!   guest's last words before it powers off, wait up to [`FINAL_ACK_WAIT`] for their ack.
 //! - A bundle is streamed into a sink while its sha256 is computed over the bytes as
-//!   received; the caller compares it with the pinned digest before extracting anything.
+//!   received. [`Client::fetch_trusted_bundle`] first decides on the `BUNDLE` header whether
+//!   the guest trusts it ([`bootlace_contract::trust`]: a pinned or out-of-band digest, a
+//!   signature by a trusted key, or trust in the host): an untrusted bundle is refused before
+//!   a byte of it reaches the sink.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use bootlace_contract::digest::HashingReader;
+use bootlace_contract::digest::{HashingReader, Sha256Digest};
 use bootlace_contract::protocol::{
     read_frame, write_frame, BundleHeader, Decoder, Frame, Kind, ProtocolError, VERSION,
 };
+use bootlace_contract::trust::{Policy, TrustError, Trusted};
 
 /// After READY: the longest a report's write may block. A write waits only when the socket has
 /// no room left, that is when the host stopped reading; then the report is lost, not the
@@ -127,6 +131,9 @@ pub enum ClientError {
         #[source]
         source: AfterReadyError,
     },
+    /// The guest does not trust the bundle the host announces (nothing of it was stored).
+    #[error("the bundle is not trusted")]
+    Untrusted(#[source] TrustError),
     /// The bundle transfer failed.
     #[error("bundle transfer")]
     Transfer(#[source] ProtocolError),
@@ -173,6 +180,9 @@ pub struct Received {
     pub sha256: String,
     /// How long the transfer took.
     pub elapsed: Duration,
+    /// Why the guest trusted it ([`Client::fetch_trusted_bundle`]; `None` from
+    /// [`Client::fetch_bundle`], which checks the bytes only against the announced digest).
+    pub trusted: Option<Trusted>,
 }
 
 /// A guest's session with its host.
@@ -359,11 +369,34 @@ impl Client {
 
     /// Asks for the bundle and streams it into `sink` (at most `max_size` bytes), hashing the
     /// bytes as received. Fails, with `sink` holding a partial copy the caller must discard,
-    /// when the transfer breaks or the bytes do not match the announced sha256.
+    /// when the transfer breaks or the bytes do not match the announced sha256. Trust is the
+    /// caller's: see [`Client::fetch_trusted_bundle`].
     pub fn fetch_bundle(
         &mut self,
         sink: &mut dyn Write,
         max_size: u64,
+    ) -> Result<Received, ClientError> {
+        self.fetch(sink, max_size, None)
+    }
+
+    /// [`Client::fetch_bundle`], deciding first, on the `BUNDLE` header, whether `policy`
+    /// trusts the bundle: an untrusted one is [`ClientError::Untrusted`] before any of its
+    /// bytes is read or written to `sink` (the connection is then dropped). A trusted one's
+    /// bytes must hash to the digest it is trusted by ([`Trusted::digest`]).
+    pub fn fetch_trusted_bundle(
+        &mut self,
+        sink: &mut dyn Write,
+        max_size: u64,
+        policy: &Policy<'_>,
+    ) -> Result<Received, ClientError> {
+        self.fetch(sink, max_size, Some(policy))
+    }
+
+    fn fetch(
+        &mut self,
+        sink: &mut dyn Write,
+        max_size: u64,
+        policy: Option<&Policy<'_>>,
     ) -> Result<Received, ClientError> {
         if self.stream.is_none() {
             self.reconnect()?;
@@ -377,27 +410,34 @@ impl Client {
             .ok_or(ClientError::Transfer(ProtocolError::Closed {
                 mid_frame: false,
             }))?;
-        let result = receive_bundle(s, &mut self.dec, seq, sink, max_size);
+        let result = receive_bundle(s, &mut self.dec, seq, max_size, policy).and_then(
+            |(header, trusted)| {
+                receive_body(s, &mut self.dec, sink, &header).map(|sha| (header, sha, trusted))
+            },
+        );
         if result.is_err() {
             self.stream = None;
             self.dec = Decoder::new();
         }
-        let (header, sha256) = result?;
+        let (header, sha256, trusted) = result?;
         Ok(Received {
             header,
             sha256,
             elapsed: started.elapsed(),
+            trusted,
         })
     }
 }
 
+/// Asks for the bundle and reads its header: refused when it is too large or, with a policy,
+/// not trusted.
 fn receive_bundle(
     s: &mut Box<dyn Stream>,
     dec: &mut Decoder,
     seq: u64,
-    sink: &mut dyn Write,
     max_size: u64,
-) -> Result<(BundleHeader, String), ClientError> {
+    policy: Option<&Policy<'_>>,
+) -> Result<(BundleHeader, Option<Trusted>), ClientError> {
     write_frame(s, &Frame::new(Kind::GetBundle, seq)).map_err(ClientError::Transfer)?;
     let f = read_reply(s, dec, seq).map_err(ClientError::Transfer)?;
     let header = match f.kind {
@@ -414,12 +454,35 @@ fn receive_bundle(
             }))
         }
     };
+    let trusted = match policy {
+        Some(p) => {
+            // The header's SHA256 is 64 hex digits (checked by from_frame).
+            let announced = Sha256Digest::try_from(format!("sha256:{}", header.sha256))
+                .map_err(|e| ClientError::Transfer(ProtocolError::Malformed(e.to_string())))?;
+            Some(
+                p.decide(&announced, header.signature.as_deref())
+                    .map_err(ClientError::Untrusted)?,
+            )
+        }
+        None => None,
+    };
     if header.size > max_size {
         return Err(ClientError::BundleTooLarge {
             size: header.size,
             max: max_size,
         });
     }
+    Ok((header, trusted))
+}
+
+/// Streams the bundle's bytes into `sink`, hashing them; they must hash to the announced
+/// digest.
+fn receive_body(
+    s: &mut Box<dyn Stream>,
+    dec: &mut Decoder,
+    sink: &mut dyn Write,
+    header: &BundleHeader,
+) -> Result<String, ClientError> {
     let first = dec.take_buffered();
     let take = usize::try_from(header.size)
         .unwrap_or(usize::MAX)
@@ -449,10 +512,10 @@ fn receive_bundle(
     if sha256 != header.sha256 {
         return Err(ClientError::Corrupted {
             got: sha256,
-            announced: header.sha256,
+            announced: header.sha256.clone(),
         });
     }
-    Ok((header, sha256))
+    Ok(sha256)
 }
 
 /// Reads frames up to the ack of `seq`. An ack of an earlier message is a duplicate (the host

@@ -22,8 +22,18 @@
     )
 )]
 
+#[cfg(feature = "host")]
+pub mod bundle;
 pub mod client;
 #[cfg(feature = "host")]
 pub mod fault;
 #[cfg(feature = "host")]
+pub mod fleet;
+#[cfg(feature = "host")]
 pub mod host;
+#[cfg(feature = "host")]
+pub mod resolve;
+#[cfg(feature = "host")]
+mod server;
+#[cfg(feature = "host")]
+pub mod status;

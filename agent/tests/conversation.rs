@@ -509,6 +509,7 @@ fn guest_text_cannot_drive_the_terminal() {
     f = f.with("STATUS", "ok");
     let e = GuestEvent {
         guest: "vm1".to_owned(),
+        name: None,
         event: Event::Report(f),
     };
     let human = bootlace_agent::host::describe(&e.event);

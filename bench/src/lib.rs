@@ -4,6 +4,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+pub mod fleet;
+
 /// The exit codes of the bench binaries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -120,6 +122,31 @@ pub fn percentile_ms(sorted_ms: &[f64], p: f64) -> f64 {
     }
     let i = ((p * sorted_ms.len() as f64).ceil() as usize).clamp(1, sorted_ms.len()) - 1;
     sorted_ms.get(i).copied().unwrap_or(f64::NAN)
+}
+
+/// The bootlace-agent binary to bench: `given` (`--agent`, `$BOOTLACE_AGENT`), else the one
+/// next to this binary, else `target/release/bootlace-agent`.
+pub fn agent_binary(given: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    if let Some(p) = given {
+        return Ok(p.to_owned());
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("bootlace-agent"));
+        }
+    }
+    candidates.push(std::path::PathBuf::from("target/release/bootlace-agent"));
+    candidates.into_iter().find(|p| p.is_file()).context(
+        "bootlace-agent not found: build it (`cargo build --release -p bootlace-agent`) \
+         or give --agent (or BOOTLACE_AGENT)",
+    )
+}
+
+/// KiB as MiB with one decimal, `?` when unknown.
+pub fn mib(kib: Option<u64>) -> String {
+    kib.map_or_else(|| "?".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0))
 }
 
 #[cfg(test)]

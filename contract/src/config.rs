@@ -5,7 +5,7 @@
 //! [`InitConfig`] that exists is a valid one. Overrides are typed ([`Overrides`]): the kernel
 //! command line is parsed into them key by key, the image builder fills them from its flags,
 //! and both apply them the same way. [`InitConfig::validate`] checks what only holds for the
-//! whole, effective configuration (a vsock source needs a host and a digest); the init runs it
+//! whole, effective configuration (a vsock source needs a host that answers); the init runs it
 //! at boot and the image builder at bake time, so an image the builder accepts is one the init
 //! accepts.
 
@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::cmdline::{self, Param};
 pub use crate::digest::Sha256Digest;
 pub use crate::manifest::TmpfsSize;
+pub use crate::signature::PublicKey;
 pub use crate::types::{
-    Command, EnvName, ExecString, HandoffMode, InvalidValue, Label, ModuleName, MountTag,
-    TargetPath,
+    Command, EnvName, ExecString, HandoffMode, ImageRef, InvalidValue, Label, ModuleName, MountTag,
+    TargetPath, UnixId, WorkDir,
 };
 
 /// Where the image builder bakes the config and where the init reads it.
@@ -32,6 +33,8 @@ pub const MAX_CONFIG_BYTES: u64 = 64 * 1024;
 const MAX_WAIT_MS: u64 = 600_000;
 /// Longest shutdown grace period accepted, in milliseconds (one hour).
 const MAX_GRACE_MS: u64 = 3_600_000;
+/// Most supplementary groups `[handoff] groups` may list.
+pub const MAX_GROUPS: usize = 1024;
 
 /// Schema versions this init understands.
 pub const SUPPORTED_VERSIONS: &[i64] = &[1];
@@ -108,11 +111,6 @@ pub enum Inconsistency {
     /// The vsock source with a host that is only listened to (`vsock-notify:`).
     #[error("the vsock source needs a host that answers: {0} is notify-only")]
     VsockNotifyHost(String),
-    /// The vsock source without a way to trust the bundle.
-    #[error(
-        "the vsock source needs a pinned digest (host.digest, bootlace.digest=sha256:… or --digest)"
-    )]
-    VsockWithoutDigest,
 }
 
 /// The `bootlace.*` kernel command line keys, in the order they are documented.
@@ -254,6 +252,33 @@ impl fmt::Display for HostAddress {
     }
 }
 
+/// `[host] trust_keys`: each key checked, a bad one named by its place in the list
+/// (`host.trust_keys[1]: public key "…" must be …`), and at most
+/// [`crate::trust::MAX_TRUST_KEYS`] of them.
+fn trust_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PublicKey>, D::Error> {
+    use serde::de::Error as _;
+    let texts = Vec::<String>::deserialize(d)?;
+    let max = crate::trust::MAX_TRUST_KEYS;
+    if texts.len() > max {
+        return Err(D::Error::custom(format!(
+            "host.trust_keys lists {} keys, at most {max}",
+            texts.len()
+        )));
+    }
+    let mut keys: Vec<PublicKey> = Vec::with_capacity(texts.len());
+    for (i, t) in texts.into_iter().enumerate() {
+        let k = PublicKey::try_from(t)
+            .map_err(|e| D::Error::custom(format!("host.trust_keys[{i}]: {e}")))?;
+        if keys.contains(&k) {
+            return Err(D::Error::custom(format!(
+                "host.trust_keys[{i}]: {k} is listed twice"
+            )));
+        }
+        keys.push(k);
+    }
+    Ok(keys)
+}
+
 fn default_connect_ms() -> u64 {
     10_000
 }
@@ -273,9 +298,24 @@ pub struct Host {
     /// `vsock:2:<port>`; default none (no host: nothing is reported).
     #[serde(default)]
     pub address: Option<HostAddress>,
-    /// The sha256 a vsock bundle must have (required for the vsock source).
+    /// The sha256 a vsock bundle must have. When present it alone decides (see
+    /// [`crate::trust`]); default none.
     #[serde(default)]
     pub digest: Option<Sha256Digest>,
+    /// Keys whose signature of a vsock bundle's digest makes it trusted (when no digest is
+    /// pinned or given out of band): `ed25519:<base64 of 32 bytes>` each, several for a key
+    /// rotation, at most [`crate::trust::MAX_TRUST_KEYS`]. Default none.
+    #[serde(
+        default,
+        deserialize_with = "trust_keys",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub trust_keys: Vec<PublicKey>,
+    /// Take a vsock bundle as the host serves it when nothing else decides (no pinned or
+    /// out-of-band digest, no trusted keys): the host agent and the vsock path are then
+    /// trusted with the guest. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trust_host: bool,
     /// Give up reaching the host after this many ms (retries with backoff); default 10000.
     #[serde(default = "default_connect_ms")]
     pub connect_timeout_ms: u64,
@@ -292,6 +332,8 @@ impl Default for Host {
         Host {
             address: None,
             digest: None,
+            trust_keys: Vec::new(),
+            trust_host: false,
             connect_timeout_ms: default_connect_ms(),
             io_timeout_ms: default_io_ms(),
             max_bundle_bytes: default_max_bundle(),
@@ -421,6 +463,28 @@ pub struct Handoff {
     /// SIGTERM and SIGKILL at shutdown, in milliseconds. Default 5000; at most 3600000.
     #[serde(default = "default_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// The working directory `command` starts in (absolute). Default `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<WorkDir>,
+    /// The user ID `command` runs as. Default: root's, as the init runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UnixId>,
+    /// The group ID `command` runs as. Default 0 (with `user` or `groups` set; else root's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<UnixId>,
+    /// The supplementary group IDs of `command`, at most [`MAX_GROUPS`]. With `user` or
+    /// `group` set they replace root's (none when empty). Default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<UnixId>,
+}
+
+impl Handoff {
+    /// Whether `command` runs with other credentials than the init's own (`user`, `group` or
+    /// `groups` set): then its supplementary groups are set to `groups`, its group ID to
+    /// `group` (else 0) and its user ID to `user` (else 0), in that order.
+    pub fn changes_credentials(&self) -> bool {
+        self.user.is_some() || self.group.is_some() || !self.groups.is_empty()
+    }
 }
 
 fn default_command() -> Command {
@@ -438,6 +502,10 @@ impl Default for Handoff {
             command: default_command(),
             env: BTreeMap::new(),
             shutdown_grace_ms: default_grace_ms(),
+            workdir: None,
+            user: None,
+            group: None,
+            groups: Vec::new(),
         }
     }
 }
@@ -627,6 +695,10 @@ pub struct InitConfig {
     /// What to do when a boot step fails: `poweroff` (default), `continue`, `shell`.
     #[serde(default)]
     pub on_failure: FailurePolicy,
+    /// The image this init was baked into (`name@version`, written by the bake): reported to
+    /// the host in HELLO (`IMAGE`), so that a fleet can check each guest runs what it should.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRef>,
     /// Kernel modules to load at boot, with their dependencies. Default none.
     #[serde(default)]
     pub modules: Vec<ModuleName>,
@@ -653,6 +725,7 @@ impl Default for InitConfig {
             version: 1,
             log: LogLevel::default(),
             on_failure: FailurePolicy::default(),
+            image: None,
             modules: Vec::new(),
             bootstrap: Bootstrap::default(),
             host: Host::default(),
@@ -745,6 +818,15 @@ impl InitConfig {
                 ),
             });
         }
+        if config.handoff.groups.len() > MAX_GROUPS {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "handoff.groups lists {} groups, at most {MAX_GROUPS}",
+                    config.handoff.groups.len()
+                ),
+            });
+        }
         Ok(config)
     }
 
@@ -823,11 +905,19 @@ impl InitConfig {
                 Some(a) if a.notify => return Err(Inconsistency::VsockNotifyHost(a.to_string())),
                 Some(_) => {}
             }
-            if self.host.digest.is_none() {
-                return Err(Inconsistency::VsockWithoutDigest);
-            }
         }
         Ok(())
+    }
+
+    /// Whether the vsock source is configured with nothing in the image to trust a bundle by
+    /// (no pinned digest, no trusted keys, no `trust_host`): the boot then relies on a digest
+    /// given at boot (`bootlace.digest=`, SMBIOS type 11 or fw_cfg) and refuses the bundle
+    /// without one. Valid; the image builder says so when it bakes one.
+    pub fn vsock_trusts_only_boot_digests(&self) -> bool {
+        self.bootstrap.sources.contains(&Source::Vsock)
+            && self.host.digest.is_none()
+            && self.host.trust_keys.is_empty()
+            && !self.host.trust_host
     }
 }
 
@@ -1076,6 +1166,53 @@ shutdown_grace_ms = 250
     }
 
     #[test]
+    fn handoff_workdir_user_group_groups() {
+        let c = parse(
+            "version = 1\n[handoff]\nworkdir = \"/srv/app\"\nuser = 1000\ngroup = 100\n\
+             groups = [10, 20]\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            c.handoff.workdir.as_ref().map(WorkDir::as_str),
+            Some("/srv/app")
+        );
+        assert_eq!(c.handoff.user.map(UnixId::get), Some(1000));
+        assert_eq!(c.handoff.group.map(UnixId::get), Some(100));
+        let groups: Vec<u32> = c.handoff.groups.iter().map(|g| g.get()).collect();
+        assert_eq!(groups, [10, 20]);
+        assert!(c.handoff.changes_credentials());
+        assert_eq!(parse(&c.to_toml()).expect("round trip"), c);
+        // Absent: the init's own credentials and `/`; nothing written for them.
+        let d = InitConfig::default();
+        assert!(!d.handoff.changes_credentials());
+        assert!(!d.to_toml().contains("workdir"), "{}", d.to_toml());
+        assert!(parse("version = 1\n[handoff]\nworkdir = \"/\"\n").is_ok());
+        let bad: &[(&str, &str)] = &[
+            ("workdir = \"srv\"", "must be absolute"),
+            ("workdir = \"/srv/../etc\"", "\"..\" component"),
+            ("workdir = \"/srv//x\"", "empty component"),
+            ("user = -1", "line 3, column 8"),
+            ("user = 4294967295", "-1"),
+            ("group = 4294967296", "expected u32"),
+            ("user = \"app\"", "expected u32"),
+        ];
+        for (line, want) in bad {
+            let e = parse(&format!("version = 1\n[handoff]\n{line}\n"))
+                .expect_err(line)
+                .to_string();
+            assert!(e.contains(want), "{line}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_GROUPS).map(|g| g.to_string()).collect();
+        let e = parse(&format!(
+            "version = 1\n[handoff]\ngroups = [{}]\n",
+            many.join(",")
+        ))
+        .expect_err("too many groups")
+        .to_string();
+        assert!(e.contains("at most 1024"), "{e}");
+    }
+
+    #[test]
     fn round_trips_through_toml() {
         let mut c = InitConfig::default();
         c.handoff.mode = HandoffMode::Supervise;
@@ -1274,9 +1411,15 @@ shutdown_grace_ms = 250
             Err(Inconsistency::VsockNotifyHost(a)) if a == "vsock-notify:2:1024"
         ));
         c.host.address = "vsock:2:1024".parse().ok();
-        assert_eq!(c.validate(), Err(Inconsistency::VsockWithoutDigest));
+        // Nothing baked to trust a bundle by: valid, relying on a digest given at boot.
+        assert_eq!(c.validate(), Ok(()));
+        assert!(c.vsock_trusts_only_boot_digests());
+        c.host.trust_host = true;
+        assert!(!c.vsock_trusts_only_boot_digests());
+        c.host.trust_host = false;
         c.host.digest = format!("sha256:{}", "0".repeat(64)).parse().ok();
         assert_eq!(c.validate(), Ok(()));
+        assert!(!c.vsock_trusts_only_boot_digests());
         // A notify-only host without the vsock source is fine (it only listens).
         let mut c = InitConfig::default();
         c.host.address = "vsock-notify:2:1024".parse().ok();
@@ -1286,15 +1429,11 @@ shutdown_grace_ms = 250
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("init.toml");
         std::fs::write(&path, "version = 1\n[bootstrap]\nsources = [\"vsock\"]\n").expect("w");
-        let l = load(
-            &path,
-            "bootlace.host=vsock:2:1024".as_bytes(),
-            IfMissing::Defaults,
-        );
+        let l = load(&path, "".as_bytes(), IfMissing::Defaults);
         assert!(
             matches!(
                 l.error,
-                Some(ConfigError::Inconsistent(Inconsistency::VsockWithoutDigest))
+                Some(ConfigError::Inconsistent(Inconsistency::VsockWithoutHost))
             ),
             "{:?}",
             l.error
@@ -1516,6 +1655,49 @@ shutdown_grace_ms = 250
             IfMissing::Defaults,
         );
         assert!(l.error.is_some());
+    }
+
+    #[test]
+    fn trust_keys_and_trust_host() {
+        let k1 = "ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+        let k2 = "ed25519:PUAXw+hDiVqStwqnTRt+vJyYLM8uxJaMwM1V8Sr0Zgw=";
+        let c = parse(&format!(
+            "version = 1\n[host]\ntrust_keys = [\"{k1}\", \"{k2}\"]\ntrust_host = true\n"
+        ))
+        .expect("parses");
+        let keys: Vec<String> = c.host.trust_keys.iter().map(|k| k.to_string()).collect();
+        assert_eq!(keys, [k1, k2]);
+        assert!(c.host.trust_host);
+        assert_eq!(parse(&c.to_toml()).expect("round trip"), c);
+        // Nothing about trust is written when nothing is set (older images read the same).
+        let plain = InitConfig::default().to_toml();
+        assert!(!plain.contains("trust"), "{plain}");
+
+        let many: Vec<String> = (0..33).map(|_| format!("\"{k1}\"")).collect();
+        for (text, want) in [
+            (
+                format!("trust_keys = [\"{k1}\", \"ed25519:AAAA\"]"),
+                "host.trust_keys[1]: public key \"ed25519:AAAA\" must be ed25519:<base64 of 32 bytes>",
+            ),
+            (
+                "trust_keys = [\"11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\"]".to_owned(),
+                "host.trust_keys[0]: public key \"11qY",
+            ),
+            (
+                format!("trust_keys = [\"{k1}\", \"{k1}\"]"),
+                "host.trust_keys[1]: ed25519:11qY",
+            ),
+            (
+                format!("trust_keys = [{}]", many.join(", ")),
+                "host.trust_keys lists 33 keys, at most 32",
+            ),
+            ("trust_keys = \"x\"".to_owned(), "invalid type"),
+            ("trust_host = \"yes\"".to_owned(), "invalid type"),
+        ] {
+            let e = parse(&format!("version = 1\n[host]\n{text}\n")).expect_err(&text);
+            assert!(e.to_string().contains(want), "{text}: {e}");
+            assert!(e.to_string().contains("line 3"), "{text}: {e}");
+        }
     }
 
     #[test]

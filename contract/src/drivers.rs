@@ -11,6 +11,10 @@ const VIRTIO_PCI: &str = "virtio_pci";
 /// The drivers a guest needs to reach its host over vsock.
 pub const VSOCK: &[&str] = &[VIRTIO_PCI, "vmw_vsock_virtio_transport"];
 
+/// The driver a guest reads a per-VM bundle digest from QEMU's fw_cfg with (the vsock source
+/// without a pinned digest; loaded best effort, a kernel without it reads SMBIOS only).
+pub const OUT_OF_BAND: &[&str] = &["qemu_fw_cfg"];
+
 /// The drivers of virtio block devices (bootstrap disks, root disks).
 const BLOCK: &[&str] = &[VIRTIO_PCI, "virtio_blk"];
 
@@ -81,6 +85,9 @@ pub fn implied_by(config: &InitConfig) -> Vec<&'static str> {
     if config.host.address.is_some() {
         out.extend(VSOCK);
     }
+    if config.bootstrap.sources.contains(&Source::Vsock) && config.host.digest.is_none() {
+        out.extend(OUT_OF_BAND);
+    }
     if config.stage1.is_some() {
         out.extend(for_stage1());
     }
@@ -123,5 +130,18 @@ mod tests {
             implied_by(&c),
             ["overlay", "virtio_pci", "vmw_vsock_virtio_transport"]
         );
+        // The vsock source reads an out-of-band digest through fw_cfg unless one is pinned.
+        c.bootstrap.sources = vec![Source::Vsock];
+        assert_eq!(
+            implied_by(&c),
+            [
+                "virtio_pci",
+                "vmw_vsock_virtio_transport",
+                "overlay",
+                "qemu_fw_cfg"
+            ]
+        );
+        c.host.digest = format!("sha256:{}", "0".repeat(64)).parse().ok();
+        assert!(!implied_by(&c).contains(&"qemu_fw_cfg"));
     }
 }

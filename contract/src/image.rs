@@ -16,8 +16,14 @@ use crate::fs::FsType;
 /// The schema version this code writes: 2 adds `unpacked_size` and `min_memory_mib`.
 pub const SCHEMA: u32 = 2;
 
-/// The schema versions this code reads (a schema-1 file has no memory fields).
-pub const READS: &[u32] = &[1, 2];
+/// The schema of a captured image's metadata (`bootlace-image capture`): 2 and `parent` and
+/// `bundle`. Only captured images write it, so an ordinary bake's metadata is unchanged and a
+/// reader that knows schema 2 alone names a captured image's schema instead of an unknown field.
+pub const CAPTURE_SCHEMA: u32 = 3;
+
+/// The schema versions this code reads (a schema-1 file has no memory fields; schema 3 adds
+/// `parent` and `bundle`).
+pub const READS: &[u32] = &[1, 2, 3];
 
 /// The suffix appended to the image's file name: `root.erofs` -> `root.erofs.meta.json`.
 pub const SUFFIX: &str = ".meta.json";
@@ -185,6 +191,111 @@ pub struct ImageMeta {
     /// kernel holds the archive and its unpacked files at once (schema 2; absent in schema 1).
     #[serde(default)]
     pub min_memory_mib: Option<u64>,
+    /// A captured image: the image it was captured from, and the init that ran the capture
+    /// boot (schema 3; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent>,
+    /// A captured image: the configuration bundle delivered to the capture boot (schema 3;
+    /// absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<BundleRef>,
+}
+
+/// The image a captured image was made from (`bootlace-image capture`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Parent {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// sha256 hex of its image file.
+    pub sha256: String,
+    /// The init that ran the capture boot (the parent's).
+    pub init: InitInfo,
+}
+
+/// The bundle a captured image was configured with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleRef {
+    /// `sha256:<hex>` of the bundle tarball as given (the digest the guest was pinned to).
+    pub sha256: String,
+}
+
+/// Compares versions: runs of digits as numbers, other runs as text (`1.10` > `1.9`,
+/// `01` = `1`).
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let (pa, pb) = (version_parts(a), version_parts(b));
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        let ord = match (x, y) {
+            ((true, x), (true, y)) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            ((_, x), (_, y)) => x.cmp(y),
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    pa.len().cmp(&pb.len())
+}
+
+/// A version cut into runs: (all digits, the run).
+fn version_parts(s: &str) -> Vec<(bool, &str)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let bytes = s.as_bytes();
+    for i in 1..=bytes.len() {
+        let boundary = i == bytes.len()
+            || bytes.get(i).map(u8::is_ascii_digit) != bytes.get(i - 1).map(u8::is_ascii_digit);
+        if boundary {
+            let part = s.get(start..i).unwrap_or("");
+            out.push((part.bytes().all(|c| c.is_ascii_digit()), part));
+            start = i;
+        }
+    }
+    out
+}
+
+/// The version after `v`: its last run of digits plus one, its width kept (`1` -> `2`, `1.0`
+/// -> `1.1`, `1.9` -> `1.10`, `2.0-rc1` -> `2.0-rc2`, `007` -> `008`); a version without
+/// digits gets `.1` (`base` -> `base.1`). Always greater by [`compare_versions`].
+pub fn next_version(v: &str) -> String {
+    let parts = version_parts(v);
+    let Some(last) = parts
+        .iter()
+        .rposition(|(digits, p)| *digits && !p.is_empty())
+    else {
+        return format!("{v}.1");
+    };
+    let mut out = String::with_capacity(v.len() + 1);
+    for (i, (_, p)) in parts.iter().enumerate() {
+        if i == last {
+            out.push_str(&increment_digits(p));
+        } else {
+            out.push_str(p);
+        }
+    }
+    out
+}
+
+/// `"41"` -> `"42"`, `"09"` -> `"10"`, `"99"` -> `"100"`: decimal digits plus one.
+fn increment_digits(d: &str) -> String {
+    let mut bytes = d.as_bytes().to_vec();
+    for b in bytes.iter_mut().rev() {
+        if *b == b'9' {
+            *b = b'0';
+        } else {
+            *b += 1;
+            return String::from_utf8(bytes).unwrap_or_default();
+        }
+    }
+    let mut s = String::from("1");
+    s.push_str(&String::from_utf8(bytes).unwrap_or_default());
+    s
 }
 
 /// Why a metadata file could not be read or used.
@@ -350,6 +461,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn next_versions() {
+        for (v, want) in [
+            ("1", "2"),
+            ("0", "1"),
+            ("1.0", "1.1"),
+            ("1.9", "1.10"),
+            ("1.4", "1.5"),
+            ("2.0-rc1", "2.0-rc2"),
+            ("007", "008"),
+            ("99", "100"),
+            ("1.99", "1.100"),
+            ("base", "base.1"),
+            ("", ".1"),
+        ] {
+            assert_eq!(next_version(v), want, "after {v}");
+            assert_eq!(
+                compare_versions(&next_version(v), v),
+                std::cmp::Ordering::Greater,
+                "{v}"
+            );
+        }
+        assert_eq!(compare_versions("01", "1"), std::cmp::Ordering::Equal);
+        assert_eq!(compare_versions("1.10", "1.9"), std::cmp::Ordering::Greater);
+    }
+
+    #[test]
     fn rfc3339_dates() {
         for (secs, want) in [
             (0, "1970-01-01T00:00:00Z"),
@@ -393,6 +530,8 @@ mod tests {
             tool_versions: [("mkfs.erofs".to_owned(), "1.5".to_owned())].into(),
             unpacked_size: None,
             min_memory_mib: Some(128),
+            parent: None,
+            bundle: None,
         }
     }
 
@@ -413,10 +552,10 @@ mod tests {
         for (bad, want) in [
             (
                 ImageMeta {
-                    schema: 3,
+                    schema: 4,
                     ..sample()
                 },
-                "schema 3",
+                "schema 4",
             ),
             (
                 ImageMeta {
@@ -455,9 +594,30 @@ mod tests {
         let p = Path::new("root.erofs.meta.json");
         assert_eq!(ImageMeta::from_json(text.as_bytes(), p).expect("parse"), m);
         assert!(text.contains("\"kind\": \"oci\"") && text.contains("\"format\": \"erofs\""));
-        let newer = text.replace("\"schema\": 2", "\"schema\": 3, \"new\": 1");
-        let e = ImageMeta::from_json(newer.as_bytes(), p).expect_err("schema 3");
-        assert!(e.to_string().contains("schema 3 is not supported"), "{e}");
+        let newer = text.replace("\"schema\": 2", "\"schema\": 4, \"new\": 1");
+        let e = ImageMeta::from_json(newer.as_bytes(), p).expect_err("schema 4");
+        assert!(e.to_string().contains("schema 4 is not supported"), "{e}");
+        // Schema 3 (a captured image): parent and bundle, read back; absent otherwise.
+        assert!(!text.contains("parent") && !text.contains("bundle"));
+        let captured = ImageMeta {
+            schema: CAPTURE_SCHEMA,
+            parent: Some(Parent {
+                name: "root".into(),
+                version: "1.1".into(),
+                sha256: "11".repeat(32),
+                init: m.init.clone(),
+            }),
+            bundle: Some(BundleRef {
+                sha256: format!("sha256:{}", "22".repeat(32)),
+            }),
+            ..sample()
+        };
+        let text3 = captured.to_json();
+        assert!(text3.contains("\"parent\"") && text3.contains("\"bundle\""));
+        assert_eq!(
+            ImageMeta::from_json(text3.as_bytes(), p).expect("schema 3"),
+            captured
+        );
         let extra = text.replace("\"schema\": 2", "\"schema\": 2, \"x\": 1");
         assert!(ImageMeta::from_json(extra.as_bytes(), p).is_err());
         // A schema-1 file (no memory fields) still reads.

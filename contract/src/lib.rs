@@ -15,6 +15,10 @@
 //! - [`kmod`]: `modules.dep` / `modules.builtin`, which the builder writes and the init reads;
 //! - [`status`]: the exit statuses a guest reports and the power-off console line;
 //! - [`digest`]: SHA-256 digests (`sha256:<hex>`) and a hashing reader;
+//! - [`signature`]: ed25519 bundle signatures, keys and their text forms (key files and
+//!   signing with the `sign` feature);
+//! - [`trust`]: the rule that decides whether a vsock bundle is trusted (pinned digest,
+//!   out-of-band digest, signature, trust in the host);
 //! - [`types`]: validated value types (module and environment names, commands, paths).
 //!
 //! It runs inside PID 1 (the init links it): no panicking shortcuts outside tests.
@@ -41,7 +45,9 @@ pub mod image;
 pub mod kmod;
 pub mod manifest;
 pub mod protocol;
+pub mod signature;
 pub mod status;
+pub mod trust;
 pub mod types;
 
 /// An error and its sources on one line: `modules: load x from y: No such file or directory`.

@@ -54,7 +54,7 @@ pub enum Kind {
     Exit,
     /// Host: acknowledges the guest message whose SEQ it carries.
     Ack,
-    /// Host: the bundle follows (`SIZE`, `SHA256`, `COMPRESSION`).
+    /// Host: the bundle follows (`SIZE`, `SHA256`, `COMPRESSION`, optionally `SIGNATURE`).
     Bundle,
     /// Host: there is no bundle for this guest (`STATUS`).
     NoBundle,
@@ -347,6 +347,11 @@ pub struct BundleHeader {
     pub sha256: String,
     /// `none`, `gzip` or `zstd`.
     pub compression: String,
+    /// `ed25519:<base64>`: a signature of the digest (see [`crate::signature`]), when the
+    /// host has one. Optional: a host without it sends no field, and a guest that does not
+    /// know it ignores it, as every decoder of version 1 ignores fields it does not know. The
+    /// value is carried as sent; the guest's trust check parses it.
+    pub signature: Option<String>,
 }
 
 impl BundleHeader {
@@ -368,15 +373,20 @@ impl BundleHeader {
             size,
             sha256,
             compression,
+            signature: f.get("SIGNATURE").map(str::to_owned),
         })
     }
 
     /// The frame announcing it.
     pub fn to_frame(&self, seq: u64) -> Frame {
-        Frame::new(Kind::Bundle, seq)
+        let f = Frame::new(Kind::Bundle, seq)
             .with("SIZE", self.size)
             .with("SHA256", &self.sha256)
-            .with("COMPRESSION", &self.compression)
+            .with("COMPRESSION", &self.compression);
+        match &self.signature {
+            Some(sig) => f.with("SIGNATURE", sig),
+            None => f,
+        }
     }
 }
 
@@ -564,12 +574,28 @@ mod tests {
 
     #[test]
     fn bundle_headers() {
-        let h = BundleHeader {
+        let mut h = BundleHeader {
             size: 42,
             sha256: "ab".repeat(32),
             compression: "zstd".to_owned(),
+            signature: None,
         };
         assert_eq!(BundleHeader::from_frame(&h.to_frame(1)).expect("parse"), h);
+        assert_eq!(h.to_frame(1).get("SIGNATURE"), None, "no field without one");
+        h.signature = Some(format!("ed25519:{}=", "A".repeat(87)));
+        assert_eq!(BundleHeader::from_frame(&h.to_frame(1)).expect("parse"), h);
+        // Version 1 compatible both ways: a header with a field this code does not know (as
+        // an older guest sees SIGNATURE) decodes, through the wire, to the fields it knows.
+        let mut wire = h
+            .to_frame(3)
+            .with("FUTURE_FIELD", "x")
+            .encode()
+            .expect("encode");
+        let mut d = Decoder::new();
+        d.push(&wire);
+        let f = d.next_frame().expect("valid").expect("a frame");
+        assert_eq!(BundleHeader::from_frame(&f).expect("parse"), h);
+        wire.clear();
         let bad = Frame::new(Kind::Bundle, 1)
             .with("SIZE", "x")
             .with("SHA256", "ab");

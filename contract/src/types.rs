@@ -63,6 +63,10 @@ pub enum HandoffMode {
     Exec,
     /// Run the command as a child, stay PID 1, and power off when it exits.
     Supervise,
+    /// Run no command: once the configuration is applied, READY reported and the bootstrap
+    /// cleaned up, sync and power off with status 0 (`bootlace-image capture` boots a guest
+    /// so, to bake what the configuration left on its root). A manifest cannot change it.
+    Poweroff,
 }
 
 impl FromStr for HandoffMode {
@@ -71,10 +75,11 @@ impl FromStr for HandoffMode {
         match s {
             "exec" => Ok(HandoffMode::Exec),
             "supervise" => Ok(HandoffMode::Supervise),
+            "poweroff" => Ok(HandoffMode::Poweroff),
             _ => Err(InvalidValue::new(
                 "hand-off mode",
                 s,
-                "is not one of exec, supervise",
+                "is not one of exec, supervise, poweroff",
             )),
         }
     }
@@ -86,7 +91,67 @@ impl HandoffMode {
         match self {
             HandoffMode::Exec => "exec",
             HandoffMode::Supervise => "supervise",
+            HandoffMode::Poweroff => "poweroff",
         }
+    }
+}
+
+/// The image an init was baked into, `name@version` as the image's metadata names it:
+/// 1 to 200 bytes of letters, digits and `._+-`, one `@` between a non-empty name and version.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageRef(String);
+
+/// Longest [`ImageRef`].
+pub const MAX_IMAGE_REF: usize = 200;
+
+impl ImageRef {
+    /// `name@version`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `name` and `version` joined, checked.
+    pub fn new(name: &str, version: &str) -> Result<ImageRef, InvalidValue> {
+        ImageRef::try_from(format!("{name}@{version}"))
+    }
+}
+
+impl TryFrom<String> for ImageRef {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
+        let part_ok = |p: &str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
+        };
+        let ok = s.len() <= MAX_IMAGE_REF
+            && s.split_once('@')
+                .is_some_and(|(n, v)| part_ok(n) && part_ok(v));
+        if ok {
+            Ok(ImageRef(s))
+        } else {
+            Err(InvalidValue::new(
+                "image",
+                &s,
+                format!(
+                    "must be name@version, at most {MAX_IMAGE_REF} bytes of letters, digits \
+                     and ._+-"
+                ),
+            ))
+        }
+    }
+}
+
+impl From<ImageRef> for String {
+    fn from(i: ImageRef) -> String {
+        i.0
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -418,6 +483,102 @@ impl Command {
 /// Longest path accepted, in bytes (Linux PATH_MAX, including the NUL).
 pub const PATH_MAX: usize = 4095;
 
+/// The working directory of the hand-off command: an absolute, normalised path (no `.` or `..`
+/// component, no empty one, no NUL, at most PATH_MAX bytes); `/` itself is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WorkDir(String);
+
+impl WorkDir {
+    /// The path, with its leading `/`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The path as a `Path`.
+    pub fn as_path(&self) -> &Path {
+        Path::new(&self.0)
+    }
+}
+
+impl TryFrom<String> for WorkDir {
+    type Error = InvalidValue;
+    fn try_from(s: String) -> Result<Self, InvalidValue> {
+        if !s.starts_with('/') {
+            return Err(InvalidValue::new(
+                "working directory",
+                &s,
+                "must be absolute",
+            ));
+        }
+        if s != "/" {
+            check_components(&s, "working directory")?;
+        }
+        Ok(WorkDir(s))
+    }
+}
+
+impl FromStr for WorkDir {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        WorkDir::try_from(s.to_owned())
+    }
+}
+
+impl From<WorkDir> for String {
+    fn from(w: WorkDir) -> String {
+        w.0
+    }
+}
+
+impl fmt::Display for WorkDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A user or group ID: 0 to 4294967294 (`-1`, 4294967295, means "no change" to setuid(2) and
+/// is refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct UnixId(u32);
+
+impl UnixId {
+    /// The ID.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    /// Root's ID, 0.
+    pub const ROOT: UnixId = UnixId(0);
+}
+
+impl TryFrom<u32> for UnixId {
+    type Error = InvalidValue;
+    fn try_from(v: u32) -> Result<Self, InvalidValue> {
+        if v == u32::MAX {
+            return Err(InvalidValue::new(
+                "user or group ID",
+                &v.to_string(),
+                "is -1, which means no ID (at most 4294967294)",
+            ));
+        }
+        Ok(UnixId(v))
+    }
+}
+
+impl From<UnixId> for u32 {
+    fn from(i: UnixId) -> u32 {
+        i.0
+    }
+}
+
+impl fmt::Display for UnixId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Top-level directories a manifest may never write to or mount over: kernel interfaces and
 /// the bootstrap itself.
 pub const FORBIDDEN_ROOTS: &[&str] = &["/proc", "/sys", "/dev", "/.bootstrap"];
@@ -665,6 +826,20 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
             "keys or values nested too deeply (recursion limit)".to_owned()
         }
         None => message,
+    }
+}
+
+#[cfg(test)]
+mod image_ref_tests {
+    use super::*;
+
+    #[test]
+    fn image_refs_are_name_at_version() {
+        assert_eq!(ImageRef::new("web", "1.0").expect("ok").as_str(), "web@1.0");
+        for bad in ["web", "@1", "web@", "a@b@c", "we b@1", "w\u{1b}@1"] {
+            assert!(ImageRef::try_from(bad.to_owned()).is_err(), "{bad}");
+        }
+        assert!(ImageRef::try_from(format!("{}@1", "x".repeat(MAX_IMAGE_REF))).is_err());
     }
 }
 

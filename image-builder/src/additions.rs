@@ -280,6 +280,104 @@ impl Additions {
         Ok(!matches!(self.find(&resolved)?, Found::Missing))
     }
 
+    /// The input's regular file at `path`: every symlink on the way, the last one too,
+    /// resolved inside the input as the booted image resolves it (one that climbs above the
+    /// root is an error, never followed out). `None` when the input has nothing there; `Err`
+    /// when it has something else than a regular file. Returns the resolved path and an `O_PATH`
+    /// descriptor of the file (nothing is opened for reading: a device or FIFO is never opened).
+    fn input_file(&self, path: &str) -> Result<Option<(String, OwnedFd)>, AddError> {
+        let Some(base) = &self.base else {
+            return Ok(None);
+        };
+        let mut path = path.trim_start_matches('/').to_owned();
+        for _ in 0..=MAX_LINK_HOPS {
+            let (parent, name) = split(&path);
+            let dirs = match self.resolve(parent, &path) {
+                Ok(dirs) => dirs,
+                Err(AddError::Place {
+                    problem: Problem::NotADirectory(_),
+                    ..
+                }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let dir = dirs.join("/");
+            let here = join(&dir, name);
+            match self.find(&here)? {
+                Found::Missing => return Ok(None),
+                Found::Symlink(t) if t.starts_with('/') => path = t,
+                Found::Symlink(t) => path = join(&dir, &t),
+                Found::Dir => {
+                    return Err(self.read_err(&here, "read", io::Error::from(Errno::ISDIR)))
+                }
+                Found::Other => {
+                    let pfd = open_beneath(base, &dir)
+                        .map_err(|e| self.read_err(&here, "open", e.into()))?;
+                    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                    let fd = rustix::fs::openat2(&pfd, name, flags, Mode::empty(), STEP)
+                        .map_err(|e| self.read_err(&here, "open", e.into()))?;
+                    return Ok(Some((here, fd)));
+                }
+            }
+        }
+        Err(AddError::Place {
+            path: Shown(&path).to_string(),
+            problem: Problem::Loop,
+        })
+    }
+
+    /// The permission bits of the input's regular file at `path` (symlinks followed inside the
+    /// input, as [`Additions::read_input_file`] does); `None` when there is none there, or
+    /// something else than a regular file.
+    pub fn input_file_mode(&self, path: &str) -> Result<Option<u32>, AddError> {
+        let found = match self.input_file(path) {
+            Ok(f) => f,
+            Err(AddError::Read { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let Some((here, fd)) = found else {
+            return Ok(None);
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| self.read_err(&here, "stat", e.into()))?;
+        Ok(
+            (FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+                .then_some(st.st_mode & 0o7777),
+        )
+    }
+
+    /// The bytes of the input's regular file at `path` (`/etc/passwd`), every symlink on the
+    /// way resolved inside the input, never outside it; `None` when there is no such file.
+    /// Something else than a regular file there, or a file over `max` bytes, is an error.
+    pub fn read_input_file(&self, path: &str, max: u64) -> Result<Option<Vec<u8>>, AddError> {
+        use std::io::Read as _;
+        use std::os::fd::AsRawFd as _;
+        let Some((here, fd)) = self.input_file(path)? else {
+            return Ok(None);
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| self.read_err(&here, "stat", e.into()))?;
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            let e = invalid("not a regular file".to_owned());
+            return Err(self.read_err(&here, "read", e));
+        }
+        let size = u64::try_from(st.st_size).unwrap_or(u64::MAX);
+        if size > max {
+            let e = invalid(format!("{size} bytes, over the {max}-byte limit"));
+            return Err(self.read_err(&here, "read", e));
+        }
+        // Reopened for reading through its O_PATH descriptor: the very file checked above.
+        let file = File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| self.read_err(&here, "open", e))?;
+        let mut bytes = Vec::new();
+        file.take(max.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.read_err(&here, "read", e))?;
+        if bytes.len() as u64 > max {
+            let e = invalid(format!("over the {max}-byte limit"));
+            return Err(self.read_err(&here, "read", e));
+        }
+        Ok(Some(bytes))
+    }
+
     /// Places a file, symlink or device at `path` (its directory resolved through the input's
     /// symlinks; the last component never followed), hiding what the input has there unless
     /// that is a directory. Returns the resolved path.
@@ -585,6 +683,77 @@ mod tests {
             .expect_err("a file")
             .to_string();
         assert!(e.contains("/etc/passwd is not a directory"), "{e}");
+    }
+
+    #[test]
+    fn reads_input_files_confined_to_the_input() {
+        let t = input();
+        let r = t.path();
+        // A sentinel outside the input, and links that lead to it.
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::write(outside.path().join("passwd"), b"host").expect("file");
+        std::fs::create_dir_all(r.join("usr/etc")).expect("mkdir");
+        std::fs::write(r.join("usr/etc/group"), b"g").expect("file");
+        symlink("../usr/etc/group", r.join("etc/group")).expect("link");
+        symlink("/usr/etc/group", r.join("etc/group-abs")).expect("link");
+        symlink(outside.path().join("passwd"), r.join("etc/host-abs")).expect("link");
+        symlink("../../../../../../../../../etc/passwd", r.join("etc/climb")).expect("link");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            r.join("etc/fifo"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .expect("fifo");
+        let a = Additions::new(Some(r)).expect("open");
+        let read = |p: &str| a.read_input_file(p, 1024);
+        assert_eq!(read("etc/passwd").expect("read"), Some(b"x".to_vec()));
+        assert_eq!(read("/etc/group").expect("read"), Some(b"g".to_vec()));
+        assert_eq!(read("etc/group-abs").expect("read"), Some(b"g".to_vec()));
+        // Through sbin -> usr/sbin.
+        assert_eq!(
+            read("sbin/bootlace-init").expect("read"),
+            Some(b"old".to_vec())
+        );
+        assert_eq!(read("etc/missing").expect("read"), None);
+        assert_eq!(read("etc/passwd/x").expect("read"), None);
+        // An absolute link is taken inside the input: the host's file is never read.
+        let abs = read("etc/host-abs").expect("read");
+        assert_eq!(abs, None, "followed out of the input");
+        let e = read("etc/climb").expect_err("climbs out").to_string();
+        assert!(e.contains("resolves outside the root"), "{e}");
+        let e = read("escape/etc/passwd").expect_err("escapes").to_string();
+        assert!(e.contains("resolves outside the root"), "{e}");
+        assert!(read("loop").is_err());
+        let e = anyhow_chain(&read("etc/fifo").expect_err("fifo"));
+        assert!(e.contains("not a regular file"), "{e}");
+        assert!(read("etc").is_err(), "a directory");
+        let e = anyhow_chain(&a.read_input_file("etc/passwd", 0).expect_err("limit"));
+        assert!(e.contains("over the 0-byte limit"), "{e}");
+        // Modes: regular files only.
+        std::fs::set_permissions(
+            r.join("usr/sbin/bootlace-init"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+        assert_eq!(
+            a.input_file_mode("/sbin/bootlace-init").expect("mode"),
+            Some(0o755)
+        );
+        assert_eq!(a.input_file_mode("/etc/fifo").expect("mode"), None);
+        assert_eq!(a.input_file_mode("/etc").expect("mode"), None);
+        assert_eq!(a.input_file_mode("/nope").expect("mode"), None);
+    }
+
+    fn anyhow_chain(e: &AddError) -> String {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(c) = src {
+            s.push_str(&format!(": {c}"));
+            src = c.source();
+        }
+        s
     }
 
     #[test]

@@ -51,6 +51,7 @@ use crate::initramfs::{
 use crate::limits::{self, Budget, CountError, LimitError, Limits};
 use crate::need;
 use crate::oci::{self, Image, LayerCache, OciError};
+use crate::ociconfig::{self, ImageConfigError, ImageConfigUse};
 use crate::overlay::{self, Overlay};
 use crate::path::{normalise, Anchor, BadPath};
 use crate::progress::{CountingReader, Progress};
@@ -174,6 +175,9 @@ pub struct BakeSpec {
     pub mtime: u64,
     /// How much of the input the bake reads before it refuses it (see [`crate::limits`]).
     pub limits: Limits,
+    /// Whether and how an OCI image's config (Entrypoint, Cmd, Env, WorkingDir, User) makes
+    /// the hand-off (see [`crate::ociconfig`]).
+    pub image_config: ImageConfigUse,
 }
 
 impl BakeSpec {
@@ -203,6 +207,7 @@ impl BakeSpec {
             cache: None,
             mtime: 0,
             limits: Limits::default(),
+            image_config: ImageConfigUse::default(),
         }
     }
 
@@ -255,6 +260,15 @@ pub enum BakeError {
     /// `--qcow2-fs` names a filesystem a qcow2 is not made of.
     #[error("--qcow2-fs {0}: a qcow2 image holds erofs or ext4")]
     Qcow2Fs(FsType),
+    /// `--name`/`--version` do not make a valid `name@version`.
+    #[error("--name/--version")]
+    ImageName(#[source] bootlace_contract::config::InvalidValue),
+    /// `--cmd` for an input that is no OCI layout.
+    #[error("--cmd replaces the Cmd of an OCI image: the input is no OCI layout")]
+    CmdWithoutImage,
+    /// The OCI image's config cannot make the hand-off.
+    #[error(transparent)]
+    ImageConfig(#[from] Box<ImageConfigError>),
     /// `--stage1` with a format other than initramfs.
     #[error("--stage1 makes an initramfs: use --format initramfs")]
     Stage1Format,
@@ -465,7 +479,7 @@ pub fn bake_with(
             .dir_input()
             .map(|dir| s.spawn(|| stage::digest_dir(dir, &cancel)));
         let made = stage_input(spec, &plan, &work, progress, notes).and_then(|staged| {
-            let payload = add_payload(spec, &plan, &staged, &work)?;
+            let payload = add_payload(spec, &plan, &staged, &work, notes)?;
             make_image(spec, &plan, &work, staged, &payload, progress)
         });
         if made.is_err() {
@@ -489,8 +503,10 @@ struct Plan {
     init_path: String,
     /// The writable locations baked into the config.
     writable: Vec<String>,
-    /// `/etc/bootlace/init.toml`.
-    config_text: String,
+    /// The config to bake, before the OCI image's config is applied to it.
+    config: InitConfig,
+    /// An OCI layout input, opened (its index, manifest and config read and checked).
+    oci: Option<Image>,
     /// The initramfs's last entry, relative (`[root] unpacked_marker`).
     marker: Option<String>,
     /// The kernel modules to copy.
@@ -539,11 +555,20 @@ fn validate(spec: &BakeSpec) -> Result<Plan, BakeError> {
         .map(|m| m.relative().to_owned());
     let modules = initramfs::module_plan(&config, spec.modules.as_ref())?;
     let (out_dir, out_name) = out_paths(spec, input.as_ref())?;
+    config_text(&config)?;
+    let oci = match &input {
+        Some((layout, InputKind::Oci)) => {
+            Some(Image::open(layout, spec.oci_ref.as_deref(), &spec.limits)?)
+        }
+        _ if spec.image_config.cmd.is_some() => return Err(BakeError::CmdWithoutImage),
+        _ => None,
+    };
     Ok(Plan {
         input,
         init_path,
         writable,
-        config_text: config_text(&config)?,
+        config,
+        oci,
         marker,
         modules,
         labelled,
@@ -624,6 +649,14 @@ fn input_of(spec: &BakeSpec) -> Result<Option<(PathBuf, InputKind)>, BakeError> 
 /// init validates it; with the writable locations.
 fn config_of(spec: &BakeSpec) -> Result<(Vec<String>, InitConfig), BakeError> {
     let mut config = spec.config.clone();
+    // A named image says its name to the host in HELLO (`IMAGE`); an unnamed one keeps its
+    // bytes independent of the output's file name.
+    if let Some(name) = &spec.name {
+        config.image = Some(
+            bootlace_contract::config::ImageRef::new(name, &spec.version)
+                .map_err(BakeError::ImageName)?,
+        );
+    }
     let writable = spec
         .writable
         .clone()
@@ -665,6 +698,14 @@ fn config_of(spec: &BakeSpec) -> Result<(Vec<String>, InitConfig), BakeError> {
     config
         .validate()
         .map_err(|e| BakeError::Config(ConfigError::from(e)))?;
+    if config.vsock_trusts_only_boot_digests() {
+        log::warn!(
+            "the vsock source has nothing baked to trust a bundle by (no --digest, --trust-key \
+             or --trust-host): the guest takes a bundle only by a digest given at boot \
+             (bootlace.digest=, SMBIOS type 11 io.bootlace.digest, fw_cfg \
+             opt/io.bootlace/digest) and refuses it otherwise"
+        );
+    }
     Ok((writable, config))
 }
 
@@ -802,7 +843,11 @@ fn stage_input(
                 digest
             } else {
                 let layers = &mut staged.layers;
-                stage_oci(spec, &root, path, layers, &budget, progress, notes)?
+                let image = plan
+                    .oci
+                    .as_ref()
+                    .ok_or(BakeError::InputKind(path.clone()))?;
+                stage_oci(spec, image, &root, layers, &budget, progress, notes)?
             }
         }
     };
@@ -856,14 +901,13 @@ fn stage_tarball(
 /// Applies an OCI layout's layers into the staging tree; returns the manifest's digest.
 fn stage_oci(
     spec: &BakeSpec,
+    image: &Image,
     root: &Confined,
-    layout: &Path,
     layers: &mut Vec<(String, bool)>,
     budget: &Budget,
     progress: &Progress,
     notes: &mut dyn FnMut(&str),
 ) -> Result<String, BakeError> {
-    let image = Image::open(layout, spec.oci_ref.as_deref(), &spec.limits)?;
     let cache = spec.cache.as_deref().map(LayerCache::open).transpose()?;
     image.apply(
         root,
@@ -891,15 +935,26 @@ struct Payload {
     init_sha: String,
 }
 
-/// Step 3: the mount points, the writable directories, the init, its config and the kernel
-/// modules, resolved against the staged tree.
+/// Step 3: the mount points, the writable directories, the init, its config (with an OCI
+/// image's own config applied, read from the staged tree) and the kernel modules, resolved
+/// against the staged tree.
 fn add_payload(
     spec: &BakeSpec,
     plan: &Plan,
     staged: &Staged,
     work: &Work,
+    notes: &mut dyn FnMut(&str),
 ) -> Result<Payload, BakeError> {
     let mut a = Additions::new(staged.base.as_deref())?;
+    let mut config = plan.config.clone();
+    if let Some(image) = &plan.oci {
+        let how = &spec.image_config;
+        let note = ociconfig::apply(&mut config, &image.run, how, &mut a, &image.name);
+        if let Some(note) = note.map_err(Box::new)? {
+            notes(&note);
+        }
+    }
+    let config_text = config_text(&config)?;
     for (dir, mode) in MOUNT_POINTS {
         a.ensure_dir(dir, &Meta::root(*mode))?;
     }
@@ -918,7 +973,7 @@ fn add_payload(
         // The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
         a.put("dev/console", Node::root(Content::CharDev(5, 1), 0o600))?;
     }
-    let config = Content::Bytes(plan.config_text.clone().into_bytes());
+    let config = Content::Bytes(config_text.into_bytes());
     a.put(
         CONFIG_PATH.trim_start_matches('/'),
         Node::root(config, 0o644),
@@ -1319,15 +1374,20 @@ fn hash_counted(path: &Path, progress: &Progress) -> io::Result<(String, u64)> {
     Ok((d.hex().to_owned(), n))
 }
 
-/// The metadata of the image made.
-fn image_meta(spec: &BakeSpec, plan: &Plan, made: &Made, sha256: String, size: u64) -> ImageMeta {
-    let name = spec.name.clone().unwrap_or_else(|| {
-        Path::new(&plan.out_name)
+/// The image's name: `--name`, else the output file's stem.
+fn image_name(spec: &BakeSpec, out_name: &str) -> String {
+    spec.name.clone().unwrap_or_else(|| {
+        Path::new(out_name)
             .file_stem()
             .and_then(|s| s.to_str())
-            .unwrap_or(&plan.out_name)
+            .unwrap_or(out_name)
             .to_owned()
-    });
+    })
+}
+
+/// The metadata of the image made.
+fn image_meta(spec: &BakeSpec, plan: &Plan, made: &Made, sha256: String, size: u64) -> ImageMeta {
+    let name = image_name(spec, &plan.out_name);
     let modules = &plan.modules;
     ImageMeta {
         schema: meta::SCHEMA,
@@ -1358,6 +1418,8 @@ fn image_meta(spec: &BakeSpec, plan: &Plan, made: &Made, sha256: String, size: u
         tool_versions: made.tool_versions.clone(),
         unpacked_size: made.archive.map(|a| a.unpacked),
         min_memory_mib: Some(need::min_memory_mib(size, made.archive.as_ref())),
+        parent: None,
+        bundle: None,
     }
 }
 

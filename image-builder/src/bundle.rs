@@ -87,6 +87,14 @@ pub struct BundleSummary {
 }
 
 impl BundleFormat {
+    /// Whether it is a tarball (for the vsock source; the formats that can be signed).
+    pub fn is_tarball(self) -> bool {
+        matches!(
+            self,
+            BundleFormat::Tar | BundleFormat::TarGz | BundleFormat::TarZst
+        )
+    }
+
     /// Its name on the command line: `disk-ext4`, `disk-erofs`, `dir`, `tar`, `tar.gz`,
     /// `tar.zst`.
     pub fn as_str(self) -> &'static str {

@@ -20,6 +20,7 @@ use bootlace_image::bake::{self, BakeSpec, Format, Report, StagingMode};
 use bootlace_image::bundle::{self, BundleFormat, BundleSummary};
 use bootlace_image::initramfs::Modules;
 use bootlace_image::limits::{self, Limits};
+use bootlace_image::ociconfig::ImageConfigUse;
 use bootlace_image::progress::{self, Progress, Ticker};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -61,6 +62,21 @@ enum Cmd {
     /// init will.
     #[command(after_help = EXIT_STATUS)]
     Bundle(BundleArgs),
+    /// Make an ed25519 key pair for signing bundles: KEY (the private key, PKCS#8 PEM, mode
+    /// 0600) and KEY.pub (the public key, SPKI PEM, for `bake --trust-key`). Never overwrites.
+    /// Keys made by `openssl genpkey -algorithm ed25519` (and `openssl pkey -pubout`) work too.
+    #[command(after_help = EXIT_STATUS)]
+    Keygen {
+        /// The private key file to write; the public key goes to KEY.pub.
+        #[arg(long, short, value_name = "KEY")]
+        out: PathBuf,
+    },
+    /// Capture a configured guest: boot an ext4 image from --images with a bundle over vsock
+    /// (the poweroff hand-off), wait for it to apply the configuration and power off cleanly,
+    /// then bake its root into the next version of the image (metadata: parent, bundle).
+    /// Runs as root (it loop-mounts its work copy) and runs bootlace-vm.
+    #[command(after_help = EXIT_STATUS)]
+    Capture(CaptureArgs),
     /// List the entries of an initramfs (newc, plain, gzip or zstd).
     #[command(after_help = EXIT_STATUS)]
     List {
@@ -92,6 +108,55 @@ impl From<BundleFormatArg> for BundleFormat {
             BundleFormatArg::TarZst => BundleFormat::TarZst,
         }
     }
+}
+
+/// `bootlace-image capture`.
+#[derive(clap::Args, Debug)]
+struct CaptureArgs {
+    /// Directory of baked images: the parent is read from it, the new version written to it.
+    #[arg(long)]
+    images: PathBuf,
+    /// The parent image: NAME (its default version) or NAME@VERSION.
+    #[arg(long)]
+    image: String,
+    /// The configuration bundle: a tarball (bootlace-image bundle --format tar|tar.gz|tar.zst).
+    #[arg(long)]
+    bundle: PathBuf,
+    /// The new version [default: the highest version of the name, its last number plus one:
+    /// 1 -> 2, 1.0 -> 1.1, 1.9 -> 1.10]. An existing version is never replaced.
+    #[arg(long)]
+    version: Option<String>,
+    /// The bootlace-vm binary [default: $BOOTLACE_VM, else bootlace-vm beside this binary,
+    /// else bootlace-vm on PATH].
+    #[arg(long)]
+    vm: Option<PathBuf>,
+    /// Kernel for the capture boot (bootlace-vm --kernel).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Stage-1 initramfs for the capture boot [default: the newest in --images].
+    #[arg(long)]
+    stage1: Option<PathBuf>,
+    /// Guest memory in MiB for the capture boot (bootlace-vm --memory).
+    #[arg(long)]
+    memory: Option<u32>,
+    /// Use KVM for the capture boot.
+    #[arg(long)]
+    kvm: bool,
+    /// The capture boot's limit in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Free space given to the work copy for the configuration, MiB.
+    #[arg(long, default_value_t = 256)]
+    grow_mib: u64,
+    /// Kernel modules for the bake (the parent's kernel release under it).
+    #[arg(long, default_value = "/lib/modules")]
+    modules_root: PathBuf,
+    /// Keep the capture boot's console in this file.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Print the result as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 /// How a command reports: text or JSON on stdout, a progress line on stderr.
@@ -160,6 +225,12 @@ struct BundleArgs {
     /// Filesystem label the init looks for.
     #[arg(long, default_value = "BOOTLACE")]
     label: String,
+    /// Sign the tarball with this ed25519 private key (PKCS#8 PEM, from `keygen`): writes
+    /// <out>.sig, one line `ed25519:<base64>`, a signature of the tarball's sha256, which
+    /// `bootlace-agent` and `bootlace-vm --bootstrap-vsock` send with the bundle. Tarball
+    /// formats only. Without it, a stale <out>.sig is removed.
+    #[arg(long, value_name = "KEY")]
+    sign: Option<PathBuf>,
     #[command(flatten)]
     limits: BundleLimitArgs,
     #[command(flatten)]
@@ -177,9 +248,18 @@ struct ConfigArgs {
     /// Hand-off mode: exec (replace PID 1) or supervise (run as child, stay PID 1).
     #[arg(long, value_name = "exec|supervise")]
     handoff: Option<HandoffMode>,
-    /// Hand-off command, shell-style words: "/sbin/init" or "/bin/app --flag".
+    /// Hand-off command, shell-style words: "/sbin/init" or "/bin/app --flag". With an OCI
+    /// layout it replaces the image's Entrypoint and Cmd (as docker run --entrypoint does).
     #[arg(long, value_parser = parse_command)]
     exec: Option<Command>,
+    /// With an OCI layout: arguments in place of the image's Cmd, its Entrypoint kept (as the
+    /// arguments of docker run IMAGE ARGS), shell-style words.
+    #[arg(long, value_name = "WORDS", value_parser = parse_words, conflicts_with = "exec")]
+    cmd: Option<Words>,
+    /// With an OCI layout: take nothing from the image's config (Entrypoint, Cmd, Env,
+    /// WorkingDir, User); the hand-off is what the flags and --config say, as for a directory.
+    #[arg(long, conflicts_with = "cmd")]
+    ignore_image_config: bool,
     /// Failure policy: poweroff, continue or shell.
     #[arg(long, value_name = "poweroff|continue|shell")]
     on_failure: Option<FailurePolicy>,
@@ -187,7 +267,8 @@ struct ConfigArgs {
     #[arg(long, value_name = "LEVEL")]
     log: Option<LogLevel>,
     /// Bootstrap sources, looked at together (the first to appear wins; the order breaks ties):
-    /// disk, 9p, vsock (comma-separated; vsock needs --host and --digest).
+    /// disk, 9p, vsock (comma-separated; vsock needs --host, and trusts a bundle by --digest,
+    /// --trust-key, --trust-host or a digest given at boot).
     #[arg(long, value_delimiter = ',', value_name = "disk|9p|vsock")]
     source: Option<Vec<Source>>,
     /// Boot on when no bootstrap is found (default: a missing bootstrap is a failure).
@@ -203,8 +284,19 @@ struct ConfigArgs {
     #[arg(long)]
     host: Option<HostAddress>,
     /// Pinned digest of the vsock bundle: sha256:HEX (as `bootlace-image bundle` prints).
+    /// When given it alone decides which bundle the guest takes.
     #[arg(long)]
     digest: Option<Sha256Digest>,
+    /// Trust vsock bundles signed by this ed25519 public key (repeatable, for a key
+    /// rotation): a file (SPKI PEM, e.g. KEY.pub from `keygen`, or one line ed25519:<base64>)
+    /// or the ed25519:<base64> value itself. Baked as [host] trust_keys.
+    #[arg(long = "trust-key", value_name = "PUB")]
+    trust_keys: Vec<String>,
+    /// Take a vsock bundle as the host serves it when nothing else decides (no pinned or
+    /// out-of-band digest, no trusted keys): trusts the host agent and the vsock path with
+    /// the guest. Baked as [host] trust_host = true.
+    #[arg(long)]
+    trust_host: bool,
     /// Kernel module to load at boot (with its dependencies); repeatable.
     #[arg(long = "module")]
     modules: Vec<ModuleName>,
@@ -407,9 +499,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = a.report;
             run_bake(&initramfs_spec(*a)?, report)
         }
+        Cmd::Capture(a) => capture_cmd(a),
         Cmd::List { file } => list(&file),
+        Cmd::Keygen { out } => keygen(&out),
         Cmd::Bundle(a) => bundle_cmd(a),
     }
+}
+
+/// `--cmd`: argv words.
+#[derive(Debug, Clone)]
+struct Words(Vec<String>);
+
+fn parse_words(value: &str) -> Result<Words, InvalidValue> {
+    bootlace_contract::cmdline::split_command(value)
+        .map(Words)
+        .map_err(|e| InvalidValue::new("--cmd", value, e.to_string()))
+}
+
+/// How an OCI image's config is used: the flags, and whether `--config` sets the hand-off's
+/// `command` or `mode` itself (then the image's do not replace them).
+fn image_config_use(a: &ConfigArgs) -> anyhow::Result<ImageConfigUse> {
+    let (mut mode_given, mut command_given) = (a.handoff.is_some(), a.exec.is_some());
+    if let Some(path) = &a.config {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let handoff = table.get("handoff").and_then(toml::Value::as_table);
+        let has = |key: &str| handoff.is_some_and(|h| h.contains_key(key));
+        mode_given |= has("mode");
+        command_given |= has("command");
+    }
+    Ok(ImageConfigUse {
+        apply: !a.ignore_image_config,
+        command_given,
+        mode_given,
+        cmd: a.cmd.clone().map(|w| w.0),
+    })
 }
 
 /// The base config (a file or the defaults) with the flags applied.
@@ -420,7 +546,100 @@ fn build_config(a: &ConfigArgs) -> anyhow::Result<InitConfig> {
         None => InitConfig::default(),
     };
     cfg.apply(&a.overrides());
+    for arg in &a.trust_keys {
+        let key = bootlace_image::keys::read_public_key(arg).context("--trust-key")?;
+        if !cfg.host.trust_keys.contains(&key) {
+            cfg.host.trust_keys.push(key);
+        }
+    }
+    if a.trust_host {
+        cfg.host.trust_host = true;
+    }
     Ok(cfg)
+}
+
+/// The bootlace-vm binary: `--vm`, `$BOOTLACE_VM`, beside this binary, or on PATH.
+fn vm_binary(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| std::env::var_os("BOOTLACE_VM").map(PathBuf::from))
+        .or_else(|| {
+            let beside = std::env::current_exe().ok()?.with_file_name("bootlace-vm");
+            beside.is_file().then_some(beside)
+        })
+        .unwrap_or_else(|| PathBuf::from("bootlace-vm"))
+}
+
+fn capture_cmd(a: CaptureArgs) -> anyhow::Result<()> {
+    let mut vm_args = Vec::new();
+    for (flag, value) in [
+        ("--kernel", a.kernel.map(PathBuf::into_os_string)),
+        ("--memory", a.memory.map(|m| m.to_string().into())),
+    ] {
+        if let Some(v) = value {
+            vm_args.push(flag.to_owned());
+            vm_args.push(v.to_string_lossy().into_owned());
+        }
+    }
+    if a.kvm {
+        vm_args.push("--kvm".to_owned());
+    }
+    let mtime = match std::env::var_os("SOURCE_DATE_EPOCH") {
+        Some(_) => Some(bake::source_date_epoch()?),
+        None => None,
+    };
+    let spec = bootlace_image::capture::CaptureSpec {
+        images: a.images,
+        image: a.image,
+        bundle: a.bundle,
+        version: a.version,
+        vm: vm_binary(a.vm),
+        vm_args,
+        stage1: a.stage1,
+        timeout_s: a.timeout,
+        modules_root: a.modules_root,
+        grow_mib: a.grow_mib,
+        mtime,
+        console_log: a.console_log,
+    };
+    let c = bootlace_image::capture::capture(&spec)?;
+    if a.json {
+        let v = serde_json::json!({
+            "image": c.meta.image_path(&c.meta_path),
+            "meta_path": c.meta_path,
+            "meta": c.meta,
+            "excluded": c.excluded,
+            "boot_s": c.boot.as_secs_f64(),
+            "total_s": c.total.as_secs_f64(),
+        });
+        println!("{v}");
+    } else {
+        let p = c.meta.parent.as_ref();
+        println!(
+            "captured {} from {} with bundle {} in {:.1} s (boot {:.1} s)",
+            c.meta.id(),
+            p.map_or_else(String::new, |p| format!("{}@{}", p.name, p.version)),
+            c.meta.bundle.as_ref().map_or("", |b| b.sha256.as_str()),
+            c.total.as_secs_f64(),
+            c.boot.as_secs_f64()
+        );
+        println!("image: {}", c.meta.image_path(&c.meta_path).display());
+        println!("sha256: {}", c.meta.sha256);
+        for e in &c.excluded {
+            println!("excluded: {e}");
+        }
+    }
+    Ok(())
+}
+
+fn keygen(out: &Path) -> anyhow::Result<()> {
+    let key = bootlace_image::keys::keygen(out)?;
+    println!(
+        "wrote {} (private, 0600) and {}",
+        out.display(),
+        bootlace_image::keys::public_path(out).display()
+    );
+    println!("{key}");
+    Ok(())
 }
 
 fn kernel_release(a: &ConfigArgs) -> anyhow::Result<String> {
@@ -517,6 +736,7 @@ fn bake_spec(a: BakeArgs) -> anyhow::Result<BakeSpec> {
     spec.cache = layer_cache(a.cache, a.no_cache);
     spec.limits = a.limits.into();
     spec.mtime = bake::source_date_epoch()?;
+    spec.image_config = image_config_use(&a.cfg)?;
     let writable = !spec
         .writable
         .clone()
@@ -542,6 +762,7 @@ fn initramfs_spec(a: InitramfsArgs) -> anyhow::Result<BakeSpec> {
     spec.cache = layer_cache(None, false);
     spec.limits = a.limits.into();
     spec.mtime = bake::source_date_epoch()?;
+    spec.image_config = image_config_use(&a.cfg)?;
     Ok(spec)
 }
 
@@ -685,6 +906,17 @@ fn print_contents(m: &bootlace_contract::image::ImageMeta) {
 
 fn bundle_cmd(a: BundleArgs) -> anyhow::Result<()> {
     let format = BundleFormat::from(a.format);
+    // The key is read before anything is made: a bad key leaves nothing behind.
+    let key = match &a.sign {
+        Some(_) if !format.is_tarball() => {
+            return Err(anyhow!(
+                "--sign applies to the vsock tarballs (tar, tar.gz, tar.zst), not {}",
+                format.as_str()
+            ))
+        }
+        Some(path) => Some(bootlace_image::keys::read_signing_key(path).context("--sign")?),
+        None => None,
+    };
     let mtime = bake::source_date_epoch()?;
     let progress = Arc::new(Progress::new());
     let ticker = ticker(&progress, a.report);
@@ -696,8 +928,13 @@ fn bundle_cmd(a: BundleArgs) -> anyhow::Result<()> {
     let s = bundle::build_with(&a.dir, format, &a.label, mtime, &a.out, &limits, &progress);
     drop(ticker);
     let s = s?;
+    let signature = sign_or_clear(&a.out, format, key.as_ref(), &s)?;
     if a.report.json {
-        println!("{}", bundle_json(&a.out, format, &a.label, &s));
+        let mut j = bundle_json(&a.out, format, &a.label, &s);
+        j["signature"] = serde_json::json!(signature.as_ref().map(|(p, sig, key)| {
+            serde_json::json!({"path": p, "signature": sig.to_string(), "key": key.to_string()})
+        }));
+        println!("{j}");
         return Ok(());
     }
     println!(
@@ -712,7 +949,46 @@ fn bundle_cmd(a: BundleArgs) -> anyhow::Result<()> {
     if let Some(d) = &s.sha256 {
         println!("sha256:{d}");
     }
+    if let Some((path, _, key)) = &signature {
+        println!("signed by {key}: {}", path.display());
+    }
     Ok(())
+}
+
+/// A signed tarball's sidecar, written after the tarball (which is removed again if the
+/// sidecar cannot be written); without a key, a stale sidecar of an earlier build is removed.
+fn sign_or_clear(
+    out: &Path,
+    format: BundleFormat,
+    key: Option<&bootlace_contract::signature::SigningKey>,
+    s: &BundleSummary,
+) -> anyhow::Result<
+    Option<(
+        PathBuf,
+        bootlace_contract::signature::Signature,
+        bootlace_contract::signature::PublicKey,
+    )>,
+> {
+    let sidecar = bootlace_image::keys::signature_path(out);
+    let (Some(key), Some(hex)) = (key, &s.sha256) else {
+        if format.is_tarball() && sidecar.exists() {
+            std::fs::remove_file(&sidecar)
+                .with_context(|| format!("remove the stale {}", sidecar.display()))?;
+            progress::note(&format!(
+                "bootlace-image: removed {}: it signed an earlier build",
+                sidecar.display()
+            ));
+        }
+        return Ok(None);
+    };
+    let digest: Sha256Digest = format!("sha256:{hex}").parse()?;
+    match bootlace_image::keys::write_signature(out, key, &digest) {
+        Ok((path, sig)) => Ok(Some((path, sig, key.public()))),
+        Err(e) => {
+            let _ = std::fs::remove_file(out);
+            Err(e.into())
+        }
+    }
 }
 
 /// The bundle's result as one JSON object.

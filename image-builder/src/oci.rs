@@ -26,6 +26,7 @@ use bootlace_contract::digest::{self, HashingReader};
 use serde::Deserialize;
 
 use crate::limits::{Budget, LimitError, Limits, RatioGuard};
+use crate::ociconfig::{RunConfig, RunConfigError};
 use crate::progress::Progress;
 use crate::stage::{self, Confined, StageError, Writer};
 
@@ -86,6 +87,9 @@ pub enum OciError {
     /// A JSON document of the layout is over `--max-json-bytes`.
     #[error(transparent)]
     Limit(#[from] LimitError),
+    /// The image's config says to run it in a way that cannot be (a NUL in `Cmd`, …).
+    #[error(transparent)]
+    RunConfig(#[from] RunConfigError),
     /// The layer cache could not be used.
     #[error("layer cache {}", path.display())]
     Cache {
@@ -177,6 +181,10 @@ pub struct Image {
     pub manifest_digest: String,
     /// The layers, bottom first.
     pub layers: Vec<Descriptor>,
+    /// How the image says to run it: its config's Entrypoint, Cmd, Env, WorkingDir, User.
+    pub run: RunConfig,
+    /// The image as errors about its config name it (`OCI layout ./img (config sha256:…)`).
+    pub name: String,
 }
 
 fn parse_digest(layout: &Path, digest: &str) -> Result<PathBuf, OciError> {
@@ -261,8 +269,14 @@ impl Image {
                 chosen.digest, manifest.schema_version
             )));
         }
-        // The config is read to check it; its contents are not needed.
-        read_json_blob(layout, &manifest.config, max)?;
+        // The config: checked like every blob, and read for how to run the image.
+        let config = read_json_blob(layout, &manifest.config, max)?;
+        let name = format!(
+            "OCI layout {} (config {})",
+            layout.display(),
+            manifest.config.digest
+        );
+        let run = RunConfig::from_json(&config, &name)?;
         for l in &manifest.layers {
             if layer_compression(&l.media_type).is_none() {
                 return Err(bad(format!(
@@ -277,6 +291,8 @@ impl Image {
             limits: *limits,
             manifest_digest: chosen.digest,
             layers: manifest.layers,
+            run,
+            name,
         })
     }
 

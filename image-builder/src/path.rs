@@ -37,7 +37,8 @@ pub enum BadPath {
 }
 
 /// Normalises a path: `.` components, repeated and trailing `/` (and the leading `/` of an
-/// [`Anchor::Absolute`] path) are dropped, giving `etc/passwd`; `Ok(None)` for the root itself.
+/// [`Anchor::Absolute`] path) are dropped, giving `etc/passwd`; `Ok(None)` for the root itself
+/// (`.`, `./`, and `/` alone in an archive).
 /// Refused: non-UTF-8, NUL, `..`, a component over 255 bytes, and a path anchored the other way.
 pub fn normalise(raw: &[u8], anchor: Anchor) -> Result<Option<String>, BadPath> {
     let s = std::str::from_utf8(raw).map_err(|_| BadPath::NotUtf8)?;
@@ -45,6 +46,9 @@ pub fn normalise(raw: &[u8], anchor: Anchor) -> Result<Option<String>, BadPath> 
         return Err(BadPath::Nul);
     }
     let s = match (anchor, s.strip_prefix('/')) {
+        // `/` alone names the root, as `./` does (umoci's `insert … /` writes such an entry);
+        // it reaches nothing outside.
+        (Anchor::Relative, Some(rest)) if rest.bytes().all(|b| b == b'/') => return Ok(None),
         (Anchor::Relative, Some(_)) => return Err(BadPath::Absolute),
         (Anchor::Relative, None) => s,
         (Anchor::Absolute, Some(rest)) => rest,
@@ -106,6 +110,8 @@ mod tests {
             ),
             ("//sbin/./x/", Anchor::Absolute, Some("sbin/x")),
             ("/", Anchor::Absolute, None),
+            ("/", Anchor::Relative, None),
+            ("//", Anchor::Relative, None),
         ];
         for (raw, anchor, want) in ok {
             assert_eq!(

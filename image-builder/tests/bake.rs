@@ -512,6 +512,61 @@ fn oci_layers_whiteouts_opaque_dirs_and_the_cache() -> Result<()> {
     Ok(())
 }
 
+/// Layers cached by digest are reused across images: two OCI layouts (two images) sharing a
+/// base layer, baked into one cache; the second bake takes the base from the cache
+/// (`layer sha256:… cached`) and unpacks only its own layer, and each image has its own files
+/// over the shared base.
+#[test]
+#[ignore = "needs root"]
+fn a_layer_cached_by_one_image_is_reused_by_another() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let cache = tmp.path().join("cache");
+    let base = two_layers().swap_remove(0);
+    let mut bakes = Vec::new();
+    for (name, file) in [("web", "opt/web"), ("db", "opt/db")] {
+        let app = gzip(&tar_bytes(&[
+            E::Dir("opt/", 0o755),
+            E::File(file, name.as_bytes(), 0o644, 0),
+        ]));
+        let layout = tmp.path().join(format!("{name}-layout"));
+        let digests = oci_layout(&layout, &[base.clone(), (TAR_GZ, app)])?;
+        let out = tmp.path().join(format!("{name}.squashfs"));
+        let mut s = spec(Format::Squashfs, &out, &layout, &init);
+        s.name = Some(name.to_owned());
+        s.cache = Some(cache.clone());
+        let mut lines = Vec::new();
+        let report = bake(&s, &mut |l| lines.push(l.to_owned()))?;
+        let x = tmp.path().join(format!("{name}.x"));
+        unsquash(&out, &x)?;
+        assert_eq!(std::fs::read_to_string(x.join("opt").join(name))?, name);
+        assert_eq!(std::fs::read_to_string(x.join("etc/a.conf"))?, "a", "base");
+        bakes.push((digests, report.layers, lines));
+    }
+    let (web, db) = (&bakes[0], &bakes[1]);
+    assert_eq!(web.0[0], db.0[0], "the base layer is the same blob");
+    assert_ne!(web.0[1], db.0[1]);
+    // The first image fills the cache; the second reuses the base and unpacks its own layer.
+    assert_eq!(
+        web.1,
+        [(web.0[0].clone(), false), (web.0[1].clone(), false)]
+    );
+    assert_eq!(db.1, [(db.0[0].clone(), true), (db.0[1].clone(), false)]);
+    assert!(
+        db.2.contains(&format!("layer {} cached", db.0[0])),
+        "{:?}",
+        db.2
+    );
+    assert!(
+        !db.2.contains(&format!("layer {} cached", db.0[1])),
+        "{:?}",
+        db.2
+    );
+    // One entry per distinct layer: three, not four.
+    assert_eq!(names(&cache.join("sha256"))?.len(), 3);
+    Ok(())
+}
+
 /// Opaque markers after the layer's own entries: in the bottom layer (nothing below to remove)
 /// and in an upper one whose own entry sorts before the marker (`-x`); with and without the
 /// cache, the layer's own entries stay and only the lower layer's go.
@@ -1280,5 +1335,107 @@ fn json_results_and_the_initramfs_alias() -> Result<()> {
     let entries = bootlace_image::cpio::read_all(&std::fs::read(&plain)?)?;
     assert!(entries.iter().any(|e| e.header.name == "etc/hostname"));
     assert!(ImageMeta::path_for(&old).is_file());
+    Ok(())
+}
+
+#[test]
+fn a_named_image_tells_its_init_its_name() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let root = tmp.path().join("rootfs");
+    std::fs::create_dir_all(root.join("etc"))?;
+    let bake = |out: &Path, name: &str| {
+        cli(&[
+            "bake".as_ref(),
+            "--format".as_ref(),
+            "initramfs".as_ref(),
+            "--compress".as_ref(),
+            "none".as_ref(),
+            "--input".as_ref(),
+            root.as_os_str(),
+            "--init".as_ref(),
+            init.as_os_str(),
+            "--name".as_ref(),
+            name.as_ref(),
+            "--version".as_ref(),
+            "2.1".as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ])
+    };
+    let out = tmp.path().join("web.img");
+    let (code, _, stderr) = bake(&out, "web")?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let entries = bootlace_image::cpio::read_all(&std::fs::read(&out)?)?;
+    let config = entries
+        .iter()
+        .find(|e| e.header.name == "etc/bootlace/init.toml")
+        .map(|e| String::from_utf8_lossy(&e.data).into_owned())
+        .expect("init.toml in the image");
+    assert!(config.contains("image = \"web@2.1\""), "{config}");
+    // A name that cannot be said in HELLO is refused, with nothing written.
+    let bad = tmp.path().join("bad.img");
+    let (code, _, stderr) = bake(&bad, "we b")?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--name/--version") && stderr.contains("name@version"),
+        "{stderr}"
+    );
+    assert!(!bad.exists());
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root"]
+fn capture_refuses_a_base_without_a_vsock_driver_and_writes_nothing() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let init = fake_init(tmp.path())?;
+    let root = tmp.path().join("rootfs");
+    std::fs::create_dir_all(root.join("etc"))?;
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images)?;
+    let out = images.join("app-1.0.ext4");
+    let (code, _, stderr) = cli(&[
+        "bake".as_ref(),
+        "--format".as_ref(),
+        "ext4".as_ref(),
+        "--input".as_ref(),
+        root.as_os_str(),
+        "--init".as_ref(),
+        init.as_os_str(),
+        "--name".as_ref(),
+        "app".as_ref(),
+        "--version".as_ref(),
+        "1.0".as_ref(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let bundle = tmp.path().join("b.tar");
+    std::fs::write(&bundle, b"")?;
+    let before: Vec<_> = std::fs::read_dir(&images)?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let (code, _, stderr) = cli(&[
+        "capture".as_ref(),
+        "--images".as_ref(),
+        images.as_os_str(),
+        "--image".as_ref(),
+        "app@1.0".as_ref(),
+        "--bundle".as_ref(),
+        bundle.as_os_str(),
+    ])?;
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("has no vsock driver")
+            && stderr.contains("--extra-module vmw_vsock_virtio_transport"),
+        "{stderr}"
+    );
+    let after: Vec<_> = std::fs::read_dir(&images)?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(before.len(), after.len(), "capture left something behind");
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! `bootlace-image` refuses at bake time what the init would refuse at boot, with the same
-//! validation (bootlace-contract's config): a vsock source without a host and a digest, an
+//! validation (bootlace-contract's config): a vsock source without a host, a bad trusted key, an
 //! unknown source (naming the known ones), and — what only the builder can know — a source the
 //! target kernel has no drivers for. Each refusal leaves no output and no metadata.
 
@@ -71,9 +71,9 @@ fn what_the_init_refuses_the_builder_refuses() {
             "the vsock source needs a host (host.address, bootlace.host= or --host vsock:2:PORT)",
         ),
         (
-            &["--source", "vsock", "--host", "vsock:2:1024"],
+            &["--source", "vsock", "--host", "vsock:2:1024", "--trust-key", "ed25519:AAAA"],
             1,
-            "the vsock source needs a pinned digest",
+            "--trust-key: ed25519:AAAA: public key \"ed25519:AAAA\" must be ed25519:<base64 of 32 bytes>",
         ),
         (
             &[

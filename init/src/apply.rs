@@ -21,7 +21,7 @@ use crate::modload::{ModLoadError, ModuleLoader};
 use crate::supervise::{self, handoff_env, StepEnd};
 use crate::sys::root::{fd_path, Root, RootError};
 use crate::sys::{self, Ended, Flags};
-use bootlace_contract::config::InitConfig;
+use bootlace_contract::config::{HandoffMode, InitConfig};
 use bootlace_contract::drivers;
 
 /// How long a `disk` mount waits for its device to appear.
@@ -124,8 +124,18 @@ pub fn merge_handoff(cfg: &mut InitConfig, manifest: &Manifest) {
     for (k, v) in &manifest.env {
         cfg.handoff.env.insert(k.clone(), v.clone());
     }
-    if let Some(mode) = manifest.handoff.mode {
-        cfg.handoff.mode = mode;
+    // A poweroff hand-off (a capture boot) stays: the guest must end once configured.
+    match manifest.handoff.mode {
+        Some(mode)
+            if cfg.handoff.mode == HandoffMode::Poweroff && mode != HandoffMode::Poweroff =>
+        {
+            log::info!(
+                "manifest: [handoff] mode {} not taken: this boot's hand-off is poweroff",
+                mode.as_str()
+            );
+        }
+        Some(mode) => cfg.handoff.mode = mode,
+        None => {}
     }
     if let Some(cmd) = &manifest.handoff.command {
         cfg.handoff.command = cmd.clone();
@@ -537,4 +547,26 @@ fn find_disk(label: &str, path: &str, loader: &mut ModuleLoader) -> Result<Block
     )?;
     loader.load_best_effort(drivers::filesystem(found.fstype));
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_cannot_move_a_poweroff_handoff_but_can_others() {
+        let m = Manifest::parse(
+            "version = 1\n[env]\nA = \"1\"\n[handoff]\nmode = \"supervise\"\ncommand = [\"/bin/app\"]\n",
+            Path::new("bootlace.toml"),
+        )
+        .expect("manifest");
+        let mut cfg = InitConfig::default();
+        cfg.handoff.mode = HandoffMode::Poweroff;
+        merge_handoff(&mut cfg, &m);
+        assert_eq!(cfg.handoff.mode, HandoffMode::Poweroff);
+        let mut cfg = InitConfig::default();
+        merge_handoff(&mut cfg, &m);
+        assert_eq!(cfg.handoff.mode, HandoffMode::Supervise);
+        assert_eq!(cfg.handoff.command.to_string(), "/bin/app");
+    }
 }

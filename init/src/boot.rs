@@ -9,7 +9,8 @@
 //! 5. the writable locations of a read-only root;
 //! 6. the bootstrap: find, mount, apply the manifest, READY, unmount and remove — the cleanup
 //!    runs whenever something was mounted, whatever failed;
-//! 7. the hand-off: exec the real init, or supervise the application and power off.
+//! 7. the hand-off: exec the real init, or supervise the application and power off, or (a
+//!    capture boot) power off with status 0 at once.
 //!
 //! Just before READY (after the manifest, or before the hand-off without a bootstrap), the
 //! guest's identity is set: its machine ID, and systemd's environment when systemd is the real
@@ -36,7 +37,7 @@ use crate::machine::{Machine, RealMachine};
 use crate::modload::ModLoadError;
 use crate::mounts::MountError;
 use crate::stage1::Stage1Error;
-use crate::supervise::{handoff_env, AppEnd};
+use crate::supervise::{handoff_env, AppEnd, RunAs};
 use crate::timeline::Timeline;
 use crate::unpacked::Truncated;
 use crate::{logger, sys, VERSION};
@@ -209,7 +210,10 @@ impl<'m, M: Machine> Boot<'m, M> {
     /// reported; then the failure of step 1, if any.
     fn connect_host(&mut self) {
         if self.config.host.address.is_some() {
-            if let Err(e) = self.m.connect_host(&self.config.host) {
+            if let Err(e) = self
+                .m
+                .connect_host(&self.config.host, self.config.image.as_ref())
+            {
                 self.fail(&BootError::Host(e));
             }
             self.step_done("host");
@@ -325,15 +329,17 @@ impl<'m, M: Machine> Boot<'m, M> {
         );
         let env = handoff_env(&self.config);
         let cmd = self.config.handoff.command.clone();
+        let run_as = RunAs::of(&self.config.handoff);
         log::info!("hand-off: {}", handoff_what(&self.config));
         let e = match self.config.handoff.mode {
+            HandoffMode::Poweroff => self.configured_poweroff(),
             HandoffMode::Exec => BootError::Exec {
                 path: cmd.program().to_owned(),
-                source: self.m.exec(&cmd, &env),
+                source: self.m.exec(&cmd, &env, &run_as),
             },
             HandoffMode::Supervise => {
                 let grace = Duration::from_millis(self.config.handoff.shutdown_grace_ms);
-                match self.m.supervise(&cmd, &env, grace) {
+                match self.m.supervise(&cmd, &env, &run_as, grace) {
                     Ok(end) => self.app_ended(&end, &cmd),
                     Err(e) => BootError::Supervise(e),
                 }
@@ -342,6 +348,21 @@ impl<'m, M: Machine> Boot<'m, M> {
         // `continue` has nothing left to continue to.
         self.fail(&e);
         self.m.power_off(e.status(), &chain(&e))
+    }
+
+    /// The `poweroff` hand-off (a capture boot): nothing is run; sync, EXIT 0 to the host,
+    /// power off with status 0.
+    fn configured_poweroff(&mut self) -> ! {
+        let summary = "configuration applied; hand-off poweroff";
+        self.m.sync();
+        self.m.report(
+            Kind::Exit,
+            &[
+                ("EXIT_STATUS", "0".to_owned()),
+                ("STATUS", summary.to_owned()),
+            ],
+        );
+        self.m.power_off(ExitStatus::Exited(0), summary)
     }
 
     /// The supervised application has ended (or never started): EXIT to the host, power off.
@@ -389,7 +410,11 @@ impl<'m, M: Machine> Boot<'m, M> {
     /// `config` is the one the hand-off will use.
     fn report_ready(&mut self, config: &InitConfig) {
         // The guest is itself before it says it is ready: nothing after READY holds the hand-off.
-        if let Err(e) = self.m.identity(config, self.instance_id.as_deref()) {
+        // A poweroff hand-off (a capture boot) is no guest of its own: it gets no identity,
+        // so no machine ID is written into what will be captured.
+        if config.handoff.mode == HandoffMode::Poweroff {
+            log::info!("identity: not set (hand-off poweroff)");
+        } else if let Err(e) = self.m.identity(config, self.instance_id.as_deref()) {
             self.fail(&BootError::Identity(e));
         }
         let now = self.m.now();
@@ -440,11 +465,13 @@ impl<'m, M: Machine> Boot<'m, M> {
     }
 }
 
-/// `exec /sbin/init` or `supervise /bin/app --flag`.
+/// `exec /sbin/init` or `supervise /bin/app --flag` (` in /srv as 1000:1000` when the
+/// hand-off has a working directory or credentials of its own).
 fn handoff_what(config: &InitConfig) -> String {
     format!(
-        "{} {}",
+        "{} {}{}",
         config.handoff.mode.as_str(),
-        config.handoff.command
+        config.handoff.command,
+        RunAs::of(&config.handoff).describe()
     )
 }

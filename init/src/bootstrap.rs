@@ -13,6 +13,7 @@ use bootlace_contract::compression::{Compression, UnknownCompression};
 use bootlace_contract::config::{Bootstrap, InitConfig, Source};
 use bootlace_contract::drivers;
 use bootlace_contract::manifest::{Manifest, ManifestError, MANIFEST_NAME};
+use bootlace_contract::trust::{OutOfBand, Policy, TrustError, Trusted};
 
 use crate::apply::{self, Applied, ApplyError};
 use crate::blkprobe::FsType;
@@ -21,6 +22,7 @@ use crate::extract::{self, ExtractError, Limits};
 use crate::memory::MemInfo;
 use crate::modload::ModuleLoader;
 use crate::mounts;
+use crate::oob::{self, OobError};
 use crate::sys::root::{Root, RootError};
 use crate::sys::{self, Flags};
 
@@ -48,9 +50,13 @@ pub enum BootstrapError {
     /// The vsock source was found without a host connection to fetch from.
     #[error("the host is not connected: no bundle to fetch")]
     NoHost,
-    /// The vsock source without a pinned digest (the config check refuses this first).
-    #[error("the vsock source needs a pinned digest (host.digest or bootlace.digest=sha256:…)")]
-    NoDigest,
+    /// The vsock bundle is not trusted (see `bootlace_contract::trust`); nothing of it was
+    /// stored.
+    #[error(transparent)]
+    Untrusted(TrustError),
+    /// The out-of-band digest (SMBIOS type 11, fw_cfg) is malformed or ambiguous.
+    #[error("out-of-band bundle digest")]
+    OutOfBand(#[source] OobError),
     /// The unnamed file that receives the bundle could not be made or read.
     #[error("spool the bundle on {BOOTSTRAP_DIR}")]
     Spool(#[source] io::Error),
@@ -71,13 +77,15 @@ pub enum BootstrapError {
     /// Fetching the bundle from the host failed.
     #[error("fetch from the host")]
     Fetch(#[source] ClientError),
-    /// The bundle's digest is not the pinned one.
-    #[error("bundle digest mismatch: received sha256:{got}, pinned sha256:{pinned}; nothing was extracted")]
+    /// The bundle's digest is not the one it is trusted by.
+    #[error(
+        "bundle digest mismatch: received sha256:{got}, trusted {trusted}; nothing was extracted"
+    )]
     Digest {
         /// Computed over the bytes as received.
         got: String,
-        /// Pinned in the config.
-        pinned: String,
+        /// What it was trusted by.
+        trusted: Trusted,
     },
     /// The host announced a compression the init does not read.
     #[error("bundle from the host")]
@@ -294,7 +302,7 @@ pub fn mount(
         Found::NineP { tag } => {
             sys::mount(tag, dir, "9p", flags, mounts::NINEP_OPTIONS).map_err(err)
         }
-        Found::Vsock => fetch_and_unpack(config, client.ok_or(BootstrapError::NoHost)?),
+        Found::Vsock => fetch_and_unpack(config, loader, client.ok_or(BootstrapError::NoHost)?),
     }
 }
 
@@ -302,15 +310,22 @@ pub fn mount(
 /// afterwards. The tmpfs is sized to what the guest can hold ([`MemInfo::budget`], at most
 /// `host.max_bundle_bytes` and a MiB) and holds both the bundle as received (an unnamed file)
 /// and what it unpacks to, so together they can never exceed it; a bundle whose announced size
-/// does not fit is refused before a byte is stored. Its sha256 is checked against the pinned
-/// digest before anything is unpacked; the received bytes are freed as the unpack consumes them.
-/// On any error the caller's cleanup unmounts the tmpfs: nothing of a bad bundle stays.
-fn fetch_and_unpack(config: &InitConfig, client: &mut Client) -> Result<(), BootstrapError> {
-    let pinned = config
-        .host
-        .digest
-        .as_ref()
-        .ok_or(BootstrapError::NoDigest)?;
+/// does not fit is refused before a byte is stored. Whether the bundle is trusted (a pinned or
+/// out-of-band digest, a signature by a trusted key, trust in the host: [`trust_policy`]) is
+/// decided on the host's header, before a byte is stored; its sha256 is checked against the
+/// digest it is trusted by before anything is unpacked; the received bytes are freed as the
+/// unpack consumes them. On any error the caller's cleanup unmounts the tmpfs: nothing of a bad
+/// bundle stays.
+fn fetch_and_unpack(
+    config: &InitConfig,
+    loader: &mut ModuleLoader,
+    client: &mut Client,
+) -> Result<(), BootstrapError> {
+    let out_of_band = out_of_band(config, loader)?;
+    let policy = trust_policy(config, out_of_band.as_ref());
+    if policy.refuses_all() {
+        return Err(BootstrapError::Untrusted(TrustError::NoTrust));
+    }
     let mem = MemInfo::read().map_err(BootstrapError::Memory)?;
     let room = Room::new(config.host.max_bundle_bytes, mem);
     log::info!(
@@ -331,15 +346,23 @@ fn fetch_and_unpack(config: &InitConfig, client: &mut Client) -> Result<(), Boot
     let file = sys::anonymous_file(dir).map_err(BootstrapError::Spool)?;
     let mut spool = Spool::new(file);
     let got = client
-        .fetch_bundle(spool.file_mut(), room.bytes)
+        .fetch_trusted_bundle(spool.file_mut(), room.bytes, &policy)
         .map_err(|e| room.refusal(e))?;
     let _ = MemInfo::read();
     log_fetched(&got);
-    if !pinned.matches_hex(&got.sha256) {
-        return Err(BootstrapError::Digest {
-            got: got.sha256,
-            pinned: pinned.hex().to_owned(),
-        });
+    // The client checked the bytes against the announced digest, and the trust decision the
+    // announced digest against the pinned or out-of-band one; checked once more here, where
+    // the bytes are about to be unpacked.
+    match got.trusted {
+        Some(t) if t.digest().matches_hex(&got.sha256) => {
+            log::info!("bootstrap: the bundle is trusted by {t}");
+        }
+        trusted => {
+            return Err(BootstrapError::Digest {
+                got: got.sha256,
+                trusted: trusted.ok_or(BootstrapError::Untrusted(TrustError::NoTrust))?,
+            })
+        }
     }
     let compression: Compression = got
         .header
@@ -365,6 +388,44 @@ fn fetch_and_unpack(config: &InitConfig, client: &mut Client) -> Result<(), Boot
         summary.stripped_modes
     );
     Ok(())
+}
+
+/// What trusts a vsock bundle in this boot: the configuration's pinned digest and keys, its
+/// `trust_host`, and the out-of-band digest read at boot.
+pub fn trust_policy<'a>(config: &'a InitConfig, out_of_band: Option<&'a OutOfBand>) -> Policy<'a> {
+    Policy {
+        pinned: config.host.digest.as_ref(),
+        out_of_band,
+        keys: &config.host.trust_keys,
+        trust_host: config.host.trust_host,
+    }
+}
+
+/// The digest the VMM gave this VM out of band, read only when nothing is pinned (a pinned
+/// digest alone decides). The fw_cfg module is loaded first, best effort: a VMM without
+/// fw_cfg, or a kernel without the module, leaves SMBIOS.
+fn out_of_band(
+    config: &InitConfig,
+    loader: &mut ModuleLoader,
+) -> Result<Option<OutOfBand>, BootstrapError> {
+    if config.host.digest.is_some() {
+        return Ok(None);
+    }
+    let loaded = loader.load_best_effort(drivers::OUT_OF_BAND);
+    if !loaded.is_empty() {
+        log::debug!("out-of-band digest: loaded {}", loaded.join(" "));
+    }
+    let found = oob::read(Path::new(oob::DMI_ENTRIES), Path::new(oob::FW_CFG_BY_NAME))
+        .map_err(BootstrapError::OutOfBand)?;
+    match &found {
+        Some(o) => log::info!(
+            "bootstrap: out-of-band bundle digest {} ({})",
+            o.digest,
+            o.channel
+        ),
+        None => log::debug!("bootstrap: no out-of-band bundle digest"),
+    }
+    Ok(found)
 }
 
 fn log_fetched(got: &bootlace_agent::client::Received) {
@@ -433,6 +494,7 @@ impl Room {
                     source: None,
                 }
             }
+            ClientError::Untrusted(e) => BootstrapError::Untrusted(e),
             other => BootstrapError::Fetch(other),
         }
     }

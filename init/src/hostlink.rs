@@ -10,7 +10,7 @@ use bootlace_contract::protocol::Kind;
 
 use crate::modload::ModuleLoader;
 use crate::sys;
-use bootlace_contract::config::Host;
+use bootlace_contract::config::{Host, ImageRef};
 
 /// The link (possibly absent).
 #[derive(Debug, Default)]
@@ -49,6 +49,7 @@ impl HostLink {
         cfg: &Host,
         loader: &mut ModuleLoader,
         init_version: &str,
+        image: Option<&ImageRef>,
     ) -> Result<HostLink, ClientError> {
         let Some(addr) = cfg.address else {
             return Ok(HostLink::none());
@@ -60,12 +61,15 @@ impl HostLink {
                 .map(|f| Box::new(f) as Box<dyn Stream>)
         });
         let t = sys::boottime();
-        let hello = [
+        let mut hello = vec![
             ("INIT_VERSION", init_version.to_owned()),
             ("BOOT_ID", boot_id()),
             ("INSTANCE_ID", instance_id()),
             ("BOOTTIME_NS", t.as_nanos().to_string()),
         ];
+        if let Some(i) = image {
+            hello.push(("IMAGE", i.to_string()));
+        }
         let retry = Retry {
             give_up_after: Duration::from_millis(cfg.connect_timeout_ms),
             acks: !addr.notify,

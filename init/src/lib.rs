@@ -20,6 +20,7 @@
 //!   limits;
 //! - [`devices`]: finding block devices by label and 9p shares by tag, with bounded waits;
 //! - [`blkprobe`]: filesystem type and label of block devices, read from their superblocks;
+//! - [`oob`]: a per-VM bundle digest given out of band by the VMM (SMBIOS type 11, fw_cfg);
 //! - [`memory`]: the guest's memory (`/proc/meminfo`) and what a bootstrap may take of it;
 //! - [`relay`]: systemd's readiness relayed to the host after the hand-off;
 //! - [`modload`]: loading modules with their dependencies;
@@ -58,6 +59,7 @@ pub mod machine;
 pub mod memory;
 pub mod modload;
 pub mod mounts;
+pub mod oob;
 pub mod relay;
 pub mod stage1;
 pub mod supervise;

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use bootlace_agent::client::ClientError;
 use bootlace_contract::config::{
-    self, Bootstrap, Command, Host, IfMissing, InitConfig, Loaded, ModuleName, RootFs, Stage1,
-    TargetPath,
+    self, Bootstrap, Command, Host, IfMissing, ImageRef, InitConfig, Loaded, ModuleName, RootFs,
+    Stage1, TargetPath,
 };
 use bootlace_contract::protocol::Kind;
 use bootlace_contract::status::{self, ExitStatus};
@@ -26,7 +26,7 @@ use crate::memory::{self, MemInfo};
 use crate::modload::{ModLoadError, ModuleLoader};
 use crate::mounts::{self, MountError};
 use crate::stage1::{self, Stage1Error};
-use crate::supervise::{self, AppEnd};
+use crate::supervise::{self, AppEnd, RunAs};
 use crate::unpacked::{self, Truncated};
 use crate::{logger, sys};
 
@@ -46,7 +46,7 @@ pub trait Machine {
     /// The baked config with the command line applied and the whole validated.
     fn load_config(&mut self, cmdline: &[u8]) -> Loaded;
     /// Connects to the host and says HELLO.
-    fn connect_host(&mut self, host: &Host) -> Result<(), ClientError>;
+    fn connect_host(&mut self, host: &Host, image: Option<&ImageRef>) -> Result<(), ClientError>;
     /// Whether a host is connected.
     fn host_connected(&self) -> bool;
     /// Sends a report to the host: nothing without one; a host lost on the way is logged and
@@ -77,14 +77,17 @@ pub trait Machine {
         config: &InitConfig,
         instance_id: Option<&str>,
     ) -> Result<(), IdentityError>;
-    /// Replaces PID 1 with `cmd` (the kernel's arguments for init follow); returns only the
-    /// error when it could not.
-    fn exec(&mut self, cmd: &Command, env: &[(String, String)]) -> io::Error;
-    /// Runs `cmd` as a child and stays PID 1 until it and every other process have ended.
+    /// Replaces PID 1 with `cmd` (the kernel's arguments for init follow), in the working
+    /// directory and with the credentials of `run_as`; returns only the error when it could
+    /// not.
+    fn exec(&mut self, cmd: &Command, env: &[(String, String)], run_as: &RunAs) -> io::Error;
+    /// Runs `cmd` as a child (in the working directory and with the credentials of `run_as`)
+    /// and stays PID 1 until it and every other process have ended.
     fn supervise(
         &mut self,
         cmd: &Command,
         env: &[(String, String)],
+        run_as: &RunAs,
         grace: Duration,
     ) -> io::Result<AppEnd>;
     /// Runs `/bin/sh` on the console (the `shell` failure policy) until it exits.
@@ -171,8 +174,8 @@ impl Machine for RealMachine {
         config::load(Path::new(config::CONFIG_PATH), cmdline, IfMissing::Defaults)
     }
 
-    fn connect_host(&mut self, host: &Host) -> Result<(), ClientError> {
-        self.link = HostLink::connect(host, &mut self.loader, crate::VERSION)?;
+    fn connect_host(&mut self, host: &Host, image: Option<&ImageRef>) -> Result<(), ClientError> {
+        self.link = HostLink::connect(host, &mut self.loader, crate::VERSION, image)?;
         Ok(())
     }
 
@@ -228,14 +231,17 @@ impl Machine for RealMachine {
         crate::identity::set(config, instance_id)
     }
 
-    fn exec(&mut self, cmd: &Command, env: &[(String, String)]) -> io::Error {
+    fn exec(&mut self, cmd: &Command, env: &[(String, String)], run_as: &RunAs) -> io::Error {
+        if let Err(e) = run_as.check() {
+            return e;
+        }
         let mut env = env.to_vec();
         let relay = self.start_relay(cmd, &mut env);
         if let Err(e) = sys::cloexec_all_but_stdio() {
             log::warn!("cannot mark fds close-on-exec: {e}");
         }
         let kernel_args: Vec<OsString> = supervise::kernel_args();
-        let e = supervise::command(cmd, &kernel_args, &env).exec();
+        let e = supervise::command(cmd, &kernel_args, &env, run_as).exec();
         // Still here: systemd never ran, and its relay has nothing to wait for.
         if let Some(pid) = relay {
             if let Err(k) = sys::kill(pid, nix::sys::signal::Signal::SIGTERM) {
@@ -249,14 +255,15 @@ impl Machine for RealMachine {
         &mut self,
         cmd: &Command,
         env: &[(String, String)],
+        run_as: &RunAs,
         grace: Duration,
     ) -> io::Result<AppEnd> {
-        supervise::run(cmd, env, grace)
+        supervise::run(cmd, env, run_as, grace)
     }
 
     fn shell(&mut self, env: &[(String, String)], grace: Duration) {
         if let Ok(shell) = Command::try_from(vec!["/bin/sh".to_owned()]) {
-            if let Err(e) = supervise::run(&shell, env, grace) {
+            if let Err(e) = supervise::run(&shell, env, &RunAs::default(), grace) {
                 log::error!("shell: {e}");
             }
         }

@@ -114,6 +114,14 @@ fn check(path: Option<PathBuf>, cmdline: &[u8]) -> ExitCode {
             ExitCode::FAILURE
         }
         None => {
+            if loaded.config.vsock_trusts_only_boot_digests() {
+                eprintln!(
+                    "bootlace-init: warning: the vsock source has nothing to trust a bundle by \
+                     but a digest given at boot (bootlace.digest=, SMBIOS type 11 \
+                     io.bootlace.digest, fw_cfg opt/io.bootlace/digest): without one the boot \
+                     fails (docs/security.md)"
+                );
+            }
             print!("{}", loaded.config.to_toml());
             ExitCode::SUCCESS
         }

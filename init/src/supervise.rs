@@ -10,12 +10,13 @@
 
 use std::io;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
 use crate::sys::{self, Ended};
-use bootlace_contract::config::{Command, InitConfig};
+use bootlace_contract::config::{Command, Handoff, InitConfig, UnixId, WorkDir};
 use bootlace_contract::status::ExitStatus;
 
 /// How the application ended.
@@ -87,12 +88,78 @@ pub fn spawn_error_status(e: &io::Error) -> ExitStatus {
     }
 }
 
-/// A std `Command` for the hand-off: the given argv and environment only, cwd `/`, an empty
-/// signal mask and default signal dispositions.
+/// Where and as whom the hand-off command runs: `[handoff] workdir`, `user`, `group` and
+/// `groups`. The default is `/`, as root with no supplementary group, as PID 1 runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunAs {
+    /// The working directory; `/` when none.
+    pub workdir: Option<WorkDir>,
+    /// User ID, group ID and supplementary groups, when they change.
+    pub credentials: Option<(u32, u32, Vec<u32>)>,
+}
+
+impl RunAs {
+    /// What the config's hand-off says.
+    pub fn of(handoff: &Handoff) -> RunAs {
+        let id = |i: Option<UnixId>| i.map_or(0, UnixId::get);
+        RunAs {
+            workdir: handoff.workdir.clone(),
+            credentials: handoff.changes_credentials().then(|| {
+                let groups = handoff.groups.iter().map(|g| g.get()).collect();
+                (id(handoff.user), id(handoff.group), groups)
+            }),
+        }
+    }
+
+    /// The working directory.
+    pub fn dir(&self) -> &Path {
+        self.workdir
+            .as_ref()
+            .map_or(Path::new("/"), WorkDir::as_path)
+    }
+
+    /// ` in /srv as 1000:1000 (groups 10,20)`, or nothing for the default.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        if let Some(w) = &self.workdir {
+            s.push_str(&format!(" in {w}"));
+        }
+        if let Some((uid, gid, groups)) = &self.credentials {
+            s.push_str(&format!(" as {uid}:{gid}"));
+            if !groups.is_empty() {
+                let g: Vec<String> = groups.iter().map(u32::to_string).collect();
+                s.push_str(&format!(" (groups {})", g.join(",")));
+            }
+        }
+        s
+    }
+
+    /// Checks, in PID 1 before the hand-off, that the working directory is one: a missing
+    /// one is reported naming it (not as the command's own error).
+    pub fn check(&self) -> io::Result<()> {
+        let dir = self.dir();
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(io::Error::other(format!(
+                "working directory {}: not a directory",
+                dir.display()
+            ))),
+            Err(e) => Err(io::Error::other(format!(
+                "working directory {}: {e}",
+                dir.display()
+            ))),
+        }
+    }
+}
+
+/// A std `Command` for the hand-off: the given argv and environment only, the working
+/// directory and credentials of `run_as` (chdir first, as root; then setgroups, setgid,
+/// setuid), an empty signal mask and default signal dispositions.
 pub fn command(
     cmd: &Command,
     extra_args: &[std::ffi::OsString],
     env: &[(String, String)],
+    run_as: &RunAs,
 ) -> std::process::Command {
     let mut c = std::process::Command::new(cmd.program());
     if let Some(arg0) = cmd.argv().next() {
@@ -102,8 +169,11 @@ pub fn command(
         .args(extra_args)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir("/");
+        .current_dir(run_as.dir());
     sys::reset_signals_on_exec(&mut c);
+    if let Some((uid, gid, groups)) = &run_as.credentials {
+        sys::set_credentials_on_exec(&mut c, *uid, *gid, groups);
+    }
     c
 }
 
@@ -112,17 +182,25 @@ pub fn command(
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs the application until it and every other process have ended.
-pub fn run(cmd: &Command, env: &[(String, String)], grace: Duration) -> io::Result<AppEnd> {
+pub fn run(
+    cmd: &Command,
+    env: &[(String, String)],
+    run_as: &RunAs,
+    grace: Duration,
+) -> io::Result<AppEnd> {
     if let Err(e) = sys::set_child_subreaper() {
         log::warn!("cannot become child subreaper: {e}");
     }
     let signals = sys::Signals::open(sys::HANDLED_SIGNALS)?;
-    let child = match command(cmd, &[], env).spawn() {
+    if let Err(e) = run_as.check() {
+        return Ok(AppEnd::SpawnFailed(e));
+    }
+    let child = match command(cmd, &[], env, run_as).spawn() {
         Ok(c) => c,
         Err(e) => return Ok(AppEnd::SpawnFailed(e)),
     };
     let app = child.id();
-    log::info!("supervising {} as pid {app}", cmd);
+    log::info!("supervising {cmd} as pid {app}{}", run_as.describe());
 
     let mut app_end: Option<Ended> = None;
     let mut deadline: Option<Instant> = None;
@@ -273,5 +351,75 @@ pub fn run_bounded(mut cmd: std::process::Command, timeout: Duration) -> io::Res
             .saturating_duration_since(now)
             .clamp(Duration::from_millis(1), Duration::from_millis(100));
         signals.wait(Some(nap))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        Command::try_from(vec!["/bin/sh".into(), "-c".into(), script.into()]).expect("command")
+    }
+
+    #[test]
+    fn run_as_from_the_config() {
+        let mut h = Handoff::default();
+        assert_eq!(RunAs::of(&h), RunAs::default());
+        assert_eq!(RunAs::of(&h).dir(), Path::new("/"));
+        h.groups = vec![UnixId::try_from(5).expect("id")];
+        assert_eq!(RunAs::of(&h).credentials, Some((0, 0, vec![5])));
+        h.user = UnixId::try_from(7).ok();
+        h.workdir = "/tmp".parse().ok();
+        let r = RunAs::of(&h);
+        assert_eq!(r.describe(), " in /tmp as 7:0 (groups 5)");
+        assert!(r.check().is_ok());
+        let missing = RunAs {
+            workdir: "/nonexistent-bootlace".parse().ok(),
+            credentials: None,
+        };
+        let e = missing.check().expect_err("missing").to_string();
+        assert!(
+            e.starts_with("working directory /nonexistent-bootlace: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_command_starts_in_its_workdir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run_as = RunAs {
+            workdir: dir.path().to_str().and_then(|p| p.parse().ok()),
+            credentials: None,
+        };
+        let out = command(&sh("pwd"), &[], &[], &run_as)
+            .output()
+            .expect("run");
+        let pwd = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(pwd.trim(), dir.path().to_string_lossy());
+    }
+
+    #[test]
+    #[ignore = "needs root"]
+    fn the_command_runs_with_its_credentials() {
+        let run_as = RunAs {
+            workdir: None,
+            credentials: Some((65534, 65533, vec![4, 65532])),
+        };
+        let out = command(&sh("id -u; id -g; id -G"), &[], &[], &run_as)
+            .output()
+            .expect("run");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines, ["65534", "65533", "65533 4 65532"], "{text}");
+        // No supplementary group: root's are dropped all the same.
+        let run_as = RunAs {
+            workdir: None,
+            credentials: Some((1000, 1000, Vec::new())),
+        };
+        let out = command(&sh("id -G"), &[], &[], &run_as)
+            .output()
+            .expect("run");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000");
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bootlace_agent::client::ClientError;
 use bootlace_contract::config::{
     Bootstrap, Command, ConfigError, FailurePolicy, HandoffMode, Host, InitConfig, Loaded,
-    ModuleName, RootFs, Source, Stage1, TargetPath,
+    ModuleName, RootFs, Source, Stage1, TargetPath, UnixId,
 };
 use bootlace_contract::kmod::KmodError;
 use bootlace_contract::manifest::ManifestError;
@@ -28,7 +28,7 @@ use bootlace_init::machine::Machine;
 use bootlace_init::modload::ModLoadError;
 use bootlace_init::mounts::MountError;
 use bootlace_init::stage1::Stage1Error;
-use bootlace_init::supervise::AppEnd;
+use bootlace_init::supervise::{AppEnd, RunAs};
 use bootlace_init::sys::Ended;
 use bootlace_init::unpacked::Truncated;
 
@@ -203,7 +203,11 @@ impl Machine for Fake {
         }
     }
 
-    fn connect_host(&mut self, _host: &Host) -> Result<(), ClientError> {
+    fn connect_host(
+        &mut self,
+        _host: &Host,
+        _image: Option<&bootlace_contract::config::ImageRef>,
+    ) -> Result<(), ClientError> {
         self.log.push("connect".into());
         if self.fails(Step::Host) {
             return Err(ClientError::Unreachable {
@@ -333,9 +337,13 @@ impl Machine for Fake {
         Ok(())
     }
 
-    fn exec(&mut self, cmd: &Command, env: &[(String, String)]) -> io::Error {
+    fn exec(&mut self, cmd: &Command, env: &[(String, String)], run_as: &RunAs) -> io::Error {
         let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        self.log.push(format!("exec {cmd} [{}]", env.join(" ")));
+        self.log.push(format!(
+            "exec {cmd} [{}]{}",
+            env.join(" "),
+            run_as.describe()
+        ));
         if self.fails(Step::Exec) {
             return io::Error::from(io::ErrorKind::NotFound);
         }
@@ -346,9 +354,11 @@ impl Machine for Fake {
         &mut self,
         cmd: &Command,
         _env: &[(String, String)],
+        run_as: &RunAs,
         _grace: Duration,
     ) -> io::Result<AppEnd> {
-        self.log.push(format!("supervise {cmd}"));
+        self.log
+            .push(format!("supervise {cmd}{}", run_as.describe()));
         self.app.take().ok_or_else(|| Fake::io("supervise"))
     }
 
@@ -637,6 +647,56 @@ fn a_supervised_app_ends_with_sync_exit_report_and_its_status() {
     let mut f = Fake::new(c);
     f.app = Some(AppEnd::Ended(Ended::Signaled(9)));
     assert_eq!(f.boot().powered_off().0, 137);
+}
+
+#[test]
+fn a_poweroff_handoff_runs_nothing_sets_no_identity_and_powers_off_with_0() {
+    let mut c = hosted();
+    c.handoff.mode = HandoffMode::Poweroff;
+    let f = Fake::new(c).boot();
+    let (status, text) = f.powered_off();
+    assert_eq!(status, 0);
+    assert_eq!(text, "configuration applied; hand-off poweroff");
+    assert!(!f.has("exec") && !f.has("supervise"), "{:#?}", f.log);
+    assert!(!f.has("identity"), "{:#?}", f.log);
+    assert!(f.at("READY") < f.at("sync") && f.at("sync") < f.at("EXIT EXIT_STATUS=0"));
+}
+
+#[test]
+fn the_handoff_runs_in_its_workdir_with_its_credentials_in_both_modes() {
+    let mut c = hosted();
+    c.handoff.workdir = "/srv/app".parse().ok();
+    c.handoff.user = UnixId::try_from(1000).ok();
+    c.handoff.group = UnixId::try_from(100).ok();
+    c.handoff.groups = [10, 20]
+        .into_iter()
+        .filter_map(|g| UnixId::try_from(g).ok())
+        .collect();
+    let f = Fake::new(c.clone()).boot();
+    let exec = f.entries("exec");
+    assert!(
+        exec[0].ends_with("] in /srv/app as 1000:100 (groups 10,20)"),
+        "{exec:?}"
+    );
+    let ready = f.entries("READY");
+    assert!(
+        ready[0].contains("STATUS=hand-off: exec /sbin/init in /srv/app as 1000:100"),
+        "{ready:?}"
+    );
+    c.handoff.mode = HandoffMode::Supervise;
+    c.handoff.group = None;
+    c.handoff.groups.clear();
+    let mut f = Fake::new(c);
+    f.app = Some(AppEnd::Ended(Ended::Exited(0)));
+    let f = f.boot();
+    assert!(
+        f.has("supervise /sbin/init in /srv/app as 1000:0"),
+        "{:#?}",
+        f.log
+    );
+    // Nothing set: `/` as root, as before (nothing added to the line).
+    let f = Fake::new(hosted()).boot();
+    assert!(f.entries("exec")[0].ends_with(']'), "{:#?}", f.log);
 }
 
 #[test]

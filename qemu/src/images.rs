@@ -6,7 +6,6 @@
 //! The default version of `NAME` is the one written in `DIR/NAME.default` when that file
 //! exists, else the highest version (numeric parts compared as numbers: `1.10` > `1.9`).
 
-use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
 
 pub use bootlace_contract::image::ImageMeta;
@@ -152,38 +151,7 @@ pub fn catalog(dir: &Path) -> Result<(Vec<Entry>, Vec<String>), ImagesError> {
     Ok((entries, warnings))
 }
 
-/// Compares versions: runs of digits as numbers, other runs as text.
-pub fn compare_versions(a: &str, b: &str) -> Ordering {
-    fn parts(s: &str) -> Vec<(bool, &str)> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        let bytes = s.as_bytes();
-        for i in 1..=bytes.len() {
-            let boundary = i == bytes.len()
-                || bytes.get(i).map(u8::is_ascii_digit) != bytes.get(i - 1).map(u8::is_ascii_digit);
-            if boundary {
-                let part = s.get(start..i).unwrap_or("");
-                out.push((part.bytes().all(|c| c.is_ascii_digit()), part));
-                start = i;
-            }
-        }
-        out
-    }
-    let (pa, pb) = (parts(a), parts(b));
-    for (x, y) in pa.iter().zip(pb.iter()) {
-        let ord = match (x, y) {
-            ((true, x), (true, y)) => {
-                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
-                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
-            }
-            ((_, x), (_, y)) => x.cmp(y),
-        };
-        if ord != Ordering::Equal {
-            return ord;
-        }
-    }
-    pa.len().cmp(&pb.len())
-}
+pub use bootlace_contract::image::compare_versions;
 
 /// The image chosen to boot, and the warnings met on the way.
 #[derive(Debug, Clone)]
@@ -319,7 +287,7 @@ mod tests {
         let mut v = vec!["1.10", "1.9", "1.9.1", "2", "1.0-rc1", "1.0", "0"];
         v.sort_by(|a, b| compare_versions(a, b));
         assert_eq!(v, ["0", "1.0", "1.0-rc1", "1.9", "1.9.1", "1.10", "2"]);
-        assert_eq!(compare_versions("01", "1"), Ordering::Equal);
+        assert_eq!(compare_versions("01", "1"), std::cmp::Ordering::Equal);
     }
 
     fn write_image(dir: &Path, name: &str, version: &str, body: &[u8], stage1: bool) {
@@ -352,6 +320,8 @@ mod tests {
             tool_versions: Default::default(),
             unpacked_size: None,
             min_memory_mib: None,
+            parent: None,
+            bundle: None,
         };
         std::fs::write(dir.join(format!("{file}{META_SUFFIX}")), meta.to_json()).expect("write");
     }

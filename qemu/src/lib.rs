@@ -16,6 +16,9 @@
 //! - [`memory`]: the guest's memory against the least memory an image's metadata records.
 //! - [`outcome`]: how a run ended, the exit codes of `bootlace-vm run` ([`Ended`]) and its
 //!   `--json` report ([`Report`]).
+//! - [`task`]: task files (an image, resources, a count, each guest's configuration, a
+//!   restart policy); [`restart`]: the restart policy and the guests' bookkeeping (pure);
+//!   [`up`]: `bootlace-vm up`, the guests of a task under one host agent.
 //! - [`vsock`]: guest vsock through a `vhost-device-vsock` daemon per VM and hybrid-vsock Unix
 //!   sockets on the host ([`VmSpec::vsock`]).
 
@@ -25,6 +28,9 @@ pub mod images;
 pub mod kernel;
 pub mod memory;
 pub mod outcome;
+pub mod restart;
+pub mod task;
+pub mod up;
 pub mod vsock;
 
 pub use outcome::{End, Ended, Outcome, Reason, Report};
@@ -33,6 +39,7 @@ pub use vsock::{VsockDaemon, VsockError, VsockSpec};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -88,6 +95,46 @@ pub struct VmSpec {
     /// The VM's SMBIOS system UUID (QEMU `-uuid`): the guest's machine ID follows it, so one
     /// UUID is one guest across reboots. `None`: QEMU's default.
     pub uuid: Option<Uuid>,
+    /// A bundle digest given to the guest out of band (SMBIOS type 11, fw_cfg): what a guest
+    /// without a pinned digest trusts its vsock bundle by. `None`: none given.
+    pub oob_digest: Option<OobDigest>,
+}
+
+/// A per-VM bundle digest the VMM gives the guest, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OobDigest {
+    /// The digest.
+    pub digest: bootlace_contract::digest::Sha256Digest,
+    /// The channel(s).
+    pub via: OobVia,
+}
+
+/// The channel of an out-of-band digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OobVia {
+    /// An SMBIOS type 11 OEM string `io.bootlace.digest=sha256:…` (`-smbios type=11,…`).
+    Smbios,
+    /// The QEMU fw_cfg file `opt/io.bootlace/digest` (`-fw_cfg name=…,string=…`).
+    FwCfg,
+    /// Both (the guest checks they agree).
+    #[default]
+    Both,
+}
+
+/// The QEMU arguments that give the guest `o`.
+pub fn oob_args(o: &OobDigest) -> Vec<String> {
+    use bootlace_contract::trust::{FW_CFG_DIGEST_NAME, SMBIOS_DIGEST_KEY};
+    let mut a = Vec::new();
+    // A digest is `sha256:` and hex: no `,` to escape in a QEMU option value.
+    if matches!(o.via, OobVia::Smbios | OobVia::Both) {
+        a.push("-smbios".to_owned());
+        a.push(format!("type=11,value={SMBIOS_DIGEST_KEY}={}", o.digest));
+    }
+    if matches!(o.via, OobVia::FwCfg | OobVia::Both) {
+        a.push("-fw_cfg".to_owned());
+        a.push(format!("name={FW_CFG_DIGEST_NAME},string={}", o.digest));
+    }
+    a
 }
 
 /// An SMBIOS system UUID: 8-4-4-4-12 hexadecimal digits.
@@ -177,6 +224,7 @@ impl VmSpec {
             vsock: None,
             root_disk: None,
             uuid: None,
+            oob_digest: None,
         }
     }
 }
@@ -235,6 +283,9 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
     push(&["-m", &mem, "-smp", &cpus]);
     if let Some(uuid) = &spec.uuid {
         push(&["-uuid", uuid.as_str()]);
+    }
+    if let Some(o) = &spec.oob_digest {
+        push(&oob_args(o).iter().map(String::as_str).collect::<Vec<_>>());
     }
     if let Some(v) = &spec.vsock {
         let vsock_args = vsock::vsock_qemu_args(&v.control_socket(), spec.memory_mib);
@@ -461,6 +512,13 @@ fn pump<R: Read + Send + 'static>(
 
 /// Boots the spec and waits for the guest to end (or the timeout).
 pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
+    run_stoppable(spec, &AtomicBool::new(false))
+}
+
+/// Like [`run`], and QEMU is killed as soon as `stop` is set (checked every 20 ms): the run
+/// then ends as [`End::Stopped`]. What `bootlace-vm up` uses to tear its guests down on
+/// Ctrl-C or SIGTERM.
+pub fn run_stoppable(spec: &VmSpec, stop: &AtomicBool) -> Result<Outcome, VmError> {
     check_inputs(spec)?;
     let log = open_console_log(spec)?;
     // Declared before QEMU's guard, so it is dropped after it on every return path: the
@@ -472,7 +530,7 @@ pub fn run(spec: &VmSpec) -> Result<Outcome, VmError> {
     let started = Instant::now();
     let mut qemu = spawn_qemu(spec)?;
     let capture = Capture::start(&mut qemu, log, spec.echo);
-    let status = wait_until(&mut qemu, started + spec.timeout)?;
+    let status = wait_until(&mut qemu, started + spec.timeout, stop)?;
     drop(qemu);
     let (console, qemu_stderr) = capture.finish();
     let wall = started.elapsed();
@@ -539,12 +597,24 @@ fn spawn_qemu(spec: &VmSpec) -> Result<Guard, VmError> {
         })
 }
 
-/// Waits for QEMU to exit; `None` when `deadline` passed first.
-fn wait_until(qemu: &mut Guard, deadline: Instant) -> Result<Option<ExitStatus>, VmError> {
+/// How the wait for QEMU ended.
+#[derive(Debug, Clone, Copy)]
+enum Waited {
+    /// QEMU exited.
+    Exited(ExitStatus),
+    /// The deadline passed first.
+    TimedOut,
+    /// The stop flag was set first.
+    Stopped,
+}
+
+/// Waits for QEMU to exit, the deadline to pass or `stop` to be set.
+fn wait_until(qemu: &mut Guard, deadline: Instant, stop: &AtomicBool) -> Result<Waited, VmError> {
     loop {
         match qemu.0.try_wait().map_err(VmError::Wait)? {
-            Some(status) => return Ok(Some(status)),
-            None if Instant::now() >= deadline => return Ok(None),
+            Some(status) => return Ok(Waited::Exited(status)),
+            None if stop.load(Ordering::SeqCst) => return Ok(Waited::Stopped),
+            None if Instant::now() >= deadline => return Ok(Waited::TimedOut),
             None => std::thread::sleep(Duration::from_millis(20)),
         }
     }
@@ -590,25 +660,24 @@ impl Capture {
     }
 }
 
-/// How the run ended, from QEMU's exit status (`None`: timed out) and the console.
-fn classify(
-    status: Option<ExitStatus>,
-    console: &str,
-    qemu_stderr: &str,
-    daemon_stderr: Option<&str>,
-) -> End {
+/// How the run ended, from how the wait ended (QEMU's exit status) and the console.
+fn classify(status: Waited, console: &str, qemu_stderr: &str, daemon_stderr: Option<&str>) -> End {
+    let status = match status {
+        Waited::TimedOut => return End::TimedOut,
+        Waited::Stopped => return End::Stopped,
+        Waited::Exited(s) => s,
+    };
     match status {
-        None => End::TimedOut,
-        Some(s) if !s.success() => {
+        s if !s.success() => {
             let mut why = format!("{s}: {}", qemu_stderr.trim());
             if let Some(e) = daemon_stderr.map(str::trim).filter(|e| !e.is_empty()) {
                 why.push_str(&format!("; {} stderr: {e}", vsock::DAEMON));
             }
             End::QemuFailed(why)
         }
-        Some(_) if console.contains("Kernel panic - not syncing") => End::KernelPanic,
-        Some(_) if console.contains("reboot: Power down") => End::PoweredOff,
-        Some(_) => End::Reset,
+        _ if console.contains("Kernel panic - not syncing") => End::KernelPanic,
+        _ if console.contains("reboot: Power down") => End::PoweredOff,
+        _ => End::Reset,
     }
 }
 
@@ -662,6 +731,34 @@ mod tests {
         ] {
             let e = bad.parse::<Uuid>().expect_err(bad);
             assert!(e.to_string().contains("is not a UUID"), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_out_of_band_digest_goes_to_smbios_fw_cfg_or_both() {
+        let mut spec = VmSpec::new(PathBuf::from("/boot/vmlinuz"));
+        let joined = qemu_args(&spec).join(" ");
+        assert!(
+            !joined.contains("-smbios") && !joined.contains("-fw_cfg"),
+            "{joined}"
+        );
+        let digest: bootlace_contract::digest::Sha256Digest = format!("sha256:{}", "ab".repeat(32))
+            .parse()
+            .expect("digest");
+        let smbios = format!("-smbios type=11,value=io.bootlace.digest={digest}");
+        let fw_cfg = format!("-fw_cfg name=opt/io.bootlace/digest,string={digest}");
+        for (via, want_smbios, want_fw_cfg) in [
+            (OobVia::Smbios, true, false),
+            (OobVia::FwCfg, false, true),
+            (OobVia::Both, true, true),
+        ] {
+            spec.oob_digest = Some(OobDigest {
+                digest: digest.clone(),
+                via,
+            });
+            let joined = qemu_args(&spec).join(" ");
+            assert_eq!(joined.contains(&smbios), want_smbios, "{via:?}: {joined}");
+            assert_eq!(joined.contains(&fw_cfg), want_fw_cfg, "{via:?}: {joined}");
         }
     }
 

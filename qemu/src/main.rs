@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -11,7 +12,7 @@ use bootlace_agent::fault::Fault;
 use bootlace_vm::memory::{self, MemoryNeed};
 use bootlace_vm::outcome::EXIT_CODES_HELP;
 use bootlace_vm::{images, kernel, Accel, Disk, Ended, Outcome, Reason, Report, Share, VmSpec};
-use bootlace_vm::{VmError, VsockSpec};
+use bootlace_vm::{OobDigest, OobVia, VmError, VsockSpec};
 use clap::{ArgGroup, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -31,7 +32,47 @@ enum Cmd {
     /// Boot a kernel + initramfs; the exit code is the guest's reported EXIT_STATUS
     /// (123 no status: kernel panic or reset, 124 timeout, 125 could not run the VM).
     #[command(after_help = EXIT_CODES_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Run a task (docs/task.md): COUNT guests of one image, each configured by one host agent
+    /// over vsock, restarted by the task's policy; prints a table when they have all ended
+    /// (or on Ctrl-C / SIGTERM, which tear everything down).
+    #[command(after_help = bootlace_vm::up::EXIT_CODES_HELP)]
+    Up(UpArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct UpArgs {
+    /// The task file (TOML; docs/task.md).
+    task: PathBuf,
+    /// Directory of baked images (over the task's `images`).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Stage-1 initramfs for a disk image (default: the newest stage-1 image in the images
+    /// directory).
+    #[arg(long)]
+    stage1: Option<PathBuf>,
+    /// Kernel image (default: $BOOTLACE_KERNEL, else the newest /boot/vmlinuz-*).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// At most N guests running at once (default: all; under TCG each guest takes a host CPU
+    /// while it boots).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    parallel: Option<u32>,
+    /// Keep each run's console in DIR/<guest>.<run>.console.log (created if missing).
+    #[arg(long, value_name = "DIR")]
+    logs: Option<PathBuf>,
+    /// Print one JSON object on stdout at the end instead of the table: exit_code, task,
+    /// requested, image, image_file, warnings, stopped_by, failed, guests (guest, hostname,
+    /// uuid, state, runs, restarts, ready_s, exit_code, exit_status, end, error,
+    /// console_log), wall_s.
+    #[arg(long)]
+    json: bool,
+    /// Use KVM instead of TCG.
+    #[arg(long)]
+    kvm: bool,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -125,6 +166,15 @@ struct RunArgs {
     /// The port the guest dials for its host agent.
     #[arg(long, default_value_t = bootlace_contract::protocol::DEFAULT_PORT)]
     host_port: u32,
+    /// Give the guest a bundle digest out of band (SMBIOS type 11 and/or fw_cfg, see
+    /// --oob-via): sha256:HEX, or `bundle` for the digest of --bootstrap-vsock's bundle. A
+    /// guest without a pinned digest trusts its vsock bundle by it (docs/security.md).
+    #[arg(long, value_name = "sha256:HEX|bundle")]
+    oob_digest: Option<OobDigestArg>,
+    /// How --oob-digest reaches the guest: smbios (-smbios type=11,value=io.bootlace.digest=…),
+    /// fw-cfg (-fw_cfg name=opt/io.bootlace/digest,…) or both.
+    #[arg(long, value_enum, default_value_t = OobVia::Both, requires = "oob_digest")]
+    oob_via: OobVia,
     /// Make the host agent misbehave on purpose (repeatable); `--help` lists the kinds.
     #[arg(long = "fault", value_name = "KIND[=ARG]",
           value_parser = clap::value_parser!(Fault),
@@ -136,6 +186,25 @@ struct RunArgs {
     /// Extra QEMU arguments, after `--`.
     #[arg(last = true)]
     qemu_args: Vec<String>,
+}
+
+/// `--oob-digest`: a digest, or the served bundle's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum OobDigestArg {
+    /// This digest.
+    Digest(bootlace_contract::digest::Sha256Digest),
+    /// The digest of `--bootstrap-vsock`'s bundle.
+    Bundle,
+}
+
+impl std::str::FromStr for OobDigestArg {
+    type Err = bootlace_contract::digest::BadDigest;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bundle" => Ok(OobDigestArg::Bundle),
+            _ => s.parse().map(OobDigestArg::Digest),
+        }
+    }
 }
 
 /// A `--share` value that is not `TAG=DIR` with a 9p mount tag QEMU takes.
@@ -168,7 +237,86 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { ended.code() } else { 0 });
         }
     };
-    let Cmd::Run(a) = cli.command;
+    match cli.command {
+        Cmd::Run(a) => main_run(*a, started),
+        Cmd::Up(a) => main_up(a),
+    }
+}
+
+/// `bootlace-vm up`: the exit code is 0, 1 (a guest failed), 125 (the task could not run) or
+/// 128 + the signal that stopped it.
+fn main_up(a: UpArgs) -> ExitCode {
+    use bootlace_vm::task::Task;
+    use bootlace_vm::up::{self, Stop, UpOptions};
+    // Before any thread exists, so every thread (and child) has them blocked and the one
+    // waiting for them gets them.
+    let stop = Stop::new();
+    if let Err(e) = wait_for_signals(Arc::clone(&stop)) {
+        eprintln!("bootlace-vm: up: cannot handle SIGINT and SIGTERM: {e}");
+        return ExitCode::from(Ended::COULD_NOT_RUN);
+    }
+    let cannot = |reason: Reason, e: &dyn std::fmt::Display| {
+        eprintln!("bootlace-vm: up: cannot run the task ({reason}): {e}");
+        ExitCode::from(Ended::COULD_NOT_RUN)
+    };
+    let task = match Task::read(&a.task) {
+        Ok(t) => t,
+        Err(e) => return cannot(Reason::BadInput, &bootlace_contract::chain(&e)),
+    };
+    let kernel = match a.kernel.clone().map_or_else(
+        || kernel::find().map(|k| k.image).context("finding a kernel"),
+        Ok,
+    ) {
+        Ok(k) => k,
+        Err(e) => return cannot(Reason::BadInput, &format!("{e:#}")),
+    };
+    let mut opts = UpOptions::new(kernel);
+    opts.qemu = a.qemu;
+    opts.accel = if a.kvm { Accel::Kvm } else { Accel::Tcg };
+    opts.images = a.images;
+    opts.stage1 = a.stage1;
+    opts.parallel = a.parallel.map(|n| n as usize);
+    opts.logs = a.logs;
+    opts.stop = stop;
+    let report = match up::up(&task, &opts) {
+        Ok(r) => r,
+        Err(e) => return cannot(e.reason(), &bootlace_contract::chain(&e)),
+    };
+    if !report.failed.is_empty() {
+        eprintln!("bootlace-vm: up: failed: {}", report.failed.join(", "));
+    }
+    if let Some(sig) = report.stopped_by {
+        eprintln!("bootlace-vm: up: stopped by signal {sig}; every guest torn down");
+    }
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.table());
+    }
+    ExitCode::from(report.exit_code)
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and so in every thread and child started after)
+/// and waits for them on a thread of its own, which asks `stop` to stop.
+fn wait_for_signals(stop: Arc<bootlace_vm::up::Stop>) -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block().context("blocking SIGINT and SIGTERM")?;
+    std::thread::Builder::new()
+        .name("signals".to_owned())
+        .spawn(move || loop {
+            if let Ok(sig) = set.wait() {
+                stop.request(sig as i32);
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+/// `bootlace-vm run`.
+fn main_run(a: RunArgs, started: Instant) -> ExitCode {
     let (json, console_log) = (a.json, a.console_log.clone());
     let report = match run(a) {
         Ok(outcome) => Report::of_outcome(&outcome, console_log.as_deref()),
@@ -229,7 +377,9 @@ fn run(a: RunArgs) -> Result<Outcome, CannotRun> {
         ))
         .because(Reason::Usage);
     }
+    let bundle = served_bundle(&a)?;
     let mut spec = base_spec(&a)?;
+    spec.oob_digest = oob_digest(&a, bundle.as_ref())?;
     let needs = match (&a.image, &a.images) {
         (Some(wanted), Some(dir)) => {
             choose_image(&mut spec, dir, wanted, a.stage1.as_deref()).because(Reason::BadInput)?
@@ -248,7 +398,7 @@ fn run(a: RunArgs) -> Result<Outcome, CannotRun> {
     let _vsock_tmp = add_vsock(&mut spec, &a).because(Reason::HostSetup)?;
     // Held to the end of this function, then dropped before `_vsock_tmp` (reverse order).
     let _host_services = match &spec.vsock {
-        Some(v) => Some(start_host_services(v, &a)?),
+        Some(v) => Some(start_host_services(v, &a, bundle)?),
         None => None,
     };
     let outcome = bootlace_vm::run(&spec)?;
@@ -434,25 +584,63 @@ struct HostServices {
     _agent: Option<std::sync::Arc<bootlace_agent::host::Host>>,
 }
 
+/// `--bootstrap-vsock`'s bundle (and its signature sidecar), read before anything starts.
+fn served_bundle(a: &RunArgs) -> Result<Option<bootlace_agent::host::BundleSource>, CannotRun> {
+    let Some(p) = &a.bootstrap_vsock else {
+        return Ok(None);
+    };
+    let b = bootlace_agent::host::BundleSource::from_path(p).because(Reason::BadInput)?;
+    let how = if a.oob_digest == Some(OobDigestArg::Bundle) {
+        "its digest goes to the guest out of band".to_owned()
+    } else {
+        format!(
+            "pin it with bootlace.digest=sha256:{} or give it with --oob-digest bundle",
+            b.sha256
+        )
+    };
+    eprintln!(
+        "bootlace-vm: host agent serves {} ({}); {how}",
+        p.display(),
+        b.summary()
+    );
+    Ok(Some(b))
+}
+
+/// `--oob-digest` and `--oob-via` as the VM's out-of-band digest.
+fn oob_digest(
+    a: &RunArgs,
+    bundle: Option<&bootlace_agent::host::BundleSource>,
+) -> Result<Option<OobDigest>, CannotRun> {
+    let digest = match (&a.oob_digest, bundle) {
+        (None, _) => return Ok(None),
+        (Some(OobDigestArg::Digest(d)), _) => d.clone(),
+        (Some(OobDigestArg::Bundle), Some(b)) => format!("sha256:{}", b.sha256)
+            .parse()
+            .context("the served bundle's digest")
+            .because(Reason::BadInput)?,
+        (Some(OobDigestArg::Bundle), None) => {
+            return Err(anyhow::anyhow!(
+                "--oob-digest bundle needs --bootstrap-vsock (the bundle whose digest to give)"
+            ))
+            .because(Reason::Usage)
+        }
+    };
+    Ok(Some(OobDigest {
+        digest,
+        via: a.oob_via,
+    }))
+}
+
 /// Starts the host agent on `<uds>_<port>` when `--bootstrap-vsock` or `--host-agent` asks.
-fn start_host_services(vsock: &VsockSpec, a: &RunArgs) -> Result<HostServices, CannotRun> {
-    use bootlace_agent::host::{describe, BundleSource, Faults, Host};
+fn start_host_services(
+    vsock: &VsockSpec,
+    a: &RunArgs,
+    bundle: Option<bootlace_agent::host::BundleSource>,
+) -> Result<HostServices, CannotRun> {
+    use bootlace_agent::host::{describe, Faults, Host};
     if a.bootstrap_vsock.is_none() && !a.host_agent {
         return Ok(HostServices { _agent: None });
     }
-    let bundle = match &a.bootstrap_vsock {
-        Some(p) => {
-            let b = BundleSource::from_path(p).because(Reason::BadInput)?;
-            eprintln!(
-                "bootlace-vm: host agent serves {} ({}); pin it with bootlace.digest=sha256:{}",
-                p.display(),
-                b.summary(),
-                b.sha256
-            );
-            Some(b)
-        }
-        None => None,
-    };
     let faults: Faults = a.faults.iter().copied().collect();
     if faults.any() {
         let flags: Vec<String> = a.faults.iter().map(Fault::to_string).collect();

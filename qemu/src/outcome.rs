@@ -20,10 +20,12 @@ pub enum End {
     TimedOut,
     /// QEMU itself failed, with its stderr.
     QemuFailed(String),
+    /// The host stopped the run (`bootlace-vm up` on Ctrl-C or SIGTERM); QEMU was killed.
+    Stopped,
 }
 
 impl End {
-    /// `powered-off`, `kernel-panic`, `reset`, `timeout` or `qemu-failed`.
+    /// `powered-off`, `kernel-panic`, `reset`, `timeout`, `qemu-failed` or `stopped`.
     pub fn as_str(&self) -> &'static str {
         match self {
             End::PoweredOff => "powered-off",
@@ -31,6 +33,7 @@ impl End {
             End::Reset => "reset",
             End::TimedOut => "timeout",
             End::QemuFailed(_) => "qemu-failed",
+            End::Stopped => "stopped",
         }
     }
 }
@@ -155,7 +158,9 @@ impl Outcome {
         match (&self.end, self.exit_status) {
             (End::PoweredOff, Some(s)) => Ended::GuestStatus(s),
             (End::PoweredOff, None) => Ended::NoStatus { powered_off: true },
-            (End::KernelPanic | End::Reset, _) => Ended::NoStatus { powered_off: false },
+            (End::KernelPanic | End::Reset | End::Stopped, _) => {
+                Ended::NoStatus { powered_off: false }
+            }
             (End::TimedOut, _) => Ended::TimedOut,
             (End::QemuFailed(_), _) => Ended::CouldNotRun(Reason::Qemu),
         }
@@ -185,6 +190,7 @@ impl Outcome {
             End::Reset => format!("guest reset after {secs:.1} s ({status})"),
             End::TimedOut => format!("timed out after {secs:.1} s; QEMU killed ({status})"),
             End::QemuFailed(e) => format!("QEMU failed after {secs:.1} s: {e}"),
+            End::Stopped => format!("stopped by the host after {secs:.1} s; QEMU killed"),
         }
     }
 

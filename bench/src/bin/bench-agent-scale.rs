@@ -103,27 +103,6 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
-fn mib(kib: Option<u64>) -> String {
-    kib.map_or_else(|| "?".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0))
-}
-
-fn agent_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.to_owned());
-    }
-    let mut candidates = Vec::new();
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            candidates.push(dir.join("bootlace-agent"));
-        }
-    }
-    candidates.push(PathBuf::from("target/release/bootlace-agent"));
-    candidates.into_iter().find(|p| p.is_file()).context(
-        "bootlace-agent not found: build it (`cargo build --release -p bootlace-agent`) \
-             or give --agent (or BOOTLACE_AGENT)",
-    )
-}
-
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
 fn raise_nofile() -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
@@ -410,7 +389,7 @@ fn main() -> ExitCode {
 
 /// Every run, then the report; `Ok(false)` when a guest failed.
 fn bench(args: &Args) -> anyhow::Result<bool> {
-    let agent_bin = agent_binary(args.agent.as_deref())?;
+    let agent_bin = bootlace_bench::agent_binary(args.agent.as_deref())?;
     let nofile = raise_nofile();
     let max_n = args.guests.iter().copied().max().unwrap_or(0) as u64;
     if let Some(lim) = nofile.filter(|&lim| lim < 2 * max_n + 64) {
@@ -486,7 +465,7 @@ fn write_table(
             percentile_ms(&r.latencies_ms, 0.50),
             percentile_ms(&r.latencies_ms, 0.99),
             r.failures.len(),
-            mib(r.agent_hwm_kib),
+            bootlace_bench::mib(r.agent_hwm_kib),
         )?;
     }
     writeln!(out)
@@ -516,10 +495,10 @@ fn write_details(out: &mut impl io::Write, results: &[RunResult]) -> io::Result<
             "- {} guests: agent VmHWM {} MiB with its listeners up and no guest yet; \
              agent CPU (user+sys) {} s in all; guest threads (this process) VmHWM {} MiB",
             r.guests,
-            mib(r.agent_idle_hwm_kib),
+            bootlace_bench::mib(r.agent_idle_hwm_kib),
             r.agent_cpu_s
                 .map_or_else(|| "?".to_owned(), |c| format!("{c:.2}")),
-            mib(r.guests_hwm_kib),
+            bootlace_bench::mib(r.guests_hwm_kib),
         )?;
     }
     if let Some((slope, intercept_kib)) = rss_slope(results) {

@@ -116,7 +116,8 @@ fn seen(e: &Event) -> Seen {
         Event::Hello(f) => Seen::Hello(f.clone()),
         Event::Report(f) => Seen::Report(f.clone()),
         Event::BundleSent { bytes, .. } => Seen::BundleSent(*bytes),
-        Event::NoBundle => Seen::NoBundle,
+        Event::NoBundle { .. } => Seen::NoBundle,
+        Event::Notice(_) => Seen::Error,
         Event::Error(_) => Seen::Error,
         Event::Disconnected => Seen::Disconnected,
     }
@@ -165,6 +166,7 @@ impl Model {
                                 size: b.bytes.len() as u64,
                                 sha256: b.sha256.clone(),
                                 compression: b.compression.to_string(),
+                                signature: None,
                             },
                             bytes: b.bytes.to_vec(),
                         });

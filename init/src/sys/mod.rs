@@ -275,6 +275,37 @@ pub fn reset_signals_on_exec(cmd: &mut std::process::Command) {
     }
 }
 
+/// Makes a `Command` start its program with these credentials: the supplementary groups
+/// `groups` (none when empty), then the group ID `gid`, then the user ID `uid` — setgroups(2),
+/// setgid(2), setuid(2) in the child, in that order (after the group calls, a user ID other
+/// than 0 could not make them). A call that fails fails the spawn (or the exec) with its errno.
+pub fn set_credentials_on_exec(
+    cmd: &mut std::process::Command,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+) {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<nix::unistd::Gid> = groups
+        .iter()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
+    let gid = nix::unistd::Gid::from_raw(gid);
+    let uid = nix::unistd::Uid::from_raw(uid);
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe functions may be called: it makes only the setgroups(2), setgid(2)
+    // and setuid(2) system calls, on values computed before the fork (nix passes the slice
+    // as it is and allocates nothing), and touches no lock or heap allocation.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setgroups(&groups)?;
+            nix::unistd::setgid(gid)?;
+            nix::unistd::setuid(uid)?;
+            Ok(())
+        });
+    }
+}
+
 /// Forks: `Ok(None)` in the child, `Ok(Some(pid))` in the parent. Only for a process that has
 /// started no thread (PID 1 starts none), so that the child may go on running Rust code.
 pub fn fork_single_threaded() -> io::Result<Option<u32>> {
