@@ -232,6 +232,18 @@ impl Client {
         Ok(c)
     }
 
+    /// The sequence number of the last message sent (0: none after HELLO).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Numbers the next messages after `seq`: a newer init that took over PID 1 goes on with
+    /// the session of the one before it (same boot id), whose reports the host has up to
+    /// `seq`.
+    pub fn resume_after(&mut self, seq: u64) {
+        self.seq = self.seq.max(seq);
+    }
+
     /// Opens a connection and says HELLO, retrying until the deadline.
     fn reconnect(&mut self) -> Result<(), ClientError> {
         self.stream = None;

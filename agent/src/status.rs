@@ -156,9 +156,22 @@ impl Table {
                     g.exit_status = None;
                     g.state = "hello";
                 }
+                let version = f.get("INIT_VERSION").map(bounded);
+                if boot == g.boot_id && g.init_version.is_some() && version != g.init_version {
+                    // A newer init took over PID 1 within the boot.
+                    let line = format!(
+                        "init_takeover={} -> {}",
+                        g.init_version.as_deref().unwrap_or("?"),
+                        version.as_deref().unwrap_or("?")
+                    );
+                    if g.timeline.len() >= MAX_TIMELINE {
+                        g.timeline.remove(0);
+                    }
+                    g.timeline.push(bounded(&line));
+                }
                 g.boot_id = boot;
                 g.instance_id = f.get("INSTANCE_ID").map(bounded);
-                g.init_version = f.get("INIT_VERSION").map(bounded);
+                g.init_version = version;
                 g.running_image = f.get("IMAGE").map(bounded);
             }
             Event::BundleSent { sha256, .. } => {
@@ -325,6 +338,35 @@ mod tests {
         assert!(t
             .to_prometheus(&Counters::default())
             .contains("state=\"hello\"} 1"));
+    }
+
+    #[test]
+    fn a_newer_init_taking_over_within_a_boot_keeps_the_row_and_is_noted() {
+        let mut t = Table::default();
+        let g = "vsock:7";
+        let hello = |v: &str| {
+            Event::Hello(
+                Frame::new(Kind::Hello, 0)
+                    .with("BOOT_ID", "b1")
+                    .with("INIT_VERSION", v),
+            )
+        };
+        t.record(g, None, &hello("0.1.0"));
+        t.record(
+            g,
+            None,
+            &Event::Report(Frame::new(Kind::Step, 1).with("STEP", "bootstrap_mounted")),
+        );
+        t.record(g, None, &hello("0.2.0"));
+        let v = t.to_json(&Counters::default());
+        let row = &v["guests"][0];
+        assert_eq!(row["init_version"], "0.2.0");
+        assert_eq!(row["timeline"][0], "bootstrap_mounted=finished");
+        assert_eq!(row["timeline"][1], "init_takeover=0.1.0 -> 0.2.0");
+        // The same version again (a reconnect) notes nothing.
+        t.record(g, None, &hello("0.2.0"));
+        let v = t.to_json(&Counters::default());
+        assert_eq!(v["guests"][0]["timeline"].as_array().map(Vec::len), Some(2));
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //!   signing with the `sign` feature);
 //! - [`trust`]: the rule that decides whether a vsock bundle is trusted (pinned digest,
 //!   out-of-band digest, signature, trust in the host);
+//! - [`takeover`]: handing PID 1 over to a newer bootlace-init (self-check, state file);
 //! - [`types`]: validated value types (module and environment names, commands, paths).
 //!
 //! It runs inside PID 1 (the init links it): no panicking shortcuts outside tests.
@@ -47,6 +48,7 @@ pub mod manifest;
 pub mod protocol;
 pub mod signature;
 pub mod status;
+pub mod takeover;
 pub mod trust;
 pub mod types;
 

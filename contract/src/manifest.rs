@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::digest::Sha256Digest;
 use crate::types::{
     BundlePath, Command, EnvName, ExecString, HandoffMode, InvalidValue, Label, Mode, ModuleName,
     MountTag, TargetPath,
@@ -546,6 +547,35 @@ pub struct Manifest {
     /// Overrides of the hand-off.
     #[serde(default)]
     pub handoff: Handoff,
+    /// A newer bootlace-init carried by the bundle, to take over PID 1 (docs/manifest.md).
+    #[serde(default)]
+    pub init: Option<NextInit>,
+}
+
+/// Default of `[init] check_timeout_ms`: how long the newer init's self-check may take.
+pub const DEFAULT_INIT_CHECK_MS: u64 = 5_000;
+/// Largest `[init] check_timeout_ms` accepted.
+pub const MAX_INIT_CHECK_MS: u64 = 60_000;
+/// Largest init binary a bundle may carry, in bytes.
+pub const MAX_INIT_BYTES: u64 = 64 * 1024 * 1024;
+
+fn default_init_check_ms() -> u64 {
+    DEFAULT_INIT_CHECK_MS
+}
+
+/// `[init]`: a newer bootlace-init in the bundle. The running init copies it out of the
+/// bundle checking its digest, runs its self-check within `check_timeout_ms`, and hands PID 1
+/// over to it; when any of that fails it goes on itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NextInit {
+    /// The binary, relative to the bundle root.
+    pub path: BundlePath,
+    /// Its digest, `sha256:<hex>`: the bytes must be these.
+    pub sha256: Sha256Digest,
+    /// How long its self-check may take, in milliseconds (1..=60000; default 5000).
+    #[serde(default = "default_init_check_ms")]
+    pub check_timeout_ms: u64,
 }
 
 impl Manifest {
@@ -653,6 +683,17 @@ impl Manifest {
                 return Err(invalid("mounts", format!("{} is mounted twice", m.path())));
             }
         }
+        if let Some(i) = &self.init {
+            if i.check_timeout_ms == 0 || i.check_timeout_ms > MAX_INIT_CHECK_MS {
+                return Err(invalid(
+                    "init",
+                    format!(
+                        "check_timeout_ms {} is not in 1..={MAX_INIT_CHECK_MS}",
+                        i.check_timeout_ms
+                    ),
+                ));
+            }
+        }
         let mut names = BTreeSet::new();
         for r in &self.run {
             if !names.insert(&r.name) {
@@ -682,7 +723,10 @@ impl Manifest {
 
     /// The bundle files the manifest copies (to check a bundle at build time).
     pub fn bundle_sources(&self) -> impl Iterator<Item = &BundlePath> {
-        self.files.iter().filter_map(|f| f.source.as_ref())
+        self.files
+            .iter()
+            .filter_map(|f| f.source.as_ref())
+            .chain(self.init.as_ref().map(|i| &i.path))
     }
 }
 
@@ -717,6 +761,33 @@ pub fn check_bundle_dir(dir: &Path) -> Result<Manifest, ManifestError> {
                 section: "files",
                 message: format!("source {} is not a regular file", src.as_str()),
             });
+        }
+    }
+    if let Some(init) = &manifest.init {
+        let file = dir.join(init.path.as_str());
+        let (digest, size) = std::fs::File::open(&file)
+            .and_then(crate::digest::of_reader)
+            .map_err(|source| ManifestError::Read {
+                path: file.clone(),
+                source,
+            })?;
+        let invalid = |message: String| ManifestError::Invalid {
+            path: path.clone(),
+            section: "init",
+            message,
+        };
+        if size > MAX_INIT_BYTES {
+            return Err(invalid(format!(
+                "{} is {size} bytes, over the {MAX_INIT_BYTES}-byte limit",
+                init.path.as_str()
+            )));
+        }
+        if digest != init.sha256 {
+            return Err(invalid(format!(
+                "{} has {digest}, not the sha256 = \"{}\" given",
+                init.path.as_str(),
+                init.sha256
+            )));
         }
     }
     Ok(manifest)
@@ -906,6 +977,40 @@ command = ["/usr/bin/app"]
         assert!(e.contains("goes through a symlink"), "{e}");
         write("version = 1\n[[files]]\npath = \"/a\"\nsource = \"files/missing\"\n");
         assert!(check_bundle_dir(d).is_err());
+        // [init]: the file must be there, regular, with the sha256 given.
+        let digest = crate::digest::of_bytes(b"a");
+        write(&format!(
+            "version = 1\n[init]\npath = \"files/a\"\nsha256 = \"{digest}\"\n"
+        ));
+        let m = check_bundle_dir(d).expect("valid [init]");
+        assert_eq!(
+            m.init.map(|i| i.check_timeout_ms),
+            Some(DEFAULT_INIT_CHECK_MS)
+        );
+        let other = crate::digest::of_bytes(b"b");
+        write(&format!(
+            "version = 1\n[init]\npath = \"files/a\"\nsha256 = \"{other}\"\n"
+        ));
+        let e = crate::chain(&check_bundle_dir(d).expect_err("wrong digest"));
+        assert!(
+            e.ends_with(&format!(
+                "bootlace.toml: init: files/a has {digest}, not the sha256 = \"{other}\" given"
+            )),
+            "{e}"
+        );
+        write(&format!(
+            "version = 1\n[init]\npath = \"files/link\"\nsha256 = \"{digest}\"\n"
+        ));
+        let e = check_bundle_dir(d).expect_err("symlink init").to_string();
+        assert!(e.contains("goes through a symlink"), "{e}");
+        for bad in ["check_timeout_ms = 0", "check_timeout_ms = 60001"] {
+            let e = parse(&format!(
+                "version = 1\n[init]\npath = \"files/a\"\nsha256 = \"{digest}\"\n{bad}\n"
+            ))
+            .expect_err(bad)
+            .to_string();
+            assert!(e.contains("check_timeout_ms") && e.contains("init"), "{e}");
+        }
         std::fs::remove_file(d.join(MANIFEST_NAME)).expect("rm");
         let e = check_bundle_dir(d).expect_err("no manifest").to_string();
         assert!(

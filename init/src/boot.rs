@@ -8,7 +8,12 @@
 //! 4. stage 1 only: mount the real root and switch to it (returns only on failure);
 //! 5. the writable locations of a read-only root;
 //! 6. the bootstrap: find, mount, apply the manifest, READY, unmount and remove — the cleanup
-//!    runs whenever something was mounted, whatever failed;
+//!    runs whenever something was mounted, whatever failed. When the manifest names a newer
+//!    bootlace-init (`[init]`), it takes over PID 1 once the bootstrap is mounted, before the
+//!    manifest is applied ([`crate::takeover`]), and [`resume`] goes on from there: the host
+//!    session (same boot id, the next sequence number), the timeline, the manifest, READY,
+//!    the cleanup and the hand-off; a newer init that fails its checks is not run, and this
+//!    one goes on;
 //! 7. the hand-off: exec the real init, or supervise the application and power off, or (a
 //!    capture boot) power off with status 0 at once.
 //!
@@ -29,15 +34,18 @@ use bootlace_contract::config::{ConfigError, FailurePolicy, HandoffMode, InitCon
 use bootlace_contract::manifest::MANIFEST_NAME;
 use bootlace_contract::protocol::Kind;
 use bootlace_contract::status::{self, ExitStatus};
+use bootlace_contract::takeover::{Handover, Stage};
 
 use crate::apply::ApplyError;
-use crate::bootstrap::{BootstrapError, Cleaned, BOOTSTRAP_DIR};
+use crate::bootstrap::{BootstrapError, Cleaned, Found, BOOTSTRAP_DIR};
+use crate::hostlink::Resume;
 use crate::identity::IdentityError;
 use crate::machine::{Machine, RealMachine};
 use crate::modload::ModLoadError;
 use crate::mounts::MountError;
 use crate::stage1::Stage1Error;
 use crate::supervise::{handoff_env, AppEnd, RunAs};
+use crate::takeover::TakeoverError;
 use crate::timeline::Timeline;
 use crate::unpacked::Truncated;
 use crate::{logger, sys, VERSION};
@@ -87,6 +95,9 @@ pub enum BootError {
     /// The guest's identity could not be set.
     #[error("identity")]
     Identity(#[source] IdentityError),
+    /// The state handed over by the init this one took over from could not be taken.
+    #[error(transparent)]
+    Takeover(TakeoverError),
 }
 
 impl BootError {
@@ -104,7 +115,8 @@ impl BootError {
             | BootError::Stage1(_)
             | BootError::Truncated(_)
             | BootError::Writable(_)
-            | BootError::Identity(_) => ExitStatus::BootStep,
+            | BootError::Identity(_)
+            | BootError::Takeover(_) => ExitStatus::BootStep,
         }
     }
 }
@@ -115,7 +127,11 @@ pub fn pid1() -> ! {
     let entry = sys::boottime();
     logger::install();
     install_panic_hook();
-    run(&mut RealMachine::new(), entry)
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    match bootlace_contract::takeover::split_args(&args).0 {
+        Some(state) => resume(&mut RealMachine::new(), entry, std::path::Path::new(&state)),
+        None => run(&mut RealMachine::new(), entry),
+    }
 }
 
 /// Installs the panic hook of PID 1: report, then power off. A panic must never unwind out of
@@ -134,14 +150,40 @@ pub fn install_panic_hook() {
 /// The whole boot on `m`, which PID 1 entered at `entry` (CLOCK_BOOTTIME). Never returns: it
 /// ends in a hand-off or a deliberate power-off.
 pub fn run<M: Machine>(m: &mut M, entry: Duration) -> ! {
-    let mut boot = Boot::configure(m, entry);
-    boot.connect_host();
+    let mut boot = Boot::configure(m, entry, None);
+    boot.connect_host(None);
     boot.load_modules();
     if let Some(stage1) = boot.config.stage1.clone() {
         boot.switch_root(&stage1);
     }
     boot.writable();
     boot.bootstrap();
+    boot.handoff()
+}
+
+/// The boot of a newer init that took over PID 1 (entered at `entry`) with the state at
+/// `state`: the config again, the host session resumed, then the manifest of the bootstrap
+/// the previous init mounted, READY, the cleanup and the hand-off. Never returns.
+pub fn resume<M: Machine>(m: &mut M, entry: Duration, state: &std::path::Path) -> ! {
+    let handover = m.take_handover(state);
+    let (handover, error) = match handover {
+        Ok(h) => (Some(h), None),
+        Err(e) => (None, Some(BootError::Takeover(e))),
+    };
+    let mut boot = Boot::configure(m, entry, handover.as_ref());
+    if boot.first_error.is_none() {
+        boot.first_error = error;
+    }
+    boot.connect_host(handover.as_ref());
+    if boot.config.bootstrap.sources.is_empty() {
+        log::warn!("init takeover: the config names no bootstrap source now; none is applied");
+    } else {
+        match boot.apply_and_clean() {
+            Ok(Some(cfg)) => boot.config = cfg,
+            Ok(None) => {}
+            Err(e) => boot.fail(&BootError::Bootstrap(e)),
+        }
+    }
     boot.handoff()
 }
 
@@ -160,12 +202,26 @@ struct Boot<'m, M: Machine> {
 
 impl<'m, M: Machine> Boot<'m, M> {
     /// Step 1: early mounts, the command line and the config. The first failure wins (a broken
-    /// /proc explains a missing command line) and is kept for [`Boot::connect_host`].
-    fn configure(m: &'m mut M, entry: Duration) -> Self {
+    /// /proc explains a missing command line) and is kept for [`Boot::connect_host`]. A newer
+    /// init that took over goes on with the `prior` timeline.
+    fn configure(m: &'m mut M, entry: Duration, prior: Option<&Handover>) -> Self {
         let mut timeline = Timeline::default();
-        timeline.mark("entry", entry);
+        match prior {
+            Some(h) => {
+                timeline = Timeline::from_stamps(&h.timeline);
+                timeline.mark("init_takeover", entry);
+            }
+            None => timeline.mark("entry", entry),
+        }
         let early = m.early_setup();
-        log::info!("bootlace-init {VERSION} started as PID 1");
+        match prior {
+            Some(h) => log::info!(
+                "bootlace-init {VERSION} took over PID 1 from bootlace-init {} ({} mounted)",
+                h.from_version,
+                h.bootstrap
+            ),
+            None => log::info!("bootlace-init {VERSION} started as PID 1"),
+        }
         match &early {
             Ok(mounted) if mounted.is_empty() => log::info!("early mounts already in place"),
             Ok(mounted) => log::info!("mounted {}", mounted.join(" ")),
@@ -207,21 +263,43 @@ impl<'m, M: Machine> Boot<'m, M> {
     }
 
     /// Step 2: the host first, so that every later failure (a bad config included) is
-    /// reported; then the failure of step 1, if any.
-    fn connect_host(&mut self) {
+    /// reported; then the failure of step 1, if any. After a takeover (`prior`) the session
+    /// goes on: HELLO again with the same boot id and `TAKEOVER_FROM`, reports numbered after
+    /// the previous init's, and the step `init_takeover` (its duration: from the hand-over to
+    /// this init's entry).
+    fn connect_host(&mut self, prior: Option<&Handover>) {
         if self.config.host.address.is_some() {
-            if let Err(e) = self
-                .m
-                .connect_host(&self.config.host, self.config.image.as_ref())
-            {
+            let resume = prior.map(|h| Resume {
+                after_seq: h.host_seq.unwrap_or(0),
+                from_version: h.from_version.clone(),
+            });
+            if let Err(e) = self.m.connect_host(
+                &self.config.host,
+                self.config.image.as_ref(),
+                resume.as_ref(),
+            ) {
                 self.fail(&BootError::Host(e));
             }
-            self.step_done("host");
+            if prior.is_none() {
+                self.step_done("host");
+            }
         }
         if let Some(e) = self.first_error.take() {
             self.fail(&e);
         }
-        self.report_step("config", true, Duration::ZERO);
+        match prior {
+            None => self.report_step("config", true, Duration::ZERO),
+            Some(h) => {
+                let handed = h.timeline.last().map_or(0, |s| s.ns);
+                let took = self
+                    .timeline
+                    .at("init_takeover")
+                    .unwrap_or_default()
+                    .saturating_sub(Duration::from_nanos(handed));
+                let from = ("FROM_VERSION", h.from_version.clone());
+                self.report_step_with("init_takeover", true, took, &[from]);
+            }
+        }
     }
 
     /// Step 3: the modules the config names, with their dependencies.
@@ -268,8 +346,9 @@ impl<'m, M: Machine> Boot<'m, M> {
         }
     }
 
-    /// Find, mount, apply, READY, clean up. Once anything may be mounted, the cleanup runs on
-    /// every path; a cleanup failure after another failure is logged, the first one returned.
+    /// Find, mount, (a newer init takes over,) apply, READY, clean up. Once anything may be
+    /// mounted, the cleanup runs on every path; a cleanup failure after another failure is
+    /// logged, the first one returned.
     fn run_bootstrap(&mut self) -> Result<Option<InitConfig>, BootstrapError> {
         let Some(found) = self.m.find_bootstrap(&self.config.bootstrap)? else {
             return Ok(None);
@@ -285,6 +364,51 @@ impl<'m, M: Machine> Boot<'m, M> {
         }
         self.step_done("bootstrap_mounted");
         log::info!("bootstrap: mounted {found} read-only on {BOOTSTRAP_DIR}");
+        self.take_over(&found);
+        self.apply_and_clean()
+    }
+
+    /// When the manifest names a newer bootlace-init: copy it out, check it and hand PID 1
+    /// over to it. Returns only when there is none, or it failed its checks or its exec (the
+    /// step `init_takeover` is reported failed, and this init goes on).
+    fn take_over(&mut self, found: &Found) {
+        let started = self.m.now();
+        let next = match self.m.prepare_init() {
+            Ok(None) => return,
+            Ok(Some(next)) => next,
+            Err(e) => return self.takeover_failed(&e, started),
+        };
+        log::info!(
+            "init: handing PID 1 over to bootlace-init {} ({}, {} bytes, self-check passed)",
+            next.version,
+            next.sha256,
+            next.bytes
+        );
+        let took = self.m.now().saturating_sub(started);
+        self.timeline.mark("init_handover", self.m.now());
+        let to = ("NEXT_VERSION", next.version.clone());
+        self.report_step_with("init_handover", true, took, &[to]);
+        let state = Handover {
+            state_version: bootlace_contract::takeover::STATE_VERSION,
+            from_version: VERSION.to_owned(),
+            stage: Stage::BootstrapMounted,
+            timeline: self.timeline.to_stamps(),
+            host_seq: self.m.host_seq(),
+            bootstrap: found.to_string(),
+        };
+        let e = self.m.exec_init(&next, &state);
+        self.takeover_failed(&e, started);
+    }
+
+    fn takeover_failed(&mut self, e: &TakeoverError, started: Duration) {
+        let text = chain(e);
+        log::warn!("{text}; bootlace-init {VERSION} goes on");
+        let took = self.m.now().saturating_sub(started);
+        self.report_step_with("init_takeover", false, took, &[("STATUS", text)]);
+    }
+
+    /// Apply the mounted bootstrap's manifest, READY, clean up.
+    fn apply_and_clean(&mut self) -> Result<Option<InitConfig>, BootstrapError> {
         let applied = self.m.apply_bootstrap(&self.config);
         self.step("manifest_done", applied.is_ok());
         if let Ok((cfg, applied)) = &applied {
@@ -456,11 +580,16 @@ impl<'m, M: Machine> Boot<'m, M> {
     }
 
     fn report_step(&mut self, name: &str, ok: bool, took: Duration) {
-        let fields = [
+        self.report_step_with(name, ok, took, &[]);
+    }
+
+    fn report_step_with(&mut self, name: &str, ok: bool, took: Duration, more: &[(&str, String)]) {
+        let mut fields = vec![
             ("STEP", name.to_owned()),
             ("STATE", if ok { "finished" } else { "failed" }.to_owned()),
             ("DURATION_MS", took.as_millis().to_string()),
         ];
+        fields.extend(more.iter().cloned());
         self.m.report(Kind::Step, &fields);
     }
 }

@@ -18,6 +18,15 @@ pub struct HostLink {
     client: Option<Client>,
 }
 
+/// Going on with the session of the init this one took over PID 1 from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// The sequence number of its last report.
+    pub after_seq: u64,
+    /// Its version (HELLO says `TAKEOVER_FROM`).
+    pub from_version: String,
+}
+
 /// The boot id the kernel made up for this boot.
 pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -50,6 +59,7 @@ impl HostLink {
         loader: &mut ModuleLoader,
         init_version: &str,
         image: Option<&ImageRef>,
+        resume: Option<&Resume>,
     ) -> Result<HostLink, ClientError> {
         let Some(addr) = cfg.address else {
             return Ok(HostLink::none());
@@ -70,16 +80,27 @@ impl HostLink {
         if let Some(i) = image {
             hello.push(("IMAGE", i.to_string()));
         }
+        if let Some(r) = resume {
+            hello.push(("TAKEOVER_FROM", r.from_version.clone()));
+        }
         let retry = Retry {
             give_up_after: Duration::from_millis(cfg.connect_timeout_ms),
             acks: !addr.notify,
             ..Retry::default()
         };
-        let client = Client::connect(connector, &hello, retry)?;
+        let mut client = Client::connect(connector, &hello, retry)?;
+        if let Some(r) = resume {
+            client.resume_after(r.after_seq);
+        }
         log::info!("host: connected to {}", String::from(addr));
         Ok(HostLink {
             client: Some(client),
         })
+    }
+
+    /// The session's last sequence number, when connected.
+    pub fn seq(&self) -> Option<u64> {
+        self.client.as_ref().map(Client::seq)
     }
 
     /// The client, for a bundle fetch.

@@ -20,6 +20,7 @@
 //!   limits;
 //! - [`devices`]: finding block devices by label and 9p shares by tag, with bounded waits;
 //! - [`blkprobe`]: filesystem type and label of block devices, read from their superblocks;
+//! - [`takeover`]: a newer bootlace-init from the bundle taking over PID 1;
 //! - [`oob`]: a per-VM bundle digest given out of band by the VMM (SMBIOS type 11, fw_cfg);
 //! - [`memory`]: the guest's memory (`/proc/meminfo`) and what a bootstrap may take of it;
 //! - [`relay`]: systemd's readiness relayed to the host after the hand-off;
@@ -64,9 +65,15 @@ pub mod relay;
 pub mod stage1;
 pub mod supervise;
 pub mod sys;
+pub mod takeover;
 pub mod timeline;
 pub mod unpacked;
 pub mod writable;
 
-/// The init's version, printed at start and said in HELLO.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The init's version, printed at start and said in HELLO: the package's, unless the build
+/// names its own (`BOOTLACE_INIT_VERSION=0.1.0+site.3 cargo build …`, for a build that must be
+/// told apart, as a newer init taking over is).
+pub const VERSION: &str = match option_env!("BOOTLACE_INIT_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};

@@ -7,7 +7,7 @@
 use std::ffi::OsString;
 use std::io;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bootlace_agent::client::ClientError;
@@ -15,18 +15,22 @@ use bootlace_contract::config::{
     self, Bootstrap, Command, Host, IfMissing, ImageRef, InitConfig, Loaded, ModuleName, RootFs,
     Stage1, TargetPath,
 };
+use bootlace_contract::manifest::ManifestError;
 use bootlace_contract::protocol::Kind;
 use bootlace_contract::status::{self, ExitStatus};
+use bootlace_contract::takeover::Handover;
 
 use crate::apply::{Applied, ApplyError};
-use crate::bootstrap::{self, BootstrapError, Cleaned, Found};
-use crate::hostlink::HostLink;
+use crate::bootstrap::{self, BootstrapError, Cleaned, Found, BOOTSTRAP_DIR};
+use crate::hostlink::{HostLink, Resume};
 use crate::identity::IdentityError;
 use crate::memory::{self, MemInfo};
 use crate::modload::{ModLoadError, ModuleLoader};
 use crate::mounts::{self, MountError};
 use crate::stage1::{self, Stage1Error};
 use crate::supervise::{self, AppEnd, RunAs};
+use crate::sys::root::Root;
+use crate::takeover::{self, Prepared, TakeoverError};
 use crate::unpacked::{self, Truncated};
 use crate::{logger, sys};
 
@@ -45,10 +49,27 @@ pub trait Machine {
     fn cmdline(&mut self) -> io::Result<Vec<u8>>;
     /// The baked config with the command line applied and the whole validated.
     fn load_config(&mut self, cmdline: &[u8]) -> Loaded;
-    /// Connects to the host and says HELLO.
-    fn connect_host(&mut self, host: &Host, image: Option<&ImageRef>) -> Result<(), ClientError>;
+    /// Connects to the host and says HELLO; `resume`: going on with the session of the init
+    /// this one took over from.
+    fn connect_host(
+        &mut self,
+        host: &Host,
+        image: Option<&ImageRef>,
+        resume: Option<&Resume>,
+    ) -> Result<(), ClientError>;
     /// Whether a host is connected.
     fn host_connected(&self) -> bool;
+    /// The host session's last sequence number, when a host is connected.
+    fn host_seq(&self) -> Option<u64>;
+    /// The newer bootlace-init the mounted bundle's manifest names (`[init]`), copied out of
+    /// the bundle with its digest checked and its self-check passed; `None` when it names none,
+    /// or names the program running.
+    fn prepare_init(&mut self) -> Result<Option<Prepared>, TakeoverError>;
+    /// Hands PID 1 over to `next` with `state`; returns only the error (nothing of the
+    /// takeover is left then, and the host link still stands).
+    fn exec_init(&mut self, next: &Prepared, state: &Handover) -> TakeoverError;
+    /// The newer init's side: the state handed over at `path` (removed once read).
+    fn take_handover(&mut self, path: &Path) -> Result<Handover, TakeoverError>;
     /// Sends a report to the host: nothing without one; a host lost on the way is logged and
     /// dropped (the boot is not held hostage to it).
     fn report(&mut self, kind: Kind, fields: &[(&str, String)]);
@@ -174,13 +195,52 @@ impl Machine for RealMachine {
         config::load(Path::new(config::CONFIG_PATH), cmdline, IfMissing::Defaults)
     }
 
-    fn connect_host(&mut self, host: &Host, image: Option<&ImageRef>) -> Result<(), ClientError> {
-        self.link = HostLink::connect(host, &mut self.loader, crate::VERSION, image)?;
+    fn connect_host(
+        &mut self,
+        host: &Host,
+        image: Option<&ImageRef>,
+        resume: Option<&Resume>,
+    ) -> Result<(), ClientError> {
+        self.link = HostLink::connect(host, &mut self.loader, crate::VERSION, image, resume)?;
         Ok(())
     }
 
     fn host_connected(&self) -> bool {
         self.link.is_connected()
+    }
+
+    fn host_seq(&self) -> Option<u64> {
+        self.link.seq()
+    }
+
+    fn prepare_init(&mut self) -> Result<Option<Prepared>, TakeoverError> {
+        let bundle = Root::open(Path::new(BOOTSTRAP_DIR)).map_err(|source| {
+            TakeoverError::Manifest(ManifestError::Read {
+                path: PathBuf::from(BOOTSTRAP_DIR),
+                source,
+            })
+        })?;
+        let Some(next) = takeover::wanted(&bundle, Path::new(BOOTSTRAP_DIR))? else {
+            return Ok(None);
+        };
+        takeover::prepare(
+            &bundle,
+            &next,
+            Path::new(bootlace_contract::takeover::NEXT_INIT_PATH),
+            Path::new("/proc/self/exe"),
+        )
+    }
+
+    fn exec_init(&mut self, next: &Prepared, state: &Handover) -> TakeoverError {
+        takeover::exec(
+            next,
+            state,
+            Path::new(bootlace_contract::takeover::STATE_PATH),
+        )
+    }
+
+    fn take_handover(&mut self, path: &Path) -> Result<Handover, TakeoverError> {
+        takeover::take_state(path, Path::new(bootlace_contract::takeover::NEXT_INIT_PATH))
     }
 
     fn report(&mut self, kind: Kind, fields: &[(&str, String)]) {

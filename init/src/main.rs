@@ -26,6 +26,9 @@ usage: bootlace-init                 as PID 1: boot this machine
                                      (FILE defaults to /etc/bootlace/init.toml, where a missing
                                      file means the built-in defaults; a FILE named that does
                                      not exist is an error)
+       bootlace-init takeover-check      the self-check of a newer init about to take over PID 1:
+                                     prints `bootlace-init VERSION takeover STATE-VERSIONS`
+                                     when it accepts this machine's configuration
        bootlace-init --version
        bootlace-init --help
 
@@ -40,6 +43,7 @@ struct Usage(String);
 enum Request {
     Help,
     Version,
+    TakeoverCheck,
     Check {
         config: Option<PathBuf>,
         /// Raw bytes, as /proc/cmdline has them (only `bootlace.*` keys must be UTF-8).
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Request::Check { config, cmdline }) => check(config, &cmdline),
+        Ok(Request::TakeoverCheck) => takeover_check(),
         Err(Usage(why)) => {
             eprintln!("bootlace-init: {why}\n{USAGE}");
             ExitCode::from(2)
@@ -82,6 +87,7 @@ fn parse(args: Vec<OsString>) -> Result<Request, Usage> {
         "--help" | "-h" | "help" => return Ok(Request::Help),
         "--version" | "-V" => return Ok(Request::Version),
         "check" => {}
+        bootlace_contract::takeover::CHECK_COMMAND => return Ok(Request::TakeoverCheck),
         other => return Err(Usage(format!("unknown command {other:?}"))),
     }
     let (mut config, mut cmdline) = (None, Vec::new());
@@ -100,6 +106,26 @@ fn parse(args: Vec<OsString>) -> Result<Request, Usage> {
         }
     }
     Ok(Request::Check { config, cmdline })
+}
+
+/// The self-check a running init asks of this one before handing PID 1 over to it: this build
+/// runs here, and takes the machine's configuration (the file and the kernel command line).
+fn takeover_check() -> ExitCode {
+    let cmdline = std::fs::read("/proc/cmdline").unwrap_or_default();
+    let loaded = config::load(
+        std::path::Path::new(config::CONFIG_PATH),
+        &cmdline,
+        IfMissing::Defaults,
+    );
+    if let Some(e) = loaded.error {
+        eprintln!("bootlace-init: {}", bootlace_contract::chain(&e));
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{}",
+        bootlace_contract::takeover::check_line(bootlace_init::VERSION)
+    );
+    ExitCode::SUCCESS
 }
 
 fn check(path: Option<PathBuf>, cmdline: &[u8]) -> ExitCode {

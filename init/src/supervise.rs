@@ -76,7 +76,8 @@ pub fn handoff_env(config: &InitConfig) -> Vec<(String, String)> {
 /// The arguments the kernel gave PID 1 (after `--`, or unknown bare words): they go on to the
 /// real init, as if the kernel had started it itself. Never fails on non-UTF-8 bytes.
 pub fn kernel_args() -> Vec<std::ffi::OsString> {
-    std::env::args_os().skip(1).collect()
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    bootlace_contract::takeover::split_args(&args).1
 }
 
 /// The status for a command that could not be executed: 127 when it does not exist, else 126.

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bootlace_agent::client::ClientError;
@@ -16,13 +16,16 @@ use bootlace_contract::config::{
     Bootstrap, Command, ConfigError, FailurePolicy, HandoffMode, Host, InitConfig, Loaded,
     ModuleName, RootFs, Source, Stage1, TargetPath, UnixId,
 };
+use bootlace_contract::digest::Sha256Digest;
 use bootlace_contract::kmod::KmodError;
 use bootlace_contract::manifest::ManifestError;
 use bootlace_contract::protocol::Kind;
 use bootlace_contract::status::ExitStatus;
+use bootlace_contract::takeover::{Handover, Stage, Stamp, StateError};
 use bootlace_init::apply::{Applied, ApplyError};
 use bootlace_init::boot;
 use bootlace_init::bootstrap::{BootstrapError, Cleaned, Found};
+use bootlace_init::hostlink::Resume;
 use bootlace_init::identity::IdentityError;
 use bootlace_init::machine::Machine;
 use bootlace_init::modload::ModLoadError;
@@ -30,6 +33,7 @@ use bootlace_init::mounts::MountError;
 use bootlace_init::stage1::Stage1Error;
 use bootlace_init::supervise::{AppEnd, RunAs};
 use bootlace_init::sys::Ended;
+use bootlace_init::takeover::{Prepared, TakeoverError};
 use bootlace_init::unpacked::Truncated;
 
 /// A step the fake can be told to fail.
@@ -48,6 +52,12 @@ enum Step {
     Cleanup,
     Exec,
     Switch,
+    /// The newer init fails its checks.
+    Prepare,
+    /// Its exec fails.
+    ExecInit,
+    /// The state handed over cannot be read.
+    Handover,
 }
 
 /// How the fake's run ended.
@@ -56,6 +66,8 @@ enum End {
     PowerOff(u8, String),
     Exec(String),
     Switched,
+    /// PID 1 handed over to a newer init, with this state.
+    TookOver(Box<Handover>),
 }
 
 #[derive(Debug)]
@@ -70,6 +82,14 @@ struct Fake {
     /// The hand-off config a manifest gives.
     manifest_env: Option<(String, String)>,
     connected: bool,
+    /// Reports sent (the host session's sequence number).
+    seq: u64,
+    /// What `connect_host` was asked to resume.
+    resumed: Option<Resume>,
+    /// The newer init the manifest names.
+    next_init: Option<Prepared>,
+    /// The state a resumed boot takes.
+    handover: Option<Handover>,
     clock_ms: u64,
     /// What happened, in order.
     log: Vec<String>,
@@ -88,6 +108,10 @@ impl Fake {
             app: None,
             manifest_env: None,
             connected: false,
+            seq: 0,
+            resumed: None,
+            next_init: None,
+            handover: None,
             clock_ms: 1000,
             log: Vec::new(),
             end: None,
@@ -108,10 +132,19 @@ impl Fake {
     }
 
     /// Runs the boot to its end and returns the fake.
-    fn boot(mut self) -> Fake {
-        let r = catch_unwind(AssertUnwindSafe(|| boot::run(&mut self, Duration::ZERO)));
+    fn boot(self) -> Fake {
+        self.run_with(|f| boot::run(f, Duration::ZERO))
+    }
+
+    /// Runs the boot of a newer init that took over (entered at 5 s) to its end.
+    fn resume(self) -> Fake {
+        self.run_with(|f| boot::resume(f, Duration::from_secs(5), Path::new("/run/state")))
+    }
+
+    fn run_with(mut self, boot: impl FnOnce(&mut Fake) -> std::convert::Infallible) -> Fake {
+        let r = catch_unwind(AssertUnwindSafe(|| boot(&mut self)));
         match r {
-            Ok(never) => never,
+            Ok(never) => match never {},
             Err(payload) => {
                 if payload.downcast_ref::<End>().is_none() {
                     resume_unwind(payload)
@@ -207,8 +240,13 @@ impl Machine for Fake {
         &mut self,
         _host: &Host,
         _image: Option<&bootlace_contract::config::ImageRef>,
+        resume: Option<&Resume>,
     ) -> Result<(), ClientError> {
         self.log.push("connect".into());
+        self.resumed = resume.cloned();
+        if let Some(r) = resume {
+            self.seq = r.after_seq;
+        }
         if self.fails(Step::Host) {
             return Err(ClientError::Unreachable {
                 attempts: 3,
@@ -224,12 +262,55 @@ impl Machine for Fake {
         self.connected
     }
 
+    fn host_seq(&self) -> Option<u64> {
+        self.connected.then_some(self.seq)
+    }
+
+    fn prepare_init(&mut self) -> Result<Option<Prepared>, TakeoverError> {
+        self.log.push("prepare-init".into());
+        if self.fails(Step::Prepare) {
+            return Err(TakeoverError::SelfCheck {
+                path: PathBuf::from("/run/bootlace/init.next"),
+                why: "it exited with status 1".into(),
+            });
+        }
+        Ok(self.next_init.clone())
+    }
+
+    fn exec_init(&mut self, next: &Prepared, state: &Handover) -> TakeoverError {
+        self.log.push(format!("exec-init {}", next.version));
+        if self.fails(Step::ExecInit) {
+            return TakeoverError::Exec {
+                path: next.path.clone(),
+                source: io::Error::from(io::ErrorKind::PermissionDenied),
+            };
+        }
+        self.ended(End::TookOver(Box::new(state.clone())))
+    }
+
+    fn take_handover(&mut self, path: &Path) -> Result<Handover, TakeoverError> {
+        self.log.push(format!("take-handover {}", path.display()));
+        if self.fails(Step::Handover) {
+            return Err(TakeoverError::State(StateError::Invalid {
+                path: path.display().to_string(),
+                message: "state version 9 (this init reads 1)".into(),
+            }));
+        }
+        self.handover.clone().ok_or_else(|| {
+            TakeoverError::State(StateError::Read {
+                path: path.display().to_string(),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            })
+        })
+    }
+
     fn report(&mut self, kind: Kind, fields: &[(&str, String)]) {
         if !self.connected {
             return;
         }
         let fields: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
         self.log.push(format!("{kind} {}", fields.join(" ")));
+        self.seq += 1;
         self.clock_ms += 1;
     }
 
@@ -766,4 +847,173 @@ fn without_a_host_nothing_is_reported_and_the_boot_still_ends_cleanly() {
         .log
         .iter()
         .any(|l| l.starts_with("FAILED") || l.starts_with("STEP")));
+}
+
+fn newer_init() -> Prepared {
+    Prepared {
+        path: PathBuf::from("/run/bootlace/init.next"),
+        version: "0.2.0".into(),
+        sha256: Sha256Digest::from_bytes(&[7; 32]),
+        bytes: 1_400_000,
+    }
+}
+
+#[test]
+fn a_newer_init_takes_over_once_the_bootstrap_is_mounted_and_before_the_manifest() {
+    let mut f = Fake::new(hosted());
+    f.next_init = Some(newer_init());
+    let f = f.boot();
+    let Some(End::TookOver(state)) = &f.end else {
+        panic!("no takeover: {:#?}", f.log)
+    };
+    let order = [
+        "STEP STEP=bootstrap_mounted",
+        "prepare-init",
+        "STEP STEP=init_handover STATE=finished",
+        "exec-init 0.2.0",
+    ];
+    let at: Vec<usize> = order.iter().map(|p| f.at(p)).collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{:#?}", f.log);
+    assert!(f.entries("STEP STEP=init_handover")[0].contains("NEXT_VERSION=0.2.0"));
+    // Nothing of the manifest, no READY, no cleanup: the newer init does those.
+    assert!(
+        !f.has("apply") && !f.has("READY") && !f.has("cleanup"),
+        "{:#?}",
+        f.log
+    );
+    assert_eq!(state.from_version, bootlace_init::VERSION);
+    assert_eq!(state.stage, Stage::BootstrapMounted);
+    assert_eq!(
+        state.host_seq,
+        Some(f.seq),
+        "every report sent is in the state"
+    );
+    let names: Vec<&str> = state.timeline.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names.first(), Some(&"entry"));
+    assert_eq!(names.last(), Some(&"init_handover"));
+    assert!(names.contains(&"bootstrap_mounted"), "{names:?}");
+    assert_eq!(state.bootstrap, "9p share \"bootlace\"");
+}
+
+#[test]
+fn a_newer_init_that_fails_its_checks_or_its_exec_is_reported_and_this_one_goes_on() {
+    for step in [Step::Prepare, Step::ExecInit] {
+        let mut f = Fake::new(hosted()).failing(&[step]);
+        f.next_init = Some(newer_init());
+        let f = f.boot();
+        assert_eq!(f.end, Some(End::Exec("/sbin/init".into())), "{:#?}", f.log);
+        let failed = f.entries("STEP STEP=init_takeover STATE=failed");
+        assert_eq!(failed.len(), 1, "{step:?}: {:#?}", f.log);
+        let why = match step {
+            Step::Prepare => "the self-check of /run/bootlace/init.next failed",
+            _ => "execute /run/bootlace/init.next",
+        };
+        assert!(failed[0].contains(why), "{}", failed[0]);
+        assert!(f.at("STEP STEP=init_takeover") < f.at("apply"));
+        assert_eq!(f.entries("READY").len(), 1, "{:#?}", f.log);
+        assert!(!f.has("FAILED"), "a fallback is no failure: {:#?}", f.log);
+    }
+}
+
+#[test]
+fn a_bundle_without_a_newer_init_boots_as_before() {
+    let f = Fake::new(hosted()).boot();
+    assert!(f.has("prepare-init"), "{:#?}", f.log);
+    assert!(!f.has("STEP STEP=init_"), "{:#?}", f.log);
+    assert_eq!(f.end, Some(End::Exec("/sbin/init".into())));
+}
+
+fn handover(host_seq: Option<u64>) -> Handover {
+    Handover {
+        state_version: bootlace_contract::takeover::STATE_VERSION,
+        from_version: "0.1.0".into(),
+        stage: Stage::BootstrapMounted,
+        timeline: vec![
+            Stamp {
+                name: "entry".into(),
+                ns: 2_000_000_000,
+            },
+            Stamp {
+                name: "bootstrap_mounted".into(),
+                ns: 3_000_000_000,
+            },
+            Stamp {
+                name: "init_handover".into(),
+                ns: 4_750_000_000,
+            },
+        ],
+        host_seq,
+        bootstrap: "the host's bundle over vsock".into(),
+    }
+}
+
+#[test]
+fn the_newer_init_resumes_the_session_and_the_timeline_and_finishes_the_bootstrap() {
+    let mut f = Fake::new(hosted());
+    f.handover = Some(handover(Some(6)));
+    let f = f.resume();
+    assert_eq!(f.end, Some(End::Exec("/sbin/init".into())), "{:#?}", f.log);
+    assert_eq!(
+        f.resumed,
+        Some(Resume {
+            after_seq: 6,
+            from_version: "0.1.0".into()
+        })
+    );
+    let order = [
+        "take-handover /run/state",
+        "connect",
+        "STEP STEP=init_takeover STATE=finished DURATION_MS=250 FROM_VERSION=0.1.0",
+        "apply",
+        "READY",
+        "cleanup",
+        "exec /sbin/init",
+    ];
+    let at: Vec<usize> = order.iter().map(|p| f.at(p)).collect();
+    assert!(
+        at.windows(2).all(|w| w[0] < w[1]),
+        "{order:?} {at:?}: {:#?}",
+        f.log
+    );
+    // Not again: the host step, the config step, the modules, the search, the mount.
+    for again in [
+        "STEP STEP=host",
+        "STEP STEP=config",
+        "modules",
+        "find",
+        "mount",
+        "prepare-init",
+    ] {
+        assert!(!f.has(again), "{again}: {:#?}", f.log);
+    }
+    let ready = f.entries("READY")[0];
+    assert!(
+        ready.contains(
+            "entry=2.000s bootstrap_mounted=3.000s init_handover=4.750s init_takeover=5.000s"
+        ),
+        "{ready}"
+    );
+    // Numbered after the previous init's six reports.
+    assert_eq!(
+        f.seq,
+        6 + f
+            .log
+            .iter()
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_uppercase()))
+            .count() as u64
+    );
+}
+
+#[test]
+fn a_state_that_cannot_be_taken_is_a_reported_boot_failure() {
+    let mut f = Fake::new(hosted()).failing(&[Step::Handover]);
+    f.handover = Some(handover(None));
+    let f = f.resume();
+    assert_eq!(f.powered_off().0, 71, "{:#?}", f.log);
+    let failed = f.entries("FAILED")[0];
+    assert!(
+        failed.contains("the takeover state /run/state is refused"),
+        "{failed}"
+    );
+    assert!(!f.has("apply"), "{:#?}", f.log);
 }
