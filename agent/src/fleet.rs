@@ -13,6 +13,7 @@
 //! hostname = "web-1"                   # written into the bundle's manifest
 //! vars = { ROLE = "web" }              # added to the manifest's [env] (these win)
 //! command = ["/srv/web", "--port", "80"] # replaces the image's command, supervised
+//! init = "bootlace-init-0.2.0"         # a newer bootlace-init, to take over PID 1 at boot
 //!
 //! [guests.db]
 //! cid = 7                              # its AF_VSOCK context id
@@ -87,7 +88,19 @@ pub enum BundleError {
     /// Adding the hostname and vars to its manifest.
     #[error("adding hostname/vars to its bootlace.toml: {0}")]
     Compose(String),
+    /// The newer init to carry could not be read.
+    #[error("the init {}", path.display())]
+    Init {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
 }
+
+/// Where a composed bundle carries the host's newer init (`init = …` in the fleet).
+pub const INIT_ENTRY: &str = "bootlace/init";
 
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +123,7 @@ struct Entry {
     #[serde(default)]
     vars: BTreeMap<String, String>,
     command: Option<Vec<String>>,
+    init: Option<PathBuf>,
 }
 
 /// One guest as loaded.
@@ -419,6 +433,14 @@ fn build_guest(
         .or_else(|| defaults.and_then(|(_, d)| d.image.clone()));
     let mut vars = defaults.map(|(_, d)| d.vars.clone()).unwrap_or_default();
     vars.extend(e.vars.clone());
+    let init = e
+        .init
+        .as_ref()
+        .map(|i| rel(file, i))
+        .or_else(|| defaults.and_then(|(f, d)| d.init.as_ref().map(|i| rel(f, i))));
+    if let Some(i) = init.as_ref().filter(|i| cache.watched.insert((*i).clone())) {
+        watched.push((i.clone(), stamp(i)));
+    }
     let custom = Customize {
         hostname: e.hostname.clone(),
         vars,
@@ -426,6 +448,7 @@ fn build_guest(
             .command
             .clone()
             .or_else(|| defaults.and_then(|(_, d)| d.command.clone())),
+        init,
     };
     if custom.command.as_ref().is_some_and(Vec::is_empty) {
         return Err(FleetError::Parse {
@@ -509,12 +532,19 @@ pub struct Customize {
     /// `command`), as `docker run --entrypoint` replaces an image's: the guest powers off with
     /// its exit status.
     pub command: Option<Vec<String>>,
+    /// A newer bootlace-init (a file on the host) the bundle carries at [`INIT_ENTRY`], named
+    /// in the manifest's `[init]` with its sha256: the guest's init hands PID 1 over to it
+    /// (docs/boot.md).
+    pub init: Option<PathBuf>,
 }
 
 impl Customize {
     /// Whether it changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.hostname.is_none() && self.vars.is_empty() && self.command.is_none()
+        self.hostname.is_none()
+            && self.vars.is_empty()
+            && self.command.is_none()
+            && self.init.is_none()
     }
 }
 
@@ -532,14 +562,19 @@ pub fn compose(
             hostname: hostname.map(str::to_owned),
             vars: vars.clone(),
             command: None,
+            init: None,
         },
     )
 }
 
-/// The bundle at `base` (or an empty one) with `c` written into its `bootlace.toml`: an
-/// uncompressed tar, or gzip when the base was compressed.
+/// The bundle at `base` (or an empty one) with `c` written into its `bootlace.toml` (and its
+/// init added): an uncompressed tar, or gzip when the base was compressed.
 pub fn compose_with(base: Option<&Path>, c: &Customize) -> Result<BundleSource, BundleError> {
     let compose_err = |m: String| BundleError::Compose(m);
+    let init = match &c.init {
+        Some(path) => Some(read_init(path)?),
+        None => None,
+    };
     let (tar_bytes, compression) = match base {
         Some(p) => {
             let b = BundleSource::from_path(p)?;
@@ -573,6 +608,11 @@ pub fn compose_with(base: Option<&Path>, c: &Customize) -> Result<BundleSource, 
                 manifest = Some(text);
                 continue;
             }
+            if init.is_some() && path.starts_with(INIT_ENTRY) {
+                return Err(compose_err(format!(
+                    "the bundle already has {INIT_ENTRY}, where the fleet's init goes"
+                )));
+            }
             let header = entry.header().clone();
             let mut data = Vec::new();
             entry
@@ -582,7 +622,13 @@ pub fn compose_with(base: Option<&Path>, c: &Customize) -> Result<BundleSource, 
                 .map_err(|e| compose_err(e.to_string()))?;
         }
     }
-    let text = with_identity(manifest.as_deref(), c)?;
+    let digest = init
+        .as_ref()
+        .map(|b| bootlace_contract::digest::of_bytes(b));
+    let text = with_identity(manifest.as_deref(), c, digest.as_ref())?;
+    if let Some(bytes) = &init {
+        append_init(&mut out, bytes).map_err(|e| compose_err(e.to_string()))?;
+    }
     let mut h = tar::Header::new_gnu();
     h.set_size(text.len() as u64);
     h.set_mode(0o644);
@@ -618,9 +664,55 @@ fn decompress(bytes: &[u8], c: Compression) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// `manifest` (or a new one) with `hostname` and `vars` in it, checked by the guest's own
-/// manifest parser.
-fn with_identity(manifest: Option<&str>, c: &Customize) -> Result<String, BundleError> {
+/// The init file to carry: a regular file of at most the manifest's limit.
+fn read_init(path: &Path) -> Result<Vec<u8>, BundleError> {
+    let err = |source| BundleError::Init {
+        path: path.to_owned(),
+        source,
+    };
+    let limit = bootlace_contract::manifest::MAX_INIT_BYTES;
+    let file = std::fs::File::open(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() || meta.len() > limit {
+        return Err(err(io::Error::other(format!(
+            "not a regular file of at most {limit} bytes"
+        ))));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(err)?;
+    if bytes.len() as u64 > limit {
+        return Err(err(io::Error::other(format!("over {limit} bytes"))));
+    }
+    Ok(bytes)
+}
+
+/// The init's directory and file entries (0755, root, mtime 0).
+fn append_init(out: &mut tar::Builder<Vec<u8>>, bytes: &[u8]) -> io::Result<()> {
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_size(0);
+    dir.set_mode(0o755);
+    dir.set_mtime(0);
+    dir.set_uid(0);
+    dir.set_gid(0);
+    let parent = INIT_ENTRY.rsplit_once('/').map_or("", |(d, _)| d);
+    out.append_data(&mut dir, format!("{parent}/"), io::empty())?;
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bytes.len() as u64);
+    h.set_mode(0o755);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    out.append_data(&mut h, INIT_ENTRY, bytes)
+}
+
+/// `manifest` (or a new one) with `hostname`, `vars`, `command` and the carried init's
+/// `[init]` in it, checked by the guest's own manifest parser.
+fn with_identity(
+    manifest: Option<&str>,
+    c: &Customize,
+    init: Option<&bootlace_contract::digest::Sha256Digest>,
+) -> Result<String, BundleError> {
     let mut doc: toml::Table = match manifest {
         Some(text) => toml::from_str(text).map_err(|e| {
             BundleError::Compose(format!("{MANIFEST_NAME}: {}", e.to_string().trim_end()))
@@ -665,6 +757,15 @@ fn with_identity(manifest: Option<&str>, c: &Customize) -> Result<String, Bundle
         for (k, v) in vars {
             env.insert(k.clone(), toml::Value::String(v.clone()));
         }
+    }
+    if let Some(digest) = init {
+        let mut t = toml::Table::new();
+        t.insert(
+            "path".to_owned(),
+            toml::Value::String(INIT_ENTRY.to_owned()),
+        );
+        t.insert("sha256".to_owned(), toml::Value::String(digest.to_string()));
+        doc.insert("init".to_owned(), toml::Value::Table(t));
     }
     let text = toml::to_string(&doc).map_err(|e| BundleError::Compose(e.to_string()))?;
     bootlace_contract::manifest::Manifest::parse(&text, Path::new(MANIFEST_NAME))

@@ -711,3 +711,104 @@ fn a_command_replaces_the_bundles_and_is_supervised() {
         "{e}"
     );
 }
+
+/// The entries of a bundle tarball (gzip or not): path, mode, bytes.
+fn entries_of(bytes: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+    let plain = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_end(&mut out)
+            .expect("gunzip");
+        out
+    } else {
+        bytes.to_vec()
+    };
+    let mut a = tar::Archive::new(plain.as_slice());
+    let mut v = Vec::new();
+    for e in a.entries().expect("tar") {
+        let mut e = e.expect("entry");
+        let path = e.path().expect("path").display().to_string();
+        let mode = e.header().mode().expect("mode");
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).expect("read");
+        v.push((path, mode, data));
+    }
+    v
+}
+
+#[test]
+fn the_host_carries_a_newer_init_in_a_guests_bundle_and_changes_it_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    bundle_dir(d, "base", "base");
+    let init = d.join("bootlace-init-0.2.0");
+    std::fs::write(&init, b"\x7fELF a newer init").expect("init");
+    let fleet_file = d.join("fleet.toml");
+    let write = |text: &str| std::fs::write(&fleet_file, text).expect("write");
+    write(&format!(
+        "[defaults]\nbundle = \"base\"\ninit = \"bootlace-init-0.2.0\"\n\n\
+         [guests.a]\nsocket = \"{d}/a\"\nhostname = \"a\"\n\n\
+         [guests.b]\nsocket = \"{d}/b\"\ninit = \"missing-init\"\n",
+        d = d.display()
+    ));
+    // b's init does not exist: the fleet is refused, naming the guest and the file.
+    let e = bootlace_contract::chain(&Fleet::open(&fleet_file, 1024).expect_err("missing init"));
+    assert!(
+        e.contains("guest b") && e.contains("the init") && e.contains("missing-init: No such file"),
+        "{e}"
+    );
+
+    write(&format!(
+        "[defaults]\nbundle = \"base\"\ninit = \"bootlace-init-0.2.0\"\n\n\
+         [guests.a]\nsocket = \"{d}/a\"\nhostname = \"a\"\n",
+        d = d.display()
+    ));
+    let fleet = Fleet::open(&fleet_file, 1024).expect("fleet");
+    let (_host, _events) = host_on(&fleet, Limits::default());
+    let a = hybrid_path(&d.join("a"), 1024);
+    let m = fetch(&a, "").expect("a");
+    let doc: toml::Table = toml::from_str(&m).expect("TOML");
+    let digest = bootlace_contract::digest::of_bytes(b"\x7fELF a newer init");
+    assert_eq!(doc["init"]["path"].as_str(), Some("bootlace/init"), "{m}");
+    assert_eq!(
+        doc["init"]["sha256"].as_str(),
+        Some(digest.to_string().as_str()),
+        "{m}"
+    );
+    assert_eq!(doc["hostname"].as_str(), Some("a"), "{m}");
+    let loaded = fleet.current();
+    let bundle = loaded
+        .assignment("a")
+        .and_then(|a| a.bundle.clone())
+        .expect("a's bundle");
+    let entries = entries_of(&bundle.bytes);
+    let carried = entries
+        .iter()
+        .find(|(p, _, _)| p == "bootlace/init")
+        .expect("the init in the bundle");
+    assert_eq!(carried.1 & 0o7777, 0o755);
+    assert_eq!(carried.2, b"\x7fELF a newer init");
+    assert!(
+        entries.iter().any(|(p, _, _)| p == "etc/motd"),
+        "the base stays"
+    );
+
+    // A new build of the init on the host: the next guest gets it, no restart.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&init, b"\x7fELF newer still").expect("init");
+    let newer = bootlace_contract::digest::of_bytes(b"\x7fELF newer still").to_string();
+    wait_for("the new init's digest", || {
+        fetch(&a, "").is_ok_and(|m| m.contains(&newer))
+    });
+
+    // A base that already has bootlace/init cannot carry the fleet's.
+    let clash = bundle_dir(d, "clash", "c");
+    std::fs::create_dir_all(clash.join("bootlace")).expect("mkdir");
+    std::fs::write(clash.join("bootlace/init"), b"x").expect("write");
+    let c = bootlace_agent::fleet::Customize {
+        init: Some(init.clone()),
+        ..Default::default()
+    };
+    let e = bootlace_agent::fleet::compose_with(Some(&clash), &c).expect_err("clash");
+    assert!(e.to_string().contains("already has bootlace/init"), "{e}");
+}

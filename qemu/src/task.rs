@@ -35,6 +35,7 @@ struct RawTask {
     #[serde(default)]
     vars: BTreeMap<String, String>,
     command: Option<Vec<String>>,
+    init: Option<PathBuf>,
     #[serde(default)]
     append: Vec<String>,
     #[serde(default)]
@@ -60,6 +61,7 @@ struct RawInstance {
     #[serde(default)]
     vars: BTreeMap<String, String>,
     command: Option<Vec<String>>,
+    init: Option<PathBuf>,
 }
 
 /// A task, checked: what `bootlace-vm up` runs.
@@ -107,6 +109,9 @@ pub struct Instance {
     /// The application that replaces the image's command (supervised: the guest ends with
     /// it), `{n}` and `{task}` filled in; `None`: the image's (or its bundle's).
     pub command: Option<Vec<String>>,
+    /// A newer bootlace-init its bundle carries, to take over PID 1 at boot (`init`, relative
+    /// to the task file).
+    pub init: Option<PathBuf>,
     /// Its SMBIOS UUID, derived from the task's name and its number: the same on every run,
     /// so a restarted guest keeps its machine ID.
     pub uuid: Uuid,
@@ -370,6 +375,7 @@ impl Checker<'_> {
                 .as_ref()
                 .or(raw.bundle.as_ref())
                 .map(|p| self.rel(p)),
+            init: own.init.as_ref().or(raw.init.as_ref()).map(|p| self.rel(p)),
             hostname,
             vars,
             uuid: instance_uuid(task, n),
@@ -642,5 +648,27 @@ vars = { ROLE = "canary" }
         std::fs::write(&f, "image = \"web\"\ncommand = []\n").expect("write");
         let e = Task::read(&f).expect_err("empty").to_string();
         assert!(e.contains("command") && e.contains("empty command"), "{e}");
+    }
+
+    #[test]
+    fn a_newer_init_for_the_task_or_one_instance_is_relative_to_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("app.toml");
+        std::fs::write(
+            &f,
+            "image = \"web\"\ncount = 3\ninit = \"inits/bootlace-init-0.2\"\n\
+             [instance.2]\ninit = \"/opt/bootlace-init-0.3\"\n",
+        )
+        .expect("write");
+        let t = Task::read(&f).expect("valid");
+        let inits: Vec<Option<PathBuf>> = t.instances.iter().map(|i| i.init.clone()).collect();
+        assert_eq!(
+            inits,
+            [
+                Some(dir.path().join("inits/bootlace-init-0.2")),
+                Some(PathBuf::from("/opt/bootlace-init-0.3")),
+                Some(dir.path().join("inits/bootlace-init-0.2")),
+            ]
+        );
     }
 }

@@ -428,6 +428,7 @@ fn prepare(task: &Task, opts: &UpOptions) -> Result<Prepared, UpError> {
                     hostname: Some(i.hostname.clone()),
                     vars: i.vars.clone(),
                     command: i.command.clone(),
+                    init: i.init.clone(),
                 },
             )
             .map(Arc::new)

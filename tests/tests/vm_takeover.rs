@@ -1,8 +1,8 @@
 //! VM test of a newer init taking over at boot (the manifest's `[init]`): one baked image
 //! (bootlace-init VERSION), bundles served over hybrid vsock by an in-process host agent and
 //! trusted by a digest given out of band over SMBIOS.
-//! - The bundle carries `bootlace-init-next` (the same source built as VERSION+next): the
-//!   running init copies it out checking its sha256, runs its self-check, hands PID 1 over; the
+//! - The host carries `bootlace-init-next` (the same source built as VERSION+next) in the
+//!   guest's bundle, as a fleet's `init = …` does (`fleet::compose_with`): the running init copies it out checking its sha256, runs its self-check, hands PID 1 over; the
 //!   newer one says HELLO again with the same boot id and `TAKEOVER_FROM`, numbers its reports
 //!   after the previous init's, applies the manifest, reports READY with the whole timeline
 //!   and supervises the application — the host sees INIT_VERSION change.
@@ -250,8 +250,24 @@ fn a_newer_init_from_the_bundle_takes_over_and_a_damaged_one_is_not_run() {
     let img = image(dir.path());
     let old = bootlace_init::VERSION.to_owned();
     let new = format!("{old}+next");
-    let next = std::fs::read(artifact("bootlace-init-next").expect("artifact")).expect("read");
-    let taking = bundle_with_init(dir.path(), "next", &next);
+    let next_path = artifact("bootlace-init-next").expect("artifact");
+    let next = std::fs::read(&next_path).expect("read");
+    let composed = bootlace_agent::fleet::compose_with(
+        None,
+        &bootlace_agent::fleet::Customize {
+            hostname: Some("taken-over".to_owned()),
+            command: Some(vec![
+                "/bin/sh".to_owned(),
+                "-c".to_owned(),
+                "/sbin/probe; exit 3".to_owned(),
+            ]),
+            init: Some(next_path),
+            ..Default::default()
+        },
+    )
+    .expect("compose");
+    let digest = bootlace_contract::digest::of_bytes(&composed.bytes);
+    let taking = (composed.bytes.as_ref().clone(), digest);
     let damaged = bundle_with_init(dir.path(), "damaged", &next[..next.len() / 3]);
     let d = dir.path().to_owned();
     let img2 = img.clone();

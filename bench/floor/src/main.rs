@@ -94,9 +94,22 @@ fn main() {
     }
     let mut s = dial(1024);
     payload.push_str(&format!("BOOTTIME_NS={}\n", boottime_ns()));
-    let frame = format!("BL1 READY 1 {}\n{payload}", payload.len());
+    // Every connection starts with HELLO (a host believes nothing before it).
+    let hello = "PROTOCOL=1\n";
+    let frame = format!(
+        "BL1 HELLO 0 {}\n{hello}BL1 READY 1 {}\n{payload}",
+        hello.len(),
+        payload.len()
+    );
     let _ = s.write_all(frame.as_bytes());
-    let mut ack = [0u8; 64];
-    let _ = s.read(&mut ack);
+    // Until READY's ack (after HELLO's), so READY is not lost in the power-off.
+    let mut acks = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&acks).contains("ACK 1 ") && acks.len() < 4096 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => acks.extend_from_slice(buf.get(..k).unwrap_or(&[])),
+        }
+    }
     off()
 }

@@ -60,7 +60,7 @@ umount /.bootstrap && rmdir /.bootstrap
 NOW=$(cut -d' ' -f1 /proc/uptime)
 printf 'READY=1\nENTRY_S=%s\nNOW_S=%s\n' "$ENTRY" "$NOW" > /run/payload
 LEN=$(wc -c < /run/payload)
-{ printf 'BL1 READY 1 %s\n' "$LEN"; cat /run/payload; sleep 1; } | socat - VSOCK-CONNECT:2:1024 >/dev/null
+{ printf 'BL1 HELLO 0 11\nPROTOCOL=1\n'; printf 'BL1 READY 1 %s\n' "$LEN"; cat /run/payload; sleep 1; } | socat - VSOCK-CONNECT:2:1024 >/dev/null
 poweroff -f
 "#;
 
@@ -277,6 +277,7 @@ fn bench(args: &Args) -> Result<()> {
     let (scenarios, floor_img) = scenarios(&setup)?;
     let samples = rounds(&scenarios, &setup.logs, args.runs)?;
     let mut report = boot_report(&scenarios, &samples, args.runs, &setup.release);
+    report.push_str(&takeover_report(&scenarios, &samples));
     report.push_str(&throughput(&setup, &floor_img)?);
     let out = args
         .report
@@ -428,8 +429,90 @@ fn scenarios(s: &Setup) -> Result<(Vec<Scenario>, PathBuf)> {
                 s.img("bootlace-vsock", &s.init, vsock_config(sum))?,
             )
         },
+        takeover_scenario(s)?,
     ];
     Ok((list, floor_img))
+}
+
+/// The vsock scenario with a newer init in the bundle (`[init]`: bootlace-init-next), which
+/// takes over PID 1 once the bundle is mounted; compared with the same boot without it.
+fn takeover_scenario(s: &Setup) -> Result<Scenario> {
+    let dir = s.w.join("bundle-takeover");
+    std::fs::create_dir_all(dir.join("files"))?;
+    std::fs::copy(
+        s.bundle_dir.join("files/app.key"),
+        dir.join("files/app.key"),
+    )?;
+    let next = std::fs::read(artifact("bootlace-init-next")?)?;
+    std::fs::write(dir.join("bootlace-init"), &next)?;
+    let manifest = format!(
+        "{}\n[init]\npath = \"bootlace-init\"\nsha256 = \"{}\"\n",
+        bootlace_bench::MANIFEST,
+        bootlace_contract::digest::of_bytes(&next)
+    );
+    std::fs::write(dir.join("bootlace.toml"), manifest)?;
+    let tgz = s.w.join("bundle-takeover.tar.gz");
+    let sum = bundle::build(&dir, BundleFormat::TarGz, "BOOTLACE", 0, &tgz)?;
+    Ok(Scenario {
+        bundle: Some(BundleSource::from_bytes(std::fs::read(&tgz)?)),
+        ..scenario(
+            "bootlace-vsock-takeover",
+            Some("bootlace-vsock"),
+            s.img("bootlace-vsock-takeover", &s.init, vsock_config(sum))?,
+        )
+    })
+}
+
+/// Seconds of the stamp `name` in a READY's TIMELINE.
+fn stamp_s(f: &Frame, name: &str) -> Option<f64> {
+    f.get("TIMELINE")?
+        .split(' ')
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))?
+        .trim_end_matches('s')
+        .parse()
+        .ok()
+}
+
+/// The takeover's own times, from the newer init's READY timeline: from the bundle's arrival
+/// (mounted) to the hand-over (copy, digest, self-check) and to the newer init's first line.
+fn takeover_report(scenarios: &[Scenario], samples: &[Vec<Sample>]) -> String {
+    let Some((_, runs)) = scenarios
+        .iter()
+        .zip(samples)
+        .find(|(s, _)| s.name == "bootlace-vsock-takeover")
+    else {
+        return String::new();
+    };
+    let span = |from: &str, to: &str| -> Vec<Duration> {
+        runs.iter()
+            .filter_map(|x| Some(stamp_s(&x.ready, to)? - stamp_s(&x.ready, from)?))
+            .map(|d| Duration::from_secs_f64(d.max(0.0)))
+            .collect()
+    };
+    let mut out = String::from(
+        "\nA newer init taking over (bootlace-vsock-takeover, guest ms from its READY timeline):\n\n| span | median ms | p95 ms |\n|---|---|---|\n",
+    );
+    for (what, from, to) in [
+        (
+            "arrival (bundle mounted) -> hand-over: copy, sha256, self-check",
+            "bootstrap_mounted",
+            "init_handover",
+        ),
+        (
+            "hand-over -> the newer init's entry (exec)",
+            "init_handover",
+            "init_takeover",
+        ),
+        (
+            "arrival -> the newer init's first line",
+            "bootstrap_mounted",
+            "init_takeover",
+        ),
+    ] {
+        let (m, p) = median_p95(&span(from, to));
+        out.push_str(&format!("| {what} | {m:.0} | {p:.0} |\n"));
+    }
+    out
 }
 
 /// `runs` rounds after one warm-up, round robin: run i of every scenario before run i+1 of
