@@ -406,6 +406,13 @@ struct BundleCache {
     watched: HashSet<PathBuf>,
 }
 
+/// Adds `path` to the watched files, once per load.
+fn watch(path: Option<&PathBuf>, cache: &mut BundleCache, watched: &mut Vec<(PathBuf, Stamp)>) {
+    if let Some(p) = path.filter(|p| cache.watched.insert((*p).clone())) {
+        watched.push((p.clone(), stamp(p)));
+    }
+}
+
 fn build_guest(
     name: &str,
     file: &Path,
@@ -438,9 +445,7 @@ fn build_guest(
         .as_ref()
         .map(|i| rel(file, i))
         .or_else(|| defaults.and_then(|(f, d)| d.init.as_ref().map(|i| rel(f, i))));
-    if let Some(i) = init.as_ref().filter(|i| cache.watched.insert((*i).clone())) {
-        watched.push((i.clone(), stamp(i)));
-    }
+    watch(init.as_ref(), cache, watched);
     let custom = Customize {
         hostname: e.hostname.clone(),
         vars,
@@ -475,12 +480,7 @@ fn build_guest(
         path: bundle.clone().unwrap_or_default(),
         source,
     };
-    if let Some(b) = bundle
-        .as_ref()
-        .filter(|b| cache.watched.insert((*b).clone()))
-    {
-        watched.push((b.clone(), stamp(b)));
-    }
+    watch(bundle.as_ref(), cache, watched);
     let source = if custom.is_empty() {
         match &bundle {
             Some(b) => Some(match cache.plain.get(b) {
