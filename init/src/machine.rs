@@ -227,7 +227,7 @@ impl Machine for RealMachine {
             &bundle,
             &next,
             Path::new(bootlace_contract::takeover::NEXT_INIT_PATH),
-            Path::new("/proc/self/exe"),
+            (Path::new("/proc/self/exe"), crate::VERSION),
         )
     }
 

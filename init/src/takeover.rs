@@ -128,23 +128,25 @@ pub fn wanted(bundle: &Root, shown: &Path) -> Result<Option<NextInit>, TakeoverE
 }
 
 /// Copies `next` out of `bundle` to `dest` checking its digest, and runs its self-check.
-/// `Ok(None)` when it is the program `running` already (same bytes): there is nothing to take
-/// over. On an error nothing is left at `dest`.
+/// `Ok(None)` when it is the program `running` already (the version `running_version` and
+/// the same bytes; the bytes are compared only when the versions are the same, which costs a
+/// second hash under emulation): there is nothing to take over. On an error nothing is left
+/// at `dest`.
 pub fn prepare(
     bundle: &Root,
     next: &NextInit,
     dest: &Path,
-    running: &Path,
+    running: (&Path, &str),
 ) -> Result<Option<Prepared>, TakeoverError> {
     let result = copy_checked(bundle, next, dest).and_then(|(sha256, bytes)| {
-        if same_program(running, &sha256, bytes) {
+        let version = self_check(dest, Duration::from_millis(next.check_timeout_ms))?;
+        if version == running.1 && same_program(running.0, &sha256, bytes) {
             log::info!(
                 "init: the bundle's bootlace-init ({}) is the one running ({sha256}): no takeover",
                 next.path.as_str()
             );
             return Ok(None);
         }
-        let version = self_check(dest, Duration::from_millis(next.check_timeout_ms))?;
         Ok(Some(Prepared {
             path: dest.to_owned(),
             version,

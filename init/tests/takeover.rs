@@ -55,7 +55,7 @@ fn a_good_init_is_copied_checked_and_named_by_its_answer() {
         &root,
         &next(&name, &d, 5000),
         &dest,
-        Path::new("/proc/self/exe"),
+        (Path::new("/proc/self/exe"), "0.0.0-test"),
     )
     .expect("prepared")
     .expect("a takeover");
@@ -93,7 +93,13 @@ fn every_failure_names_its_cause_and_leaves_nothing() {
         ),
     ];
     for (n, why) in cases {
-        let e = prepare(&root, &n, &dest, Path::new("/proc/self/exe")).expect_err(why);
+        let e = prepare(
+            &root,
+            &n,
+            &dest,
+            (Path::new("/proc/self/exe"), "0.0.0-test"),
+        )
+        .expect_err(why);
         let text = bootlace_contract::chain(&e);
         assert!(text.contains(why), "{text:?} lacks {why:?}");
         assert!(!dest.exists(), "{why}: the copy was left");
@@ -104,13 +110,24 @@ fn every_failure_names_its_cause_and_leaves_nothing() {
 #[test]
 fn the_running_program_is_not_taken_over_by_itself() {
     let (t, root, dest) = setup();
-    let (d, name) = script(&t.path().join("bundle"), "init", "exit 0");
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let (d, name) = script(
+        &t.path().join("bundle"),
+        "init",
+        "echo 'bootlace-init 9.9.9 takeover 1'",
+    );
     let running = t.path().join("bundle/init");
     assert_eq!(
-        prepare(&root, &next(&name, &d, 5000), &dest, &running).expect("ok"),
+        prepare(&root, &next(&name, &d, 5000), &dest, (&running, "9.9.9")).expect("ok"),
         None
     );
     assert!(!dest.exists());
+    // The same bytes under another running version: taken over (a rebuild with a new tag).
+    assert!(
+        prepare(&root, &next(&name, &d, 5000), &dest, (&running, "9.9.8"))
+            .expect("ok")
+            .is_some()
+    );
 }
 
 #[test]
