@@ -71,25 +71,11 @@ fn fetch_as(path: &Path, uuid: &str, image: Option<&str>) -> Result<String, Stri
 
 /// bootlace.toml of a tar (plain or gzip).
 fn manifest_of(bytes: &[u8]) -> String {
-    let plain = if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(bytes)
-            .read_to_end(&mut out)
-            .expect("gunzip");
-        out
-    } else {
-        bytes.to_vec()
-    };
-    let mut a = tar::Archive::new(plain.as_slice());
-    for e in a.entries().expect("tar") {
-        let mut e = e.expect("entry");
-        if e.path().expect("path").ends_with("bootlace.toml") {
-            let mut s = String::new();
-            e.read_to_string(&mut s).expect("read");
-            return s;
-        }
-    }
-    panic!("no bootlace.toml in the bundle");
+    entries_of(bytes)
+        .into_iter()
+        .find(|(p, _, _)| p.ends_with("bootlace.toml"))
+        .map(|(_, _, data)| String::from_utf8(data).expect("UTF-8 manifest"))
+        .expect("no bootlace.toml in the bundle")
 }
 
 fn host_on(fleet: &Arc<Fleet>, limits: Limits) -> (Arc<Host>, Events) {
