@@ -11,6 +11,7 @@
 //! - [`image`]: the metadata written beside every baked image, the image formats;
 //! - [`compression`]: the one compression enum (tarballs, layers, bundles, initramfs);
 //! - [`fs`]: filesystem types and their label limits;
+//! - [`gpt`]: GUID partition tables (a bootable disk's, which stage 1 reads);
 //! - [`drivers`]: the kernel modules each source, filesystem and host link needs;
 //! - [`kmod`]: `modules.dep` / `modules.builtin`, which the builder writes and the init reads;
 //! - [`status`]: the exit statuses a guest reports and the power-off console line;
@@ -42,6 +43,7 @@ pub mod config;
 pub mod digest;
 pub mod drivers;
 pub mod fs;
+pub mod gpt;
 pub mod image;
 pub mod kmod;
 pub mod manifest;
