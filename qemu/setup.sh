@@ -12,7 +12,8 @@ pkg_installed() {
   dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
 }
 
-wanted=(qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools
+wanted=(qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio e2fsprogs erofs-utils dosfstools mtools
+  ovmf systemd-boot-efi fdisk
   squashfs-tools xorriso socat zstd kmod debootstrap openssl umoci)
 missing_packages() {
   missing=()

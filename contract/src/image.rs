@@ -21,9 +21,13 @@ pub const SCHEMA: u32 = 2;
 /// reader that knows schema 2 alone names a captured image's schema instead of an unknown field.
 pub const CAPTURE_SCHEMA: u32 = 3;
 
+/// The schema of a bootable disk's metadata (`bake --format disk`): 2 and `disk`. Only
+/// bootable disks write it, for the same reason as [`CAPTURE_SCHEMA`].
+pub const DISK_SCHEMA: u32 = 4;
+
 /// The schema versions this code reads (a schema-1 file has no memory fields; schema 3 adds
-/// `parent` and `bundle`).
-pub const READS: &[u32] = &[1, 2, 3];
+/// `parent` and `bundle`; schema 4 adds `disk`).
+pub const READS: &[u32] = &[1, 2, 3, 4];
 
 /// The suffix appended to the image's file name: `root.erofs` -> `root.erofs.meta.json`.
 pub const SUFFIX: &str = ".meta.json";
@@ -42,16 +46,21 @@ pub enum Format {
     Squashfs,
     /// A qcow2 disk image of an erofs or ext4 root filesystem.
     Qcow2,
+    /// A bootable, partitioned disk (GPT: an EFI system partition with a unified kernel
+    /// image, the root partition, an optional data partition) that firmware boots with no
+    /// `-kernel`; raw, qcow2, vmdk or fixed VHD ([`DiskInfo::container`]).
+    Disk,
 }
 
 impl Format {
     /// Every format.
-    pub const ALL: [Format; 5] = [
+    pub const ALL: [Format; 6] = [
         Format::Initramfs,
         Format::Erofs,
         Format::Ext4,
         Format::Squashfs,
         Format::Qcow2,
+        Format::Disk,
     ];
 
     /// Its name on the command line and in the metadata.
@@ -62,23 +71,30 @@ impl Format {
             Format::Ext4 => "ext4",
             Format::Squashfs => "squashfs",
             Format::Qcow2 => "qcow2",
+            Format::Disk => "disk",
         }
     }
 
-    /// Whether the image is a root filesystem on a disk (booted through a stage-1 initramfs).
+    /// Whether the image is a root filesystem on a disk (booted through a stage-1 initramfs,
+    /// or, for [`Format::Disk`], through firmware).
     pub fn is_disk(self) -> bool {
         self != Format::Initramfs
     }
 
-    /// The filesystem inside an image of this format; `qcow2_fs` for a qcow2 (which holds an
-    /// erofs or ext4 image); `None` for an initramfs.
-    pub fn fstype(self, qcow2_fs: FsType) -> Option<FsType> {
+    /// Whether firmware boots the image by itself (a partitioned disk with its own kernel).
+    pub fn is_bootable(self) -> bool {
+        self == Format::Disk
+    }
+
+    /// The filesystem inside an image of this format; `inner` for a qcow2 and a bootable disk
+    /// (which hold an erofs or ext4 root); `None` for an initramfs.
+    pub fn fstype(self, inner: FsType) -> Option<FsType> {
         match self {
             Format::Initramfs => None,
             Format::Erofs => Some(FsType::Erofs),
             Format::Ext4 => Some(FsType::Ext4),
             Format::Squashfs => Some(FsType::Squashfs),
-            Format::Qcow2 => Some(qcow2_fs),
+            Format::Qcow2 | Format::Disk => Some(inner),
         }
     }
 }
@@ -91,7 +107,7 @@ impl fmt::Display for Format {
 
 /// A format name that is not one of [`Format::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown format {0:?} (expected one of: initramfs, erofs, ext4, squashfs, qcow2)")]
+#[error("unknown format {0:?} (expected one of: initramfs, erofs, ext4, squashfs, qcow2, disk)")]
 pub struct UnknownFormat(pub String);
 
 impl FromStr for Format {
@@ -199,6 +215,137 @@ pub struct ImageMeta {
     /// absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle: Option<BundleRef>,
+    /// A bootable disk: its container, partitions and boot path (schema 4; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskInfo>,
+}
+
+/// The file format a bootable disk is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Container {
+    /// The disk's bytes as they are (sparse where zero).
+    #[default]
+    Raw,
+    /// QEMU's qcow2 (compat 1.1, 64 KiB clusters).
+    Qcow2,
+    /// A stream-optimised VMDK (what VMware and cloud image imports take).
+    Vmdk,
+    /// A fixed-size VHD (the disk's bytes and a 512-byte footer; Azure, Hyper-V).
+    Vhd,
+}
+
+impl Container {
+    /// Every container.
+    pub const ALL: [Container; 4] = [
+        Container::Raw,
+        Container::Qcow2,
+        Container::Vmdk,
+        Container::Vhd,
+    ];
+
+    /// Its name on the command line and in the metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Container::Raw => "raw",
+            Container::Qcow2 => "qcow2",
+            Container::Vmdk => "vmdk",
+            Container::Vhd => "vhd",
+        }
+    }
+
+    /// QEMU's name of the format (`-drive format=`, `qemu-img -f`).
+    pub fn qemu_format(self) -> &'static str {
+        match self {
+            Container::Vhd => "vpc",
+            other => other.as_str(),
+        }
+    }
+}
+
+impl fmt::Display for Container {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A container name that is not one of [`Container::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown disk container {0:?} (expected one of: raw, qcow2, vmdk, vhd)")]
+pub struct UnknownContainer(pub String);
+
+impl FromStr for Container {
+    type Err = UnknownContainer;
+    fn from_str(s: &str) -> Result<Container, UnknownContainer> {
+        Container::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| UnknownContainer(s.to_owned()))
+    }
+}
+
+/// How firmware boots a bootable disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// UEFI: `\EFI\BOOT\BOOTX64.EFI` on the EFI system partition.
+    Uefi,
+}
+
+/// The partitions and boot path of a bootable disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskInfo {
+    /// The file format.
+    pub container: Container,
+    /// The firmware that boots it.
+    pub firmware: Firmware,
+    /// The disk's size as the guest sees it, in bytes.
+    pub virtual_size: u64,
+    /// The GPT's disk GUID.
+    pub disk_guid: String,
+    /// The partitions, in table order.
+    pub partitions: Vec<DiskPartition>,
+    /// The kernel command line baked into the unified kernel image.
+    pub cmdline: String,
+    /// The kernel's release and sha256 hex.
+    pub kernel: KernelInfo,
+    /// sha256 hex of the EFI stub the unified kernel image was made from.
+    pub stub_sha256: String,
+    /// sha256 hex of the stage-1 initramfs inside the unified kernel image.
+    pub stage1_sha256: String,
+}
+
+/// One partition of a bootable disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskPartition {
+    /// Its number (`/dev/vda2` is 2).
+    pub number: u32,
+    /// What it is: `esp`, `root` or `data`.
+    pub role: String,
+    /// Its GPT name (`PARTLABEL=`).
+    pub name: String,
+    /// Its GPT type GUID.
+    pub type_guid: String,
+    /// Its unique GUID (`PARTUUID=`).
+    pub partuuid: String,
+    /// Its first byte on the disk.
+    pub offset: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its filesystem (`vfat`, `erofs`, `ext4`); `None` for a blank data partition.
+    pub fstype: Option<String>,
+}
+
+/// The kernel inside a bootable disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelInfo {
+    /// Its release (`6.1.0-57-amd64`).
+    pub release: String,
+    /// sha256 hex of the kernel image.
+    pub sha256: String,
 }
 
 /// The image a captured image was made from (`bootlace-image capture`).
@@ -364,6 +511,9 @@ impl ImageMeta {
                 fstype: self.fstype,
             });
         }
+        if self.format.is_bootable() != self.disk.is_some() {
+            return Err(BadMeta::Disk(self.format));
+        }
         Ok(())
     }
 }
@@ -371,6 +521,9 @@ impl ImageMeta {
 /// A metadata value that parses but cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BadMeta {
+    /// `disk` given for another format than `disk`, or missing for a `disk`.
+    #[error("format {0}: the disk field belongs to format disk, and only there")]
+    Disk(Format),
     /// A schema this code does not know.
     #[error("metadata schema {0} is not supported (this reads schemas {READS:?})")]
     Schema(u32),
@@ -532,6 +685,7 @@ mod tests {
             min_memory_mib: Some(128),
             parent: None,
             bundle: None,
+            disk: None,
         }
     }
 

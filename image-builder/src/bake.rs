@@ -44,6 +44,7 @@ use bootlace_contract::types::InvalidValue;
 
 use crate::additions::{AddError, Additions, Content, Node};
 use crate::depmod::{self, DepmodError};
+use crate::disk::{DiskError, DiskOptions};
 use crate::fsimage::{self, FsImageError, FsOptions, FsSpec};
 use crate::initramfs::{
     self, Archive, ArchiveError, ArchiveSummary, ModuleError, ModulePlan, Modules,
@@ -178,6 +179,9 @@ pub struct BakeSpec {
     /// Whether and how an OCI image's config (Entrypoint, Cmd, Env, WorkingDir, User) makes
     /// the hand-off (see [`crate::ociconfig`]).
     pub image_config: ImageConfigUse,
+    /// A bootable disk's root filesystem, container, kernel and partitions (refused, but for
+    /// the defaults, with other formats).
+    pub disk: DiskOptions,
 }
 
 impl BakeSpec {
@@ -208,12 +212,17 @@ impl BakeSpec {
             mtime: 0,
             limits: Limits::default(),
             image_config: ImageConfigUse::default(),
+            disk: DiskOptions::default(),
         }
     }
 
     /// The filesystem inside the output (`None` for an initramfs).
     pub fn fstype(&self) -> Option<FsType> {
-        self.format.fstype(self.qcow2_fs.unwrap_or(FsType::Erofs))
+        let inner = match self.format {
+            Format::Disk => self.disk.fs,
+            _ => self.qcow2_fs.unwrap_or(FsType::Erofs),
+        };
+        self.format.fstype(inner)
     }
 
     /// The labelled filesystem a tool makes (erofs, ext4, the one inside a qcow2); `None` for
@@ -281,6 +290,9 @@ pub enum BakeError {
     /// No `--input` for a disk format.
     #[error("--input (a rootfs directory, tarball or OCI layout) is required for --format {0}")]
     InputRequired(Format),
+    /// The bootable disk could not be made.
+    #[error("bootable disk")]
+    Disk(#[from] DiskError),
     /// SOURCE_DATE_EPOCH does not fit the formats' 32-bit fields.
     #[error("SOURCE_DATE_EPOCH {0} is out of range (at most {max})", max = u32::MAX)]
     Epoch(u64),
@@ -606,6 +618,15 @@ fn check_flags(spec: &BakeSpec) -> Result<(), BakeError> {
     if spec.label.is_some() && spec.labelled_fs().is_none() {
         let applies = "erofs, ext4 and qcow2: initramfs and squashfs have no label";
         return Err(refuse("--root-label", applies));
+    }
+    if format != Format::Disk && spec.disk != DiskOptions::default() {
+        return Err(refuse(
+            "--disk-fs, --disk-format, --kernel, --efi-stub, --kernel-arg, --esp-size or --data-size",
+            "disk",
+        ));
+    }
+    if format == Format::Disk && !matches!(spec.disk.fs, FsType::Erofs | FsType::Ext4) {
+        return Err(DiskError::RootFs(spec.disk.fs).into());
     }
     if spec.stage1 && format != Format::Initramfs {
         return Err(BakeError::Stage1Format);
@@ -1057,6 +1078,8 @@ struct Made {
     image_time: Duration,
     /// What an initramfs holds.
     archive: Option<ArchiveSummary>,
+    /// A bootable disk's partitions and boot path.
+    disk: Option<meta::DiskInfo>,
 }
 
 /// Step 4: the image at `work/image`, from the staged tree and the additions.
@@ -1083,6 +1106,7 @@ fn make_image(
         staging_time: Duration::ZERO,
         image_time: Duration::ZERO,
         archive: None,
+        disk: None,
     };
     if spec.format == Format::Initramfs {
         made.staging_time = staged.started.elapsed();
@@ -1115,7 +1139,7 @@ fn make_image(
         made.staged_tree = Some(root.path.clone());
     }
     let started = Instant::now();
-    made.tool_versions = run_image_tool(spec, plan, work, &root.path, progress)?;
+    (made.tool_versions, made.disk) = run_image_tool(spec, plan, work, &root.path, progress)?;
     made.image_time = started.elapsed();
     Ok(made)
 }
@@ -1218,7 +1242,7 @@ fn run_image_tool(
     work: &Work,
     root: &Path,
     progress: &Progress,
-) -> Result<BTreeMap<String, String>, BakeError> {
+) -> Result<(BTreeMap<String, String>, Option<meta::DiskInfo>), BakeError> {
     let opts = FsOptions {
         keep_owners: !spec.all_root,
         xattrs: true,
@@ -1228,13 +1252,15 @@ fn run_image_tool(
     };
     let image = work.image();
     let mut tools = Vec::new();
+    let mut disk = None;
     if let Some((fs, label)) = &plan.labelled {
         let tool = if *fs == FsType::Ext4 {
             "mke2fs"
         } else {
             "mkfs.erofs"
         };
-        let qcow2 = spec.format == Format::Qcow2;
+        // A qcow2 and a bootable disk are made from a raw filesystem image first.
+        let qcow2 = matches!(spec.format, Format::Qcow2 | Format::Disk);
         progress.phase(format!("image ({tool})"));
         let fs_spec = FsSpec {
             dir: root,
@@ -1254,7 +1280,22 @@ fn run_image_tool(
         };
         fsimage::make_image_with(&fs_spec, raw_opts, &raw)?;
         tools.push(tool);
-        if qcow2 {
+        if spec.format == Format::Disk {
+            let name = image_name(spec, &plan.out_name);
+            let job = crate::disk::Job {
+                spec,
+                work: work.dir.path(),
+                root_fs: &raw,
+                out_name: &plan.out_name,
+                out: &image,
+                image: (&name, &spec.version),
+                progress,
+            };
+            let made = crate::disk::make(&job)?;
+            let _ = std::fs::remove_file(&raw);
+            tools.extend(made.tools);
+            disk = Some(made.info);
+        } else if qcow2 {
             progress.phase("image (qemu-img)");
             fsimage::convert_qcow2(&raw, opts, Some(progress), &image)?;
             let _ = std::fs::remove_file(&raw);
@@ -1265,10 +1306,11 @@ fn run_image_tool(
         fsimage::make_squashfs(root, spec.mtime, opts, Some(progress), &image)?;
         tools.push("mksquashfs");
     }
-    Ok(tools
+    let versions = tools
         .into_iter()
         .filter_map(|t| fsimage::tool_version(t).map(|v| (t.to_owned(), v)))
-        .collect())
+        .collect();
+    Ok((versions, disk))
 }
 
 /// The directory input's digest into the made image's inputs.
@@ -1390,7 +1432,11 @@ fn image_meta(spec: &BakeSpec, plan: &Plan, made: &Made, sha256: String, size: u
     let name = image_name(spec, &plan.out_name);
     let modules = &plan.modules;
     ImageMeta {
-        schema: meta::SCHEMA,
+        schema: if made.disk.is_some() {
+            meta::DISK_SCHEMA
+        } else {
+            meta::SCHEMA
+        },
         name,
         version: spec.version.clone(),
         format: spec.format,
@@ -1420,6 +1466,7 @@ fn image_meta(spec: &BakeSpec, plan: &Plan, made: &Made, sha256: String, size: u
         min_memory_mib: Some(need::min_memory_mib(size, made.archive.as_ref())),
         parent: None,
         bundle: None,
+        disk: made.disk.clone(),
     }
 }
 

@@ -636,23 +636,43 @@ pub fn convert_qcow2(
     progress: Option<&Progress>,
     out: &Path,
 ) -> Result<ImageSummary, FsImageError> {
-    let tool = find_tool("qemu-img", "qemu-utils")?;
     atomic_output(out, !opts.skip_sync, |tmp| {
-        let args: [&OsStr; 10] = [
-            OsStr::new("convert"),
-            OsStr::new("-q"),
-            OsStr::new("-f"),
-            OsStr::new("raw"),
-            OsStr::new("-O"),
-            OsStr::new("qcow2"),
-            OsStr::new("-o"),
-            OsStr::new("compat=1.1,cluster_size=65536"),
-            raw.as_os_str(),
-            tmp.as_os_str(),
-        ];
-        let target = Target::new(out).watching(tmp, opts, progress);
-        run_tool(&tool, "qemu-img", &args, &[], target).map(drop)
+        convert_image(
+            raw,
+            "qcow2",
+            "compat=1.1,cluster_size=65536",
+            opts,
+            progress,
+            tmp,
+        )
     })
+}
+
+/// `qemu-img convert -q -f raw -O FORMAT -o OPTIONS RAW OUT`: a raw disk image into another
+/// format, written at `out` itself (no temporary name: a VMDK's descriptor names its own file).
+pub fn convert_image(
+    raw: &Path,
+    format: &str,
+    options: &str,
+    opts: FsOptions,
+    progress: Option<&Progress>,
+    out: &Path,
+) -> Result<(), FsImageError> {
+    let tool = find_tool("qemu-img", "qemu-utils")?;
+    let args: [&OsStr; 10] = [
+        OsStr::new("convert"),
+        OsStr::new("-q"),
+        OsStr::new("-f"),
+        OsStr::new("raw"),
+        OsStr::new("-O"),
+        OsStr::new(format),
+        OsStr::new("-o"),
+        OsStr::new(options),
+        raw.as_os_str(),
+        out.as_os_str(),
+    ];
+    let target = Target::new(out).watching(out, opts, progress);
+    run_tool(&tool, "qemu-img", &args, &[], target).map(drop)
 }
 
 /// The version line of a tool this module runs (`mke2fs 1.47.0 (5-Feb-2023)`), for the

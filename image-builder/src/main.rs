@@ -333,7 +333,8 @@ impl ConfigArgs {
 
 #[derive(clap::Args, Debug)]
 struct BakeArgs {
-    /// Output format: initramfs, erofs, ext4, squashfs or qcow2.
+    /// Output format: initramfs, erofs, ext4, squashfs, qcow2, or disk (a bootable GPT disk
+    /// that UEFI firmware boots with no -kernel: see the disk flags).
     #[arg(long)]
     format: Format,
     /// Output file (written atomically; <out>.meta.json goes beside it).
@@ -403,9 +404,86 @@ struct BakeArgs {
     #[arg(long)]
     all_root: bool,
     #[command(flatten)]
+    disk: DiskArgs,
+    #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
     report: ReportArgs,
+}
+
+/// The flags of `--format disk` (docs/image.md, "Bootable disks").
+#[derive(clap::Args, Debug)]
+struct DiskArgs {
+    /// The root partition's filesystem: erofs (read-only, default) or ext4.
+    #[arg(long, value_name = "erofs|ext4")]
+    disk_fs: Option<FsType>,
+    /// The disk's file format: raw (default), qcow2, vmdk (stream-optimised) or vhd (fixed).
+    #[arg(long, value_name = "raw|qcow2|vmdk|vhd")]
+    disk_format: Option<bootlace_contract::image::Container>,
+    /// The kernel baked into the unified kernel image (default: /boot/vmlinuz-<release> of
+    /// the modules' kernel release; it must be that release).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// systemd's EFI stub (default: /usr/lib/systemd/boot/efi/linuxx64.efi.stub, from
+    /// systemd-boot-efi).
+    #[arg(long)]
+    efi_stub: Option<PathBuf>,
+    /// A kernel parameter baked after bootlace's own (repeatable), e.g. --kernel-arg
+    /// bootlace.log=debug. The command line is part of the disk: per-guest configuration comes
+    /// from the host over vsock, SMBIOS/fw_cfg or a bundle disk instead.
+    #[arg(long = "kernel-arg", value_name = "ARG")]
+    kernel_args: Vec<String>,
+    /// Size of the EFI system partition (bytes, or with a K, M or G suffix; default 64M, or
+    /// more when the kernel image needs it).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    esp_size: Option<u64>,
+    /// Add a blank data partition of this size (GPT name "data", Linux data type).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    data_size: Option<u64>,
+}
+
+impl DiskArgs {
+    fn options(&self) -> bootlace_image::disk::DiskOptions {
+        let d = bootlace_image::disk::DiskOptions::default();
+        bootlace_image::disk::DiskOptions {
+            fs: self.disk_fs.unwrap_or(d.fs),
+            container: self.disk_format.unwrap_or(d.container),
+            kernel: self.kernel.clone(),
+            stub: self.efi_stub.clone(),
+            kernel_args: self.kernel_args.clone(),
+            esp_size: self.esp_size,
+            data_size: self.data_size,
+        }
+    }
+}
+
+/// A size in bytes: digits with an optional K, M or G suffix (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => {
+            return Err(format!(
+                "{s:?}: a size is digits with an optional K, M or G suffix"
+            ))
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{s:?}: not a size above 0 that fits 64 bits"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -737,12 +815,15 @@ fn bake_spec(a: BakeArgs) -> anyhow::Result<BakeSpec> {
     spec.limits = a.limits.into();
     spec.mtime = bake::source_date_epoch()?;
     spec.image_config = image_config_use(&a.cfg)?;
+    spec.disk = a.disk.options();
     let writable = !spec
         .writable
         .clone()
         .unwrap_or_else(|| bake::default_writable(&spec))
         .is_empty();
-    spec.modules = modules_for(&a.cfg, &spec.config, a.stage1, writable)?;
+    // A bootable disk carries a kernel: its stage 1 and root need that release's modules.
+    let force = a.stage1 || a.format == Format::Disk;
+    spec.modules = modules_for(&a.cfg, &spec.config, force, writable)?;
     Ok(spec)
 }
 

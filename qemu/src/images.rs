@@ -322,6 +322,7 @@ mod tests {
             min_memory_mib: None,
             parent: None,
             bundle: None,
+            disk: None,
         };
         std::fs::write(dir.join(format!("{file}{META_SUFFIX}")), meta.to_json()).expect("write");
     }

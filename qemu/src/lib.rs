@@ -98,6 +98,30 @@ pub struct VmSpec {
     /// A bundle digest given to the guest out of band (SMBIOS type 11, fw_cfg): what a guest
     /// without a pinned digest trusts its vsock bundle by. `None`: none given.
     pub oob_digest: Option<OobDigest>,
+    /// Boot through this UEFI firmware (OVMF) from the root disk, as a cloud boots a machine
+    /// image: no `-kernel`, `-initrd` or `-append` (`kernel`, `initrd` and `append` are not
+    /// used). `None`: direct kernel boot.
+    pub firmware: Option<PathBuf>,
+}
+
+/// Where Debian's `ovmf` package puts the UEFI firmware for QEMU (one file: code and an
+/// empty variable store, so every boot starts from a fresh NVRAM, as a new instance does).
+pub const OVMF_PATHS: &[&str] = &[
+    "/usr/share/ovmf/OVMF.fd",
+    "/usr/share/OVMF/OVMF.fd",
+    "/usr/share/qemu/OVMF.fd",
+];
+
+/// The UEFI firmware: `$BOOTLACE_OVMF`, else the first of [`OVMF_PATHS`] that exists.
+pub fn find_ovmf() -> Result<PathBuf, VmError> {
+    if let Some(p) = std::env::var_os("BOOTLACE_OVMF") {
+        return Ok(PathBuf::from(p));
+    }
+    OVMF_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or(VmError::NoFirmware)
 }
 
 /// A per-VM bundle digest the VMM gives the guest, and how.
@@ -184,8 +208,10 @@ pub struct Disk {
 pub struct RootDisk {
     /// The image file.
     pub path: PathBuf,
-    /// A qcow2 image (else raw).
-    pub qcow2: bool,
+    /// QEMU's name of its format: `raw`, `qcow2`, `vmdk` or `vpc`.
+    pub format: &'static str,
+    /// The disk firmware boots from (`bootindex=0`).
+    pub bootable: bool,
     /// Attach read-only (erofs, squashfs).
     pub read_only: bool,
     /// Writable, but the writes are dropped when QEMU ends (the image file is not changed).
@@ -225,6 +251,7 @@ impl VmSpec {
             root_disk: None,
             uuid: None,
             oob_digest: None,
+            firmware: None,
         }
     }
 }
@@ -247,6 +274,10 @@ pub const KERNEL_COMMAND_LINE_SIZE: usize = 2048;
 /// Refuses a kernel command line ([`kernel_cmdline`]: bootlace-vm's own parameters, every
 /// appended one and `bootlace.root=`) that the kernel would not take whole.
 pub fn check_kernel_cmdline(spec: &VmSpec) -> Result<(), VmError> {
+    if spec.firmware.is_some() {
+        // The command line is the disk's own.
+        return Ok(());
+    }
     let len = kernel_cmdline(spec).len();
     if len >= KERNEL_COMMAND_LINE_SIZE {
         return Err(VmError::CommandLineTooLong {
@@ -292,14 +323,19 @@ pub fn qemu_args(spec: &VmSpec) -> Vec<String> {
         push(&vsock_args.iter().map(String::as_str).collect::<Vec<_>>());
     }
     push(&["-serial", "stdio", "-monitor", "none"]);
-    let kernel = spec.kernel.to_string_lossy().into_owned();
-    push(&["-kernel", &kernel]);
-    if let Some(initrd) = &spec.initrd {
-        let initrd = initrd.to_string_lossy().into_owned();
-        push(&["-initrd", &initrd]);
+    if let Some(fw) = &spec.firmware {
+        let fw = fw.to_string_lossy().into_owned();
+        push(&["-bios", &fw]);
+    } else {
+        let kernel = spec.kernel.to_string_lossy().into_owned();
+        push(&["-kernel", &kernel]);
+        if let Some(initrd) = &spec.initrd {
+            let initrd = initrd.to_string_lossy().into_owned();
+            push(&["-initrd", &initrd]);
+        }
+        let cmdline = kernel_cmdline(spec);
+        push(&["-append", &cmdline]);
     }
-    let cmdline = kernel_cmdline(spec);
-    push(&["-append", &cmdline]);
     if let Some(r) = &spec.root_disk {
         a.extend(root_disk_args(r));
     }
@@ -346,6 +382,9 @@ pub fn boot_image(
         spec.initrd = Some(image.path());
         return Ok(());
     }
+    if let Some(disk) = &m.disk {
+        return boot_disk(spec, image, disk);
+    }
     let stage1 = stage1.ok_or_else(|| images::ImagesError::Bad {
         meta: image.meta_path.clone(),
         why: format!(
@@ -357,7 +396,12 @@ pub fn boot_image(
     let writable = m.fstype == Some(bootlace_contract::fs::FsType::Ext4);
     spec.root_disk = Some(RootDisk {
         path: image.path(),
-        qcow2: m.format == bootlace_contract::image::Format::Qcow2,
+        format: if m.format == bootlace_contract::image::Format::Qcow2 {
+            "qcow2"
+        } else {
+            "raw"
+        },
+        bootable: false,
         read_only: !writable,
         snapshot: writable,
     });
@@ -366,12 +410,49 @@ pub fn boot_image(
     Ok(())
 }
 
+/// Sets `spec` up to boot a bootable disk through UEFI firmware, with no `-kernel`: the disk
+/// attached first and booted from, read-only for an erofs root, as a snapshot for an ext4 one
+/// (the image file never changes). Parameters to append are refused: the disk's command line
+/// is baked in.
+fn boot_disk(
+    spec: &mut VmSpec,
+    image: &images::Entry,
+    disk: &bootlace_contract::image::DiskInfo,
+) -> Result<(), images::ImagesError> {
+    let m = &image.meta;
+    if let Some(first) = spec.append.first() {
+        return Err(images::ImagesError::Bad {
+            meta: image.meta_path.clone(),
+            why: format!(
+                "{} is a bootable disk with its kernel command line baked in ({}): it takes                  no kernel parameter such as {first:?} (bake them with --kernel-arg; give a                  guest its own settings over vsock, SMBIOS/fw_cfg or a bundle disk)",
+                m.id(),
+                disk.cmdline
+            ),
+        });
+    }
+    let firmware = find_ovmf().map_err(|e| images::ImagesError::Bad {
+        meta: image.meta_path.clone(),
+        why: e.to_string(),
+    })?;
+    let writable = m.fstype == Some(bootlace_contract::fs::FsType::Ext4);
+    spec.firmware = Some(firmware);
+    spec.initrd = None;
+    spec.root_disk = Some(RootDisk {
+        path: image.path(),
+        format: disk.container.qemu_format(),
+        bootable: true,
+        read_only: !writable,
+        snapshot: writable,
+    });
+    Ok(())
+}
+
 /// `-drive` + `-device virtio-blk-pci` for the root disk of a disk-root boot.
 pub fn root_disk_args(r: &RootDisk) -> Vec<String> {
-    let format = if r.qcow2 { "qcow2" } else { "raw" };
     let mut opts = format!(
-        "file={},if=none,id=rootdisk,format={format}",
-        opt_value(&r.path)
+        "file={},if=none,id=rootdisk,format={}",
+        opt_value(&r.path),
+        r.format
     );
     if r.read_only {
         opts.push_str(",readonly=on");
@@ -382,7 +463,11 @@ pub fn root_disk_args(r: &RootDisk) -> Vec<String> {
         "-drive".to_owned(),
         opts,
         "-device".to_owned(),
-        "virtio-blk-pci,drive=rootdisk".to_owned(),
+        if r.bootable {
+            "virtio-blk-pci,drive=rootdisk,bootindex=0".to_owned()
+        } else {
+            "virtio-blk-pci,drive=rootdisk".to_owned()
+        },
     ]
 }
 
@@ -420,6 +505,13 @@ pub enum VmError {
         /// The limit, NUL included ([`KERNEL_COMMAND_LINE_SIZE`]).
         max: usize,
     },
+    /// No UEFI firmware to boot a bootable disk with.
+    #[error(
+        "no UEFI firmware to boot the disk with: none of {} exists (install ovmf, or set \
+         BOOTLACE_OVMF to an OVMF.fd)",
+        OVMF_PATHS.join(", ")
+    )]
+    NoFirmware,
     /// A file the spec names does not exist.
     #[error("{what} {} not found", path.display())]
     Missing {
@@ -463,7 +555,7 @@ impl VmError {
                 Reason::BadInput
             }
             VmError::Spawn { .. } | VmError::Wait(_) => Reason::Qemu,
-            VmError::Vsock(_) => Reason::HostSetup,
+            VmError::Vsock(_) | VmError::NoFirmware => Reason::HostSetup,
         }
     }
 }
@@ -530,7 +622,10 @@ pub fn run_stoppable(spec: &VmSpec, stop: &AtomicBool) -> Result<Outcome, VmErro
     let started = Instant::now();
     let mut qemu = spawn_qemu(spec)?;
     let capture = Capture::start(&mut qemu, log, spec.echo);
-    let status = wait_until(&mut qemu, started + spec.timeout, stop)?;
+    let mut firmware = spec.firmware.as_ref().map(|_| FirmwareWatch::default());
+    let status = wait_until(&mut qemu, started + spec.timeout, stop, || {
+        firmware.as_mut().and_then(|w| w.look(&capture.console))
+    })?;
     drop(qemu);
     let (console, qemu_stderr) = capture.finish();
     let wall = started.elapsed();
@@ -553,8 +648,11 @@ fn check_inputs(spec: &VmSpec) -> Result<(), VmError> {
         what,
         path: path.to_owned(),
     };
-    if !spec.kernel.exists() {
-        return Err(missing("kernel", &spec.kernel));
+    match &spec.firmware {
+        Some(fw) if !fw.is_file() => return Err(missing("UEFI firmware", fw)),
+        Some(_) => {}
+        None if !spec.kernel.exists() => return Err(missing("kernel", &spec.kernel)),
+        None => {}
     }
     if let Some(initrd) = spec.initrd.as_ref().filter(|p| !p.exists()) {
         return Err(missing("initrd", initrd));
@@ -598,7 +696,7 @@ fn spawn_qemu(spec: &VmSpec) -> Result<Guard, VmError> {
 }
 
 /// How the wait for QEMU ended.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Waited {
     /// QEMU exited.
     Exited(ExitStatus),
@@ -606,18 +704,84 @@ enum Waited {
     TimedOut,
     /// The stop flag was set first.
     Stopped,
+    /// The firmware found nothing to boot (why); QEMU was killed.
+    NoBoot(String),
 }
 
-/// Waits for QEMU to exit, the deadline to pass or `stop` to be set.
-fn wait_until(qemu: &mut Guard, deadline: Instant, stop: &AtomicBool) -> Result<Waited, VmError> {
+/// Waits for QEMU to exit, the deadline to pass, `stop` to be set or `no_boot` to say the
+/// firmware gave up.
+fn wait_until(
+    qemu: &mut Guard,
+    deadline: Instant,
+    stop: &AtomicBool,
+    mut no_boot: impl FnMut() -> Option<String>,
+) -> Result<Waited, VmError> {
     loop {
         match qemu.0.try_wait().map_err(VmError::Wait)? {
             Some(status) => return Ok(Waited::Exited(status)),
             None if stop.load(Ordering::SeqCst) => return Ok(Waited::Stopped),
             None if Instant::now() >= deadline => return Ok(Waited::TimedOut),
-            None => std::thread::sleep(Duration::from_millis(20)),
+            None => {
+                if let Some(why) = no_boot() {
+                    return Ok(Waited::NoBoot(why));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
+}
+
+/// Watches a firmware boot's console for the firmware giving up on the disk (OVMF then
+/// starts its shell, or says no bootable option was found, and waits for a key forever).
+#[derive(Debug, Default)]
+struct FirmwareWatch {
+    /// Bytes of the console already looked at.
+    seen: usize,
+}
+
+impl FirmwareWatch {
+    /// Stop looking once the console is this long: the kernel is running by then.
+    const LIMIT: usize = 4 << 20;
+
+    fn look(&mut self, console: &Arc<Mutex<Vec<u8>>>) -> Option<String> {
+        if self.seen >= Self::LIMIT {
+            return None;
+        }
+        let buf = console.lock().ok()?;
+        if buf.len() == self.seen {
+            return None;
+        }
+        self.seen = buf.len();
+        firmware_gave_up(&String::from_utf8_lossy(&buf))
+    }
+}
+
+/// Why the firmware booted nothing, from its console: `None` while it has not given up.
+/// OVMF names each boot option it could not load (`BdsDxe: failed to load Boot0001 "UEFI Misc
+/// Device" from PciRoot(0x0)/Pci(0x1,0x0): Not Found`), then starts its shell or says no
+/// bootable option or device was found.
+pub fn firmware_gave_up(console: &str) -> Option<String> {
+    let gave_up = console.contains("UEFI Interactive Shell")
+        || console.contains("No bootable option or device was found");
+    if !gave_up {
+        return None;
+    }
+    let failed: Vec<String> = console
+        .split(['\r', '\n'])
+        .filter_map(|l| {
+            l.split_once("BdsDxe: failed to load ")
+                .map(|(_, rest)| rest.trim().to_owned())
+        })
+        .collect();
+    let detail = if failed.is_empty() {
+        "no boot option could be loaded".to_owned()
+    } else {
+        format!("it could not load {}", failed.join("; "))
+    };
+    Some(format!(
+        "the UEFI firmware found nothing to boot ({detail}): the disk has no readable EFI \
+         system partition with \\EFI\\BOOT\\BOOTX64.EFI"
+    ))
 }
 
 /// QEMU's stdout (the serial console: kept, logged, echoed if asked) and stderr (kept,
@@ -665,6 +829,7 @@ fn classify(status: Waited, console: &str, qemu_stderr: &str, daemon_stderr: Opt
     let status = match status {
         Waited::TimedOut => return End::TimedOut,
         Waited::Stopped => return End::Stopped,
+        Waited::NoBoot(why) => return End::NoBoot(why),
         Waited::Exited(s) => s,
     };
     match status {

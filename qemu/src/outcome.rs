@@ -22,6 +22,8 @@ pub enum End {
     QemuFailed(String),
     /// The host stopped the run (`bootlace-vm up` on Ctrl-C or SIGTERM); QEMU was killed.
     Stopped,
+    /// The UEFI firmware found nothing to boot on the disk (why); QEMU was killed.
+    NoBoot(String),
 }
 
 impl End {
@@ -34,6 +36,7 @@ impl End {
             End::TimedOut => "timeout",
             End::QemuFailed(_) => "qemu-failed",
             End::Stopped => "stopped",
+            End::NoBoot(_) => "no-boot",
         }
     }
 }
@@ -144,7 +147,8 @@ pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0-255  the guest's EXIT_STATUS, when it powered off after printing its power-off line
          (0 when it powered off without one, e.g. a real init such as busybox did it)
-  123    the guest ended without a power-off line: kernel panic or reset
+  123    the guest ended without a power-off line: kernel panic or reset, or the UEFI
+         firmware found nothing to boot on a bootable disk (the message says why)
   124    the hard timeout (--timeout) passed; QEMU was killed
   125    bootlace-vm could not run the VM: a usage error, bad input found before QEMU
          started (a missing kernel, initrd, disk or bundle, an unknown image, a kernel
@@ -158,7 +162,7 @@ impl Outcome {
         match (&self.end, self.exit_status) {
             (End::PoweredOff, Some(s)) => Ended::GuestStatus(s),
             (End::PoweredOff, None) => Ended::NoStatus { powered_off: true },
-            (End::KernelPanic | End::Reset | End::Stopped, _) => {
+            (End::KernelPanic | End::Reset | End::Stopped | End::NoBoot(_), _) => {
                 Ended::NoStatus { powered_off: false }
             }
             (End::TimedOut, _) => Ended::TimedOut,
@@ -191,6 +195,7 @@ impl Outcome {
             End::TimedOut => format!("timed out after {secs:.1} s; QEMU killed ({status})"),
             End::QemuFailed(e) => format!("QEMU failed after {secs:.1} s: {e}"),
             End::Stopped => format!("stopped by the host after {secs:.1} s; QEMU killed"),
+            End::NoBoot(why) => format!("nothing booted after {secs:.1} s: {why}; QEMU killed"),
         }
     }
 
@@ -252,7 +257,7 @@ impl Report {
                 _ => None,
             },
             error: match &o.end {
-                End::QemuFailed(e) => Some(e.clone()),
+                End::QemuFailed(e) | End::NoBoot(e) => Some(e.clone()),
                 _ => None,
             },
             exit_status: o.exit_status,
