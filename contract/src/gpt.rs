@@ -571,7 +571,10 @@ mod tests {
         e[1024 + 60] ^= 1;
         assert!(matches!(parse(&e, 512), Err(ParseError::EntriesCrc { .. })));
         let short = parse(&head[..4096], 512).expect_err("short");
-        assert!(short.to_string().contains("past the 4096 bytes read"), "{short}");
+        assert!(
+            short.to_string().contains("past the 4096 bytes read"),
+            "{short}"
+        );
         assert_eq!(parse(&[0u8; 1024], 512), Err(ParseError::NoHeader));
         assert_eq!(parse(&[], 512), Err(ParseError::NoHeader));
     }
