@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cmdline::{self, Param};
 pub use crate::digest::Sha256Digest;
+use crate::gpt::{self, Guid};
 pub use crate::manifest::TmpfsSize;
 pub use crate::signature::PublicKey;
 pub use crate::types::{
@@ -564,14 +565,44 @@ pub fn unpacked_marker() -> TargetPath {
     TargetPath::trusted(UNPACKED_MARKER)
 }
 
-/// Where the real root filesystem is: `LABEL=<label>` or a device node such as `/dev/vda`.
+/// Where the real root filesystem is: `LABEL=<label>` (a filesystem label),
+/// `PARTUUID=<guid>` (a GPT partition's unique GUID), `PARTLABEL=<name>` (a GPT partition's
+/// name) or a device node such as `/dev/vda`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum RootSpec {
     /// The block device whose filesystem has this label.
     Label(String),
+    /// The GPT partition with this unique GUID (hex digits in either case when parsed,
+    /// printed lowercase).
+    PartUuid(Guid),
+    /// The GPT partition with this name: 1 to [`gpt::MAX_NAME_UNITS`] UTF-16 code units, no
+    /// whitespace or control character (it travels on the kernel command line).
+    PartLabel(String),
     /// This device node.
     Device(PathBuf),
+}
+
+/// What [`RootSpec`]'s text may be, for its errors.
+const ROOT_FORMS: &str =
+    "must be LABEL=<label>, PARTUUID=<guid>, PARTLABEL=<name> or a device node under /dev";
+
+/// Checks a `PARTLABEL=` name (`spec` is the whole value, for the error): one a GPT entry can
+/// hold and the kernel command line can carry.
+fn check_part_label(spec: &str, name: &str) -> Result<(), InvalidValue> {
+    let why = if name.is_empty() {
+        "PARTLABEL=: the partition name is empty".into()
+    } else if name.encode_utf16().count() > gpt::MAX_NAME_UNITS {
+        format!(
+            "PARTLABEL=: a GPT partition name holds at most {} UTF-16 code units",
+            gpt::MAX_NAME_UNITS
+        )
+    } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        "PARTLABEL=: the partition name may not hold whitespace or control characters".into()
+    } else {
+        return Ok(());
+    };
+    Err(InvalidValue::new("root", spec, why))
 }
 
 impl TryFrom<String> for RootSpec {
@@ -582,6 +613,16 @@ impl TryFrom<String> for RootSpec {
                 .map_err(|e| InvalidValue::new("root", &s, format!("LABEL=: {}", e.why)))?;
             return Ok(RootSpec::Label(label.as_str().to_owned()));
         }
+        if let Some(guid) = s.strip_prefix("PARTUUID=") {
+            return guid
+                .parse::<Guid>()
+                .map(RootSpec::PartUuid)
+                .map_err(|e| InvalidValue::new("root", &s, format!("PARTUUID=: {e}")));
+        }
+        if let Some(name) = s.strip_prefix("PARTLABEL=") {
+            check_part_label(&s, name)?;
+            return Ok(RootSpec::PartLabel(name.to_owned()));
+        }
         let dev = s.strip_prefix("/dev/").filter(|rest| {
             !rest.is_empty()
                 && !rest
@@ -590,11 +631,7 @@ impl TryFrom<String> for RootSpec {
         });
         match dev {
             Some(_) if !s.contains('\0') => Ok(RootSpec::Device(PathBuf::from(s))),
-            _ => Err(InvalidValue::new(
-                "root",
-                &s,
-                "must be LABEL=<label> or a device node under /dev",
-            )),
+            _ => Err(InvalidValue::new("root", &s, ROOT_FORMS)),
         }
     }
 }
@@ -603,6 +640,8 @@ impl From<RootSpec> for String {
     fn from(r: RootSpec) -> String {
         match r {
             RootSpec::Label(l) => format!("LABEL={l}"),
+            RootSpec::PartUuid(g) => format!("PARTUUID={g}"),
+            RootSpec::PartLabel(n) => format!("PARTLABEL={n}"),
             RootSpec::Device(d) => d.to_string_lossy().into_owned(),
         }
     }
@@ -1529,6 +1568,72 @@ shutdown_grace_ms = 250
     }
 
     #[test]
+    fn root_spec_forms_round_trip() {
+        let guid = "5C1B6F2E-0A3D-4E8F-9B7A-1D2C3E4F5A6B";
+        let cases = [
+            (
+                "LABEL=bootlace-root",
+                RootSpec::Label("bootlace-root".into()),
+            ),
+            (
+                "PARTUUID=5c1b6f2e-0a3d-4e8f-9b7a-1d2c3e4f5a6b",
+                RootSpec::PartUuid(guid.parse().expect("guid")),
+            ),
+            ("PARTLABEL=root", RootSpec::PartLabel("root".into())),
+            (
+                "PARTLABEL=ünïcode-root",
+                RootSpec::PartLabel("ünïcode-root".into()),
+            ),
+            ("/dev/vda2", RootSpec::Device("/dev/vda2".into())),
+        ];
+        for (text, want) in cases {
+            let got: RootSpec = text.parse().expect(text);
+            assert_eq!(got, want, "{text}");
+            assert_eq!(got.to_string(), text, "printed back");
+            assert_eq!(String::from(got.clone()).parse::<RootSpec>(), Ok(got));
+        }
+        // Upper-case hex is taken and printed lower-case.
+        let upper: RootSpec = format!("PARTUUID={guid}").parse().expect("upper");
+        assert_eq!(
+            upper.to_string(),
+            format!("PARTUUID={}", guid.to_lowercase())
+        );
+        // The longest name: 36 UTF-16 code units (a character outside the BMP takes two).
+        let longest = format!("{}\u{1F600}", "r".repeat(34));
+        assert!(format!("PARTLABEL={longest}").parse::<RootSpec>().is_ok());
+        // In a config file, where serde goes through the same String form.
+        let c = parse(&format!(
+            "version = 1\n[stage1]\nroot = \"PARTUUID={guid}\"\n"
+        ))
+        .expect("parses");
+        assert_eq!(c.stage1.as_ref().and_then(|s| s.root.clone()), Some(upper));
+        assert_eq!(parse(&c.to_toml()).expect("round trip"), c);
+    }
+
+    #[test]
+    fn bad_root_specs_say_why() {
+        let too_long = format!("PARTLABEL={}", "r".repeat(37));
+        let too_long_wide = format!("PARTLABEL={}\u{1F600}", "r".repeat(35));
+        for (text, why) in [
+            ("PARTUUID=", "is not a GUID"),
+            ("PARTUUID=5c1b6f2e-0a3d-4e8f-9b7a-1d2c3e4f5a6", "is not a GUID"),
+            ("PARTUUID=5c1b6f2e-0a3d-4e8f-9b7a-1d2c3e4f5a6g", "is not a GUID"),
+            ("PARTUUID=5c1b6f2e0a3d4e8f9b7a1d2c3e4f5a6b", "is not a GUID"),
+            ("partuuid=5c1b6f2e-0a3d-4e8f-9b7a-1d2c3e4f5a6b", "PARTUUID=<guid>"),
+            ("PARTLABEL=", "the partition name is empty"),
+            (&too_long, "at most 36 UTF-16 code units"),
+            (&too_long_wide, "at most 36 UTF-16 code units"),
+            ("PARTLABEL=my root", "whitespace"),
+            ("PARTLABEL=root\t", "whitespace"),
+            ("PARTLABEL=ro\0ot", "control characters"),
+            ("UUID=1", "must be LABEL=<label>, PARTUUID=<guid>, PARTLABEL=<name> or a device node under /dev"),
+        ] {
+            let e = text.parse::<RootSpec>().expect_err(text).to_string();
+            assert!(e.contains(why), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
     fn root_and_stage1() {
         let c = parse(
             "version = 1\n[root]\nwritable = [\"/etc\", \"/var\"]\n[stage1]\nroot = \"LABEL=ROOT\"\n",
@@ -1639,6 +1744,17 @@ shutdown_grace_ms = 250
         assert_eq!(
             l.config.stage1.expect("stage1").root,
             Some(RootSpec::Label("R".to_owned()))
+        );
+        // The kernel's own PARTUUID= form, as a bootable disk's command line gives it.
+        let l = load(
+            &path,
+            "root=PARTUUID=5c1b6f2e-0a3d-4e8f-9b7a-1d2c3e4f5a6b".as_bytes(),
+            IfMissing::Defaults,
+        );
+        assert!(l.error.is_none(), "{:?}", l.error);
+        assert_eq!(
+            l.config.stage1.expect("stage1").root.map(|r| r.to_string()),
+            Some("PARTUUID=5c1b6f2e-0a3d-4e8f-9b7a-1d2c3e4f5a6b".to_owned())
         );
         // Outside stage 1 both are ignored (the real root's init sees the same line).
         std::fs::write(&path, "version = 1\n").expect("write");

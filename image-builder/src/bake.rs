@@ -150,7 +150,8 @@ pub struct BakeSpec {
     pub writable: Option<Vec<String>>,
     /// A stage-1 initramfs: mounts the real root and switches to it.
     pub stage1: bool,
-    /// The stage-1 root (`LABEL=…` or `/dev/…`); the kernel command line may give it instead.
+    /// The stage-1 root (`LABEL=…`, `PARTUUID=…`, `PARTLABEL=…` or `/dev/…`); the kernel
+    /// command line may give it instead.
     pub stage1_root: Option<String>,
     /// Where the kernel modules come from (needed when the config needs modules).
     pub modules: Option<Modules>,
@@ -314,7 +315,7 @@ pub enum BakeError {
         #[source]
         source: InvalidValue,
     },
-    /// The stage-1 root is not `LABEL=…` or `/dev/…`.
+    /// The stage-1 root is not `LABEL=…`, `PARTUUID=…`, `PARTLABEL=…` or `/dev/…`.
     #[error("--root {root:?}")]
     Stage1Root {
         /// The value given.

@@ -373,8 +373,8 @@ struct BakeArgs {
     /// root and switches to it (no --input).
     #[arg(long)]
     stage1: bool,
-    /// The real root for --stage1: LABEL=<label> or /dev/<device> (root= or bootlace.root= on
-    /// the kernel command line may give it instead).
+    /// The real root for --stage1: LABEL=<label>, PARTUUID=<guid>, PARTLABEL=<name> or
+    /// /dev/<device> (root= or bootlace.root= on the kernel command line may give it instead).
     #[arg(long)]
     root: Option<String>,
     /// Initramfs compression: gzip (default), zstd or none. Refused for other formats.

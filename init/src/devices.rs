@@ -1,11 +1,13 @@
-//! Finding the devices a boot needs — a block device by filesystem label or by node, a virtio
-//! 9p share by mount tag — waiting a bounded time for them to appear, and saying what was there
+//! Finding the devices a boot needs — a block device by filesystem label, GPT partition
+//! (unique GUID or name) or node, a virtio 9p share by mount tag — waiting a bounded time for them to appear, and saying what was there
 //! when they do not. The bootstrap disk, a manifest's `disk` mounts and stage 1's root all find
 //! their device here.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use bootlace_contract::gpt::Guid;
 
 use crate::blkprobe::{self, Candidate, FsType};
 
@@ -23,6 +25,10 @@ const NINEP_DRIVER: &str = "/sys/bus/virtio/drivers/9pnet_virtio";
 pub enum Want<'a> {
     /// The one whose filesystem has this label.
     Label(&'a str),
+    /// The GPT partition with this unique GUID.
+    PartUuid(&'a Guid),
+    /// The GPT partition with this name.
+    PartLabel(&'a str),
     /// This device node.
     Node(&'a Path),
 }
@@ -41,7 +47,10 @@ pub struct Block {
 pub struct SeenBlocks(Vec<Candidate>);
 
 impl fmt::Display for SeenBlocks {
-    /// `/dev/vda (ext4, label "ROOT"), /dev/vdb (no known filesystem)`, or `no block devices`.
+    /// `/dev/vda (ext4, label "ROOT"), /dev/vdb (no known filesystem)`, or `no block devices`;
+    /// a partition adds its GPT entry (`/dev/vdc2 (erofs, label none, partition 2 "root"
+    /// <guid>)`), a disk its GPT (`/dev/vdc (GPT, 2 partitions)`, or
+    /// `/dev/vdc (GPT: the GPT header is damaged …)`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.is_empty() {
             return f.write_str("no block devices");
@@ -50,38 +59,62 @@ impl fmt::Display for SeenBlocks {
             if i > 0 {
                 f.write_str(", ")?;
             }
-            match &c.probed {
-                Some(p) => write!(
-                    f,
-                    "{} ({}, label {})",
-                    c.dev.display(),
-                    p.fstype.as_str(),
-                    p.label
-                        .as_deref()
-                        .map_or("none".to_owned(), |l| format!("{l:?}"))
-                )?,
-                None => write!(f, "{} (no known filesystem)", c.dev.display())?,
-            }
+            write!(f, "{} ({})", c.dev.display(), describe(c))?;
         }
         Ok(())
     }
 }
 
+/// What `c` holds, for [`SeenBlocks`]: its filesystem, its GPT entry, its GPT.
+fn describe(c: &Candidate) -> String {
+    let mut what = Vec::new();
+    match &c.probed {
+        Some(p) => what.push(format!(
+            "{}, label {}",
+            p.fstype.as_str(),
+            p.label
+                .as_deref()
+                .map_or("none".to_owned(), |l| format!("{l:?}"))
+        )),
+        // A partitioned disk usually holds no filesystem itself: its table says more.
+        None if c.gpt.is_some() => {}
+        None => what.push("no known filesystem".to_owned()),
+    }
+    if let Some(part) = &c.part {
+        what.push(format!(
+            "partition {} {:?} {}",
+            part.number, part.name, part.unique
+        ));
+    }
+    match &c.gpt {
+        Some(Ok(t)) => what.push(format!("GPT, {} partitions", t.partitions.len())),
+        Some(Err(e)) => what.push(format!("GPT: {e}")),
+        None => {}
+    }
+    what.join(", ")
+}
+
 /// Looks once through the block devices for the one wanted.
 pub fn find_block(want: Want<'_>) -> Result<Block, SeenBlocks> {
     let candidates = blkprobe::scan(Path::new(SYS_CLASS_BLOCK), Path::new("/dev"));
-    let hit = candidates.iter().find_map(|c| {
+    pick(&candidates, want).ok_or(SeenBlocks(candidates))
+}
+
+/// The first of `candidates` that is the device wanted and holds a known filesystem.
+fn pick(candidates: &[Candidate], want: Want<'_>) -> Option<Block> {
+    candidates.iter().find_map(|c| {
         let p = c.probed.as_ref()?;
         let matches = match want {
             Want::Label(l) => p.label.as_deref() == Some(l),
+            Want::PartUuid(g) => c.part.as_ref().is_some_and(|part| part.unique == *g),
+            Want::PartLabel(n) => c.part.as_ref().is_some_and(|part| part.name == n),
             Want::Node(d) => c.dev == d,
         };
         matches.then(|| Block {
             dev: c.dev.clone(),
             fstype: p.fstype,
         })
-    });
-    hit.ok_or(SeenBlocks(candidates))
+    })
 }
 
 /// The mount tags of the virtio 9p shares present, sorted.
@@ -147,7 +180,8 @@ pub fn wait_for<T, E>(wait: Duration, mut look: impl FnMut() -> Result<T, E>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blkprobe::Probed;
+    use crate::blkprobe::{PartInfo, Probed};
+    use bootlace_contract::gpt;
 
     #[test]
     fn what_was_seen_reads_well() {
@@ -160,11 +194,15 @@ mod tests {
                     fstype: FsType::Ext4,
                     label: Some("NOTBOOT".into()),
                 }),
+                part: None,
+                gpt: None,
             },
             Candidate {
                 name: "vdb".into(),
                 dev: "/dev/vdb".into(),
                 probed: None,
+                part: None,
+                gpt: None,
             },
             Candidate {
                 name: "vdc".into(),
@@ -173,6 +211,8 @@ mod tests {
                     fstype: FsType::Squashfs,
                     label: None,
                 }),
+                part: None,
+                gpt: None,
             },
         ]);
         assert_eq!(
@@ -182,6 +222,140 @@ mod tests {
         );
         assert_eq!(SeenShares::default().to_string(), "no 9p shares");
         assert_eq!(SeenShares(vec!["a".into()]).to_string(), "9p tags [\"a\"]");
+    }
+
+    const ROOT_GUID: &str = "5c1b6f2e-0a3d-4e8f-9b7a-1d2c3e4f5a6b";
+
+    /// A GPT disk `vda` (no filesystem of its own) with partition 1 "esp" (no known
+    /// filesystem) and partition 2 "root" (erofs), and a plain disk `vdb` (ext4, label "root").
+    fn gpt_disk() -> Vec<Candidate> {
+        let guid = |s: &str| s.parse::<Guid>().expect("guid");
+        let part = |number, name: &str, unique| {
+            Some(PartInfo {
+                number,
+                unique,
+                name: name.into(),
+                type_guid: Guid::LINUX_DATA,
+            })
+        };
+        let table = gpt::Table {
+            disk_guid: Guid::from_hash([9; 16]),
+            sector_size: 512,
+            disk_sectors: 8192,
+            partitions: Vec::new(),
+        };
+        let fs = |fstype, label: Option<&str>| {
+            Some(Probed {
+                fstype,
+                label: label.map(Into::into),
+            })
+        };
+        vec![
+            Candidate {
+                name: "vda".into(),
+                dev: "/dev/vda".into(),
+                probed: None,
+                part: None,
+                gpt: Some(Ok(table)),
+            },
+            Candidate {
+                name: "vda1".into(),
+                dev: "/dev/vda1".into(),
+                probed: None,
+                part: part(1, "esp", guid("c0ffee00-0000-4000-8000-000000000001")),
+                gpt: None,
+            },
+            Candidate {
+                name: "vda2".into(),
+                dev: "/dev/vda2".into(),
+                probed: fs(FsType::Erofs, Some("bootlace-root")),
+                part: part(2, "root", guid(ROOT_GUID)),
+                gpt: None,
+            },
+            Candidate {
+                name: "vdb".into(),
+                dev: "/dev/vdb".into(),
+                probed: fs(FsType::Ext4, Some("root")),
+                part: None,
+                gpt: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn partitions_are_found_by_unique_guid_and_name() {
+        let c = gpt_disk();
+        let erofs = |dev: &str| {
+            Some(Block {
+                dev: dev.into(),
+                fstype: FsType::Erofs,
+            })
+        };
+        let root: Guid = ROOT_GUID.to_uppercase().parse().expect("guid");
+        assert_eq!(pick(&c, Want::PartUuid(&root)), erofs("/dev/vda2"));
+        assert_eq!(pick(&c, Want::PartLabel("root")), erofs("/dev/vda2"));
+        assert_eq!(pick(&c, Want::Label("bootlace-root")), erofs("/dev/vda2"));
+        assert_eq!(
+            pick(&c, Want::Node(Path::new("/dev/vda2"))),
+            erofs("/dev/vda2")
+        );
+        // PARTLABEL= is a partition's name, never a filesystem label (vdb's is "root").
+        assert_eq!(pick(&c[3..], Want::PartLabel("root")), None);
+        assert_eq!(
+            pick(&c, Want::PartLabel("Root")),
+            None,
+            "names are case-sensitive"
+        );
+        assert_eq!(pick(&c, Want::PartUuid(&Guid::from_hash([2; 16]))), None);
+        // The partition is there but holds no known filesystem: not found.
+        let esp: Guid = "c0ffee00-0000-4000-8000-000000000001"
+            .parse()
+            .expect("guid");
+        assert_eq!(pick(&c, Want::PartUuid(&esp)), None);
+        assert_eq!(pick(&c, Want::PartLabel("esp")), None);
+        // ... and what was seen says why.
+        let seen = SeenBlocks(c).to_string();
+        assert!(
+            seen.contains(
+                "/dev/vda1 (no known filesystem, partition 1 \"esp\" \
+                 c0ffee00-0000-4000-8000-000000000001)"
+            ),
+            "{seen}"
+        );
+    }
+
+    #[test]
+    fn what_was_seen_names_partitions_and_damaged_tables() {
+        let mut c = gpt_disk();
+        assert_eq!(
+            SeenBlocks(c.clone()).to_string(),
+            format!(
+                "/dev/vda (GPT, 0 partitions), \
+                 /dev/vda1 (no known filesystem, partition 1 \"esp\" \
+                 c0ffee00-0000-4000-8000-000000000001), \
+                 /dev/vda2 (erofs, label \"bootlace-root\", partition 2 \"root\" {ROOT_GUID}), \
+                 /dev/vdb (ext4, label \"root\")"
+            )
+        );
+        // The kernel shows no partitions of a disk whose table is damaged: the disk says why.
+        c.truncate(1);
+        c[0].gpt = Some(Err(gpt::ParseError::HeaderCrc {
+            got: 0x1234_5678,
+            want: 0x9abc_def0,
+        }));
+        assert_eq!(
+            SeenBlocks(c.clone()).to_string(),
+            "/dev/vda (GPT: the GPT header is damaged (CRC32 0x12345678, the header says \
+             0x9abcdef0))"
+        );
+        // A filesystem on the whole disk comes first (an iso9660 hybrid, say).
+        c[0].probed = Some(Probed {
+            fstype: FsType::Iso9660,
+            label: None,
+        });
+        assert!(SeenBlocks(c)
+            .to_string()
+            .starts_with("/dev/vda (iso9660, label none, GPT: the GPT header is damaged"),);
     }
 
     #[test]

@@ -18,8 +18,10 @@
 //!   bounded commands;
 //! - [`extract`]: extracting a bundle tarball (tar, gzip, zstd) into a confined root, with
 //!   limits;
-//! - [`devices`]: finding block devices by label and 9p shares by tag, with bounded waits;
-//! - [`blkprobe`]: filesystem type and label of block devices, read from their superblocks;
+//! - [`devices`]: finding block devices by label, GPT partition or node and 9p shares by tag,
+//!   with bounded waits;
+//! - [`blkprobe`]: filesystem type and label of block devices, read from their superblocks,
+//!   and the GPT entries of partitions, read from their disks' tables;
 //! - [`takeover`]: a newer bootlace-init from the bundle taking over PID 1;
 //! - [`oob`]: a per-VM bundle digest given out of band by the VMM (SMBIOS type 11, fw_cfg);
 //! - [`memory`]: the guest's memory (`/proc/meminfo`) and what a bootstrap may take of it;

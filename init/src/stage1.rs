@@ -1,7 +1,8 @@
-//! Stage 1 of a disk-root boot: from a small initramfs, find the real root by label or device,
-//! mount it on `/sysroot`, move `/dev`, `/proc`, `/sys` and `/run` into it, empty the
-//! initramfs (its memory is otherwise lost for good), switch root and execute the init inside
-//! the image — which is PID 1 again and boots as usual.
+//! Stage 1 of a disk-root boot: from a small initramfs, find the real root (by filesystem
+//! label, GPT partition unique GUID or name, or device node), mount it on `/sysroot`, move
+//! `/dev`, `/proc`, `/sys` and `/run` into it, empty the initramfs (its memory is otherwise
+//! lost for good), switch root and execute the init inside the image — which is PID 1 again
+//! and boots as usual.
 
 use std::ffi::OsStr;
 use std::io;
@@ -145,6 +146,8 @@ fn find_root(
     }
     let want = match spec {
         RootSpec::Label(l) => Want::Label(l),
+        RootSpec::PartUuid(g) => Want::PartUuid(g),
+        RootSpec::PartLabel(n) => Want::PartLabel(n),
         RootSpec::Device(d) => Want::Node(d),
     };
     let found = devices::wait_for(Duration::from_millis(cfg.wait_ms), || {
