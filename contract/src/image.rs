@@ -493,6 +493,12 @@ impl ImageMeta {
         self.format.is_disk()
     }
 
+    /// Whether it boots through a stage-1 initramfs: a root filesystem image (erofs, ext4,
+    /// squashfs, qcow2), not an initramfs nor a bootable disk (which carries its own).
+    pub fn needs_stage1(&self) -> bool {
+        self.format.is_disk() && !self.format.is_bootable()
+    }
+
     /// The checks a reader relies on beyond the types: the schema, a file name that stays
     /// beside the metadata, a sha256 of 64 hex digits, a filesystem type where there is a disk.
     pub fn check(&self) -> Result<(), BadMeta> {

@@ -1254,6 +1254,7 @@ fn run_image_tool(
     let image = work.image();
     let mut tools = Vec::new();
     let mut disk = None;
+    let mut vfat = None;
     if let Some((fs, label)) = &plan.labelled {
         let tool = if *fs == FsType::Ext4 {
             "mke2fs"
@@ -1295,6 +1296,9 @@ fn run_image_tool(
             let made = crate::disk::make(&job)?;
             let _ = std::fs::remove_file(&raw);
             tools.extend(made.tools);
+            if !made.mkfs_vfat.is_empty() {
+                vfat = Some(made.mkfs_vfat);
+            }
             disk = Some(made.info);
         } else if qcow2 {
             progress.phase("image (qemu-img)");
@@ -1307,10 +1311,13 @@ fn run_image_tool(
         fsimage::make_squashfs(root, spec.mtime, opts, Some(progress), &image)?;
         tools.push("mksquashfs");
     }
-    let versions = tools
+    let mut versions: BTreeMap<String, String> = tools
         .into_iter()
         .filter_map(|t| fsimage::tool_version(t).map(|v| (t.to_owned(), v)))
         .collect();
+    if let Some(v) = vfat {
+        versions.insert("mkfs.vfat".to_owned(), v);
+    }
     Ok((versions, disk))
 }
 

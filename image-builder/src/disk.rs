@@ -363,7 +363,7 @@ fn run(
     package: &'static str,
     args: &[&std::ffi::OsStr],
     epoch: u64,
-) -> Result<(), DiskError> {
+) -> Result<String, DiskError> {
     let out = std::process::Command::new(tool)
         .args(args)
         .env_clear()
@@ -385,7 +385,7 @@ fn run(
             },
         })?;
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     Err(DiskError::Tool {
         tool,
@@ -400,14 +400,15 @@ fn run(
 
 /// Writes the EFI system partition at `path` (`size` bytes, FAT32, label `ESP`):
 /// `\EFI\BOOT\BOOTX64.EFI` holding the file `uki`, every timestamp `epoch` — `mkfs.vfat
-/// --invariant` and mtools' `mmd`/`mcopy -m`, which take SOURCE_DATE_EPOCH.
+/// --invariant` and mtools' `mmd`/`mcopy -m`, which take SOURCE_DATE_EPOCH. Returns the
+/// version line `mkfs.vfat` printed (`mkfs.fat 4.2 (2021-01-31)`).
 pub fn write_esp(
     path: &Path,
     size: u64,
     uki: &Path,
     volume_id: u32,
     epoch: u64,
-) -> Result<(), DiskError> {
+) -> Result<String, DiskError> {
     use std::ffi::OsStr;
     let err = |what| io_err(what, path);
     let file = File::create(path).map_err(err("create the EFI system partition"))?;
@@ -420,7 +421,7 @@ pub fn write_esp(
     set_mtime.map_err(io_err("set the time of", uki))?;
     let id = format!("{volume_id:08x}");
     let img = path.as_os_str();
-    run(
+    let said = run(
         "mkfs.vfat",
         "dosfstools",
         &[
@@ -458,7 +459,8 @@ pub fn write_esp(
             OsStr::new(&target),
         ],
         epoch,
-    )
+    )?;
+    Ok(said.lines().next().unwrap_or_default().trim().to_owned())
 }
 
 /// Reads `\EFI\BOOT\BOOTX64.EFI` back from an EFI system partition image (`mtype`).
@@ -670,6 +672,8 @@ pub(crate) struct Made {
     pub info: bootlace_contract::image::DiskInfo,
     /// The tools that made it.
     pub tools: Vec<&'static str>,
+    /// `mkfs.vfat`'s version line.
+    pub mkfs_vfat: String,
 }
 
 fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>, DiskError> {
@@ -818,13 +822,13 @@ pub(crate) fn make(job: &Job<'_>) -> Result<Made, DiskError> {
     let esp = job.work.join("esp");
     let uki_path = job.work.join("BOOTX64.EFI");
     std::fs::write(&uki_path, &uki).map_err(io_err("write", &uki_path))?;
-    write_esp(&esp, esp_bytes, &uki_path, ids.fat_volume, job.spec.mtime)?;
+    let mkfs_vfat = write_esp(&esp, esp_bytes, &uki_path, ids.fat_volume, job.spec.mtime)?;
     let _ = std::fs::remove_file(&uki_path);
     let layout = layout(&ids, esp_bytes, root_len, opts.data_size);
     let raw = job.work.join("disk.raw");
     write_raw(&layout, &esp, job.root_fs, &raw)?;
     let _ = std::fs::remove_file(&esp);
-    let mut tools = Vec::new();
+    let mut tools = vec!["mcopy"];
     if opts.container == Container::Raw {
         std::fs::rename(&raw, job.out).map_err(io_err("move the disk to", job.out))?;
     } else {
@@ -867,6 +871,7 @@ pub(crate) fn make(job: &Job<'_>) -> Result<Made, DiskError> {
             stage1_sha256: sha256_hex(&initrd),
         },
         tools,
+        mkfs_vfat,
     })
 }
 
@@ -892,6 +897,25 @@ mod tests {
         assert_eq!(layout(&ids, 64 * MIB, 1, None).table.partitions.len(), 2);
         assert_ne!(Ids::from_seed(&[8; 32]).root, ids.root);
         assert_eq!(Ids::from_seed(&[9; 32]), ids);
+    }
+
+    #[test]
+    fn the_kernel_must_be_the_modules_release() {
+        let d = tempfile::tempdir().expect("tmp");
+        let mut k = vec![0u8; 0x1000];
+        k[0x202..0x206].copy_from_slice(b"HdrS");
+        k[0x20E..0x210].copy_from_slice(&0x300u16.to_le_bytes());
+        k[0x500..0x50E].copy_from_slice(b"9.9.9-other #1");
+        let path = d.path().join("vmlinuz");
+        std::fs::write(&path, &k).expect("write");
+        let opts = DiskOptions {
+            kernel: Some(path.clone()),
+            ..DiskOptions::default()
+        };
+        let err = kernel(&opts, "6.1.0-57-amd64").expect_err("mismatch");
+        assert!(matches!(err, DiskError::KernelRelease { .. }), "{err}");
+        assert!(err.to_string().contains("9.9.9-other"), "{err}");
+        assert_eq!(kernel(&opts, "9.9.9-other").expect("match").1, k);
     }
 
     #[test]

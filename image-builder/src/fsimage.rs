@@ -683,7 +683,7 @@ pub fn tool_version(tool: &str) -> Option<String> {
         "mke2fs" | "debugfs" => (tool, "-V"),
         "mkfs.erofs" => ("fsck.erofs", "-V"),
         "mksquashfs" => (tool, "-version"),
-        "qemu-img" => (tool, "--version"),
+        "qemu-img" | "mcopy" => (tool, "--version"),
         _ => return None,
     };
     let path = std::env::split_paths(&search_path())

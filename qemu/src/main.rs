@@ -381,9 +381,14 @@ fn run(a: RunArgs) -> Result<Outcome, CannotRun> {
     let mut spec = base_spec(&a)?;
     spec.oob_digest = oob_digest(&a, bundle.as_ref())?;
     let needs = match (&a.image, &a.images) {
-        (Some(wanted), Some(dir)) => {
-            choose_image(&mut spec, dir, wanted, a.stage1.as_deref()).because(Reason::BadInput)?
-        }
+        (Some(wanted), Some(dir)) => choose_image(
+            &mut spec,
+            dir,
+            wanted,
+            a.stage1.as_deref(),
+            a.kernel.is_some(),
+        )
+        .because(Reason::BadInput)?,
         _ => a.initrd.iter().filter_map(|p| need_beside(p)).collect(),
     };
     let mem = memory::guest_memory(&needs, a.memory).because(Reason::BadInput)?;
@@ -455,6 +460,7 @@ fn choose_image(
     dir: &Path,
     wanted: &str,
     stage1: Option<&Path>,
+    kernel_given: bool,
 ) -> anyhow::Result<Vec<MemoryNeed>> {
     let (name, version) = match wanted.split_once('@') {
         Some((n, v)) => (n, Some(v)),
@@ -465,8 +471,15 @@ fn choose_image(
         eprintln!("bootlace-vm: warning: {w}");
     }
     let m = &chosen.entry.meta;
+    if m.format.is_bootable() && (stage1.is_some() || kernel_given) {
+        anyhow::bail!(
+            "{} is a bootable disk with its own kernel and stage 1, booted through UEFI \
+             firmware: --kernel and --stage1 do not apply",
+            m.id()
+        );
+    }
     let mut needs: Vec<MemoryNeed> = MemoryNeed::of(m).into_iter().collect();
-    let stage1 = match (stage1, m.is_disk()) {
+    let stage1 = match (stage1, m.needs_stage1()) {
         (Some(p), true) => {
             needs.extend(need_beside(p));
             Some(p.to_owned())
@@ -487,6 +500,10 @@ fn choose_image(
         m.sha256.get(..12).unwrap_or(&m.sha256),
         match &stage1 {
             Some(p) => format!(" through stage 1 {}", p.display()),
+            None if m.format.is_bootable() => format!(
+                " through UEFI firmware {}",
+                spec.firmware.as_deref().unwrap_or(Path::new("?")).display()
+            ),
             None => String::new(),
         }
     );

@@ -392,7 +392,7 @@ fn prepare(task: &Task, opts: &UpOptions) -> Result<Prepared, UpError> {
     let mut warnings = chosen.warnings.clone();
     let m = &chosen.entry.meta;
     let mut needs: Vec<MemoryNeed> = MemoryNeed::of(m).into_iter().collect();
-    let stage1 = match (&opts.stage1, m.is_disk()) {
+    let stage1 = match (&opts.stage1, m.needs_stage1()) {
         (_, false) => None,
         (Some(p), true) => Some(p.clone()),
         (None, true) => {

@@ -92,7 +92,7 @@ fn boot_image(name: &str) -> Result<Outcome> {
     assert!(chosen.warnings.is_empty(), "{:?}", chosen.warnings);
     let k = test_kernel()?;
     let mut spec = VmSpec::new(k.image);
-    let stage1 = if chosen.entry.meta.is_disk() {
+    let stage1 = if chosen.entry.meta.needs_stage1() {
         Some(images::stage1(dir)?.path())
     } else {
         None
