@@ -44,6 +44,7 @@ bench: build
 	./target/release/bench-bake
 	./target/release/bench-writable
 	./target/release/bench-debian
+	./target/release/bench-disk-boot
 
 # Fuzzing (not part of `make test`, which replays the committed corpora): every target for
 # FUZZ_SECONDS (default 600) each, one after another; see docs/fuzzing.md.
