@@ -424,7 +424,9 @@ fn boot_disk(
         return Err(images::ImagesError::Bad {
             meta: image.meta_path.clone(),
             why: format!(
-                "{} is a bootable disk with its kernel command line baked in ({}): it takes                  no kernel parameter such as {first:?} (bake them with --kernel-arg; give a                  guest its own settings over vsock, SMBIOS/fw_cfg or a bundle disk)",
+                "{} is a bootable disk with its kernel command line baked in ({}): it takes no \
+                 kernel parameter such as {first:?} (bake them with --kernel-arg; give a \
+                 guest its own settings over vsock, SMBIOS/fw_cfg or a bundle disk)",
                 m.id(),
                 disk.cmdline
             ),
@@ -1061,5 +1063,50 @@ mod tests {
         let spec = VmSpec::new("/nonexistent/vmlinuz");
         let err = run(&spec).expect_err("missing kernel");
         assert_eq!(err.to_string(), "kernel /nonexistent/vmlinuz not found");
+    }
+
+    #[test]
+    fn a_firmware_that_booted_nothing_is_named() {
+        let booting = "\x1b[2JBdsDxe: loading Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x1,0x0)\r\n\
+                       BdsDxe: starting Boot0001 \"UEFI Misc Device\"\r\n";
+        assert_eq!(firmware_gave_up(booting), None);
+        let failed = "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from \
+                      PciRoot(0x0)/Pci(0x1,0x0): Not Found\r\n\
+                      BdsDxe: loading Boot0002 \"EFI Internal Shell\"\r\n\
+                      \x1b[01;01HUEFI Interactive Shell v2.2\r\n";
+        let why = firmware_gave_up(failed).expect("gave up");
+        assert!(why.contains("Boot0001 \"UEFI Misc Device\""), "{why}");
+        assert!(why.contains("Not Found"), "{why}");
+        let why = firmware_gave_up("BdsDxe: No bootable option or device was found.\r\n")
+            .expect("gave up");
+        assert!(why.contains("no boot option could be loaded"), "{why}");
+    }
+
+    #[test]
+    fn a_firmware_boot_has_no_kernel_arguments() {
+        let mut spec = VmSpec::new("/boot/vmlinuz-x");
+        spec.append = vec!["x=1".into()];
+        spec.firmware = Some(PathBuf::from("/fw/OVMF.fd"));
+        spec.root_disk = Some(RootDisk {
+            path: PathBuf::from("/i/d.qcow2"),
+            format: "qcow2",
+            bootable: true,
+            read_only: false,
+            snapshot: true,
+        });
+        let joined = qemu_args(&spec).join(" ");
+        assert!(joined.contains("-bios /fw/OVMF.fd"), "{joined}");
+        assert!(
+            !joined.contains("-kernel") && !joined.contains("-append"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("file=/i/d.qcow2,if=none,id=rootdisk,format=qcow2,snapshot=on"),
+            "{joined}"
+        );
+        assert!(joined.contains("drive=rootdisk,bootindex=0"), "{joined}");
+        // The baked command line is not the harness's to check.
+        spec.append = vec!["y".repeat(4000)];
+        assert!(check_kernel_cmdline(&spec).is_ok());
     }
 }

@@ -210,3 +210,97 @@ fn the_memory_follows_the_least_memory_the_image_records() {
     assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
     assert_eq!(memory(&f), "256");
 }
+
+/// Hand-written schema-4 metadata of a bootable disk `disk.img` (vmdk) in `dir`.
+fn write_disk_meta(dir: &Path) {
+    std::fs::write(dir.join("disk.img"), b"not really a disk").expect("write");
+    let bytes = std::fs::read(dir.join("disk.img")).expect("read");
+    let text = format!(
+        r#"{{
+  "schema": 4, "name": "d", "version": "1", "format": "disk", "file": "disk.img",
+  "sha256": "{}", "size": {}, "fstype": "erofs", "label": "bootlace-root", "stage1": false,
+  "read_only": true, "writable": [], "inputs": [],
+  "init": {{ "path": "/sbin/bootlace-init", "version": "0", "sha256": "{}" }},
+  "kernel_release": "6.1.0-57-amd64", "modules": [], "source_date_epoch": 0,
+  "built": "1970-01-01T00:00:00Z", "tool_versions": {{}}, "unpacked_size": null,
+  "min_memory_mib": 120,
+  "disk": {{
+    "container": "vmdk", "firmware": "uefi", "virtual_size": 73400320,
+    "disk_guid": "0d7b6858-e1bd-46a5-bf97-03edfe4dc669", "partitions": [],
+    "cmdline": "console=ttyS0 bootlace.root=PARTUUID=6408a301-b806-4160-8726-49683f9cfa5d",
+    "kernel": {{ "release": "6.1.0-57-amd64", "sha256": "{z}" }},
+    "stub_sha256": "{z}", "stage1_sha256": "{z}"
+  }}
+}}"#,
+        bootlace_contract::digest::of_bytes(&bytes).hex(),
+        bytes.len(),
+        "00".repeat(32),
+        z = "00".repeat(32),
+    );
+    std::fs::write(dir.join("disk.img.meta.json"), text).expect("write meta");
+}
+
+#[test]
+fn a_bootable_disk_boots_through_firmware_and_takes_no_kernel_or_parameters() {
+    let f = Fixture::new();
+    write_disk_meta(f.dir.path());
+    let ovmf = f.path("OVMF.fd");
+    std::fs::write(&ovmf, b"firmware").expect("write");
+    let run = |args: &[&str], firmware: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_bootlace-vm"))
+            .arg("run")
+            .arg("--images")
+            .arg(f.dir.path())
+            .args(["--image", "d", "--no-echo", "--timeout", "20", "--qemu"])
+            .arg(f.path("qemu"))
+            .args(args)
+            .env("BOOTLACE_OVMF", firmware)
+            .output()
+            .expect("run bootlace-vm")
+    };
+    let o = run(&[], &ovmf);
+    assert!(
+        stderr(&o).contains("through UEFI firmware"),
+        "{}",
+        stderr(&o)
+    );
+    let args = f.qemu_args().expect("QEMU ran").join(" ");
+    assert!(
+        args.contains(&format!("-bios {}", ovmf.display())),
+        "{args}"
+    );
+    assert!(
+        !args.contains("-kernel") && !args.contains("-append"),
+        "{args}"
+    );
+    assert!(args.contains("format=vmdk,readonly=on"), "{args}");
+    assert!(
+        args.contains("virtio-blk-pci,drive=rootdisk,bootindex=0"),
+        "{args}"
+    );
+    std::fs::remove_file(f.path("qemu.args")).expect("rm");
+    // The baked command line cannot be added to, the kernel and stage 1 are the disk's own.
+    for (args, says) in [
+        (
+            &["--append", "bootlace.log=debug"][..],
+            "takes no kernel parameter",
+        ),
+        (
+            &["--kernel", "/boot/vmlinuz"][..],
+            "--kernel and --stage1 do not apply",
+        ),
+        (
+            &["--stage1", "/tmp/stage1.img"][..],
+            "--kernel and --stage1 do not apply",
+        ),
+    ] {
+        let o = run(args, &ovmf);
+        assert_eq!(o.status.code(), Some(125), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+        assert!(f.qemu_args().is_none(), "QEMU started for {args:?}");
+    }
+    let o = run(&[], &f.path("no-such-firmware.fd"));
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(stderr(&o).contains("UEFI firmware"), "{}", stderr(&o));
+    assert!(f.qemu_args().is_none());
+}
