@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what bootlace's build, demo and tests need and is missing: Debian packages (QEMU, a
-# Debian kernel with its modules, busybox-static, cpio, mkfs tools, qemu-img, openssl for the key
+# Debian kernel with its modules, busybox-static, cpio, mkfs tools, qemu-img, OVMF, systemd's EFI
+# stub and mtools for bootable disks (fdisk's sfdisk reads their tables in the tests), openssl for the key
 # tests, umoci for the tests that bake OCI layouts made by a real tool), the Rust musl target and
 # vhost-device-vsock (cargo install). Idempotent: when everything is present it only checks, in
 # well under a second.

@@ -89,6 +89,7 @@ fn image_paths(format: Format, img: &Path, scratch: &Path) -> Result<BTreeSet<St
                 set.insert(format!("/{}", e.header.name));
             }
         }
+        Format::Disk => anyhow::bail!("a bootable disk is read in tests/tests/disk_bake.rs"),
         Format::Squashfs => {
             for l in run(Command::new("unsquashfs").args(["-l", "-d", ""]).arg(img))?.lines() {
                 set.insert(l.trim().to_owned());
@@ -140,7 +141,9 @@ fn every_format_from_the_busybox_fixture_twice_is_identical() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let rootfs = busybox_rootfs(tmp.path())?;
     let init = fake_init(tmp.path())?;
-    for format in Format::ALL {
+    // A bootable disk carries a real kernel and stage 1: tests/tests/disk_bake.rs bakes it
+    // twice with the real init.
+    for format in Format::ALL.into_iter().filter(|f| !f.is_bootable()) {
         let mut shas = Vec::new();
         for round in ["a", "b"] {
             let dir = tmp.path().join(format!("{format}-{round}"));

@@ -585,6 +585,9 @@ fn raw_tool<'a>(
                 std::fs::remove_file(&raw).context("remove raw")
             })
         }
+        Format::Disk => anyhow::bail!(
+            "no single raw tool makes a bootable disk: bench-disk-boot measures its boot"
+        ),
     })
 }
 
