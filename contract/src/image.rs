@@ -712,10 +712,10 @@ mod tests {
         for (bad, want) in [
             (
                 ImageMeta {
-                    schema: 4,
+                    schema: 5,
                     ..sample()
                 },
-                "schema 4",
+                "schema 5",
             ),
             (
                 ImageMeta {
@@ -754,9 +754,9 @@ mod tests {
         let p = Path::new("root.erofs.meta.json");
         assert_eq!(ImageMeta::from_json(text.as_bytes(), p).expect("parse"), m);
         assert!(text.contains("\"kind\": \"oci\"") && text.contains("\"format\": \"erofs\""));
-        let newer = text.replace("\"schema\": 2", "\"schema\": 4, \"new\": 1");
-        let e = ImageMeta::from_json(newer.as_bytes(), p).expect_err("schema 4");
-        assert!(e.to_string().contains("schema 4 is not supported"), "{e}");
+        let newer = text.replace("\"schema\": 2", "\"schema\": 5, \"new\": 1");
+        let e = ImageMeta::from_json(newer.as_bytes(), p).expect_err("schema 5");
+        assert!(e.to_string().contains("schema 5 is not supported"), "{e}");
         // Schema 3 (a captured image): parent and bundle, read back; absent otherwise.
         assert!(!text.contains("parent") && !text.contains("bundle"));
         let captured = ImageMeta {
